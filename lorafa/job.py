@@ -1,0 +1,119 @@
+"""One job, top to bottom: config → data → model + method → train and evaluate, measured → one result row.
+
+`run(cfg)` is what `run.py` calls under Hydra and what the tests call with a composed config. Expected failures
+(hub unreachable, out of memory, a diverged loss, bad data met at run time) end as a row with a status and the
+error, not as an exception, so a sweep keeps going and its table is still written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from . import measure, methods, models, results, tasks
+from .train import Diverged, EvalSet, fit
+
+log = logging.getLogger(__name__)
+TRACEBACK_FILE = "traceback.txt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def identity(cfg: DictConfig) -> dict:
+    """The columns that say which job a row is, known before anything runs."""
+    alias = cfg.model.get("alias") or models.source_of(cfg.model).rstrip("/").split("/")[-1]
+    return {"model": alias, "family": cfg.model.get("family") or "", "method": cfg.method.name,
+            "task": cfg.task.name, "seed": int(cfg.seed), "rank": int(cfg.method.rank),
+            "alpha": float(cfg.method.alpha), "dropout": float(cfg.method.dropout),
+            "batch_size": int(cfg.train.batch_size), "grad_accum": int(cfg.train.grad_accum),
+            "seq_len": int(cfg.task.max_seq_len), "lr": float(cfg.train.lr), "init": cfg.model.init,
+            "precision": cfg.train.precision}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one job and write its row to `cfg.output_dir/result.parquet`; returns the row."""
+    started = time.perf_counter()
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    row = {**identity(cfg), "status": "ok", "error": ""}
+    memory = measure.Memory()
+    try:
+        row.update(_train_and_evaluate(cfg, device, memory))
+    except Diverged as err:
+        row.update(status="diverged", error=str(err))
+    except torch.cuda.OutOfMemoryError as err:
+        row.update(status="oom", error=str(err).splitlines()[0],
+                   mem_at_failure_gib=(measure.allocated(device) or 0) / measure.GIB)
+    except Exception as err:  # noqa: BLE001 - an expected failure is a row, the traceback a file beside it
+        row.update(status="failed", error=f"{type(err).__name__}: {err}")
+        (out_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
+        log.error("job failed: %s", row["error"])
+    if row["status"] != "ok":
+        row.update(memory.columns())  # what was measured before the failure
+    row.update(results.provenance(cfg, device))
+    row["wall_time_s"] = time.perf_counter() - started
+    results.write_row(row, out_dir)
+    log.info("%s %s %s: %s %s=%s", row["model"], row["method"], row["task"], row["status"],
+             row.get("metric"), row.get("score"))
+    return row
+
+
+def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.Memory) -> dict:
+    seed_everything(int(cfg.seed))
+    data = tasks.load_data(cfg.task)
+    tokenizer = None if data.kind == "synthetic" else models.load_tokenizer(cfg.model)
+    dtype = getattr(torch, cfg.model.get("dtype") or "float32")
+    net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype)
+    applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"))
+    memory.weights = measure.weight_bytes(net.model)
+    if device.type == "cuda":
+        memory.allocator["build"] = torch.cuda.memory_allocated(device)
+
+    poser = tasks.poser_for(net.family, data, cfg.task, tokenizer, vocab_size=net.model.config.vocab_size,
+                            seed=int(cfg.seed))
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else (net.model.config.pad_token_id or 0)
+    if data.kind == "synthetic":
+        train_features = poser.make(int(cfg.task.num_train), offset=0)
+        evalsets = [EvalSet("synthetic", poser.make(int(cfg.task.num_eval), offset=1), None)]
+    else:
+        train_features = poser.encode(data.splits["train"])
+        evalsets = [EvalSet(name, poser.encode(data.splits[name]), data.splits[name]["label"].to_numpy())
+                    for name in cfg.task.eval_splits]
+    throughput = measure.Throughput(device, int(cfg.train.measure_warmup_steps))
+    history = fit(net.model, poser, train_features, evalsets, cfg=cfg, device=device, pad_id=pad_id,
+                  memory=memory, throughput=throughput)
+
+    final = {k: v for k, v in history.evals[-1].items() if k not in ("epoch", "step")}
+    if "loss" not in final:  # several eval splits (MNLI m/mm): eval_loss is their example-weighted mean
+        sizes = {ev.name: len(ev.features) for ev in evalsets}
+        final["loss"] = sum(final[f"loss_{n}"] * k for n, k in sizes.items()) / sum(sizes.values())
+    metric = str(cfg.task.main_metric)
+    if metric not in final:
+        raise KeyError(f"task.main_metric={metric!r} is not among the computed metrics {sorted(final)}")
+    return {"family": net.family, "metric": metric, "score": final[metric],
+            **{f"eval_{k}": v for k, v in final.items()},
+            **memory.columns(), **throughput.columns(),
+            "trainable_params": applied.trainable_params, "total_params": applied.total_params,
+            "adapted_layers": len(applied.targets), "train_steps": history.steps,
+            "epochs_completed": history.epochs_completed, "train_examples": len(train_features),
+            "final_train_loss": history.losses[-1], "loss_curve": history.losses,
+            "eval_history": json.dumps(history.evals, default=float)}

@@ -1,0 +1,164 @@
+"""Measured memory and speed: what a training step really holds, and how fast it really runs.
+
+Memory is split four ways, each counted from the tensors themselves (exact, on every device):
+
+- weights: parameters and buffers;
+- gradients: the `.grad` tensors after a backward pass;
+- optimizer: the optimizer's state tensors after its first step (AdamW: exp_avg, exp_avg_sq, step);
+- activations: the bytes autograd saves for backward during one forward pass, recorded with saved-tensor hooks:
+  each storage counted once (views and tensors saved twice share it), parameter and buffer storages excluded
+  (they are weights, counted above). Under autocast the half-precision copies of fp32 weights that matmuls save
+  are counted here: they are real memory held for backward.
+
+On CUDA the caching allocator is read too, by phase: after the model is built, after the first optimizer step,
+and the peak during a steady-state forward/backward (a later step, once optimizer state exists). That peak is
+`mem_peak_gib` on CUDA; it also holds temporaries and workspace the tensor counts do not. Elsewhere
+`mem_peak_gib` is the sum of the four tensor counts. Steps whose memory is measured are padded to the task's
+`max_seq_len`, so the numbers describe batch_size × max_seq_len exactly.
+
+Speed is wall time per optimizer step after `train.measure_warmup_steps` steps, synchronised with the device,
+with tokens counted from the attention masks (padding excluded) and, for encoder-decoders, the target tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+GIB = 1024**3
+
+
+def storage_key(t: torch.Tensor):
+    s = t.untyped_storage()
+    return (t.device.type, t.device.index, s.data_ptr())
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (tied or viewed tensors counted once)."""
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            seen[storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return tensor_bytes(list(model.parameters()) + list(model.buffers()))
+
+
+def grad_bytes(model: nn.Module) -> int:
+    return tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values())
+
+
+class SavedTensorMeter:
+    """Context manager counting the bytes autograd saves for backward (see the module docstring).
+
+        with SavedTensorMeter(model) as meter:
+            loss = model(**batch).loss
+        meter.bytes  # saved by this forward, each storage once, weights excluded
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.storages: dict = {}
+        self.count = 0
+
+    def _pack(self, t: torch.Tensor):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = storage_key(t)
+            if key not in self._weights:
+                self.storages[key] = t.untyped_storage().nbytes()
+                self.count += 1
+        return t
+
+    @staticmethod
+    def _unpack(t):
+        return t
+
+    def __enter__(self):
+        self._weights = {storage_key(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
+        self.storages.clear()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+@dataclass
+class Memory:
+    """The memory split of a job, in bytes, plus the CUDA allocator's readings by phase (CUDA only)."""
+
+    weights: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    allocator: dict[str, int] = field(default_factory=dict)  # build, after_step, peak (CUDA only)
+
+    @property
+    def peak(self) -> int:
+        if "peak" in self.allocator:
+            return self.allocator["peak"]
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def columns(self) -> dict[str, float]:
+        cols = {f"mem_{k}_gib": v / GIB for k, v in
+                (("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
+                 ("activations", self.activations), ("peak", self.peak))}
+        cols["mem_source"] = "cuda_allocator" if "peak" in self.allocator else "tensor_accounting"
+        cols.update({f"alloc_{k}_gib": v / GIB for k, v in self.allocator.items()})
+        return cols
+
+
+def allocated(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Throughput:
+    """Tokens and samples per second over the steps after warm-up, synchronised at step boundaries."""
+
+    def __init__(self, device: torch.device, warmup_steps: int):
+        self.device, self.warmup = device, warmup_steps
+        self.steps = self.tokens = self.samples = 0
+        self.seconds = 0.0
+        self._t0 = None
+        self._seen = 0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def stop(self, tokens: int, samples: int) -> None:
+        synchronize(self.device)
+        elapsed = time.perf_counter() - self._t0
+        self._seen += 1
+        if self._seen > self.warmup:
+            self.steps += 1
+            self.seconds += elapsed
+            self.tokens += tokens
+            self.samples += samples
+
+    def columns(self) -> dict[str, float]:
+        if self.steps == 0:
+            nan = float("nan")
+            return {"tokens_per_s": nan, "samples_per_s": nan, "step_time_s": nan, "timed_steps": 0}
+        return {"tokens_per_s": self.tokens / self.seconds, "samples_per_s": self.samples / self.seconds,
+                "step_time_s": self.seconds / self.steps, "timed_steps": self.steps}

@@ -1,0 +1,162 @@
+"""The network of a job: its family, its weights (hub, local directory or random init), its head and its tokenizer.
+
+Three families, told apart from the checkpoint's own config, each with the head the paper's experiments use:
+
+| family            | example        | head                                  | loss / prediction                      |
+|-------------------|----------------|---------------------------------------|----------------------------------------|
+| `encoder`         | RoBERTa, BERT  | sequence classification (1 = regress) | cross-entropy or MSE on the head       |
+| `encoder-decoder` | T5             | the LM head, labels verbalised        | seq2seq LM loss; label scoring         |
+| `decoder`         | LLaMA          | the LM head, prompt → label word      | LM loss on the answer; label scoring   |
+
+`model.init=random` builds the full-size architecture from `model.arch` (the hub checkpoint's config.json, kept in
+`conf/model/*.yaml`) directly on the target device, so memory and speed at real scale need no download.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from . import sources
+
+FAMILIES = ("encoder", "encoder-decoder", "decoder")
+
+
+@dataclass
+class Network:
+    model: nn.Module
+    family: str
+    alias: str  # the short name rows carry (`roberta-base`, `tiny-llama`, or the local directory's name)
+    head_modules: list[str] = field(default_factory=list)  # newly initialised task head, trained by every method
+
+
+def detect_family(config) -> str:
+    """encoder | encoder-decoder | decoder, from a transformers config (model_type and is_encoder_decoder)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    # BERT-likes also have a *ForCausalLM class, so ask "masked LM?" first: only encoders have one.
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    raise ValueError(f"model_type {config.model_type!r} is neither an encoder (masked LM), an encoder-decoder nor "
+                     "a decoder (causal LM) known to transformers")
+
+
+def source_of(mcfg: DictConfig) -> str:
+    """The directory or hub id weights and config come from: `model.path` wins over `model.name`."""
+    ref = mcfg.get("path") or mcfg.get("name")
+    if not ref:
+        raise ValueError("model.path or model.name must be set")
+    return str(ref)
+
+
+def load_config(mcfg: DictConfig):
+    """The transformers config: from `model.arch` for random init, else from the checkpoint (local or hub)."""
+    from transformers import AutoConfig
+
+    arch = mcfg.get("arch")
+    if mcfg.init == "random" and arch:
+        arch = OmegaConf.to_container(arch, resolve=True)
+        return AutoConfig.for_model(arch.pop("model_type"), **arch)
+    ref = source_of(mcfg)
+    if sources.is_local(ref):
+        return AutoConfig.from_pretrained(ref)
+    return sources.from_hub("model config", AutoConfig.from_pretrained, ref)
+
+
+def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtype: torch.dtype) -> Network:
+    """Build the network for a task with `num_labels` outputs (1 = regression; ignored by LM-headed families)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    if mcfg.init not in ("pretrained", "random"):
+        raise ValueError(f"model.init={mcfg.init!r}: expected pretrained or random")
+    config = load_config(mcfg)
+    family = detect_family(config)
+    if mcfg.get("family") and mcfg.family != family:
+        raise ValueError(f"model.family={mcfg.family!r} but the checkpoint's config says {family!r}")
+    if family == "encoder":
+        config.num_labels = num_labels
+        config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    cls = {"encoder": AutoModelForSequenceClassification, "encoder-decoder": AutoModelForSeq2SeqLM,
+           "decoder": AutoModelForCausalLM}[family]
+
+    if mcfg.init == "random":
+        with torch.device(device):  # allocate and initialise on the GPU: seconds for 7B, not minutes on CPU
+            model = cls.from_config(config, dtype=dtype)
+    else:
+        ref = source_of(mcfg)
+
+        def load(r):
+            return cls.from_pretrained(r, config=config, dtype=dtype)
+
+        model = load(ref) if sources.is_local(ref) else sources.from_hub("model weights", load, ref)
+        model = model.to(device)
+
+    heads = []
+    if family == "encoder":  # everything beside the pretrained body (e.g. `roberta`) is the fresh task head
+        heads = [n for n, m in model.named_children()
+                 if n != model.base_model_prefix and any(True for _ in m.parameters())]
+    alias = mcfg.get("alias") or re.split(r"[/\\]", source_of(mcfg).rstrip("/\\"))[-1]
+    return Network(model=model, family=family, alias=alias, head_modules=heads)
+
+
+def load_tokenizer(mcfg: DictConfig):
+    """`model.tokenizer`, else the checkpoint's own; decoders without a pad token pad with eos (masked anyway)."""
+    from transformers import AutoTokenizer
+
+    ref = str(mcfg.get("tokenizer") or source_of(mcfg))
+    tok = (AutoTokenizer.from_pretrained(ref) if sources.is_local(ref)
+           else sources.from_hub("tokenizer", AutoTokenizer.from_pretrained, ref))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def block_linears(model: nn.Module) -> list[str]:
+    """Names of the nn.Linear layers inside the model's repeated blocks (a numbered path component such as
+    `layer.3.` or `layers.17.`): attention and FFN projections, never embeddings or heads."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and re.search(r"(^|\.)\d+\.", name)]
+
+
+def resolve_targets(model: nn.Module, spec, presets: DictConfig | dict | None = None) -> list[str]:
+    """Module names to adapt. `spec` is a preset name of `model.target_modules` (`all`, `qv`), the word `auto`
+    (every linear layer of the blocks), or a list of name suffixes as in PEFT (`query` matches `...self.query`)."""
+    if isinstance(spec, str) and spec != "auto":
+        if not presets or spec not in presets:
+            raise ValueError(f"method.targets={spec!r} is not a preset of this model "
+                             f"(model.target_modules has {sorted(presets or {})}); give a preset, auto or a list")
+        spec = presets[spec]
+    linears = block_linears(model)
+    if spec == "auto":
+        names = linears
+    else:
+        suffixes = [str(s) for s in (spec if isinstance(spec, (list, tuple, ListConfig)) else [spec])]
+        names = [n for n in linears if any(n == s or n.endswith("." + s) for s in suffixes)]
+    if not names:
+        kinds = sorted({re.sub(r"^.*?\d+\.", "", n) for n in linears})
+        raise ValueError(f"target modules {spec!r} match no linear layer; the blocks' linear layers are {kinds}")
+    return names
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,152 @@
+"""Result rows: one parquet row per job, written atomically beside the job, gathered into one table per sweep.
+
+    python -m lorafa.results collect SWEEP_DIR     # SWEEP_DIR/**/result.parquet → SWEEP_DIR/results.parquet
+
+Every row carries what produced it: the resolved config (as JSON) and its hash, the git commit of the code and
+whether the tree was dirty, the package versions and the device. At the end of a Hydra multirun the
+`CollectResults` callback (registered in `conf/config.yaml`) does the collecting and prints the sweep's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+SCHEMA_VERSION = 1
+ROW_FILE = "result.parquet"
+TABLE_FILE = "results.parquet"
+# keys that say where a job writes, not what it computes: left out of the config hash
+NON_SEMANTIC_KEYS = ("output_dir",)
+SUMMARY_COLUMNS = ["model", "method", "task", "seed", "status", "metric", "score", "trainable_params",
+                   "mem_activations_gib", "mem_peak_gib", "tokens_per_s"]
+
+
+def config_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 (16 hex) of the resolved config without where-to-write keys: equal hash, equal job."""
+    data = {k: v for k, v in config_dict(cfg).items() if k not in NON_SEMANTIC_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_state(path: Path | None = None) -> tuple[str, bool]:
+    """(commit sha, dirty?) of the checkout holding the lorafa package; ("unknown", True) outside git."""
+    where = str(path or Path(__file__).resolve().parent)
+    try:
+        sha = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        return sha, bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", True
+
+
+def device_name(device) -> str:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def provenance(cfg: DictConfig, device) -> dict:
+    import torch
+    import transformers
+
+    sha, dirty = git_state()
+    return {"schema_version": SCHEMA_VERSION, "config_hash": config_hash(cfg),
+            "config": json.dumps(config_dict(cfg), sort_keys=True, default=str),
+            "git_sha": sha, "git_dirty": dirty, "device": device_name(device),
+            "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "python_version": sys.version.split()[0]}
+
+
+def _atomic_write(frame: pd.DataFrame, path: Path) -> None:
+    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_row(row: dict, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / ROW_FILE
+    _atomic_write(pd.DataFrame([row]), path)
+    return path
+
+
+def collect(sweep_dir: str | Path, *, write: bool = True) -> pd.DataFrame:
+    """Concatenate every job's row under `sweep_dir` into `sweep_dir/results.parquet`.
+    Unreadable row files are named in a warning and skipped, never silently dropped."""
+    sweep_dir = Path(sweep_dir)
+    frames = []
+    for path in sorted(sweep_dir.rglob(ROW_FILE)):
+        try:
+            frames.append(pd.read_parquet(path).assign(job_dir=str(path.parent.relative_to(sweep_dir))))
+        except Exception as err:  # a corrupted or foreign file: say which, keep the rest
+            warnings.warn(f"skipping unreadable result {path}: {type(err).__name__}: {err}", stacklevel=2)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if write:
+        _atomic_write(table, sweep_dir / TABLE_FILE)
+    return table
+
+
+def summary(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "(no result rows)"
+    cols = [c for c in SUMMARY_COLUMNS if c in table.columns]
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.precision", 4):
+        return table[cols].to_string(index=False)
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra is a dependency; this keeps `collect` usable without it
+    Callback = object
+
+
+class CollectResults(Callback):
+    """Hydra callback: at the end of a multirun, gather the rows into `<sweep dir>/results.parquet`."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table = collect(sweep_dir)
+        print(f"\n{len(table)} result rows → {sweep_dir / TABLE_FILE}\n{summary(table)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lorafa.results", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("collect", help="gather SWEEP_DIR/**/result.parquet into SWEEP_DIR/results.parquet")
+    p.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a directory")
+    table = collect(args.sweep_dir)
+    print(f"{len(table)} result rows → {args.sweep_dir / TABLE_FILE}\n{summary(table)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Tasks: their data (hub, local files, shipped, or synthetic), how each model family is asked them, and metrics.
+
+A task config (`conf/task/*.yaml`) names its data, its columns, its labels, how it is phrased for text-to-text
+models, and its official metrics. Examples are normalised to columns `text`, `text_pair` (optional) and `label`
+(a class index, or a float for regression), then posed to the model's family:
+
+- encoder (RoBERTa): `tokenizer(text, text_pair)` → classification/regression head.
+- encoder-decoder (T5): the T5 paper's input ("sst2 sentence: …") → the label word ("positive"), scored at eval
+  time by the log-likelihood of each candidate label (label scoring, so every prediction is a valid label).
+- decoder (LLaMA): the same input, then "\\nAnswer:" → " positive"; loss on the answer only; label scoring.
+
+`synthetic` makes random token batches of an exact size for memory and speed at real scale (metric: loss).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import sources
+
+ANSWER_CUE = "\nAnswer:"  # decoders read the prompt, then this, then the label word
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def _f1(y, p):
+    from sklearn.metrics import f1_score
+
+    return f1_score(y, p, pos_label=1, average="binary", zero_division=0.0)
+
+
+def _accuracy(y, p):
+    return float(np.mean(np.asarray(y) == np.asarray(p)))
+
+
+def _matthews(y, p):
+    from sklearn.metrics import matthews_corrcoef
+
+    return matthews_corrcoef(y, p)
+
+
+def _pearson(y, p):
+    from scipy.stats import pearsonr
+
+    return pearsonr(y, p)[0] if np.std(p) > 0 else float("nan")  # undefined for a constant prediction
+
+
+def _spearman(y, p):
+    from scipy.stats import spearmanr
+
+    return spearmanr(y, p)[0] if np.std(p) > 0 else float("nan")
+
+
+METRICS = {"accuracy": _accuracy, "f1": _f1, "matthews_corr": _matthews, "pearson": _pearson,
+           "spearman": _spearman}
+
+
+def compute_metrics(names, references, predictions) -> dict[str, float]:
+    unknown = set(names) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; known: {sorted(METRICS)}")
+    return {name: float(METRICS[name](references, predictions)) for name in names}
+
+
+# ------------------------------------------------------------------------------------------------------- data
+@dataclass
+class TaskData:
+    """Normalised examples of one task: frames with text, [text_pair], label."""
+
+    name: str
+    kind: str  # classification | regression | synthetic
+    splits: dict[str, pd.DataFrame]  # "train" and the eval splits, keyed by eval name
+    labels: list[str] | None  # class names in index order (classification)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels) if self.kind == "classification" else (1 if self.kind == "regression" else 2)
+
+
+READERS = {
+    ".csv": lambda p: pd.read_csv(p, keep_default_na=False),
+    # GLUE's own TSVs contain unbalanced quotes: read tab-separated text literally
+    ".tsv": lambda p: pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False),
+    ".json": lambda p: _read_json(p),
+    ".jsonl": lambda p: pd.read_json(p, lines=True),
+    ".parquet": pd.read_parquet,
+}
+
+
+def _read_json(path):
+    try:
+        return pd.read_json(path, lines=True)
+    except ValueError:  # a JSON array rather than JSON lines
+        return pd.read_json(path)
+
+
+def read_table(path: str) -> pd.DataFrame:
+    suffix = Path(path).suffix.lower()
+    if suffix not in READERS:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(READERS)}")
+    if not Path(path).expanduser().is_file():
+        raise FileNotFoundError(f"task.data_files: no such file {path}")
+    return READERS[suffix](Path(path).expanduser())
+
+
+def _load_hub_split(tcfg: DictConfig, split: str) -> pd.DataFrame:
+    import datasets
+
+    def load(name):
+        return datasets.load_dataset(name, tcfg.get("subset"), split=split)
+
+    return sources.from_hub(f"dataset split {split!r} of", load, tcfg.dataset).to_pandas()
+
+
+def _normalise(frame: pd.DataFrame, tcfg: DictConfig, where: str) -> pd.DataFrame:
+    """Rename the task's columns to text / text_pair / label (local files may use either naming)."""
+    columns = OmegaConf.to_container(tcfg.columns, resolve=True)
+    out = {}
+    for canonical in ("text", "text_pair", "label"):
+        source = columns.get(canonical) or canonical
+        if source in frame.columns:
+            out[canonical] = frame[source]
+        elif canonical in frame.columns:
+            out[canonical] = frame[canonical]
+        elif canonical != "text_pair":  # the only optional column
+            raise ValueError(f"{where}: no column {source!r} (or {canonical!r}); columns are {list(frame.columns)}")
+    return pd.DataFrame(out)
+
+
+def load_data(tcfg: DictConfig) -> TaskData:
+    """Read the train split and every eval split of a task, from `task.data_files` or the hub."""
+    kind = tcfg.kind
+    if kind == "synthetic":
+        return TaskData(tcfg.name, kind, {}, None)
+    eval_splits = OmegaConf.to_container(tcfg.eval_splits, resolve=True)
+    wanted = {"train": "train", **eval_splits}
+    files = tcfg.get("data_files")
+    splits = {}
+    for key, split in wanted.items():
+        if files:
+            if split not in files or not files[split]:
+                raise ValueError(f"task.data_files has no {split!r} file (needs {sorted(set(wanted.values()))})")
+            frame, where = read_table(str(files[split])), str(files[split])
+        elif tcfg.get("dataset"):
+            frame, where = _load_hub_split(tcfg, split), f"{tcfg.dataset}:{split}"
+        else:
+            raise ValueError(f"task {tcfg.name}: set task.data_files.train=FILE task.data_files.validation=FILE")
+        frame = _normalise(frame, tcfg, where)
+        limit = tcfg.get("max_train_samples" if key == "train" else "max_eval_samples")
+        if limit:
+            frame = frame.iloc[: int(limit)]
+        splits[key] = frame.reset_index(drop=True)
+
+    labels = list(tcfg.labels) if tcfg.get("labels") else None
+    if kind == "classification":
+        labels = labels or _label_set(splits["train"]["label"])
+        for key, frame in splits.items():
+            frame["label"] = _label_ids(frame["label"], labels, f"{tcfg.name}:{key}")
+    elif kind == "regression":
+        for frame in splits.values():
+            frame["label"] = frame["label"].astype(float)
+    else:
+        raise ValueError(f"task.kind={kind!r}: expected classification, regression or synthetic")
+    return TaskData(tcfg.name, kind, splits, labels)
+
+
+def _label_set(values: pd.Series) -> list[str]:
+    """The class names of a labelled file, read from the data: its distinct values, sorted."""
+    uniques = values.unique().tolist()
+    if all(isinstance(v, (int, np.integer)) for v in uniques):
+        return [str(v) for v in sorted(uniques)]
+    return sorted(str(v) for v in uniques)
+
+
+def _label_ids(values: pd.Series, labels: list[str], where: str) -> pd.Series:
+    index = {name: i for i, name in enumerate(labels)}
+    if pd.api.types.is_integer_dtype(values) and not all(str(v) in index for v in values.unique()):
+        ids = values.astype(int)  # already class indices (GLUE's own ids)
+        bad = sorted(set(ids.unique()) - set(range(len(labels))))
+    else:
+        ids = values.astype(str).map(index)
+        bad = sorted(set(values[ids.isna()].astype(str)))
+    if bad:
+        raise ValueError(f"{where}: labels {bad[:10]} are not in the task's label set {labels}")
+    return ids.astype(int)
+
+
+# ---------------------------------------------------------------------------------------------------- posing
+def collate(features: list[dict], pad_id: int, pad_to: int | None = None,
+            aligned_labels: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad `input_ids` (pad_id, with an attention mask) and list-valued `labels` (-100); stack the rest.
+    `pad_to` pads inputs to a fixed length (the measured steps use the task's max_seq_len); `aligned_labels`
+    (decoders) pads labels to the inputs' width, since they run along the same positions."""
+    width = max(max(len(f["input_ids"]) for f in features), pad_to or 0)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    for key in features[0]:
+        if key == "input_ids":
+            continue
+        values = [f[key] for f in features]
+        if not isinstance(values[0], list):
+            batch[key] = torch.tensor(values)
+            continue
+        label_width = width if aligned_labels else max(len(v) for v in values)
+        t = torch.full((len(values), label_width), -100, dtype=torch.long)
+        for i, v in enumerate(values):
+            t[i, : len(v)] = torch.tensor(v)
+        batch[key] = t
+    return batch
+
+
+class Poser:
+    """How one family is asked one task: `encode` examples into features, `predict` labels for a batch."""
+
+    family: str
+
+    def __init__(self, data: TaskData, tcfg: DictConfig, tokenizer):
+        self.data, self.tcfg, self.tok = data, tcfg, tokenizer
+        self.max_len = int(tcfg.max_seq_len)
+
+    def encode(self, frame: pd.DataFrame) -> list[dict]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, model, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prompt(self, row) -> str:
+        pair = row.get("text_pair")
+        template = self.tcfg.get("prompt")
+        if template:
+            return template.format(text=row["text"], text_pair=pair if isinstance(pair, str) else "")
+        return row["text"] if not isinstance(pair, str) else f"{row['text']}\n{pair}"
+
+    def label_words(self) -> list[str]:
+        """The words a text-to-text model answers with: class names, or a grid of values for regression."""
+        if self.data.kind == "classification":
+            return list(self.data.labels)
+        lo, hi = self.tcfg.label_range
+        step = float(self.tcfg.get("label_step", 0.2))
+        return [f"{lo + i * step:.1f}" for i in range(int(round((hi - lo) / step)) + 1)]
+
+    def verbalise(self, label) -> str:
+        if self.data.kind == "classification":
+            return self.data.labels[int(label)]
+        words = self.label_words()
+        return min(words, key=lambda w: abs(float(w) - float(label)))  # T5's STS-B: round to the 0.2 grid
+
+    def from_choice(self, choice: torch.Tensor) -> torch.Tensor:
+        if self.data.kind == "classification":
+            return choice
+        grid = torch.tensor([float(w) for w in self.label_words()])
+        return grid[choice.cpu()]
+
+
+class EncoderPoser(Poser):
+    family = "encoder"
+
+    def encode(self, frame):
+        pairs = frame["text_pair"].tolist() if "text_pair" in frame else None
+        enc = self.tok(frame["text"].tolist(), pairs, truncation=True, max_length=self.max_len)
+        return [{"input_ids": ids, "labels": label} for ids, label in zip(enc["input_ids"], frame["label"].tolist())]
+
+    @torch.no_grad()
+    def predict(self, model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits.argmax(-1) if self.data.kind == "classification" else logits.squeeze(-1).float()
+
+
+class Seq2SeqPoser(Poser):
+    family = "encoder-decoder"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.candidates = [self.tok(w)["input_ids"] for w in self.label_words()]
+
+    def encode(self, frame):
+        rows = frame.to_dict("records")
+        inputs = self.tok([self.prompt(r) for r in rows], truncation=True, max_length=self.max_len)["input_ids"]
+        targets = self.tok([self.verbalise(r["label"]) for r in rows])["input_ids"]
+        return [{"input_ids": i, "labels": t} for i, t in zip(inputs, targets)]
+
+    @torch.no_grad()
+    def predict(self, model, batch):
+        enc = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        n = batch["input_ids"].shape[0]
+        scores = []
+        for cand in self.candidates:  # log p(label words | input), encoder run once
+            labels = torch.tensor(cand, device=batch["input_ids"].device).expand(n, -1).contiguous()
+            logits = model(encoder_outputs=enc, attention_mask=batch["attention_mask"], labels=labels).logits
+            scores.append(logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1).sum(-1))
+        return self.from_choice(torch.stack(scores, -1).argmax(-1))
+
+
+class DecoderPoser(Poser):
+    family = "decoder"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        anchor = self.tok(ANSWER_CUE.strip(), add_special_tokens=False)["input_ids"]
+        self.candidates = []
+        for word in self.label_words():  # the word's tokens as they follow the cue, whatever the tokenizer
+            full = self.tok(f"{ANSWER_CUE.strip()} {word}", add_special_tokens=False)["input_ids"]
+            if full[: len(anchor)] != anchor:
+                raise ValueError(f"cannot isolate the tokens of label {word!r} after {ANSWER_CUE!r}")
+            self.candidates.append(full[len(anchor):] + [self.tok.eos_token_id])
+        self.cue_len = len(self.tok(ANSWER_CUE, add_special_tokens=False)["input_ids"])
+
+    def encode(self, frame):
+        rows = frame.to_dict("records")
+        prompts = self.tok([self.prompt(r) + ANSWER_CUE for r in rows])["input_ids"]
+        answer_len = max(len(c) for c in self.candidates)
+        budget = self.max_len - answer_len
+        features = []
+        for ids, r in zip(prompts, rows):
+            if len(ids) > budget:  # cut the input text, keep the answer cue
+                ids = ids[: budget - self.cue_len] + ids[-self.cue_len:]
+            answer = self.candidates[self.label_words().index(self.verbalise(r["label"]))]
+            features.append({"input_ids": ids + answer, "labels": [-100] * len(ids) + answer,
+                             "prompt_len": len(ids)})
+        return features
+
+    @torch.no_grad()
+    def predict(self, model, batch):
+        ids, plen = batch["input_ids"], batch["prompt_len"]
+        n, pad = ids.shape[0], self.tok.pad_token_id
+        scores = []
+        for cand in self.candidates:
+            c = torch.tensor(cand, device=ids.device)
+            width = int(plen.max()) + len(cand)
+            seq = torch.full((n, width), pad, dtype=torch.long, device=ids.device)
+            mask = torch.zeros_like(seq)
+            for i in range(n):
+                p = int(plen[i])
+                seq[i, :p], seq[i, p: p + len(cand)], mask[i, : p + len(cand)] = ids[i, :p], c, 1
+            logp = model(input_ids=seq, attention_mask=mask).logits.float().log_softmax(-1)
+            # token t is predicted at position t-1
+            pos = plen.to(ids.device)[:, None] + torch.arange(len(cand), device=ids.device)[None, :] - 1
+            picked = logp.gather(1, pos[:, :, None].expand(-1, -1, logp.shape[-1])).gather(
+                -1, c.expand(n, -1)[:, :, None]).squeeze(-1)
+            scores.append(picked.sum(-1))
+        return self.from_choice(torch.stack(scores, -1).argmax(-1))
+
+
+class SyntheticPoser(Poser):
+    """Random token sequences of exactly max_seq_len (and random targets): memory and speed, not accuracy."""
+
+    def __init__(self, data, tcfg, family: str, vocab_size: int, seed: int):
+        super().__init__(data, tcfg, None)
+        self.family, self.vocab_size, self.seed = family, vocab_size, seed
+
+    def make(self, n: int, offset: int) -> list[dict]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+        ids = torch.randint(5, self.vocab_size, (n, self.max_len), generator=g)
+        if self.family == "encoder":
+            labels = torch.randint(0, 2, (n,), generator=g).tolist()
+        elif self.family == "encoder-decoder":
+            labels = torch.randint(5, self.vocab_size, (n, int(self.tcfg.target_len)), generator=g).tolist()
+        else:
+            labels = ids.tolist()
+        return [{"input_ids": i, "labels": lab} for i, lab in zip(ids.tolist(), labels)]
+
+
+POSERS = {p.family: p for p in (EncoderPoser, Seq2SeqPoser, DecoderPoser)}
+
+
+def poser_for(family: str, data: TaskData, tcfg: DictConfig, tokenizer=None, *, vocab_size=None,
+              seed: int = 0) -> Poser:
+    if data.kind == "synthetic":
+        return SyntheticPoser(data, tcfg, family, vocab_size, seed)
+    return POSERS[family](data, tcfg, tokenizer)
+
+
+def metric_names(tcfg: DictConfig) -> list[str]:
+    """Column-level metric names: `accuracy`, or `accuracy_m`, `accuracy_mm` with several eval splits (MNLI)."""
+    splits = list(tcfg.get("eval_splits") or {})
+    base = list(tcfg.get("metrics") or [])
+    if len(splits) <= 1:
+        return base
+    return [f"{m}_{s}" for s in splits for m in base]

@@ -1,0 +1,209 @@
+"""The training loop and evaluation, with memory and speed measured on the side.
+
+AdamW (no decay on biases and norms) with linear warm-up and decay (transformers' scheduler), `train.epochs` or
+`train.max_steps` optimizer steps, gradient accumulation, evaluation after each epoch and at the end, bf16
+autocast on CUDA. The first two optimizer steps are padded to `task.max_seq_len`: step 0 records the saved-tensor
+bytes, the gradients and the optimizer state; step 1, the steady-state allocator peak (see `lorafa.measure`).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from . import measure
+from .tasks import Poser, collate, compute_metrics
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class EvalSet:
+    name: str  # the eval split's key ("validation", or "m"/"mm" for MNLI)
+    features: list[dict]
+    references: np.ndarray | None  # None: loss only (synthetic)
+
+
+@dataclass
+class History:
+    losses: list[float] = field(default_factory=list)  # mean training loss of each optimizer step
+    evals: list[dict] = field(default_factory=list)  # {"epoch", "step", **metrics} after each epoch and at the end
+    steps: int = 0
+    epochs_completed: int = 0
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default (`train.precision=auto`); fp32 elsewhere."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def make_optimizer(model: nn.Module, tcfg: DictConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)  # biases and LayerNorm/RMSNorm weights: no decay
+    groups = [{"params": decay, "weight_decay": float(tcfg.weight_decay)},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(tcfg.lr),
+                             betas=tuple(tcfg.betas), eps=float(tcfg.eps))
+
+
+def count_tokens(batch: dict, family: str) -> int:
+    tokens = int(batch["attention_mask"].sum())
+    if family == "encoder-decoder":
+        tokens += int((batch["labels"] != -100).sum())
+    return tokens
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def total_steps(n_train: int, tcfg: DictConfig) -> int:
+    if tcfg.max_steps and tcfg.max_steps > 0:
+        return int(tcfg.max_steps)
+    per_epoch = math.ceil(n_train / (tcfg.batch_size * tcfg.grad_accum))
+    return int(tcfg.epochs) * per_epoch
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str], *, batch_size: int,
+             device: torch.device, pad_id: int, amp: torch.dtype | None) -> dict[str, float]:
+    """Mean loss and the task's metrics on one eval split."""
+    was_training = model.training
+    model.eval()
+    loss_sum, n, preds = 0.0, 0, []
+    aligned = poser.family == "decoder"
+    for i in range(0, len(evalset.features), batch_size):
+        chunk = evalset.features[i: i + batch_size]
+        batch = _to(collate(chunk, pad_id, aligned_labels=aligned), device)
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            loss_sum += float(model(**_inputs(batch)).loss) * len(chunk)
+            if evalset.references is not None:
+                preds.append(poser.predict(model, batch).float().cpu())
+        n += len(chunk)
+    model.train(was_training)
+    out = {"loss": loss_sum / max(n, 1)}
+    if evalset.references is not None:
+        out.update(compute_metrics(metrics, evalset.references, torch.cat(preds).numpy()))
+    return out
+
+
+def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: list[EvalSet], *,
+        cfg: DictConfig, device: torch.device, pad_id: int, memory: measure.Memory,
+        throughput: measure.Throughput) -> History:
+    tcfg = cfg.train
+    amp = autocast_dtype(tcfg.precision, device)
+    optimizer = make_optimizer(model, tcfg)
+    steps = total_steps(len(train_features), tcfg)
+    warmup = int(tcfg.warmup_steps) if tcfg.get("warmup_steps") else math.ceil(float(tcfg.warmup_ratio) * steps)
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    history = History()
+    aligned = poser.family == "decoder"
+    max_len = int(cfg.task.max_seq_len)
+    bs, accum = int(tcfg.batch_size), int(tcfg.grad_accum)
+    metric_list = list(cfg.task.get("metrics") or [])
+
+    def run_evals(epoch: int):
+        record = {"epoch": epoch, "step": history.steps}
+        for ev in evalsets:
+            result = evaluate(model, poser, ev, metric_list, batch_size=int(tcfg.eval_batch_size), device=device,
+                              pad_id=pad_id, amp=amp)
+            suffix = "" if len(evalsets) == 1 else f"_{ev.name}"
+            record.update({f"{k}{suffix}": v for k, v in result.items()})
+        history.evals.append(record)
+
+    progress = _progress(steps, enabled=bool(tcfg.progress))
+    model.train()
+    while history.steps < steps:
+        order = torch.randperm(len(train_features), generator=generator).tolist()
+        micro = [order[i: i + bs] for i in range(0, len(order), bs)]
+        for g in range(0, len(micro), accum):
+            step = history.steps
+            group = micro[g: g + accum]
+            measured = step < 2  # padded to max_seq_len: memory describes batch_size × max_seq_len
+            if device.type == "cuda" and measured:
+                torch.cuda.reset_peak_memory_stats(device)
+            throughput.start()
+            loss_sum, tokens, samples = 0.0, 0, 0
+            for j, idx in enumerate(group):
+                batch = _to(collate([train_features[i] for i in idx], pad_id, pad_to=max_len if measured else None,
+                                    aligned_labels=aligned), device)
+                meter = measure.SavedTensorMeter(model) if step == 0 and j == 0 else nullcontext()
+                with meter, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
+                    loss = model(**_inputs(batch)).loss
+                if step == 0 and j == 0:
+                    memory.activations = meter.bytes
+                (loss / len(group)).backward()
+                loss_sum += float(loss.detach())
+                tokens += count_tokens(batch, poser.family)
+                samples += len(idx)
+            if step == 0:
+                memory.grads = measure.grad_bytes(model)
+            if device.type == "cuda" and measured:
+                memory.allocator[f"fwd_bwd_peak_step{step}"] = torch.cuda.max_memory_allocated(device)
+            if not math.isfinite(loss_sum):
+                raise Diverged(f"training loss is {loss_sum} at step {step}")
+            if tcfg.get("max_grad_norm"):
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            if step == 0:
+                memory.optimizer = measure.optimizer_bytes(optimizer)
+                if device.type == "cuda":
+                    memory.allocator["after_step"] = torch.cuda.memory_allocated(device)
+            if device.type == "cuda" and measured:
+                memory.allocator[f"peak_step{step}"] = torch.cuda.max_memory_allocated(device)
+            optimizer.zero_grad(set_to_none=True)
+            throughput.stop(tokens, samples)
+            history.losses.append(loss_sum / len(group))
+            history.steps += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{history.losses[-1]:.4f}",
+                                 tok_s=f"{throughput.columns()['tokens_per_s']:.0f}")
+            if history.steps >= steps:
+                break
+        if g + accum >= len(micro):  # the whole epoch was seen
+            history.epochs_completed += 1
+            run_evals(history.epochs_completed)
+    progress.close()
+    if not history.evals or history.evals[-1]["step"] != history.steps:
+        run_evals(history.epochs_completed)
+    _summarise_allocator(memory)
+    return history
+
+
+def _summarise_allocator(memory: measure.Memory) -> None:
+    """Steady state is step 1 (optimizer state exists); fall back to step 0 for one-step runs."""
+    a = memory.allocator
+    if not a:
+        return
+    last = 1 if "peak_step1" in a else 0
+    a["fwd_bwd_peak"] = a.pop(f"fwd_bwd_peak_step{last}")
+    a["peak"] = max(a.pop("peak_step0"), a.pop("peak_step1", 0))
+    a.pop("fwd_bwd_peak_step0", None)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="train", unit="step", dynamic_ncols=True, leave=False)

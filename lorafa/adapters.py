@@ -18,18 +18,32 @@ import torch
 from torch import nn
 
 
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a rank-r update; `train_a=False` makes it a LoRA-FA layer."""
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2's linear layer, weight stored transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, train_a: bool = True):
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape  # Conv1D: y = x W + b with W: d_in × d_out
+    return d_in, d_out
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a rank-r update; `train_a=False` makes it a LoRA-FA layer."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, train_a: bool = True):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"rank must be > 0, got {rank}")
         self.base = base
         self.rank, self.scaling = rank, alpha / rank
+        self.in_features, self.out_features = linear_dims(base)
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw), requires_grad=train_a)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw), requires_grad=train_a)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init, and PEFT's
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -41,14 +55,6 @@ class LoRALinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Scale the N × r product, not the N × d_out one: fewer flops, and a multiply by a Python scalar saves
@@ -62,13 +68,13 @@ class LoRALinear(nn.Module):
 
 def inject(model: nn.Module, names: list[str], *, rank: int, alpha: float, dropout: float,
            train_a: bool) -> dict[str, LoRALinear]:
-    """Replace each named nn.Linear of `model` by a LoRALinear wrapping it; returns the new modules by name."""
+    """Replace each named linear layer of `model` by a LoRALinear wrapping it; returns the new modules by name."""
     added = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
-        if not isinstance(base, nn.Linear):
+        if not is_linear(base):
             raise TypeError(f"{name} is {type(base).__name__}, not nn.Linear")
         layer = LoRALinear(base, rank, alpha, dropout, train_a)
         setattr(parent, child, layer)

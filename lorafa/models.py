@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from . import sources
+from .adapters import is_linear
 
 FAMILIES = ("encoder", "encoder-decoder", "decoder")
 
@@ -124,10 +125,9 @@ def load_tokenizer(mcfg: DictConfig):
 
 
 def block_linears(model: nn.Module) -> list[str]:
-    """Names of the nn.Linear layers inside the model's repeated blocks (a numbered path component such as
+    """Names of the linear layers (nn.Linear, GPT-2's Conv1D) inside the model's repeated blocks (a numbered path component such as
     `layer.3.` or `layers.17.`): attention and FFN projections, never embeddings or heads."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and re.search(r"(^|\.)\d+\.", name)]
+    return [name for name, m in model.named_modules() if is_linear(m) and re.search(r"(^|\.)\d+\.", name)]
 
 
 def resolve_targets(model: nn.Module, spec, presets: DictConfig | dict | None = None) -> list[str]:

@@ -27,6 +27,13 @@ ROW_FILE = "result.parquet"
 TABLE_FILE = "results.parquet"
 # keys that say where a job writes, not what it computes: left out of the config hash
 NON_SEMANTIC_KEYS = ("output_dir",)
+# every row has these, filled (the `eval_<metric>` columns of the task's metrics come on top)
+REQUIRED_COLUMNS = [
+    "model", "family", "method", "task", "seed", "status", "error", "rank", "batch_size", "seq_len", "metric", "score",
+    "eval_loss", "mem_weights_gib", "mem_grads_gib", "mem_optimizer_gib", "mem_activations_gib", "mem_peak_gib",
+    "tokens_per_s", "samples_per_s", "step_time_s", "trainable_params", "total_params", "device", "torch_version",
+    "transformers_version", "git_sha", "git_dirty", "config_hash", "wall_time_s",
+]
 SUMMARY_COLUMNS = ["model", "method", "task", "seed", "status", "metric", "score", "trainable_params",
                    "mem_activations_gib", "mem_peak_gib", "tokens_per_s"]
 

@@ -94,10 +94,10 @@ READERS = {
 
 
 def _read_json(path):
-    try:
-        return pd.read_json(path, lines=True)
-    except ValueError:  # a JSON array rather than JSON lines
-        return pd.read_json(path)
+    """A JSON array of records, or JSON lines."""
+    with open(path, encoding="utf-8") as f:
+        first = f.read(4096).lstrip()[:1]
+    return pd.read_json(path, lines=first != "[")
 
 
 def read_table(path: str) -> pd.DataFrame:
@@ -140,13 +140,13 @@ def load_data(tcfg: DictConfig) -> TaskData:
         return TaskData(tcfg.name, kind, {}, None)
     eval_splits = OmegaConf.to_container(tcfg.eval_splits, resolve=True)
     wanted = {"train": "train", **eval_splits}
-    files = tcfg.get("data_files")
+    files = {k: str(v) for k, v in (tcfg.get("data_files") or {}).items() if v}  # any local file: all local
     splits = {}
     for key, split in wanted.items():
         if files:
-            if split not in files or not files[split]:
+            if split not in files:
                 raise ValueError(f"task.data_files has no {split!r} file (needs {sorted(set(wanted.values()))})")
-            frame, where = read_table(str(files[split])), str(files[split])
+            frame, where = read_table(files[split]), files[split]
         elif tcfg.get("dataset"):
             frame, where = _load_hub_split(tcfg, split), f"{tcfg.dataset}:{split}"
         else:
@@ -159,9 +159,10 @@ def load_data(tcfg: DictConfig) -> TaskData:
 
     labels = list(tcfg.labels) if tcfg.get("labels") else None
     if kind == "classification":
+        named = labels is not None
         labels = labels or _label_set(splits["train"]["label"])
         for key, frame in splits.items():
-            frame["label"] = _label_ids(frame["label"], labels, f"{tcfg.name}:{key}")
+            frame["label"] = _label_ids(frame["label"], labels, f"{tcfg.name}:{key}", ints_are_ids=named)
     elif kind == "regression":
         for frame in splits.values():
             frame["label"] = frame["label"].astype(float)
@@ -178,16 +179,17 @@ def _label_set(values: pd.Series) -> list[str]:
     return sorted(str(v) for v in uniques)
 
 
-def _label_ids(values: pd.Series, labels: list[str], where: str) -> pd.Series:
-    index = {name: i for i, name in enumerate(labels)}
-    if pd.api.types.is_integer_dtype(values) and not all(str(v) in index for v in values.unique()):
-        ids = values.astype(int)  # already class indices (GLUE's own ids)
-        bad = sorted(set(ids.unique()) - set(range(len(labels))))
+def _label_ids(values: pd.Series, labels: list[str], where: str, ints_are_ids: bool) -> pd.Series:
+    """Class indices of a label column: integer ids as they are when the task names its classes (GLUE's
+    columns hold ids), else each value looked up by its string form in the label set."""
+    if ints_are_ids and pd.api.types.is_integer_dtype(values):
+        ids = values.astype(int)
+        bad = sorted(set(ids[(ids < 0) | (ids >= len(labels))].tolist()))
     else:
-        ids = values.astype(str).map(index)
+        ids = values.astype(str).map({name: i for i, name in enumerate(labels)})
         bad = sorted(set(values[ids.isna()].astype(str)))
     if bad:
-        raise ValueError(f"{where}: labels {bad[:10]} are not in the task's label set {labels}")
+        raise ValueError(f"{where}: labels {[str(b) for b in bad[:10]]} are not in the task's label set {labels}")
     return ids.astype(int)
 
 

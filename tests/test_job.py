@@ -1,0 +1,120 @@
+"""Smoke tests of run(cfg), the real job entry point, on the tiny random-init models of every family."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from lorafa import results
+from lorafa.job import run
+
+pytestmark = pytest.mark.slow
+
+SMALL = ("task.max_train_samples=48", "task.max_eval_samples=24", "train.batch_size=8", "train.max_steps=5")
+
+
+def assert_complete(row: dict, metrics: list[str]):
+    missing = [c for c in results.REQUIRED_COLUMNS + [f"eval_{m}" for m in metrics] if c not in row]
+    assert not missing, missing
+    empty = [c for c in results.REQUIRED_COLUMNS if c != "error" and (row[c] is None or (
+        isinstance(row[c], float) and math.isnan(row[c])))]
+    assert not empty, {c: row[c] for c in empty}
+
+
+@pytest.mark.parametrize("model", ["tiny-roberta", "tiny-t5", "tiny-llama"])
+def test_every_method_runs_and_lorafa_saves_activation_memory(cfg_factory, model):
+    rows = {m: run(cfg_factory(f"model={model}", f"method={m}", *SMALL)) for m in ("full", "lora", "lorafa")}
+    for method, row in rows.items():
+        assert row["status"] == "ok", row["error"]
+        assert_complete(row, ["accuracy", "f1"])
+        assert row["method"] == method and row["model"] == model and row["train_steps"] == 5
+        assert 0.0 <= row["score"] <= 1.0 and row["metric"] == "accuracy"
+        assert row["mem_source"] == "tensor_accounting" and row["timed_steps"] == 2
+        # the row on disk is the row returned
+        on_disk = pd.read_parquet(f"{row['config'] and ''}{_job_dir(row)}/result.parquet").iloc[0]
+        assert on_disk["config_hash"] == row["config_hash"]
+    full, lora, lorafa = rows["full"], rows["lora"], rows["lorafa"]
+    assert full["trainable_params"] > lora["trainable_params"] > lorafa["trainable_params"] > 0
+    assert lorafa["mem_activations_gib"] < lora["mem_activations_gib"]
+    assert lorafa["mem_optimizer_gib"] < lora["mem_optimizer_gib"] < full["mem_optimizer_gib"]
+    assert lorafa["mem_weights_gib"] == lora["mem_weights_gib"] > full["mem_weights_gib"]
+    assert lorafa["adapted_layers"] == lora["adapted_layers"] > 0 == full["adapted_layers"]
+
+
+def _job_dir(row):
+    import json
+
+    return json.loads(row["config"])["output_dir"]
+
+
+@pytest.mark.parametrize("model", ["tiny-roberta", "tiny-t5", "tiny-llama"])
+def test_synthetic_batches_have_the_exact_size(cfg_factory, model):
+    row = run(cfg_factory(f"model={model}", "task=synthetic", "task.max_seq_len=32", "task.target_len=16",
+                          "train.batch_size=4", "train.max_steps=4", "train.measure_warmup_steps=1"))
+    assert row["status"] == "ok", row["error"]
+    assert row["metric"] == "loss" and row["score"] == row["eval_loss"] > 0
+    per_step = {"tiny-roberta": 4 * 32, "tiny-t5": 4 * (32 + 16), "tiny-llama": 4 * 32}[model]
+    assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(per_step)
+
+
+def test_lorafa_with_dropout_still_saves_less_than_lora(cfg_factory):
+    rows = [run(cfg_factory(f"method={m}", "method.dropout=0.1", "task=synthetic", "train.max_steps=1",
+                            "train.batch_size=4")) for m in ("lora", "lorafa")]
+    assert all(r["status"] == "ok" for r in rows)
+    assert rows[1]["mem_activations_gib"] < rows[0]["mem_activations_gib"]
+
+
+def test_same_config_and_seed_give_the_same_run(cfg_factory):
+    a, b = (run(cfg_factory(*SMALL, "model=tiny-llama")) for _ in range(2))
+    assert list(a["loss_curve"]) == list(b["loss_curve"]) and a["score"] == b["score"]
+    assert a["config_hash"] == b["config_hash"]
+    c = run(cfg_factory(*SMALL, "model=tiny-llama", "seed=1"))
+    assert list(c["loss_curve"]) != list(a["loss_curve"])
+
+
+def test_regression_and_two_eval_splits_from_local_files(cfg_factory, tmp_path):
+    pairs = pd.DataFrame({"sentence1": ["a cat sat", "dogs run", "it rains", "sun"] * 6,
+                          "sentence2": ["a cat sits", "cats sleep", "it pours", "moon"] * 6,
+                          "label": [4.8, 1.0, 3.9, 0.4] * 6})
+    nli = pd.DataFrame({"premise": ["p q", "r s", "t u"] * 8, "hypothesis": ["q", "s t", "v"] * 8,
+                        "label": [0, 1, 2] * 8})
+    for name, frame in (("sts", pairs), ("nli", nli)):
+        frame.to_parquet(tmp_path / f"{name}.parquet")
+    for model in ("tiny-roberta", "tiny-t5"):
+        sts = run(cfg_factory(f"model={model}", "task=glue_stsb", f"task.data_files.train={tmp_path}/sts.parquet",
+                              f"task.data_files.validation={tmp_path}/sts.parquet", "train.max_steps=2"))
+        assert sts["status"] == "ok", sts["error"]
+        assert sts["metric"] == "pearson" and "eval_spearman" in sts
+    mnli = run(cfg_factory("model=tiny-llama", "task=glue_mnli", f"task.data_files.train={tmp_path}/nli.parquet",
+                           f"task.data_files.validation_matched={tmp_path}/nli.parquet",
+                           f"task.data_files.validation_mismatched={tmp_path}/nli.parquet", "train.max_steps=2"))
+    assert mnli["status"] == "ok", mnli["error"]
+    assert mnli["metric"] == "accuracy_m" and {"eval_accuracy_m", "eval_accuracy_mm", "eval_loss"} <= set(mnli)
+    assert mnli["eval_accuracy_m"] == mnli["eval_accuracy_mm"]  # same file for both
+
+
+def test_local_checkpoint_with_text_cls(cfg_factory, tmp_path):
+    """model=local + task=text_cls: a saved checkpoint (here a tiny GPT-2) and a csv with integer labels."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorafa.sources import asset
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                               bos_token_id=0, eos_token_id=2)).save_pretrained(tmp_path / "gpt")
+    pd.DataFrame({"text": ["great", "awful", "superb", "dull"] * 5, "label": [1, 0, 1, 0] * 5}).to_csv(
+        tmp_path / "d.csv", index=False)
+    row = run(cfg_factory("model=local", f"model.path={tmp_path / 'gpt'}",
+                          f"model.tokenizer={asset('tokenizers/tiny-llama')}", "task=text_cls",
+                          f"task.data_files.train={tmp_path / 'd.csv'}",
+                          f"task.data_files.validation={tmp_path / 'd.csv'}", "train.max_steps=3"))
+    assert row["status"] == "ok", row["error"]
+    assert row["family"] == "decoder" and row["model"] == "gpt" and row["adapted_layers"] == 2 * 4
+
+
+def test_hub_unreachable_is_a_failed_row_with_the_local_path_hint(cfg_factory, offline):
+    row = run(cfg_factory("model=roberta-base", "task=glue_sst2"))
+    assert row["status"] == "failed"
+    assert "model.path=" in row["error"] and "task.data_files.train=" in row["error"]
+    assert row["wall_time_s"] < 10 and row["model"] == "roberta-base" and row["config_hash"]

@@ -1,0 +1,182 @@
+"""Unit tests of task data loading, label handling, posing for each family, and metrics."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lorafa import tasks
+from lorafa.models import load_tokenizer
+
+from .conftest import compose_cfg
+
+
+# -------------------------------------------------------------------------------------------------- metrics
+def test_metrics_match_their_definitions():
+    y = [1, 1, 0, 0, 1, 0]
+    p = [1, 0, 0, 1, 1, 0]
+    m = tasks.compute_metrics(["accuracy", "f1", "matthews_corr"], y, p)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["f1"] == pytest.approx(2 / 3)  # tp=2, fp=1, fn=1
+    assert m["matthews_corr"] == pytest.approx((2 * 2 - 1 * 1) / np.sqrt(3 * 3 * 3 * 3))
+    r = tasks.compute_metrics(["pearson", "spearman"], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 10.0])
+    assert r["spearman"] == pytest.approx(1.0) and 0.8 < r["pearson"] < 0.95
+    assert np.isnan(tasks.compute_metrics(["pearson"], [1.0, 2.0], [3.0, 3.0])["pearson"])
+    with pytest.raises(ValueError, match="unknown metrics"):
+        tasks.compute_metrics(["bleu"], y, p)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def test_shipped_default_dataset_is_real_and_balanced():
+    data = tasks.load_data(compose_cfg().task)
+    assert data.labels == ["negative", "positive"] and data.kind == "classification"
+    assert len(data.splits["train"]) == 8568 and len(data.splits["validation"]) == 1000
+    share = data.splits["train"]["label"].mean()
+    assert 0.45 < share < 0.55
+    first = data.splits["train"]["label"].iloc[:200].mean()  # shipped shuffled: a prefix is not one class
+    assert 0.3 < first < 0.7
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
+def test_text_cls_reads_any_local_format_and_its_label_set(tmp_path, suffix):
+    frame = pd.DataFrame({"text": ["good", "bad", "meh", "fine"], "label": ["pos", "neg", "neu", "pos"]})
+    paths = {}
+    for split in ("train", "validation"):
+        path = tmp_path / f"{split}{suffix}"
+        {".csv": lambda p: frame.to_csv(p, index=False),
+         ".tsv": lambda p: frame.to_csv(p, sep="\t", index=False),
+         ".jsonl": lambda p: frame.to_json(p, orient="records", lines=True),
+         ".json": lambda p: frame.to_json(p, orient="records"),
+         ".parquet": lambda p: frame.to_parquet(p)}[suffix](path)
+        paths[split] = path
+    cfg = compose_cfg(["task=text_cls", f"task.data_files.train={paths['train']}",
+                       f"task.data_files.validation={paths['validation']}"])
+    data = tasks.load_data(cfg.task)
+    assert data.labels == ["neg", "neu", "pos"]  # read from the data, sorted
+    assert data.splits["train"]["label"].tolist() == [2, 0, 1, 2]
+    assert "text_pair" not in data.splits["train"]
+
+
+def test_integer_labels_and_labels_outside_the_set(tmp_path):
+    pd.DataFrame({"text": ["a", "b"], "text_pair": ["c", "d"], "label": [0, 3]}).to_csv(tmp_path / "t.csv")
+    pd.DataFrame({"text": ["a"], "text_pair": ["c"], "label": [7]}).to_csv(tmp_path / "v.csv")
+    cfg = compose_cfg(["task=text_cls", f"task.data_files.train={tmp_path / 't.csv'}",
+                       f"task.data_files.validation={tmp_path / 'v.csv'}"])
+    with pytest.raises(ValueError, match=r"labels \['7'\] are not in the task's label set \['0', '3'\]"):
+        tasks.load_data(cfg.task)
+
+
+def test_glue_from_local_files_uses_the_hub_column_names_and_mnli_splits(tmp_path):
+    frame = pd.DataFrame({"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [0, 2], "idx": [0, 1]})
+    overrides = ["task=glue_mnli"]
+    for split in ("train", "validation_matched", "validation_mismatched"):
+        frame.to_parquet(tmp_path / f"{split}.parquet")
+        overrides.append(f"task.data_files.{split}={tmp_path / split}.parquet")
+    data = tasks.load_data(compose_cfg(overrides).task)
+    assert set(data.splits) == {"train", "m", "mm"}
+    assert data.splits["m"][["text", "text_pair", "label"]].values.tolist() == [["p1", "h1", 0], ["p2", "h2", 2]]
+
+
+def test_missing_file_and_missing_column_are_named(tmp_path):
+    cfg = compose_cfg(["task=text_cls", f"task.data_files.train={tmp_path / 'nope.csv'}",
+                       f"task.data_files.validation={tmp_path / 'nope.csv'}"])
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        tasks.load_data(cfg.task)
+    pd.DataFrame({"sentence": ["x"], "label": [1]}).to_csv(tmp_path / "x.csv", index=False)
+    cfg = compose_cfg(["task=text_cls", f"task.data_files.train={tmp_path / 'x.csv'}",
+                       f"task.data_files.validation={tmp_path / 'x.csv'}"])
+    with pytest.raises(ValueError, match=r"no column 'text'.*\['sentence', 'label'\]"):
+        tasks.load_data(cfg.task)
+
+
+# --------------------------------------------------------------------------------------------------- posing
+def test_collate_pads_inputs_and_labels():
+    feats = [{"input_ids": [5, 6, 7], "labels": [7, 8]}, {"input_ids": [5], "labels": [9]}]
+    b = tasks.collate(feats, pad_id=1, pad_to=4)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 1], [5, 1, 1, 1]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert b["labels"].tolist() == [[7, 8], [9, -100]]
+    aligned = tasks.collate(feats, pad_id=1, aligned_labels=True)
+    assert aligned["labels"].shape == aligned["input_ids"].shape
+    assert tasks.collate([{"input_ids": [1], "labels": 1.5}], 0)["labels"].dtype == torch.float32
+
+
+def _poser(model: str, task="movie_polarity", extra=()):
+    cfg = compose_cfg([f"model={model}", f"task={task}", *extra])
+    data = tasks.TaskData("t", "classification", {}, ["negative", "positive"]) if task == "movie_polarity" else \
+        tasks.TaskData("t", "regression", {}, None)
+    family = {"tiny-roberta": "encoder", "tiny-t5": "encoder-decoder", "tiny-llama": "decoder"}[model]
+    return tasks.poser_for(family, data, cfg.task, load_tokenizer(cfg.model)), cfg
+
+
+def test_encoder_encodes_pairs_with_the_tokenizers_framing():
+    poser, _ = _poser("tiny-roberta")
+    (f,) = poser.encode(pd.DataFrame({"text": ["good"], "text_pair": ["film"], "label": [1]}))
+    toks = poser.tok.convert_ids_to_tokens(f["input_ids"])
+    assert toks[0] == "<s>" and toks.count("</s>") == 3 and f["labels"] == 1
+
+
+def test_t5_gets_the_prompt_and_the_label_word():
+    poser, _ = _poser("tiny-t5")
+    (f,) = poser.encode(pd.DataFrame({"text": ["a fine film"], "label": [1]}))
+    assert poser.tok.decode(f["input_ids"], skip_special_tokens=True) == "sentiment: a fine film"
+    assert poser.tok.decode(f["labels"], skip_special_tokens=True) == "positive"
+    assert len(poser.candidates) == 2
+
+
+def test_decoder_masks_the_prompt_and_keeps_the_answer_cue_when_truncating():
+    poser, _ = _poser("tiny-llama", extra=["task.max_seq_len=12"])
+    long = " ".join(["word"] * 50)
+    (f,) = poser.encode(pd.DataFrame({"text": [long], "label": [0]}))
+    assert len(f["input_ids"]) <= 12 and len(f["input_ids"]) == len(f["labels"])
+    answer = [t for t in f["labels"] if t != -100]
+    assert poser.tok.decode(answer, skip_special_tokens=True).strip() == "negative"
+    assert poser.tok.decode(f["input_ids"][: f["prompt_len"]]).endswith("Answer:")
+
+
+class _FakeLM(torch.nn.Module):
+    """Logits that always prefer one token: label scoring must pick the label made of it."""
+
+    def __init__(self, favourite: int, vocab: int):
+        super().__init__()
+        self.favourite, self.vocab = favourite, vocab
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.favourite] = 5.0
+        return type("Out", (), {"logits": logits})
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_decoder_label_scoring_picks_the_likeliest_label(label):
+    poser, _ = _poser("tiny-llama")
+    favourite = poser.candidates[label][0]
+    feats = poser.encode(pd.DataFrame({"text": ["x y", "z"], "label": [0, 1]}))
+    batch = tasks.collate(feats, poser.tok.pad_token_id, aligned_labels=True)
+    preds = poser.predict(_FakeLM(favourite, len(poser.tok)), batch)
+    assert preds.tolist() == [label, label]
+
+
+def test_regression_answers_on_the_t5_grid():
+    poser, _ = _poser("tiny-t5", task="glue_stsb")
+    words = poser.label_words()
+    assert words[0] == "0.0" and words[-1] == "5.0" and len(words) == 26
+    assert poser.verbalise(3.13) == "3.2" and poser.verbalise(0.09) == "0.0"
+    assert poser.from_choice(torch.tensor([16])).tolist() == [pytest.approx(3.2)]
+
+
+def test_every_task_config_composes_with_consistent_metrics():
+    from .conftest import CONF
+
+    for path in sorted((CONF / "task").glob("*.yaml")):
+        cfg = compose_cfg([f"task={path.stem}"])
+        t = cfg.task
+        assert t.name == path.stem, path
+        metrics = list(t.metrics)
+        splits = list(t.eval_splits)
+        names = metrics if len(splits) == 1 else [f"{m}_{s}" for s in splits for m in metrics]
+        assert t.main_metric in names + ["loss"], path
+        if t.kind == "classification" and t.get("labels"):
+            assert len(set(t.labels)) == len(t.labels)
+        assert OmegaConf.select(cfg, "train.lr") is not None

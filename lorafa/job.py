@@ -7,6 +7,7 @@ error, not as an exception, so a sweep keeps going and its table is still writte
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -72,6 +73,9 @@ def run(cfg: DictConfig) -> dict:
     row.update(results.provenance(cfg, device))
     row["wall_time_s"] = time.perf_counter() - started
     results.write_row(row, out_dir)
+    gc.collect()  # the next job of a sweep runs in this process: hand back what this one held
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     log.info("%s %s %s: %s %s=%s", row["model"], row["method"], row["task"], row["status"],
              row.get("metric"), row.get("score"))
     return row

@@ -49,7 +49,8 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def git_state(path: Path | None = None) -> tuple[str, bool]:
-    """(commit sha, dirty?) of the checkout holding the lorafa package; ("unknown", True) outside git."""
+    """(commit sha, dirty?) of the checkout holding the lorafa package. Outside git (e.g. a copy of the tree
+    shipped to a GPU host) LORAFA_GIT_SHA / LORAFA_GIT_DIRTY say it; else ("unknown", True)."""
     where = str(path or Path(__file__).resolve().parent)
     try:
         sha = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -58,7 +59,7 @@ def git_state(path: Path | None = None) -> tuple[str, bool]:
                                 capture_output=True, text=True, timeout=10, check=True).stdout
         return sha, bool(status.strip())
     except (OSError, subprocess.SubprocessError):
-        return "unknown", True
+        return os.environ.get("LORAFA_GIT_SHA", "unknown"), os.environ.get("LORAFA_GIT_DIRTY", "1") != "0"
 
 
 def device_name(device) -> str:

@@ -40,9 +40,9 @@ def pick_device(name: str) -> torch.device:
 
 def identity(cfg: DictConfig) -> dict:
     """The columns that say which job a row is, known before anything runs."""
-    alias = cfg.model.get("alias") or models.source_of(cfg.model).rstrip("/").split("/")[-1]
-    return {"model": alias, "family": cfg.model.get("family") or "", "method": cfg.method.name,
-            "task": cfg.task.name, "seed": int(cfg.seed), "rank": int(cfg.method.rank),
+    return {"model": models.alias_of(cfg.model), "family": cfg.model.get("family") or "",
+            "method": cfg.method.name, "task": cfg.task.name, "metric": str(cfg.task.main_metric),
+            "seed": int(cfg.seed), "rank": int(cfg.method.rank),
             "alpha": float(cfg.method.alpha), "dropout": float(cfg.method.dropout),
             "batch_size": int(cfg.train.batch_size), "grad_accum": int(cfg.train.grad_accum),
             "seq_len": int(cfg.task.max_seq_len), "lr": float(cfg.train.lr), "init": cfg.model.init,
@@ -58,12 +58,14 @@ def run(cfg: DictConfig) -> dict:
     row = {**identity(cfg), "status": "ok", "error": ""}
     memory = measure.Memory()
     try:
-        row.update(_train_and_evaluate(cfg, device, memory))
+        row.update(_train_and_evaluate(cfg, device, memory, row))
     except Diverged as err:
         row.update(status="diverged", error=str(err))
     except torch.cuda.OutOfMemoryError as err:
-        row.update(status="oom", error=str(err).splitlines()[0],
-                   mem_at_failure_gib=(measure.allocated(device) or 0) / measure.GIB)
+        row.update(status="oom", error=str(err).splitlines()[0])
+        if device.type == "cuda":  # how far it got
+            memory.allocator["peak"] = torch.cuda.max_memory_allocated(device)
+            row["mem_at_failure_gib"] = torch.cuda.memory_allocated(device) / measure.GIB
     except Exception as err:  # noqa: BLE001 - an expected failure is a row, the traceback a file beside it
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
         (out_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
@@ -76,18 +78,23 @@ def run(cfg: DictConfig) -> dict:
     gc.collect()  # the next job of a sweep runs in this process: hand back what this one held
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    log.info("%s %s %s: %s %s=%s", row["model"], row["method"], row["task"], row["status"],
-             row.get("metric"), row.get("score"))
+    log.info("%s × %s × %s: %s %s=%.4g | activations %.3f GiB, peak %.3f GiB | %.0f tokens/s | %s",
+             row["model"], row["method"], row["task"], row["status"], row["metric"], row.get("score", float("nan")),
+             row.get("mem_activations_gib", float("nan")), row.get("mem_peak_gib", float("nan")),
+             row.get("tokens_per_s", float("nan")), out_dir / results.ROW_FILE)
     return row
 
 
-def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.Memory) -> dict:
+def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.Memory, row: dict) -> dict:
+    """Returns the result columns; fills `memory` and `row` as facts become known, so a failure keeps them."""
     seed_everything(int(cfg.seed))
     data = tasks.load_data(cfg.task)
     tokenizer = None if data.kind == "synthetic" else models.load_tokenizer(cfg.model)
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
     net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype)
     applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"))
+    row.update(family=net.family, trainable_params=applied.trainable_params, total_params=applied.total_params,
+               adapted_layers=len(applied.targets))
     memory.weights = measure.weight_bytes(net.model)
     if device.type == "cuda":
         memory.allocator["build"] = torch.cuda.memory_allocated(device)
@@ -110,14 +117,11 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.M
     if "loss" not in final:  # several eval splits (MNLI m/mm): eval_loss is their example-weighted mean
         sizes = {ev.name: len(ev.features) for ev in evalsets}
         final["loss"] = sum(final[f"loss_{n}"] * k for n, k in sizes.items()) / sum(sizes.values())
-    metric = str(cfg.task.main_metric)
+    metric = row["metric"]
     if metric not in final:
         raise KeyError(f"task.main_metric={metric!r} is not among the computed metrics {sorted(final)}")
-    return {"family": net.family, "metric": metric, "score": final[metric],
-            **{f"eval_{k}": v for k, v in final.items()},
-            **memory.columns(), **throughput.columns(),
-            "trainable_params": applied.trainable_params, "total_params": applied.total_params,
-            "adapted_layers": len(applied.targets), "train_steps": history.steps,
+    return {"score": final[metric], **{f"eval_{k}": v for k, v in final.items()},
+            **memory.columns(), **throughput.columns(), "train_steps": history.steps,
             "epochs_completed": history.epochs_completed, "train_examples": len(train_features),
             "final_train_loss": history.losses[-1], "loss_curve": history.losses,
             "eval_history": json.dumps(history.evals, default=float)}

@@ -61,6 +61,11 @@ def source_of(mcfg: DictConfig) -> str:
     return str(ref)
 
 
+def alias_of(mcfg: DictConfig) -> str:
+    """`model.alias`, else the last component of the directory or hub id (`/ckpt/my-bert` → `my-bert`)."""
+    return mcfg.get("alias") or re.split(r"[/\\]", source_of(mcfg).rstrip("/\\"))[-1]
+
+
 def load_config(mcfg: DictConfig):
     """The transformers config: from `model.arch` for random init, else from the checkpoint (local or hub)."""
     from transformers import AutoConfig
@@ -107,8 +112,7 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
     if family == "encoder":  # everything beside the pretrained body (e.g. `roberta`) is the fresh task head
         heads = [n for n, m in model.named_children()
                  if n != model.base_model_prefix and any(True for _ in m.parameters())]
-    alias = mcfg.get("alias") or re.split(r"[/\\]", source_of(mcfg).rstrip("/\\"))[-1]
-    return Network(model=model, family=family, alias=alias, head_modules=heads)
+    return Network(model=model, family=family, alias=alias_of(mcfg), head_modules=heads)
 
 
 def load_tokenizer(mcfg: DictConfig):

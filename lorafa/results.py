@@ -111,7 +111,7 @@ def collect(sweep_dir: str | Path, *, write: bool = True) -> pd.DataFrame:
     for path in sorted(sweep_dir.rglob(ROW_FILE)):
         try:
             frames.append(pd.read_parquet(path).assign(job_dir=str(path.parent.relative_to(sweep_dir))))
-        except Exception as err:  # a corrupted or foreign file: say which, keep the rest
+        except Exception as err:  # noqa: BLE001 - a corrupted or foreign file: say which, keep the rest
             warnings.warn(f"skipping unreadable result {path}: {type(err).__name__}: {err}", stacklevel=2)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if write:

@@ -250,7 +250,7 @@ class Poser:
             return list(self.data.labels)
         lo, hi = self.tcfg.label_range
         step = float(self.tcfg.get("label_step", 0.2))
-        return [f"{lo + i * step:.1f}" for i in range(int(round((hi - lo) / step)) + 1)]
+        return [f"{lo + i * step:.1f}" for i in range(round((hi - lo) / step) + 1)]
 
     def verbalise(self, label) -> str:
         if self.data.kind == "classification":

@@ -18,14 +18,14 @@ pytestmark = pytest.mark.slow
 
 def _run(args, cwd, env=None, timeout=600):
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True, check=False,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     return proc, time.perf_counter() - started
 
 
 def test_readme_quickstart_runs_offline_in_under_two_minutes(tmp_path):
     readme = (ROOT / "README.md").read_text()
-    assert re.search(r"^python run\.py$", readme, re.M), "the README must show the bare `python run.py`"
+    assert re.search(r"^python run\.py$", readme, re.MULTILINE), "the README must show the bare `python run.py`"
     proc, seconds = _run([], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row_file,) = list((tmp_path / "outputs").rglob("result.parquet"))

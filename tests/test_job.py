@@ -118,3 +118,43 @@ def test_hub_unreachable_is_a_failed_row_with_the_local_path_hint(cfg_factory, o
     assert row["status"] == "failed"
     assert "model.path=" in row["error"] and "task.data_files.train=" in row["error"]
     assert row["wall_time_s"] < 10 and row["model"] == "roberta-base" and row["config_hash"]
+
+
+def test_gradient_accumulation_matches_the_larger_batch(cfg_factory):
+    """bs 4 × accum 2 and bs 8 × accum 1 see the same examples per step: same loss curve (no dropout)."""
+    no_dropout = ("model.arch.hidden_dropout_prob=0", "model.arch.attention_probs_dropout_prob=0", "method=full")
+    small = ("task.max_train_samples=48", "task.max_eval_samples=8", "train.max_steps=4")
+    a = run(cfg_factory(*no_dropout, *small, "train.batch_size=4", "train.grad_accum=2"))
+    b = run(cfg_factory(*no_dropout, *small, "train.batch_size=8", "train.grad_accum=1"))
+    assert a["status"] == b["status"] == "ok"
+    assert a["loss_curve"] == pytest.approx(b["loss_curve"], rel=1e-4)
+    assert a["samples_per_s"] * a["step_time_s"] == pytest.approx(8)
+
+
+def test_eval_after_each_epoch_and_at_the_end(cfg_factory):
+    row = run(cfg_factory("task.max_train_samples=32", "task.max_eval_samples=8", "train.batch_size=8",
+                          "train.epochs=2"))
+    import json
+
+    history = json.loads(row["eval_history"])
+    assert [h["step"] for h in history] == [4, 8] and [h["epoch"] for h in history] == [1, 2]
+    assert row["epochs_completed"] == 2 and row["score"] == history[-1]["accuracy"]
+
+
+def test_nan_loss_stops_the_job_as_diverged(cfg_factory):
+    row = run(cfg_factory("+model.arch.initializer_range=1e30", *SMALL))  # overflowing weights: NaN at once
+    assert row["status"] == "diverged", row["error"]
+    assert row["error"] == "training loss is nan at step 0"
+    assert row["trainable_params"] > 0 and row["family"] == "encoder"  # what was known before is kept
+
+
+def test_out_of_memory_becomes_a_row(cfg_factory, monkeypatch):
+    import torch
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB.")
+
+    monkeypatch.setattr("lorafa.job.fit", oom)
+    row = run(cfg_factory(*SMALL))
+    assert row["status"] == "oom" and row["error"].startswith("CUDA out of memory")
+    assert row["mem_weights_gib"] > 0  # what was measured before the failure is kept

@@ -180,3 +180,24 @@ def test_every_task_config_composes_with_consistent_metrics():
         if t.kind == "classification" and t.get("labels"):
             assert len(set(t.labels)) == len(t.labels)
         assert OmegaConf.select(cfg, "train.lr") is not None
+
+
+def test_hub_dataset_path_maps_columns(monkeypatch):
+    """The hub branch (datasets.load_dataset) with the network faked: columns and splits as for local files."""
+    import datasets
+
+    from lorafa import sources
+
+    calls = []
+
+    def fake_load(path, name=None, split=None):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict({"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [1, 0],
+                                           "idx": [0, 1]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr(sources, "hub_reachable", lambda: True)
+    data = tasks.load_data(compose_cfg(["task=glue_mrpc"]).task)
+    assert calls == [("nyu-mll/glue", "mrpc", "train"), ("nyu-mll/glue", "mrpc", "validation")]
+    assert data.splits["validation"].to_dict("list") == {"text": ["a", "b"], "text_pair": ["c", "d"], "label": [1, 0]}
+    assert data.labels == ["not_equivalent", "equivalent"]

@@ -52,6 +52,7 @@ def identity(cfg: DictConfig) -> dict:
 def run(cfg: DictConfig) -> dict:
     """Run one job and write its row to `cfg.output_dir/result.parquet`; returns the row."""
     started = time.perf_counter()
+    results.git_state()  # pin the commit now: the tree may change while a long sweep runs
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)

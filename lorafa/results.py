@@ -10,6 +10,7 @@ whether the tree was dirty, the package versions and the device. At the end of a
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -48,9 +49,11 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
 def git_state(path: Path | None = None) -> tuple[str, bool]:
     """(commit sha, dirty?) of the checkout holding the lorafa package. Outside git (e.g. a copy of the tree
-    shipped to a GPU host) LORAFA_GIT_SHA / LORAFA_GIT_DIRTY say it; else ("unknown", True)."""
+    shipped to a GPU host) LORAFA_GIT_SHA / LORAFA_GIT_DIRTY say it; else ("unknown", True).
+    Read once per process, at the first job's start: the code a sweep runs is the code it imported then."""
     where = str(path or Path(__file__).resolve().parent)
     try:
         sha = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,

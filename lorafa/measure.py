@@ -100,24 +100,28 @@ class SavedTensorMeter:
 
 @dataclass
 class Memory:
-    """The memory split of a job, in bytes, plus the CUDA allocator's readings by phase (CUDA only)."""
+    """The memory split of a job, in bytes (None until measured), plus the CUDA allocator's readings by phase."""
 
-    weights: int = 0
-    grads: int = 0
-    optimizer: int = 0
-    activations: int = 0
-    allocator: dict[str, int] = field(default_factory=dict)  # build, after_step, peak (CUDA only)
+    weights: int | None = None
+    grads: int | None = None
+    optimizer: int | None = None
+    activations: int | None = None
+    allocator: dict[str, int] = field(default_factory=dict)  # build, after_step, fwd_bwd_peak, peak (CUDA only)
 
     @property
-    def peak(self) -> int:
+    def peak(self) -> int | None:
         if "peak" in self.allocator:
             return self.allocator["peak"]
-        return self.weights + self.grads + self.optimizer + self.activations
+        parts = (self.weights, self.grads, self.optimizer, self.activations)
+        return None if None in parts else sum(parts)
 
     def columns(self) -> dict[str, float]:
-        cols = {f"mem_{k}_gib": v / GIB for k, v in
-                (("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
-                 ("activations", self.activations), ("peak", self.peak))}
+        """mem_*_gib columns; NaN for what was not measured (a job that failed before its first step)."""
+        def gib(v):
+            return float("nan") if v is None else v / GIB
+
+        cols = {f"mem_{k}_gib": gib(getattr(self, k)) for k in ("weights", "grads", "optimizer", "activations",
+                                                                 "peak")}
         cols["mem_source"] = "cuda_allocator" if "peak" in self.allocator else "tensor_accounting"
         cols.update({f"alloc_{k}_gib": v / GIB for k, v in self.allocator.items()})
         return cols

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from transformers import get_linear_schedule_with_warmup
 
 from . import measure
 from .tasks import Poser, collate, compute_metrics
@@ -113,8 +114,6 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     optimizer = make_optimizer(model, tcfg)
     steps = total_steps(len(train_features), tcfg)
     warmup = int(tcfg.warmup_steps) if tcfg.get("warmup_steps") else math.ceil(float(tcfg.warmup_ratio) * steps)
-    from transformers import get_linear_schedule_with_warmup
-
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     history = History()

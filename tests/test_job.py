@@ -118,6 +118,7 @@ def test_hub_unreachable_is_a_failed_row_with_the_local_path_hint(cfg_factory, o
     assert row["status"] == "failed"
     assert "model.path=" in row["error"] and "task.data_files.train=" in row["error"]
     assert row["wall_time_s"] < 10 and row["model"] == "roberta-base" and row["config_hash"]
+    assert math.isnan(row["mem_peak_gib"])  # nothing ran: not measured, not zero
 
 
 def test_gradient_accumulation_matches_the_larger_batch(cfg_factory):

@@ -63,3 +63,11 @@ def test_throughput_leaves_out_warmup_steps():
     assert cols["timed_steps"] == 2
     assert cols["tokens_per_s"] == 20 / t.seconds and cols["samples_per_s"] == 2 / t.seconds
     assert measure.Throughput(torch.device("cpu"), 5).columns()["timed_steps"] == 0
+
+
+def test_unmeasured_memory_is_nan_not_zero():
+    import math
+
+    cols = measure.Memory(weights=1024).columns()
+    assert cols["mem_weights_gib"] == 1024 / measure.GIB
+    assert all(math.isnan(cols[f"mem_{k}_gib"]) for k in ("grads", "optimizer", "activations", "peak"))

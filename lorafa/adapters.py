@@ -80,7 +80,3 @@ def inject(model: nn.Module, names: list[str], *, rank: int, alpha: float, dropo
         setattr(parent, child, layer)
         added[name] = layer
     return added
-
-
-def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}

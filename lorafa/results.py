@@ -49,7 +49,7 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def git_state(path: Path | None = None) -> tuple[str, bool]:
     """(commit sha, dirty?) of the checkout holding the lorafa package. Outside git (e.g. a copy of the tree
     shipped to a GPU host) LORAFA_GIT_SHA / LORAFA_GIT_DIRTY say it; else ("unknown", True).

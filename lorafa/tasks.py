@@ -381,12 +381,3 @@ def poser_for(family: str, data: TaskData, tcfg: DictConfig, tokenizer=None, *, 
     if data.kind == "synthetic":
         return SyntheticPoser(data, tcfg, family, vocab_size, seed)
     return POSERS[family](data, tcfg, tokenizer)
-
-
-def metric_names(tcfg: DictConfig) -> list[str]:
-    """Column-level metric names: `accuracy`, or `accuracy_m`, `accuracy_mm` with several eval splits (MNLI)."""
-    splits = list(tcfg.get("eval_splits") or {})
-    base = list(tcfg.get("metrics") or [])
-    if len(splits) <= 1:
-        return base
-    return [f"{m}_{s}" for s in splits for m in base]

@@ -31,21 +31,91 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return d_in, d_out
 
 
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a rank-r update; `train_a=False` makes it a LoRA-FA layer."""
+def _dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The inverted-dropout mask (0 or 1/(1-p)) that `seed` draws for a tensor like `like`: the same mask
+    every time it is asked for, on any device, without touching the global random state."""
+    g = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.empty_like(like).bernoulli_(1.0 - p, generator=g).div_(1.0 - p)
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, train_a: bool = True):
+
+class _LoRAFAFunction(torch.autograd.Function):
+    """A LoRA-FA layer in one autograd node, for when W, b and A are all frozen:
+
+        h = s · (m ⊙ x) Aᵀ        (N × r; m the dropout mask, all ones without dropout)
+        y = x Wᵀ + b + h Bᵀ
+        dB = dyᵀ h,   dx = dy W + m ⊙ (s · (dy B) A)
+
+    It saves h and, with dropout, one integer seed from which backward draws m again — never a full-width
+    tensor, and no mask (eager autograd would keep dropout's N × d_in mask, one byte an element, per layer).
+    Regenerating costs one more Bernoulli draw per adapted layer in backward. Under gradient checkpointing the
+    recomputed forward draws the same seed, since checkpointing restores the random state it started from.
+    Under autocast the forward's matmuls autocast as usual and backward computes in the dtype of dy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed: int):
+        xa = x * _dropout_mask(x, p, seed) if p > 0 else x
+        h = nn.functional.linear(xa, lora_a) * scaling
+        del xa
+        y = nn.functional.linear(x, weight, bias) + nn.functional.linear(h, lora_b)
+        ctx.save_for_backward(h, weight, lora_a, lora_b)
+        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight, lora_a, lora_b = ctx.saved_tensors
+        dx = db = None
+        if ctx.needs_input_grad[4]:
+            db = dy.reshape(-1, dy.shape[-1]).t() @ h.reshape(-1, h.shape[-1]).to(dy.dtype)
+        if ctx.needs_input_grad[0]:
+            through_adapter = ((dy @ lora_b.to(dy.dtype)) * ctx.scaling) @ lora_a.to(dy.dtype)
+            if ctx.p > 0:
+                through_adapter.mul_(_dropout_mask(through_adapter, ctx.p, ctx.seed))
+            dx = (dy @ weight.to(dy.dtype)).add_(through_adapter)
+        return dx, None, None, None, db, None, None, None
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a rank-r update; `train_a=False` makes it a LoRA-FA layer.
+
+    `init_a`: `kaiming` (Kaiming-uniform, as LoRA and PEFT) or `orthogonal` (orthonormal rows).
+    `precondition_b` (LoRA-FA v2, PEFT's `create_lorafa_optimizer`): B's gradient is multiplied by
+    (A Aᵀ)⁻¹ / s², which makes the update of ΔW = s·BA the closest one to the full fine-tuning gradient that a
+    B-only update can be. A never changes, so the r × r inverse is computed once, at the first backward.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, train_a: bool = True,
+                 init_a: str = "kaiming", precondition_b: bool = False):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"rank must be > 0, got {rank}")
         self.base = base
-        self.rank, self.scaling = rank, alpha / rank
+        self.rank, self.scaling, self.p = rank, alpha / rank, float(dropout)
         self.in_features, self.out_features = linear_dims(base)
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw), requires_grad=train_a)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init, and PEFT's
+        if init_a == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init, and PEFT's
+        elif init_a == "orthogonal":
+            nn.init.orthogonal_(self.lora_A)
+        else:
+            raise ValueError(f"init_a={init_a!r}: expected kaiming or orthogonal")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._b_preconditioner = None
+        if precondition_b:
+            if train_a:
+                raise ValueError("precondition_b assumes A frozen (LoRA-FA); it does not apply with train_a")
+            self.lora_B.register_hook(self._precondition)
+
+    def _precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        if self._b_preconditioner is None or self._b_preconditioner.device != grad.device:
+            a = self.lora_A.detach().double()
+            eye = torch.eye(self.rank, dtype=a.dtype, device=a.device)
+            # pinv(A Aᵀ + δI) / s², δ = 1e-8 as in PEFT's LoraFAOptimizer
+            self._b_preconditioner = (torch.linalg.pinv(a @ a.t() + 1e-8 * eye) / self.scaling**2).float()
+        return grad @ self._b_preconditioner.to(grad.dtype)
 
     # Model code reads these off its linear layers (T5 checks `wo.weight.dtype`): answer for the base layer.
     @property
@@ -56,18 +126,30 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight as d_out × d_in (Conv1D stores it transposed; `.t()` is a view, not a copy)."""
+        return self.base.weight if isinstance(self.base, nn.Linear) else self.base.weight.t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = not (self.lora_A.requires_grad or self.base.weight.requires_grad
+                      or (self.base.bias is not None and self.base.bias.requires_grad))
+        if frozen and torch.is_grad_enabled():
+            p = self.p if self.training else 0.0
+            seed = int(torch.randint(0, 2**62, (1,))) if p > 0 else 0  # from the seeded global generator
+            return _LoRAFAFunction.apply(x, self._base_weight(), self.base.bias, self.lora_A, self.lora_B,
+                                         self.scaling, p, seed)
+        # LoRA (A trains) or a trainable base: plain autograd, which keeps x for dA and dropout's mask.
         # Scale the N × r product, not the N × d_out one: fewer flops, and a multiply by a Python scalar saves
         # nothing for backward.
         h = (self.dropout(x) @ self.lora_A.t()) * self.scaling
         return self.base(x) + h @ self.lora_B.t()
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scaling={self.scaling:g}, train_a={self.lora_A.requires_grad}"
+        return f"rank={self.rank}, scaling={self.scaling:g}, dropout={self.p}, train_a={self.lora_A.requires_grad}"
 
 
-def inject(model: nn.Module, names: list[str], *, rank: int, alpha: float, dropout: float,
-           train_a: bool) -> dict[str, LoRALinear]:
+def inject(model: nn.Module, names: list[str], *, rank: int, alpha: float, dropout: float, train_a: bool,
+           init_a: str = "kaiming", precondition_b: bool = False) -> dict[str, LoRALinear]:
     """Replace each named linear layer of `model` by a LoRALinear wrapping it; returns the new modules by name."""
     added = {}
     for name in names:
@@ -76,7 +158,7 @@ def inject(model: nn.Module, names: list[str], *, rank: int, alpha: float, dropo
         base = getattr(parent, child)
         if not is_linear(base):
             raise TypeError(f"{name} is {type(base).__name__}, not nn.Linear")
-        layer = LoRALinear(base, rank, alpha, dropout, train_a)
+        layer = LoRALinear(base, rank, alpha, dropout, train_a, init_a=init_a, precondition_b=precondition_b)
         setattr(parent, child, layer)
         added[name] = layer
     return added

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import measure, methods, models, results, tasks
-from .train import Diverged, EvalSet, fit
+from .train import Diverged, EvalSet, fit, frozen_weight_dtype
 
 log = logging.getLogger(__name__)
 TRACEBACK_FILE = "traceback.txt"
@@ -93,9 +93,10 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.M
     tokenizer = None if data.kind == "synthetic" else models.load_tokenizer(cfg.model)
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
     net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype)
-    applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"))
+    frozen_dtype = frozen_weight_dtype(cfg.train, device)
+    applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype)
     row.update(family=net.family, trainable_params=applied.trainable_params, total_params=applied.total_params,
-               adapted_layers=len(applied.targets))
+               adapted_layers=len(applied.targets), frozen_dtype=str(frozen_dtype or dtype).removeprefix("torch."))
     memory.weights = measure.weight_bytes(net.model)
     if device.type == "cuda":
         memory.allocator["build"] = torch.cuda.memory_allocated(device)

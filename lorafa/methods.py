@@ -1,18 +1,25 @@
 """A fine-tuning method is data (`conf/method/*.yaml`) read by the one function here.
 
-| method  | rank | train_base | train_a | trained parameters                          |
-|---------|------|------------|---------|---------------------------------------------|
-| full    | 0    | true       | –       | every weight                                |
-| lora    | r    | false      | true    | A and B of each adapted layer (+ task head) |
-| lorafa  | r    | false      | false   | B of each adapted layer (+ task head)       |
+| method    | rank | train_base | train_a | precondition_b | trained parameters                          |
+|-----------|------|------------|---------|----------------|---------------------------------------------|
+| full      | 0    | true       | –       | –              | every weight                                |
+| lora      | r    | false      | true    | false          | A and B of each adapted layer (+ task head) |
+| lorafa    | r    | false      | false   | false          | B of each adapted layer (+ task head)       |
+| lorafa_v2 | r    | false      | false   | true           | B, its gradient times (A Aᵀ)⁻¹ / s²         |
 
-A new method is a new config file, not a new branch: e.g. LoRA with a trainable base is `train_base: true`.
+Any method also takes `gradient_checkpointing: true` (recompute each block's activations in backward) and
+`init_a: kaiming | orthogonal`. A new method is a new config file, not a new branch in the code.
+
+Frozen weights can be held in a lower precision (`frozen_dtype`, bf16 under CUDA autocast by default): they take
+half the memory, and autocast no longer makes — and saves for backward — a bf16 copy of each of them per matmul.
+Trained parameters stay in fp32 (mixed precision).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from omegaconf import DictConfig
 
 from . import adapters
@@ -26,7 +33,8 @@ class Applied:
     total_params: int
 
 
-def apply(net: Network, method: DictConfig, target_presets=None) -> Applied:
+def apply(net: Network, method: DictConfig, target_presets=None, *,
+          frozen_dtype: torch.dtype | None = None) -> Applied:
     """Set what trains in `net.model` according to `method`, adding adapters where `method.rank > 0`."""
     model = net.model
     for p in model.parameters():
@@ -35,9 +43,18 @@ def apply(net: Network, method: DictConfig, target_presets=None) -> Applied:
     if method.rank > 0:
         names = resolve_targets(model, method.targets, target_presets)
         adapters.inject(model, names, rank=int(method.rank), alpha=float(method.alpha),
-                        dropout=float(method.dropout), train_a=bool(method.train_a))
+                        dropout=float(method.dropout), train_a=bool(method.train_a),
+                        init_a=str(method.get("init_a", "kaiming")),
+                        precondition_b=bool(method.get("precondition_b", False)))
     if method.get("train_head", True):  # a fresh classification head is trained by every method
         for head in net.head_modules:
             model.get_submodule(head).requires_grad_(True)
+    if frozen_dtype is not None:
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(frozen_dtype)
+    if method.get("gradient_checkpointing", False):
+        # non-reentrant: works with frozen inputs and keeps the random state for dropout and LoRA-FA's masks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_params(model)
     return Applied(targets=names, trainable_params=trainable, total_params=total)

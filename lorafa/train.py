@@ -50,6 +50,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+def frozen_weight_dtype(tcfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    """`train.frozen_dtype`: auto = the autocast dtype (frozen weights need no fp32 master copy), else as named."""
+    name = str(tcfg.get("frozen_dtype", "auto"))
+    if name == "auto":
+        return autocast_dtype(tcfg.precision, device)
+    return getattr(torch, name)
+
+
 def make_optimizer(model: nn.Module, tcfg: DictConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():

@@ -114,3 +114,144 @@ def test_methods_are_data(method, trainable):
     applied = methods.apply(net, cfg, {"qv": ["query", "value"]})
     assert applied.trainable_params == trainable
     assert len(applied.targets) == (0 if method["rank"] == 0 else 4)
+
+
+# ----------------------------------------------------------------- exactness against a float64 reference
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("train_a", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradients_equal_a_float64_reference_with_the_same_dropout_mask(train_a, p):
+    """dx, dB (and dA for LoRA) against plain autograd on the formula, same mask, float64, rel. error < 1e-10."""
+    layer = _layer(train_a=train_a, dropout=p)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 9, 12, dtype=torch.float64)
+    torch.manual_seed(123)
+    layer(x).backward(dy)
+
+    # the mask the layer used: LoRA-FA draws a seed from the global generator, LoRA's nn.Dropout a Bernoulli
+    torch.manual_seed(123)
+    if p == 0:
+        mask = torch.ones_like(x)
+    elif train_a:
+        mask = nn.functional.dropout(torch.ones_like(x), p)
+    else:
+        mask = adapters._dropout_mask(x, p, int(torch.randint(0, 2**62, (1,))))
+    xr = x.detach().clone().requires_grad_(True)
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    y = xr @ layer.base.weight.T + layer.base.bias + layer.scaling * ((xr * mask) @ A.T) @ B.T
+    y.backward(dy)
+    assert _rel(x.grad, xr.grad) < 1e-10
+    assert _rel(layer.lora_B.grad, B.grad) < 1e-10
+    if train_a:
+        assert _rel(layer.lora_A.grad, A.grad) < 1e-10
+    else:
+        assert layer.lora_A.grad is None
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_saved_bytes_lorafa_exactly_n_r_lora_full_width(p):
+    """Beyond the frozen layer (which saves nothing but its weight): LoRA-FA saves N·r elements, dropout or not;
+    LoRA saves the full-width input too (and, with dropout, its 1-byte mask)."""
+    n, d_in, rank = 64, 32, 4
+    x = torch.randn(n, d_in, requires_grad=True)
+    saved = {}
+    for train_a in (False, True):
+        layer = _layer(train_a=train_a, d_in=d_in, d_out=24, rank=rank, dropout=p, dtype=torch.float32)
+        with measure.SavedTensorMeter(layer) as meter:
+            layer(x)
+        saved[train_a] = meter.bytes
+    assert saved[False] == n * rank * 4
+    lora_extra = saved[True] - n * rank * 4 - n * d_in * 4  # beyond h and the (dropped-out) input
+    if p == 0:
+        assert lora_extra == 0
+    else:  # dropout's mask: 1 byte an element on CUDA (bool), 4 on CPU (a float noise tensor)
+        assert lora_extra in (n * d_in, n * d_in * 4)
+
+
+def test_lorafa_dropout_mask_is_fresh_each_step_and_off_in_eval():
+    layer = _layer(train_a=False, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    y1, y2 = layer(x), layer(x)
+    assert not torch.equal(y1, y2)  # a new seed each call
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    expected = x @ layer.base.weight.T + layer.base.bias + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_orthogonal_init_and_unknown_init():
+    layer = adapters.LoRALinear(nn.Linear(16, 8), rank=4, alpha=4, train_a=False, init_a="orthogonal")
+    torch.testing.assert_close(layer.lora_A @ layer.lora_A.T, torch.eye(4), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="init_a='xavier'"):
+        adapters.LoRALinear(nn.Linear(16, 8), rank=4, alpha=4, init_a="xavier")
+
+
+def test_a_is_bit_identical_after_training_a_whole_model():
+    from lorafa import models
+
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg(["model=tiny-llama", "method=lorafa", "method.dropout=0.1"])
+    net = models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32)
+    methods.apply(net, cfg.method, cfg.model.target_modules)
+    before = {n: p.detach().clone() for n, p in net.model.named_parameters() if n.endswith("lora_A")}
+    assert len(before) == 14
+    opt = torch.optim.AdamW([p for p in net.model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        ids = torch.randint(5, 4096, (2, 16))
+        net.model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = dict(net.model.named_parameters())
+    assert all(torch.equal(after[n], a) for n, a in before.items())
+    assert any(after[n.replace("lora_A", "lora_B")].abs().sum() > 0 for n in before)
+
+
+# ----------------------------------------------------------------------- LoRA-FA v2 against PEFT's optimizer
+def test_lorafa_v2_matches_peft_lorafa_optimizer_step_for_step(monkeypatch):
+    """Same net, same A, same data: B after each AdamW step equals PEFT's LoraFAOptimizer's (rtol 1e-5).
+
+    PEFT's optimizer is AdamW in transformers' old convention (eps added to sqrt(v) before bias correction,
+    decay after the update); ours is torch's AdamW. With eps → 0 and no decay the two conventions coincide, so
+    what is compared is the LoRA-FA v2 gradient (A Aᵀ)⁻¹ g / s². PEFT rounds that product to bf16 when bf16 is
+    available; it is made to compute it in float32 here, as we do.
+    """
+    peft = pytest.importorskip("peft")
+    import peft.optimizers.lorafa as peft_lorafa
+
+    monkeypatch.setattr(peft_lorafa, "is_bf16_available", lambda: False)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+    peft_model = peft.get_peft_model(_clone(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    ours = _clone(base).requires_grad_(False)
+    layers = adapters.inject(ours, ["0", "2"], rank=4, alpha=8, dropout=0.0, train_a=False, precondition_b=True)
+    for name, layer in layers.items():  # start from PEFT's A (and its zero B)
+        layer.lora_A.data.copy_(peft_model.base_model.model.get_submodule(name).lora_A["default"].weight)
+    opt_peft = peft.optimizers.create_lorafa_optimizer(peft_model, r=4, lora_alpha=8, lr=1e-2)
+    for group in opt_peft.param_groups:
+        group["eps"] = 1e-16
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2, eps=1e-16,
+                                 weight_decay=0.0)
+    for step in range(5):
+        x = torch.randn(32, 12)
+        for model, opt in ((peft_model, opt_peft), (ours, opt_ours)):
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        for name, layer in layers.items():
+            theirs = peft_model.base_model.model.get_submodule(name).lora_B["default"].weight
+            torch.testing.assert_close(layer.lora_B, theirs, rtol=1e-5, atol=1e-7, msg=f"{name} step {step}")
+
+
+def _clone(module):
+    import copy
+
+    return copy.deepcopy(module)

@@ -31,6 +31,12 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return d_in, d_out
 
 
+@torch.compiler.disable  # eager under torch.compile too: compiled and eager runs draw the same masks
+def _draw_seed() -> int:
+    """A dropout seed from the global CPU generator, so `seed` in the config decides every mask."""
+    return int(torch.randint(0, 2**62, (1,)))
+
+
 def _dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The inverted-dropout mask (0 or 1/(1-p)) that `seed` draws for a tensor like `like`: the same mask
     every time it is asked for, on any device, without touching the global random state."""
@@ -135,7 +141,7 @@ class LoRALinear(nn.Module):
                       or (self.base.bias is not None and self.base.bias.requires_grad))
         if frozen and torch.is_grad_enabled():
             p = self.p if self.training else 0.0
-            seed = int(torch.randint(0, 2**62, (1,))) if p > 0 else 0  # from the seeded global generator
+            seed = _draw_seed() if p > 0 else 0
             return _LoRAFAFunction.apply(x, self._base_weight(), self.base.bias, self.lora_A, self.lora_B,
                                          self.scaling, p, seed)
         # LoRA (A trains) or a trainable base: plain autograd, which keeps x for dA and dropout's mask.

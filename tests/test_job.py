@@ -159,3 +159,31 @@ def test_out_of_memory_becomes_a_row(cfg_factory, monkeypatch):
     row = run(cfg_factory(*SMALL))
     assert row["status"] == "oom" and row["error"].startswith("CUDA out of memory")
     assert row["mem_weights_gib"] > 0  # what was measured before the failure is kept
+
+
+def test_gradient_checkpointing_same_losses_less_activation_memory(cfg_factory):
+    common = ("model=tiny-llama", "method=lorafa", "method.dropout=0.1", *SMALL)
+    plain = run(cfg_factory(*common))
+    ckpt = run(cfg_factory(*common, "method.gradient_checkpointing=true"))
+    assert plain["status"] == ckpt["status"] == "ok"
+    assert ckpt["loss_curve"] == pytest.approx(plain["loss_curve"], rel=1e-5)  # same dropout masks, recomputed
+    assert ckpt["mem_activations_gib"] < plain["mem_activations_gib"]
+
+
+def test_lorafa_v2_runs_with_lorafa_memory(cfg_factory):
+    v1, v2 = (run(cfg_factory(f"method={m}", *SMALL)) for m in ("lorafa", "lorafa_v2"))
+    assert v1["status"] == v2["status"] == "ok"
+    assert v2["mem_activations_gib"] == v1["mem_activations_gib"]
+    assert v2["trainable_params"] == v1["trainable_params"]
+    assert v2["loss_curve"][0] == v1["loss_curve"][0] and v2["loss_curve"][1:] != v1["loss_curve"][1:]
+
+
+def test_frozen_weights_in_the_compute_dtype(cfg_factory):
+    """bf16 autocast (here on CPU): frozen weights held in bf16 halve their bytes and stop autocast's copies."""
+    common = ("model=tiny-llama", "method=lorafa", "task=synthetic", "train.max_steps=1", "train.precision=bf16")
+    fp32 = run(cfg_factory(*common, "train.frozen_dtype=float32"))
+    bf16 = run(cfg_factory(*common))  # frozen_dtype=auto → the autocast dtype
+    assert fp32["status"] == bf16["status"] == "ok"
+    assert bf16["frozen_dtype"] == "bfloat16" and fp32["frozen_dtype"] == "float32"
+    assert bf16["mem_weights_gib"] < 0.6 * fp32["mem_weights_gib"]
+    assert bf16["mem_activations_gib"] < fp32["mem_activations_gib"]

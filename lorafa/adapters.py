@@ -168,3 +168,59 @@ def inject(model: nn.Module, names: list[str], *, rank: int, alpha: float, dropo
         setattr(parent, child, layer)
         added[name] = layer
     return added
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+# PEFT's task types for the three families (they decide which PeftModel class loads the adapter)
+PEFT_TASK_TYPES = {"encoder": "SEQ_CLS", "encoder-decoder": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM"}
+
+
+def save_peft(model: nn.Module, out_dir, *, family: str, base_model: str | None = None,
+              modules_to_save: list[str] | tuple = ()):
+    """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), so that
+    `peft.PeftModel.from_pretrained(base, out_dir)` loads them; a trained task head goes in `modules_to_save`."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no adapters to save")
+    first = next(iter(layers.values()))
+    prefix = "base_model.model."
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{prefix}{name}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous()
+        tensors[f"{prefix}{name}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous()
+    for head in modules_to_save:
+        for pname, p in model.get_submodule(head).named_parameters():
+            tensors[f"{prefix}{head}.{pname}"] = p.detach().float().cpu().contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[family], "base_model_name_or_path": base_model,
+        "r": first.rank, "lora_alpha": first.scaling * first.rank, "lora_dropout": first.p,
+        "target_modules": sorted(layers), "modules_to_save": list(modules_to_save) or None,
+        "fan_in_fan_out": all(not isinstance(m.base, nn.Linear) for m in layers.values()),
+        "bias": "none", "init_lora_weights": True, "use_rslora": False, "inference_mode": True,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += s·B·A, computed in fp32) and put the plain layer back:
+    the result is an ordinary transformers model, for `save_pretrained` and export."""
+    for name, layer in lora_layers(model).items():
+        delta = layer.scaling * (layer.lora_B.float() @ layer.lora_A.float())  # d_out × d_in
+        weight = layer.base.weight
+        weight.add_((delta if isinstance(layer.base, nn.Linear) else delta.t()).to(weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+    return model

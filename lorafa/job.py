@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from . import measure, methods, models, results, tasks
+from . import adapters, measure, methods, models, results, tasks
 from .train import Diverged, EvalSet, fit, frozen_weight_dtype
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,11 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.M
     history = fit(net.model, poser, train_features, evalsets, cfg=cfg, device=device, pad_id=pad_id,
                   memory=memory, throughput=throughput)
 
+    if cfg.train.get("save_adapter") and applied.targets:
+        row["adapter_dir"] = str(adapters.save_peft(net.model, Path(cfg.output_dir) / "adapter", family=net.family,
+                                                    base_model=models.source_of(cfg.model)
+                                                    if cfg.model.init == "pretrained" else None,
+                                                    modules_to_save=net.head_modules))
     final = {k: v for k, v in history.evals[-1].items() if k not in ("epoch", "step")}
     if "loss" not in final:  # several eval splits (MNLI m/mm): eval_loss is their example-weighted mean
         sizes = {ev.name: len(ev.features) for ev in evalsets}

@@ -187,3 +187,14 @@ def test_frozen_weights_in_the_compute_dtype(cfg_factory):
     assert bf16["frozen_dtype"] == "bfloat16" and fp32["frozen_dtype"] == "float32"
     assert bf16["mem_weights_gib"] < 0.6 * fp32["mem_weights_gib"]
     assert bf16["mem_activations_gib"] < fp32["mem_activations_gib"]
+
+
+def test_save_adapter_writes_peft_files(cfg_factory):
+    row = run(cfg_factory(*SMALL, "train.save_adapter=true"))
+    assert row["status"] == "ok", row["error"]
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(row["adapter_dir"]) / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS" and len(config["target_modules"]) == 12
+    assert config["modules_to_save"] == ["classifier"]

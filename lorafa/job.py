@@ -96,7 +96,9 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.M
     frozen_dtype = frozen_weight_dtype(cfg.train, device)
     applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype)
     row.update(family=net.family, trainable_params=applied.trainable_params, total_params=applied.total_params,
-               adapted_layers=len(applied.targets), frozen_dtype=str(frozen_dtype or dtype).removeprefix("torch."))
+               adapted_layers=len(applied.targets),
+               frozen_dtype=str(frozen_dtype or dtype).removeprefix("torch.")
+               if applied.total_params > applied.trainable_params else "none")
     memory.weights = measure.weight_bytes(net.model)
     if device.type == "cuda":
         memory.allocator["build"] = torch.cuda.memory_allocated(device)

@@ -1,20 +1,24 @@
-"""Low-rank adapters on nn.Linear layers: LoRA (A and B trained) and LoRA-FA (A frozen at its random init).
+"""Low-rank adapters on linear layers: LoRA (A and B trained) and LoRA-FA (A frozen at its random init).
 
     y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ        A: r × d_in (Kaiming-uniform), B: d_out × r (zero), s = α / r
 
-The layout (A: r × d_in, B: d_out × r) is PEFT's, so `lora_A`/`lora_B` map one-to-one onto a PEFT adapter.
+The layout (A: r × d_in, B: d_out × r) is PEFT's, so `lora_A`/`lora_B` map one-to-one onto a PEFT adapter;
+`save_peft` writes PEFT's files and `merge` folds the adapters into the base weights.
 
-Why LoRA-FA saves memory: autograd saves a matmul's input only if the other operand needs a gradient. With A
-trainable, `dropout(x) @ Aᵀ` must keep the full-width N × d_in input for dA. With A frozen it keeps nothing for
-that product (dx needs only A, a parameter), and `h @ Bᵀ` keeps only h = s · dropout(x) Aᵀ, N × r. The base
-`x @ Wᵀ` keeps nothing either, since W is frozen. A dropout > 0 still keeps its N × d_in mask (1 byte/element).
+Why LoRA-FA saves memory: with A trainable, backward needs the full-width N × d_in input of every adapted layer
+(for dA). With W, b and A frozen, the only thing backward needs is h = s·dropout(x)Aᵀ, N × r (for dB); dx needs
+only the weights. Eager autograd gets close to that by itself but still keeps dropout's N × d_in mask; the
+LoRA-FA layer here is one autograd node (`_LoRAFAFunction`) that keeps exactly h, and redraws the mask.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 
@@ -182,11 +186,6 @@ def save_peft(model: nn.Module, out_dir, *, family: str, base_model: str | None 
               modules_to_save: list[str] | tuple = ()):
     """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), so that
     `peft.PeftModel.from_pretrained(base, out_dir)` loads them; a trained task head goes in `modules_to_save`."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no adapters to save")

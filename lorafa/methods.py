@@ -6,8 +6,10 @@
 | lora      | r    | false      | true    | false          | A and B of each adapted layer (+ task head) |
 | lorafa    | r    | false      | false   | false          | B of each adapted layer (+ task head)       |
 | lorafa_v2 | r    | false      | false   | true           | B, its gradient times (A Aᵀ)⁻¹ / s²         |
+| frozen    | 0    | false      | –       | –              | only the task head; backward still runs through every block to the input embeddings (`input_grads`): the activation memory any adapter method must at least pay |
 
-Any method also takes `gradient_checkpointing: true` (recompute each block's activations in backward) and
+Any method also takes `gradient_checkpointing: true` (recompute each block's activations in backward),
+`recompute: elementwise` (recompute dropout masks, norms and activation functions only; `lorafa.recompute`) and
 `init_a: kaiming | orthogonal`. A new method is a new config file, not a new branch in the code.
 
 Frozen weights can be held in a lower precision (`frozen_dtype`, bf16 under CUDA autocast by default): they take
@@ -23,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import adapters
+from . import recompute as recomputed
 from .models import Network, count_params, resolve_targets
 
 
@@ -53,6 +56,13 @@ def apply(net: Network, method: DictConfig, target_presets=None, *,
         for p in model.parameters():
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(frozen_dtype)
+    if method.get("input_grads", False):  # backprop through the frozen network to its input embeddings
+        model.enable_input_require_grads()
+    recompute = str(method.get("recompute", "none"))
+    if recompute == "elementwise":
+        recomputed.enable(model)
+    elif recompute != "none":
+        raise ValueError(f"method.recompute={recompute!r}: expected none or elementwise")
     if method.get("gradient_checkpointing", False):
         # non-reentrant: works with frozen inputs and keeps the random state for dropout and LoRA-FA's masks
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -58,11 +58,15 @@ def frozen_weight_dtype(tcfg: DictConfig, device: torch.device) -> torch.dtype |
     return getattr(torch, name)
 
 
-def make_optimizer(model: nn.Module, tcfg: DictConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, tcfg: DictConfig) -> torch.optim.Optimizer | None:
+    """AdamW over the trainable parameters; None when nothing trains (`method=frozen` on a model without a
+    task head: backward runs, for its memory, and no step is taken)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)  # biases and LayerNorm/RMSNorm weights: no decay
+    if not decay and not no_decay:
+        return None
     groups = [{"params": decay, "weight_decay": float(tcfg.weight_decay)},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(tcfg.lr),
@@ -122,7 +126,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     optimizer = make_optimizer(model, tcfg)
     steps = total_steps(len(train_features), tcfg)
     warmup = int(tcfg.warmup_steps) if tcfg.get("warmup_steps") else math.ceil(float(tcfg.warmup_ratio) * steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps) if optimizer else None
     generator = torch.Generator().manual_seed(int(cfg.seed))
     history = History()
     aligned = poser.family == "decoder"
@@ -170,17 +174,18 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
                 memory.allocator[f"fwd_bwd_peak_step{step}"] = torch.cuda.max_memory_allocated(device)
             if not math.isfinite(loss_sum):
                 raise Diverged(f"training loss is {loss_sum} at step {step}")
-            if tcfg.get("max_grad_norm"):
+            if tcfg.get("max_grad_norm") and optimizer:
                 nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            if optimizer:
+                optimizer.step()
+                scheduler.step()
             if step == 0:
-                memory.optimizer = measure.optimizer_bytes(optimizer)
+                memory.optimizer = measure.optimizer_bytes(optimizer) if optimizer else 0
                 if device.type == "cuda":
                     memory.allocator["after_step"] = torch.cuda.memory_allocated(device)
             if device.type == "cuda" and measured:
                 memory.allocator[f"peak_step{step}"] = torch.cuda.max_memory_allocated(device)
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             throughput.stop(tokens, samples)
             history.losses.append(loss_sum / len(group))
             history.steps += 1

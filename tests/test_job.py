@@ -198,3 +198,21 @@ def test_save_adapter_writes_peft_files(cfg_factory):
     config = json.loads((Path(row["adapter_dir"]) / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS" and len(config["target_modules"]) == 12
     assert config["modules_to_save"] == ["classifier"]
+
+
+@pytest.mark.parametrize("model", ["tiny-roberta", "tiny-t5", "tiny-llama"])
+def test_frozen_model_is_the_activation_lower_bound(cfg_factory, model):
+    common = (f"model={model}", "task=synthetic", "task.max_seq_len=32", "task.target_len=16", "train.batch_size=4",
+              "train.max_steps=2", "train.measure_warmup_steps=0")
+    frozen = run(cfg_factory(*common, "method=frozen"))
+    lorafa = run(cfg_factory(*common, "method=lorafa"))
+    lora = run(cfg_factory(*common, "method=lora"))
+    assert frozen["status"] == lorafa["status"] == lora["status"] == "ok"
+    head = {"tiny-roberta": frozen["trainable_params"], "tiny-t5": 0, "tiny-llama": 0}[model]
+    assert frozen["trainable_params"] == head and (head > 0) == (model == "tiny-roberta")
+    if head == 0:  # nothing to optimise: backward runs for its memory, no optimizer state
+        assert frozen["mem_optimizer_gib"] == 0 and frozen["mem_grads_gib"] == 0
+    # LoRA-FA keeps what the frozen network keeps (give or take the first block, whose input needs no grad
+    # under LoRA-FA) plus N × r per adapted layer; LoRA keeps every adapted layer's input on top
+    assert lorafa["mem_activations_gib"] == pytest.approx(frozen["mem_activations_gib"], rel=0.05)
+    assert lora["mem_activations_gib"] > 1.1 * frozen["mem_activations_gib"]

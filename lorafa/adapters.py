@@ -37,8 +37,12 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
 
 @torch.compiler.disable  # eager under torch.compile too: compiled and eager runs draw the same masks
 def _draw_seed() -> int:
-    """A dropout seed from the global CPU generator, so `seed` in the config decides every mask."""
-    return int(torch.randint(0, 2**62, (1,)))
+    """A dropout seed from the global CPU generator, so `seed` in the config decides every mask. A real draw
+    also under fake tensors (`lorafa.memory.predict`): the seed is a Python int either way."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return int(torch.randint(0, 2**62, (1,)))
 
 
 def _dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:

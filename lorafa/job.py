@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from . import adapters, measure, methods, models, results, tasks
-from .train import Diverged, EvalSet, fit, frozen_weight_dtype
+from . import adapters, measure, memory, methods, models, results, tasks
+from .train import Diverged, EvalSet, autocast_dtype, fit, frozen_weight_dtype
 
 log = logging.getLogger(__name__)
 TRACEBACK_FILE = "traceback.txt"
@@ -44,6 +44,8 @@ def identity(cfg: DictConfig) -> dict:
             "method": cfg.method.name, "task": cfg.task.name, "metric": str(cfg.task.main_metric),
             "seed": int(cfg.seed), "rank": int(cfg.method.rank),
             "alpha": float(cfg.method.alpha), "dropout": float(cfg.method.dropout),
+            "gradient_checkpointing": bool(cfg.method.get("gradient_checkpointing", False)),
+            "recompute": str(cfg.method.get("recompute", "none")),
             "batch_size": int(cfg.train.batch_size), "grad_accum": int(cfg.train.grad_accum),
             "seq_len": int(cfg.task.max_seq_len), "lr": float(cfg.train.lr), "init": cfg.model.init,
             "precision": cfg.train.precision}
@@ -57,22 +59,24 @@ def run(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     row = {**identity(cfg), "status": "ok", "error": ""}
-    memory = measure.Memory()
+    memory_split = measure.Memory()
     try:
-        row.update(_train_and_evaluate(cfg, device, memory, row))
+        row.update(_train_and_evaluate(cfg, device, memory_split, row))
     except Diverged as err:
         row.update(status="diverged", error=str(err))
     except torch.cuda.OutOfMemoryError as err:
         row.update(status="oom", error=str(err).splitlines()[0])
         if device.type == "cuda":  # how far it got
-            memory.allocator["peak"] = torch.cuda.max_memory_allocated(device)
+            memory_split.allocator["peak"] = torch.cuda.max_memory_allocated(device)
             row["mem_at_failure_gib"] = torch.cuda.memory_allocated(device) / measure.GIB
     except Exception as err:  # noqa: BLE001 - an expected failure is a row, the traceback a file beside it
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
         (out_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
         log.error("job failed: %s", row["error"])
     if row["status"] != "ok":
-        row.update(memory.columns())  # what was measured before the failure
+        row.update(memory_split.columns())  # what was measured before the failure
+        for k in memory.PARTS:
+            row.setdefault(f"pred_mem_{k}_gib", float("nan"))
     row.update(results.provenance(cfg, device))
     row["wall_time_s"] = time.perf_counter() - started
     results.write_row(row, out_dir)
@@ -86,8 +90,28 @@ def run(cfg: DictConfig) -> dict:
     return row
 
 
-def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.Memory, row: dict) -> dict:
-    """Returns the result columns; fills `memory` and `row` as facts become known, so a failure keeps them."""
+def _prediction(cfg: DictConfig, device: torch.device, net, num_labels: int, features: list[dict]) -> dict:
+    """`lorafa.memory.predict` for this job (pred_mem_*_gib), made before training starts. T5 targets: the longest
+    training target (the measured steps use shorter ones when the batch has no longest target). A failed
+    prediction is NaN columns and `pred_error`, never a failed job."""
+    target_len = None
+    if net.family == "encoder-decoder":
+        target_len = int(cfg.task.get("target_len") or 0) if cfg.task.get("kind") == "synthetic" else 0
+        target_len = target_len or max(len(f["labels"]) for f in features)
+    amp = autocast_dtype(cfg.train.precision, device)
+    try:  # the dry run draws dropout seeds: leave the job's random stream as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            pred = memory.predict_job(cfg, device, num_labels=num_labels, target_len=target_len, amp=amp,
+                                      frozen_dtype=frozen_weight_dtype(cfg.train, device))
+        return {**pred.columns(), "pred_error": ""}
+    except Exception as err:  # noqa: BLE001 - a prediction is a side product: the job goes on
+        log.warning("memory prediction failed: %s: %s", type(err).__name__, err)
+        return {**{f"pred_mem_{k}_gib": float("nan") for k in memory.PARTS},
+                "pred_error": f"{type(err).__name__}: {err}"}
+
+
+def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memory, row: dict) -> dict:
+    """Returns the result columns; fills `mem` and `row` as facts become known, so a failure keeps them."""
     seed_everything(int(cfg.seed))
     data = tasks.load_data(cfg.task)
     tokenizer = None if data.kind == "synthetic" else models.load_tokenizer(cfg.model)
@@ -99,9 +123,9 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.M
                adapted_layers=len(applied.targets),
                frozen_dtype=str(frozen_dtype or dtype).removeprefix("torch.")
                if applied.total_params > applied.trainable_params else "none")
-    memory.weights = measure.weight_bytes(net.model)
+    mem.weights = measure.weight_bytes(net.model)
     if device.type == "cuda":
-        memory.allocator["build"] = torch.cuda.memory_allocated(device)
+        mem.allocator["build"] = torch.cuda.memory_allocated(device)
 
     poser = tasks.poser_for(net.family, data, cfg.task, tokenizer, vocab_size=net.model.config.vocab_size,
                             seed=int(cfg.seed))
@@ -113,9 +137,10 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.M
         train_features = poser.encode(data.splits["train"])
         evalsets = [EvalSet(name, poser.encode(data.splits[name]), data.splits[name]["label"].to_numpy())
                     for name in cfg.task.eval_splits]
+    row.update(_prediction(cfg, device, net, data.num_labels, train_features))
     throughput = measure.Throughput(device, int(cfg.train.measure_warmup_steps))
     history = fit(net.model, poser, train_features, evalsets, cfg=cfg, device=device, pad_id=pad_id,
-                  memory=memory, throughput=throughput)
+                  memory=mem, throughput=throughput)
 
     if cfg.train.get("save_adapter") and applied.targets:
         row["adapter_dir"] = str(adapters.save_peft(net.model, Path(cfg.output_dir) / "adapter", family=net.family,
@@ -130,7 +155,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, memory: measure.M
     if metric not in final:
         raise KeyError(f"task.main_metric={metric!r} is not among the computed metrics {sorted(final)}")
     return {"score": final[metric], **{f"eval_{k}": v for k, v in final.items()},
-            **memory.columns(), **throughput.columns(), "train_steps": history.steps,
+            **mem.columns(), **throughput.columns(), "train_steps": history.steps,
             "epochs_completed": history.epochs_completed, "train_examples": len(train_features),
             "final_train_loss": history.losses[-1], "loss_curve": history.losses,
             "eval_history": json.dumps(history.evals, default=float)}

@@ -15,6 +15,7 @@ Three families, told apart from the checkpoint's own config, each with the head 
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -80,10 +81,11 @@ def load_config(mcfg: DictConfig):
     return sources.from_hub("model config", AutoConfig.from_pretrained, ref)
 
 
-def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtype: torch.dtype) -> Network:
-    """Build the network for a task with `num_labels` outputs (1 = regression; ignored by LM-headed families)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
-
+def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtype: torch.dtype,
+          weights: bool = True) -> Network:
+    """Build the network for a task with `num_labels` outputs (1 = regression; ignored by LM-headed families).
+    `weights=False` builds the architecture only (random init, whatever `model.init` says): what
+    `lorafa.memory.predict` runs on fake tensors."""
     if mcfg.init not in ("pretrained", "random"):
         raise ValueError(f"model.init={mcfg.init!r}: expected pretrained or random")
     config = load_config(mcfg)
@@ -93,10 +95,8 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
     if family == "encoder":
         config.num_labels = num_labels
         config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    cls = {"encoder": AutoModelForSequenceClassification, "encoder-decoder": AutoModelForSeq2SeqLM,
-           "decoder": AutoModelForCausalLM}[family]
-
-    if mcfg.init == "random":
+    cls = model_class(family)
+    if mcfg.init == "random" or not weights:
         with torch.device(device):  # allocate and initialise on the GPU: seconds for 7B, not minutes on CPU
             model = cls.from_config(config, dtype=dtype)
     else:
@@ -108,11 +108,44 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
         model = load(ref) if sources.is_local(ref) else sources.from_hub("model weights", load, ref)
         model = model.to(device)
 
+    fuse_relative_position_bias(model)
     heads = []
     if family == "encoder":  # everything beside the pretrained body (e.g. `roberta`) is the fresh task head
         heads = [n for n, m in model.named_children()
                  if n != model.base_model_prefix and any(True for _ in m.parameters())]
     return Network(model=model, family=family, alias=alias_of(mcfg), head_modules=heads)
+
+
+def model_class(family: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    return {"encoder": AutoModelForSequenceClassification, "encoder-decoder": AutoModelForSeq2SeqLM,
+            "decoder": AutoModelForCausalLM}[family]
+
+
+def _fused_compute_bias(self, *args, **kwargs):
+    bias = self._lorafa_compute_bias(*args, **kwargs).contiguous()
+    device_type = bias.device.type
+    if torch.is_autocast_enabled(device_type):
+        bias = bias.to(torch.get_autocast_dtype(device_type))
+    return bias
+
+
+def fuse_relative_position_bias(model: nn.Module) -> int:
+    """Let T5's self-attention use a fused SDPA kernel. transformers builds T5's relative position bias with a
+    `permute`, so its last dimension is strided; CUDA's fused kernels (memory-efficient attention, which takes an
+    additive bias and dropout) require stride 1 and a bias in the query's dtype, so every T5 self-attention fell
+    back to SDPA's math path, which upcasts to fp32 and keeps the b·h·s·s scores, probabilities and dropout mask
+    for backward (≈ 2/3 of t5-large's activation memory at 32×128, for every method). A contiguous bias in the
+    autocast dtype gives the same attention from the fused kernel. Returns the number of layers changed."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, "has_relative_attention_bias", False) and hasattr(m, "compute_bias") \
+                and not hasattr(m, "_lorafa_compute_bias"):
+            m._lorafa_compute_bias = m.compute_bias
+            m.compute_bias = types.MethodType(_fused_compute_bias, m)
+            n += 1
+    return n
 
 
 def load_tokenizer(mcfg: DictConfig):

@@ -32,7 +32,8 @@ NON_SEMANTIC_KEYS = ("output_dir",)
 REQUIRED_COLUMNS = [
     "model", "family", "method", "task", "seed", "status", "error", "rank", "batch_size", "seq_len", "metric", "score",
     "eval_loss", "mem_weights_gib", "mem_grads_gib", "mem_optimizer_gib", "mem_activations_gib", "mem_peak_gib",
-    "tokens_per_s", "samples_per_s", "step_time_s", "trainable_params", "total_params", "device", "torch_version",
+    "pred_mem_weights_gib", "pred_mem_grads_gib", "pred_mem_optimizer_gib", "pred_mem_activations_gib",
+    "pred_mem_peak_gib", "tokens_per_s", "samples_per_s", "step_time_s", "trainable_params", "total_params", "device", "torch_version",
     "transformers_version", "git_sha", "git_dirty", "config_hash", "wall_time_s",
 ]
 SUMMARY_COLUMNS = ["model", "method", "task", "seed", "status", "metric", "score", "trainable_params",

@@ -11,8 +11,8 @@ from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from lorafa import recompute
 from lorafa.adapters import _dropout_mask
-from lorafa.measure import SavedTensorMeter
 from lorafa.job import run
+from lorafa.measure import SavedTensorMeter
 
 
 def _grads(module, x, dy):

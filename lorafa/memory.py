@@ -1,0 +1,177 @@
+"""Predict a run's memory before it starts: `predict(...)` dry-runs two training steps on fake tensors.
+
+    from lorafa.memory import predict
+    p = predict(model_cfg, method_cfg, batch_size=8, seq_len=1024, device="cuda")   # allocates nothing
+    p.columns()   # {'pred_mem_weights_gib': ..., 'pred_mem_activations_gib': ..., 'pred_mem_peak_gib': ...}
+
+The model is built from its config alone (no weights are read) inside PyTorch's `FakeTensorMode`: every tensor
+carries shape, dtype and device but no storage, so a 7B model "builds" in seconds on any machine. The method is
+applied by the same code path as a real job (`lorafa.methods.apply`: adapters, frozen-weight dtype, recomputation,
+checkpointing), and two optimizer steps run on a synthetic batch of exactly batch_size × seq_len under the same
+autocast as the job. What is counted is what `lorafa.measure` measures on a real run:
+
+- weights, gradients and optimizer state: the distinct storages of parameters and buffers, of `.grad` after the
+  first backward, and of AdamW's state after the first step;
+- activations: the bytes autograd saves during one forward, through the same saved-tensor hooks, each storage
+  once, parameters excluded — the bytes of exactly the tensors the real code would save, whatever the model,
+  the transformers version or the attention kernel the device picks;
+- peak: on CUDA, the most bytes alive at once during the two steps (every storage created, freed when its last
+  reference dies: what the caching allocator's `max_memory_allocated` reads, less workspace and block rounding);
+  elsewhere the sum of the four parts, as the CPU rows define it.
+
+What it does not see: cuBLAS/cuDNN workspaces, allocator rounding and fragmentation, and memory of other
+processes. Predicting a CUDA run needs a CUDA build of PyTorch (a GPU need not be present for the fake build, but
+the attention kernel choice queries the device, so predictions for CUDA are made on the GPU host in practice).
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from . import methods, models
+from .measure import GIB
+
+PARTS = ("weights", "grads", "optimizer", "activations", "peak")
+
+
+@dataclass
+class Prediction:
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    peak: int
+
+    def columns(self) -> dict[str, float]:
+        return {f"pred_mem_{k}_gib": getattr(self, k) / GIB for k in PARTS}
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata  # the StorageImpl: the same for every view, unique while it lives
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages alive at once (each created storage counted until it is freed) and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._sizes:
+            return
+        n = storage.nbytes()
+        self._sizes[key] = n
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+
+def _distinct_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            seen[_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _batch(family: str, batch_size: int, seq_len: int, target_len: int | None, num_labels: int,
+           device: torch.device) -> dict:
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+    if family == "encoder":
+        labels = (torch.zeros(batch_size, device=device) if num_labels == 1
+                  else torch.zeros(batch_size, dtype=torch.long, device=device))
+    elif family == "encoder-decoder":
+        labels = torch.zeros(batch_size, target_len or seq_len, dtype=torch.long, device=device)
+    else:
+        labels = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+    # no attention mask: full-length sequences, as the measured steps of synthetic batches
+    return {"input_ids": ids, "labels": labels}
+
+
+def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, seq_len: int,
+            target_len: int | None = None, num_labels: int = 2, device: str | torch.device = "cpu",
+            amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None,
+            param_dtype: torch.dtype = torch.float32, lr: float = 1e-4, max_grad_norm: float | None = 1.0,
+            ) -> Prediction:
+    """Memory of a training job with this model config (`conf/model/*`), method (`conf/method/*`), batch and
+    sequence length, autocast dtype (`amp`) and frozen-weight dtype; see the module docstring."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    device = torch.device(device)
+    tracker = _LiveBytes()
+    with FakeTensorMode(allow_non_fake_inputs=True), tracker:
+        net = models.build(model_cfg, num_labels=num_labels, device=device, dtype=param_dtype, weights=False)
+        methods.apply(net, method_cfg, model_cfg.get("target_modules"), frozen_dtype=frozen_dtype)
+        model = net.model
+        model.train()
+        weights = _distinct_bytes(list(model.parameters()) + list(model.buffers()))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # the optimizer the job builds (AdamW, foreach where the device has the kernels, as torch's default)
+        optimizer = torch.optim.AdamW(trainable, lr=lr, foreach=device.type == "cuda") if trainable else None
+        batch = _batch(net.family, batch_size, seq_len, target_len, num_labels, device)
+        excluded = {_key(t) for t in list(model.parameters()) + list(model.buffers())}
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and _key(t) not in excluded:
+                saved.setdefault(_key(t), t.untyped_storage().nbytes())
+            return t
+
+        grads = opt_bytes = 0
+        peaks = []
+        for step in range(2):
+            tracker.reset_peak()
+            hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else nullcontext()
+            with hooks, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
+                loss = model(**batch).loss
+            loss.backward()
+            del loss
+            if step == 0:
+                grads = _distinct_bytes(p.grad for p in trainable if p.grad is not None)
+            if optimizer is not None:
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+                optimizer.step()
+                if step == 0:
+                    opt_bytes = _distinct_bytes(v for st in optimizer.state.values() for v in st.values())
+            model.zero_grad(set_to_none=True)
+            peaks.append(tracker.peak)
+        activations = sum(saved.values())
+    if device.type == "cuda":
+        peak = max(peaks)
+    else:
+        peak = weights + grads + opt_bytes + activations
+    return Prediction(weights=weights, grads=grads, optimizer=opt_bytes, activations=activations, peak=peak)
+
+
+def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, target_len: int | None = None,
+                amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None) -> Prediction:
+    """`predict` for a composed job config: its model, method, batch size and `task.max_seq_len`."""
+    dtype = getattr(torch, cfg.model.get("dtype") or "float32")
+    return predict(cfg.model, cfg.method, batch_size=int(cfg.train.batch_size), seq_len=int(cfg.task.max_seq_len),
+                   target_len=target_len, num_labels=num_labels, device=device, amp=amp, frozen_dtype=frozen_dtype,
+                   param_dtype=dtype, lr=float(cfg.train.lr), max_grad_norm=cfg.train.get("max_grad_norm"))

@@ -52,9 +52,12 @@ def config_hash(cfg: DictConfig) -> str:
 
 @functools.cache
 def git_state(path: Path | None = None) -> tuple[str, bool]:
-    """(commit sha, dirty?) of the checkout holding the lorafa package. Outside git (e.g. a copy of the tree
-    shipped to a GPU host) LORAFA_GIT_SHA / LORAFA_GIT_DIRTY say it; else ("unknown", True).
-    Read once per process, at the first job's start: the code a sweep runs is the code it imported then."""
+    """(commit sha, dirty?) of the code that runs. LORAFA_GIT_SHA / LORAFA_GIT_DIRTY, when set, say it (a copy of
+    the tree shipped to a GPU host may carry a stale .git); else the checkout holding the lorafa package; else
+    ("unknown", True). Read once per process, at the first job's start: the code a sweep runs is the code it
+    imported then."""
+    if os.environ.get("LORAFA_GIT_SHA"):
+        return os.environ["LORAFA_GIT_SHA"], os.environ.get("LORAFA_GIT_DIRTY", "1") != "0"
     where = str(path or Path(__file__).resolve().parent)
     try:
         sha = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -63,7 +66,7 @@ def git_state(path: Path | None = None) -> tuple[str, bool]:
                                 capture_output=True, text=True, timeout=10, check=True).stdout
         return sha, bool(status.strip())
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("LORAFA_GIT_SHA", "unknown"), os.environ.get("LORAFA_GIT_DIRTY", "1") != "0"
+        return "unknown", True
 
 
 def device_name(device) -> str:

@@ -13,8 +13,8 @@ model run as autograd nodes that keep less (the output values are the same as th
 | `nn.ReLU`                                 | its output (2 B/element in bf16)       | a bool mask (1 B/element)      |
 
 GELU and LayerNorm are left alone: backward needs their input, which is what they keep. The cost is one extra
-element-wise pass (and one Bernoulli draw per dropout) in backward; `lorafa.bench`-style measurements of the
-trade-off are in `results/memory.parquet`. Dropout masks come from `lorafa.adapters._dropout_mask` and are drawn
+element-wise pass (and one Bernoulli draw per dropout) in backward; the memory/speed trade-off at real scale
+is measured in `results/memory.parquet` (`experiments/memory.py`). Dropout masks come from `lorafa.adapters._dropout_mask` and are drawn
 from a seed taken from the global generator, so runs stay reproducible under `seed`; the masks differ from
 `nn.Dropout`'s own stream (same distribution). Recomputation composes with gradient checkpointing.
 """

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 # model → (batch_size, seq_len, adapter dropout, extra overrides): the settings
 SETTINGS = {
+    "roberta-base": (32, 128, 0.1, []),
     "roberta-large": (32, 128, 0.1, []),
     "t5-large": (32, 128, 0.0, ["task.target_len=128"]),
     "llama-7b": (8, 1024, 0.0, []),
@@ -55,7 +56,7 @@ COLUMNS = ["model", "variant", "method", "gradient_checkpointing", "recompute", 
 
 def overrides_for(model: str, variant: str, device: str, steps: int) -> list[str]:
     bs, seq, dropout, extra = SETTINGS[model]
-    return [f"model={model}", "model.init=random", "task=synthetic", f"task.max_seq_len={seq}", "task.num_eval=8",
+    return ["experiment=memory", f"model={model}", "model.init=random", "task=synthetic", f"task.max_seq_len={seq}", "task.num_eval=8",
             f"train.batch_size={bs}", "train.eval_batch_size=8", f"train.max_steps={steps}",
             "train.measure_warmup_steps=3", f"device={device}", *extra, *VARIANTS[variant],
             # every adapter method: its config's r = 8 on all linear layers; the adapter dropout as the setting says
@@ -64,7 +65,7 @@ def overrides_for(model: str, variant: str, device: str, steps: int) -> list[str
 
 def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["roberta-large", "t5-large", "llama-7b"])
+    parser.add_argument("--models", nargs="+", default=["roberta-base", "roberta-large", "t5-large", "llama-7b"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per job (3 are warm-up)")

@@ -32,6 +32,13 @@ class HubUnavailable(RuntimeError):
                          + OFFLINE_HINT)
 
 
+def experiments_root() -> str:
+    """The folder that holds `experiments/`: the checkout this package runs from (an editable install, or the
+    source tree), else the working directory (a non-editable install run from a checkout)."""
+    checkout = ASSETS.parents[1]
+    return str(checkout if (checkout / "experiments").is_dir() else Path.cwd())
+
+
 def asset(relative: str) -> str:
     """Absolute path of a file shipped in `lorafa/assets` (the `${asset:...}` resolver in the configs)."""
     path = ASSETS / relative

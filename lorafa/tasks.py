@@ -9,7 +9,8 @@ models, and its official metrics. Examples are normalised to columns `text`, `te
   time by the log-likelihood of each candidate label (label scoring, so every prediction is a valid label).
 - decoder (LLaMA): the same input, then "\\nAnswer:" → " positive"; loss on the answer only; label scoring.
 
-`synthetic` makes random token batches of an exact size for memory and speed at real scale (metric: loss).
+`translation` (WMT16 En-Ro) poses text → target text to T5: teacher-forced loss, greedy generation at eval time,
+corpus BLEU (sacrebleu). `synthetic` makes random token batches of an exact size for memory and speed at real scale (metric: loss).
 """
 
 from __future__ import annotations
@@ -57,8 +58,21 @@ def _spearman(y, p):
     return spearmanr(y, p)[0] if np.std(p) > 0 else float("nan")
 
 
+def _bleu(y, p):
+    """Corpus BLEU of detokenised text (sacrebleu's defaults: 13a tokenisation, case-sensitive), 0–100."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu([str(t) for t in p], [[str(t) for t in y]]).score
+
+
+def _chrf(y, p):
+    import sacrebleu
+
+    return sacrebleu.corpus_chrf([str(t) for t in p], [[str(t) for t in y]]).score
+
+
 METRICS = {"accuracy": _accuracy, "f1": _f1, "matthews_corr": _matthews, "pearson": _pearson,
-           "spearman": _spearman}
+           "spearman": _spearman, "bleu": _bleu, "chrf": _chrf}
 
 
 def compute_metrics(names, references, predictions) -> dict[str, float]:
@@ -74,7 +88,7 @@ class TaskData:
     """Normalised examples of one task: frames with text, [text_pair], label."""
 
     name: str
-    kind: str  # classification | regression | synthetic
+    kind: str  # classification | regression | translation | synthetic
     splits: dict[str, pd.DataFrame]  # "train" and the eval splits, keyed by eval name
     labels: list[str] | None  # class names in index order (classification)
 
@@ -119,8 +133,11 @@ def _load_hub_split(tcfg: DictConfig, split: str) -> pd.DataFrame:
 
 
 def _normalise(frame: pd.DataFrame, tcfg: DictConfig, where: str) -> pd.DataFrame:
-    """Rename the task's columns to text / text_pair / label (local files may use either naming)."""
+    """Rename the task's columns to text / text_pair / label (local files may use either naming). A `translation`
+    column of {language: sentence} records (the hub's WMT layout) is first spread into one column per language."""
     columns = OmegaConf.to_container(tcfg.columns, resolve=True)
+    if "translation" in frame.columns and len(frame) and isinstance(frame["translation"].iloc[0], dict):
+        frame = pd.concat([frame.drop(columns="translation"), pd.DataFrame(frame["translation"].tolist())], axis=1)
     out = {}
     for canonical in ("text", "text_pair", "label"):
         source = columns.get(canonical) or canonical
@@ -138,6 +155,9 @@ def load_data(tcfg: DictConfig) -> TaskData:
     kind = tcfg.kind
     if kind == "synthetic":
         return TaskData(tcfg.name, kind, {}, None)
+    if kind == "instruction":
+        raise NotImplementedError(f"task {tcfg.name}: instruction tuning with MMLU evaluation through lm-eval is not "
+                                  "implemented yet (issue 'LLaMA: instruction tuning, MMLU through lm-eval')")
     eval_splits = OmegaConf.to_container(tcfg.eval_splits, resolve=True)
     wanted = {"train": "train", **eval_splits}
     files = {k: str(v) for k, v in (tcfg.get("data_files") or {}).items() if v}  # any local file: all local
@@ -166,8 +186,11 @@ def load_data(tcfg: DictConfig) -> TaskData:
     elif kind == "regression":
         for frame in splits.values():
             frame["label"] = frame["label"].astype(float)
+    elif kind == "translation":
+        for frame in splits.values():
+            frame["label"] = frame["label"].astype(str)
     else:
-        raise ValueError(f"task.kind={kind!r}: expected classification, regression or synthetic")
+        raise ValueError(f"task.kind={kind!r}: expected classification, regression, translation or synthetic")
     return TaskData(tcfg.name, kind, splits, labels)
 
 
@@ -284,16 +307,26 @@ class Seq2SeqPoser(Poser):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.candidates = [self.tok(w)["input_ids"] for w in self.label_words()]
+        self.generates = self.data.kind == "translation"
+        self.target_len = int(self.tcfg.get("target_len") or self.max_len)
+        self.candidates = [] if self.generates else [self.tok(w)["input_ids"] for w in self.label_words()]
 
     def encode(self, frame):
         rows = frame.to_dict("records")
         inputs = self.tok([self.prompt(r) for r in rows], truncation=True, max_length=self.max_len)["input_ids"]
-        targets = self.tok([self.verbalise(r["label"]) for r in rows])["input_ids"]
+        if self.generates:  # the reference text, cut at target_len tokens (as most En-Ro recipes do)
+            targets = self.tok([r["label"] for r in rows], truncation=True, max_length=self.target_len)["input_ids"]
+        else:
+            targets = self.tok([self.verbalise(r["label"]) for r in rows])["input_ids"]
         return [{"input_ids": i, "labels": t} for i, t in zip(inputs, targets)]
 
     @torch.no_grad()
     def predict(self, model, batch):
+        if self.generates:  # greedy decoding (task.num_beams for beam search), detokenised text
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=self.target_len, num_beams=int(self.tcfg.get("num_beams") or 1),
+                                 do_sample=False)
+            return self.tok.batch_decode(out, skip_special_tokens=True)
         enc = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         n = batch["input_ids"].shape[0]
         scores = []
@@ -380,4 +413,7 @@ def poser_for(family: str, data: TaskData, tcfg: DictConfig, tokenizer=None, *, 
               seed: int = 0) -> Poser:
     if data.kind == "synthetic":
         return SyntheticPoser(data, tcfg, family, vocab_size, seed)
+    if data.kind == "translation" and family != "encoder-decoder":
+        raise ValueError(f"task {tcfg.name} (translation) is posed to encoder-decoder models (T5) only; "
+                         f"this model's family is {family}")
     return POSERS[family](data, tcfg, tokenizer)

@@ -108,13 +108,14 @@ def evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str
         batch = _to(collate(chunk, pad_id, aligned_labels=aligned), device)
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             loss_sum += float(model(**_inputs(batch)).loss) * len(chunk)
-            if evalset.references is not None:
-                preds.append(poser.predict(model, batch).float().cpu())
+            if evalset.references is not None:  # label ids / scores (a tensor), or generated text
+                pred = poser.predict(model, batch)
+                preds.extend(pred.float().cpu().tolist() if torch.is_tensor(pred) else pred)
         n += len(chunk)
     model.train(was_training)
     out = {"loss": loss_sum / max(n, 1)}
     if evalset.references is not None:
-        out.update(compute_metrics(metrics, evalset.references, torch.cat(preds).numpy()))
+        out.update(compute_metrics(metrics, evalset.references, np.asarray(preds)))
     return out
 
 

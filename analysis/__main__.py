@@ -1,0 +1,64 @@
+"""Regenerate every table and figure: run each notebook in analysis/ on the given result tables.
+
+    python -m analysis                                   # results/*.parquet → analysis/out/
+    python -m analysis --results SWEEP_DIR/results.parquet 'other/*.parquet' --out /tmp/report
+    python -m analysis --only memory throughput          # some notebooks
+
+Each notebook writes `<out>/<experiment>.{md,tex}` tables and `<out>/<experiment>.{png,pdf}` figures. A notebook
+that raises is reported and the others still run; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def notebooks() -> list[Path]:
+    return sorted(p for p in HERE.glob("*.py") if not p.name.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", nargs="+", help="parquet files or globs (default: results/*.parquet)")
+    parser.add_argument("--out", type=Path, help="output folder (default: analysis/out)")
+    parser.add_argument("--only", nargs="+", help="notebook names to run (default: all)")
+    args = parser.parse_args(argv)
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from lorafa import report
+
+    p = report.set_params(args.results, args.out)
+    chosen = [nb for nb in notebooks() if not args.only or nb.stem in args.only]
+    if args.only and len(chosen) != len(args.only):
+        parser.error(f"unknown notebook in {args.only}; available: {[nb.stem for nb in notebooks()]}")
+    before = {f: f.stat().st_mtime for f in p.out.glob("*")} if p.out.is_dir() else {}
+    failed = []
+    for nb in chosen:
+        started = time.perf_counter()
+        try:
+            runpy.run_path(str(nb), run_name="__main__")
+            print(f"{nb.stem:22s} ok     {time.perf_counter() - started:5.1f} s")
+        except Exception:  # noqa: BLE001 - report it, run the rest, fail at the end
+            failed.append(nb.stem)
+            print(f"{nb.stem:22s} FAILED\n{traceback.format_exc()}", file=sys.stderr)
+    written = sorted(f for f in p.out.glob("*") if before.get(f) != f.stat().st_mtime)
+    kinds = {ext: sum(f.suffix == ext for f in written) for ext in (".md", ".tex", ".png", ".pdf")}
+    print(f"{len(written)} files → {p.out}: {kinds['.md']} tables (.md + {kinds['.tex']} .tex), "
+          f"{kinds['.png']} figures (.png + {kinds['.pdf']} .pdf)")
+    if failed:
+        print(f"failed notebooks: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Reports: what every analysis notebook (analysis/*.py) shares: reading result rows, published reference numbers, paired statistics, and
+writing a table (markdown + LaTeX) or a figure (PNG + PDF) named after its experiment.
+
+A notebook reads only parquet result tables: `results/*.parquet` by default, or the files `python -m analysis
+--results ...` names (a sweep's `results.parquet`). Rows say which experiment they belong to (`experiment`
+column; tables committed before that column existed take their file's name). Every table and figure states the
+model, data, device and commit of the rows it shows.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (results/ and analysis/ live beside lorafa/)
+DEFAULT_RESULTS = [str(ROOT / "results" / "*.parquet")]
+DEFAULT_OUT = ROOT / "analysis" / "out"
+
+
+@dataclass
+class Params:
+    results: list[str] = field(default_factory=lambda: list(DEFAULT_RESULTS))  # parquet files or globs
+    out: Path = DEFAULT_OUT
+
+
+_PARAMS = Params()  # `python -m analysis` sets this before running each notebook
+
+
+def params() -> Params:
+    """The notebook's parameters: those `python -m analysis` was given, else the defaults (in Jupyter)."""
+    return _PARAMS
+
+
+def set_params(results: list[str] | None = None, out: str | Path | None = None) -> Params:
+    global _PARAMS
+    _PARAMS = Params(results=list(results) if results else list(DEFAULT_RESULTS), out=Path(out or DEFAULT_OUT))
+    return _PARAMS
+
+
+# ------------------------------------------------------------------------------------------------- reading rows
+def load(paths: list[str] | None = None) -> pd.DataFrame:
+    """Every row of the given parquet files (globs expanded), with `experiment` filled from the file name where a
+    table predates the column, and `source_file` saying where each row came from."""
+    files = sorted({f for p in (paths or params().results) for f in (glob.glob(str(p)) or [])})
+    frames = []
+    for f in files:
+        frame = pd.read_parquet(f)
+        stem = Path(f).stem
+        if "experiment" not in frame:
+            frame["experiment"] = stem
+        frame["experiment"] = frame["experiment"].fillna("").replace("", stem)
+        inside = Path(f).resolve().is_relative_to(ROOT)
+        frames.append(frame.assign(source_file=os.path.relpath(Path(f).resolve(), ROOT) if inside else f))
+    if not frames:
+        return pd.DataFrame(columns=["experiment", "status"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def rows(table: pd.DataFrame, experiment: str, *, ok_only: bool = True) -> pd.DataFrame:
+    """The rows of one experiment (status ok unless asked otherwise)."""
+    sel = table[table["experiment"] == experiment]
+    if ok_only and "status" in sel:
+        sel = sel[sel["status"] == "ok"]
+    return sel.copy()
+
+
+def variant(frame: pd.DataFrame) -> pd.Series:
+    """method, plus `+ckpt` / `+recompute` where those were on: the label a memory or speed row is shown under."""
+    if "variant" in frame and frame["variant"].notna().all():
+        return frame["variant"]
+    label = frame["method"].astype(str)
+    if "gradient_checkpointing" in frame:
+        label = label + frame["gradient_checkpointing"].fillna(False).map({True: "+ckpt", False: ""})
+    if "recompute" in frame:
+        label = label + frame["recompute"].fillna("none").map(lambda r: "" if r == "none" else "+recompute")
+    return label
+
+
+# ------------------------------------------------------------------------------------------ published numbers
+# Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022 (arXiv 2106.09685), Table 2 /
+# microsoft/LoRA README: RoBERTa-base on the GLUE dev sets, LoRA on W_q and W_v. MNLI: matched + mismatched
+# accuracy; CoLA: Matthews correlation; STS-B: Pearson; accuracy otherwise. Values in %.
+LORA_PAPER = "Hu et al. 2021 (LoRA), Table 2"
+LORA_PAPER_ROBERTA_BASE = {
+    "full": {"glue_mnli": 87.6, "glue_sst2": 94.8, "glue_mrpc": 90.2, "glue_cola": 63.6, "glue_qnli": 92.8,
+             "glue_qqp": 91.9, "glue_rte": 78.7, "glue_stsb": 91.2},
+    "lora": {"glue_mnli": 87.5, "glue_sst2": 95.1, "glue_mrpc": 89.7, "glue_cola": 63.4, "glue_qnli": 93.3,
+             "glue_qqp": 90.8, "glue_rte": 86.6, "glue_stsb": 91.5},
+}
+# the metric the LoRA paper reports per task (our eval_<metric> column; MNLI: mean of matched and mismatched)
+GLUE_PAPER_METRIC = {"glue_mnli": "accuracy_mnli", "glue_sst2": "accuracy", "glue_mrpc": "accuracy",
+                     "glue_cola": "matthews_corr", "glue_qnli": "accuracy", "glue_qqp": "accuracy",
+                     "glue_rte": "accuracy", "glue_stsb": "pearson"}
+# Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", NeurIPS 2023, Table 4: LLaMA-7B fine-tuned with
+# BF16 LoRA, MMLU 5-shot accuracy (%).
+QLORA_PAPER = "Dettmers et al. 2023 (QLoRA), Table 4, BF16 LoRA"
+QLORA_LLAMA7B_MMLU = {"alpaca_mmlu": 38.4, "flan_mmlu": 45.6}
+
+METHOD_ORDER = ["full", "lora", "lorafa", "lorafa_v2", "frozen"]
+METHOD_LABEL = {"full": "full FT", "lora": "LoRA", "lorafa": "LoRA-FA", "lorafa_v2": "LoRA-FA v2",
+                "frozen": "frozen (bound)"}
+
+
+def paper_score(frame: pd.DataFrame) -> pd.Series:
+    """Each row's score as the papers report it, in %: GLUE tasks by the LoRA paper's metric (MNLI: the
+    example-weighted mean of matched and mismatched accuracy, ≈ their mean), else the row's own score; fractions
+    (accuracy, correlations) × 100, BLEU/chrF as they are."""
+    def one(r):
+        metric = GLUE_PAPER_METRIC.get(r["task"])
+        if metric == "accuracy_mnli":
+            value = (r.get("eval_accuracy_m", math.nan) + r.get("eval_accuracy_mm", math.nan)) / 2
+        elif metric:
+            value = r.get(f"eval_{metric}", r["score"])
+        else:
+            value = r["score"]
+        return value if r["metric"] in ("bleu", "chrf", "loss") else 100 * value
+
+    return frame.apply(one, axis=1) if len(frame) else pd.Series(dtype=float)
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+def mean_std(values: pd.Series, digits: int = 1) -> str:
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    if v.empty:
+        return "—"
+    if len(v) == 1:
+        return f"{v.iloc[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def paired_difference(frame: pd.DataFrame, a: str, b: str, *, value: str = "paper_score",
+                      by: tuple[str, ...] = ("model", "task"), pair_on: str = "seed",
+                      confidence: float = 0.95) -> pd.DataFrame:
+    """a − b per group, paired on `pair_on` (the same task and seed: same data order and head init), with the
+    mean difference, its Student-t confidence interval and the number of pairs. Groups with one pair get no
+    interval; an `all` row pools every pair of every group (a paired t-interval over all of them)."""
+    from scipy import stats
+
+    keyed = frame.set_index([*by, pair_on, "method"])[value]
+    keyed = keyed[~keyed.index.duplicated(keep="last")].unstack("method")
+    out = []
+    if a not in keyed or b not in keyed:
+        return pd.DataFrame(columns=[*by, "diff", "ci_low", "ci_high", "pairs"])
+    diffs = (keyed[a] - keyed[b]).dropna()
+    groups = [(k if isinstance(k, tuple) else (k,), g) for k, g in diffs.groupby(level=list(range(len(by))))]
+    groups.append(((*(["all"] * len(by)),), diffs))
+    for key, d in groups:
+        n, mean = len(d), float(d.mean()) if len(d) else math.nan
+        if n >= 2:
+            half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+            lo, hi = mean - half, mean + half
+        else:
+            lo = hi = math.nan
+        out.append({**dict(zip(by, key)), "diff": mean, "ci_low": lo, "ci_high": hi, "pairs": n})
+    return pd.DataFrame(out)
+
+
+def format_ci(row, digits: int = 2) -> str:
+    if math.isnan(row["diff"]):
+        return "—"
+    if math.isnan(row["ci_low"]):
+        return f"{row['diff']:+.{digits}f} (1 pair: no interval)"
+    return f"{row['diff']:+.{digits}f} [{row['ci_low']:+.{digits}f}, {row['ci_high']:+.{digits}f}]"
+
+
+# ------------------------------------------------------------------------------------------------------ output
+def provenance(frame: pd.DataFrame) -> str:
+    """One line: which devices, commits, library versions and source files the rows came from."""
+    if frame.empty:
+        return "no rows"
+    parts = []
+    for col, label in (("device", "device"), ("git_sha", "commit"), ("torch_version", "torch"),
+                       ("transformers_version", "transformers"), ("source_file", "rows from")):
+        if col in frame:
+            vals = sorted({str(v)[:12] if col == "git_sha" else str(v) for v in frame[col].dropna()})
+            if vals:
+                parts.append(f"{label}: {', '.join(vals)}")
+    return "; ".join(parts)
+
+
+def _out(name: str) -> Path:
+    out = Path(params().out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / name
+
+
+def write_table(table: pd.DataFrame, name: str, *, title: str, notes: list[str] = ()) -> list[Path]:
+    """`<out>/<name>.md` (title, the table, notes) and `<out>/<name>.tex` (a booktabs table with the title as
+    caption). Returns the paths."""
+    shown = table if not table.empty else pd.DataFrame({"": ["(no rows)"]})
+    md = [f"# {title}", "", shown.to_markdown(index=False), ""]
+    md += [f"- {n}" for n in notes if n]
+    md_path = _out(f"{name}.md")
+    md_path.write_text("\n".join(md) + "\n")
+    tex_path = _out(f"{name}.tex")
+    latex = shown.astype(str).style.hide(axis="index").to_latex(
+        caption=_tex_escape(title), label=f"tab:{name}", hrules=True, position="t")
+    tex_path.write_text(_tex_escape_body(latex))
+    return [md_path, tex_path]
+
+
+def _tex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 ("±", r"$\pm$"), ("−", "-"), ("Δ", r"$\Delta$"), ("×", r"$\times$"), ("÷", "/"), ("≤", r"$\le$"),
+                 ("—", "--")):
+        text = text.replace(a, b)
+    return text
+
+
+def _tex_escape_body(latex: str) -> str:
+    """Escape the cells of a Styler table (its LaTeX commands are left alone)."""
+    lines = []
+    for line in latex.splitlines():
+        if line.startswith("\\") and not line.rstrip().endswith("\\\\"):
+            lines.append(line)
+        else:
+            cells = line.rstrip().removesuffix("\\\\").split(" & ")
+            lines.append(" & ".join(_tex_escape(c) for c in cells) + (" \\\\" if line.rstrip().endswith("\\\\")
+                                                                     else ""))
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(fig, name: str) -> list[Path]:
+    """`<out>/<name>.png` (150 dpi) and `<out>/<name>.pdf`."""
+    paths = [_out(f"{name}.png"), _out(f"{name}.pdf")]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------- accuracy tables
+def _config(row) -> dict:
+    import json
+
+    try:
+        return json.loads(row["config"]) if isinstance(row.get("config"), str) else {}
+    except ValueError:
+        return {}
+
+
+def weights_of(row) -> str:
+    """Where a row's model weights came from: random init, a local directory, or a hub id."""
+    model = _config(row).get("model", {})
+    if row.get("init", model.get("init")) == "random":
+        return "random init"
+    if model.get("path"):
+        return f"pretrained, local dir {Path(str(model['path'])).name}"
+    return f"pretrained, hub {model.get('name') or row['model']}"
+
+
+def data_of(row) -> str:
+    """Where a row's data came from: the hub dataset, local files, or the package's shipped assets."""
+    task = _config(row).get("task", {})
+    files = [str(v) for v in (task.get("data_files") or {}).values() if v]
+    if files:
+        if all("/lorafa/assets/" in f for f in files):
+            return f"{row['task']} (shipped with lorafa)"
+        return f"{row['task']} (local files in {Path(files[0]).parent.name}/)"
+    if task.get("dataset"):
+        return f"{row['task']} (hub {task['dataset']}{'/' + task['subset'] if task.get('subset') else ''})"
+    return str(row["task"])
+
+
+def score_table(frame: pd.DataFrame, references: dict | None = None, ref_model: str | None = None,
+                ref_source: str = "", extra: dict[str, str] | None = None) -> pd.DataFrame:
+    """One line per model × data × method: the paper-style score (%, or BLEU) as mean ± std over seeds, the number
+    of seeds, and where a published number exists for that model, task and method, it and our delta. Published
+    numbers with no row of ours are listed too, with ours as —. `extra` adds columns {label: row column} as
+    mean ± std."""
+    lines = []
+    frame = frame.assign(paper_score=paper_score(frame)) if len(frame) else frame
+    if len(frame):
+        frame = frame.assign(weights=frame.apply(weights_of, axis=1), data=frame.apply(data_of, axis=1))
+        order = {m: i for i, m in enumerate(METHOD_ORDER)}
+        keys = frame[["model", "weights", "task", "data", "method", "metric"]].drop_duplicates()
+        keys = keys.assign(o=keys["method"].map(order).fillna(99)).sort_values(["model", "task", "o"])
+        for k in keys.itertuples(index=False):
+            g = frame[(frame["model"] == k.model) & (frame["task"] == k.task) & (frame["method"] == k.method)
+                      & (frame["weights"] == k.weights)]
+            ref = (references or {}).get(k.method, {}).get(k.task) if k.model == ref_model else None
+            mean = g["paper_score"].mean()
+            lines.append({"model": k.model, "weights": k.weights, "data": k.data, "method": METHOD_LABEL.get(
+                k.method, k.method), "metric": GLUE_PAPER_METRIC.get(k.task, k.metric).replace("accuracy_mnli",
+                "accuracy (m+mm)/2"), "ours": mean_std(g["paper_score"]), "seeds": int(g["seed"].nunique()),
+                "published": "—" if ref is None else f"{ref:.1f}",
+                "Δ ours − published": "—" if ref is None else f"{mean - ref:+.1f}",
+                **{label: mean_std(g[col]) if col in g else "—" for label, col in (extra or {}).items()}})
+    seen = {(ln["model"], ln["data"].split(" ")[0], ln["method"]) for ln in lines}
+    for method, per_task in (references or {}).items():
+        for task, ref in per_task.items():
+            if (ref_model, task, METHOD_LABEL.get(method, method)) in seen:
+                continue
+            lines.append({"model": ref_model, "weights": "—", "data": task, "method": METHOD_LABEL.get(method, method),
+                          "metric": GLUE_PAPER_METRIC.get(task, "accuracy").replace("accuracy_mnli",
+                                                                                    "accuracy (m+mm)/2"),
+                          "ours": "—", "seeds": 0, "published": f"{ref:.1f}", "Δ ours − published": "—"})
+    table = pd.DataFrame(lines)
+    if ref_source and len(table):
+        table["published"] = table["published"].where(table["published"] == "—", table["published"] + " ¹")
+    return table
+
+
+def paired_table(frame: pd.DataFrame, against: str = "lora",
+                 methods: tuple[str, ...] = ("lorafa", "lorafa_v2")) -> pd.DataFrame:
+    """method − `against` per model and task, paired on the seed: mean difference and 95 % t-interval, in the
+    table's score units (percentage points, or BLEU)."""
+    if frame.empty:
+        return pd.DataFrame()
+    frame = frame.assign(paper_score=paper_score(frame))
+    out = []
+    for method in methods:
+        d = paired_difference(frame, method, against)
+        for r in d.itertuples(index=False):
+            out.append({"comparison": f"{METHOD_LABEL.get(method, method)} − {METHOD_LABEL.get(against, against)}",
+                        "model": r.model, "data": r.task, "pairs (seeds)": r.pairs,
+                        "mean difference [95 % CI]": format_ci(r._asdict())})
+    return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------------------------- memory sweeps
+def memory_scaling(frame: pd.DataFrame, x: str, x_label: str, name: str, title: str, notes: list[str] = ()):
+    """Table and figure of a memory sweep along `x` (batch_size, seq_len or rank): peak and activation memory per
+    method (measured; predicted peak beside it), and the peak ratio LoRA ÷ LoRA-FA at each x."""
+    import matplotlib.pyplot as plt
+
+    frame = frame.assign(label=variant(frame)) if len(frame) else frame.assign(label=[])
+    lines = []
+    for (model, xv), g in frame.groupby(["model", x], sort=True):
+        line = {"model": model, x_label: xv}
+        if x != "batch_size":
+            line["batch"] = int(g["batch_size"].iloc[0])
+        if x != "seq_len":
+            line["seq"] = int(g["seq_len"].iloc[0])
+        for r in g.itertuples(index=False):
+            lab = METHOD_LABEL.get(r.label, r.label)
+            ok = r.status == "ok"
+            line[f"{lab} peak GiB"] = f"{r.mem_peak_gib:.2f}" if ok else r.status
+            line[f"{lab} activations GiB"] = f"{r.mem_activations_gib:.2f}" if ok else r.status
+            line[f"{lab} predicted peak"] = f"{r.pred_mem_peak_gib:.2f}" if ok and not pd.isna(
+                r.pred_mem_peak_gib) else "—"
+        peak = g[g["status"] == "ok"].set_index("label")["mem_peak_gib"]
+        if {"lora", "lorafa"} <= set(peak.index):
+            line["LoRA ÷ LoRA-FA peak"] = f"{peak['lora'] / peak['lorafa']:.2f}"
+        lines.append(line)
+    table = pd.DataFrame(lines)
+    write_table(table, name, title=title, notes=[*notes, provenance(frame)])
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ok = frame[frame["status"] == "ok"] if len(frame) else frame
+    for (model, label), g in ok.groupby(["model", "label"], sort=False):
+        g = g.sort_values(x)
+        style = {"marker": "o", "label": f"{METHOD_LABEL.get(label, label)}" + (
+            f" ({model})" if ok["model"].nunique() > 1 else "")}
+        axes[0].plot(g[x], g["mem_peak_gib"], **style)
+        axes[1].plot(g[x], g["mem_activations_gib"], **style)
+    for ax, what in zip(axes, ("peak memory (GiB)", "saved activations (GiB)")):
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(what)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    if len(ok):
+        axes[0].legend(fontsize=8)
+    models = ", ".join(sorted(set(ok["model"]))) if len(ok) else "no rows"
+    fig.suptitle(f"{title} — {models}", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, name)
+    return table

@@ -1,0 +1,165 @@
+"""The analysis: its statistics and output helpers (unit), every notebook as a notebook, `python -m analysis` on the
+committed results, and — what CI runs — on rows from a fresh smoke sweep of every experiment file."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lorafa import report
+from tests.conftest import ROOT
+
+NOTEBOOKS = sorted(p for p in (ROOT / "analysis").glob("*.py") if not p.name.startswith("_"))
+PAPER_MODELS = ("roberta-base", "roberta-large", "t5-large", "llama-7b")
+
+
+def run_analysis(out: Path, *results: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "analysis", "--out", str(out)] + (["--results", *results] if results else [])
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
+def outputs(out: Path) -> dict[str, set[str]]:
+    return {ext: {p.stem for p in out.glob(f"*{ext}") if p.stat().st_size > 0} for ext in (".md", ".tex", ".png",
+                                                                                             ".pdf")}
+
+
+# ------------------------------------------------------------------------------------------------------ unit
+def test_paired_difference_matches_a_paired_t_interval():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for task in ("a", "b"):
+        for seed in range(4):
+            base = rng.normal(80, 2)
+            rows += [{"model": "m", "task": task, "seed": seed, "method": "lora", "paper_score": base},
+                     {"model": "m", "task": task, "seed": seed, "method": "lorafa",
+                      "paper_score": base + rng.normal(-0.5, 0.3)}]
+    frame = pd.DataFrame(rows)
+    got = report.paired_difference(frame, "lorafa", "lora").set_index("task")
+    for task in ("a", "b", "all"):
+        sel = frame if task == "all" else frame[frame["task"] == task]
+        d = (sel[sel["method"] == "lorafa"].set_index(["task", "seed"])["paper_score"]
+             - sel[sel["method"] == "lora"].set_index(["task", "seed"])["paper_score"])
+        lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+        assert got.loc[task, "pairs"] == len(d)
+        assert got.loc[task, "diff"] == pytest.approx(d.mean())
+        assert (got.loc[task, "ci_low"], got.loc[task, "ci_high"]) == pytest.approx((lo, hi))
+    # an unpaired row (a seed only one method has) is not a pair
+    extra = pd.concat([frame, pd.DataFrame([{"model": "m", "task": "a", "seed": 9, "method": "lora",
+                                             "paper_score": 1.0}])])
+    assert report.paired_difference(extra, "lorafa", "lora").set_index("task").loc["a", "pairs"] == 4
+    one = report.paired_difference(frame[frame["seed"] == 0], "lorafa", "lora")
+    assert math.isnan(one.iloc[0]["ci_low"]) and "no interval" in report.format_ci(one.iloc[0])
+
+
+def test_paper_score_uses_each_tasks_published_metric():
+    frame = pd.DataFrame([
+        {"task": "glue_mnli", "metric": "accuracy_m", "score": 0.8, "eval_accuracy_m": 0.8, "eval_accuracy_mm": 0.9},
+        {"task": "glue_stsb", "metric": "pearson", "score": 0.9, "eval_pearson": 0.9, "eval_spearman": 0.1},
+        {"task": "glue_cola", "metric": "matthews_corr", "score": 0.6, "eval_matthews_corr": 0.6},
+        {"task": "wmt16_en_ro", "metric": "bleu", "score": 27.5},
+        {"task": "movie_polarity", "metric": "accuracy", "score": 0.85}])
+    assert report.paper_score(frame).tolist() == pytest.approx([85.0, 90.0, 60.0, 27.5, 85.0])
+    assert report.mean_std(pd.Series([1.0, 2.0, 3.0])) == "2.0 ± 1.0"
+    assert report.mean_std(pd.Series([1.0])) == "1.0" and report.mean_std(pd.Series([], dtype=float)) == "—"
+
+
+def test_score_table_puts_published_numbers_and_deltas_beside_ours():
+    rows = []
+    for seed, (full, lora) in enumerate([(0.950, 0.951), (0.946, 0.949)]):
+        for method, acc in (("full", full), ("lora", lora)):
+            rows.append({"model": "roberta-base", "task": "glue_sst2", "method": method, "metric": "accuracy",
+                         "score": acc, "eval_accuracy": acc, "seed": seed, "init": "pretrained",
+                         "config": '{"model": {"name": "FacebookAI/roberta-base"}, "task": {"dataset": "nyu-mll/glue",'
+                                   ' "subset": "sst2"}}'})
+    table = report.score_table(pd.DataFrame(rows), report.LORA_PAPER_ROBERTA_BASE, "roberta-base", "ref")
+    ours = table[table["data"].str.startswith("glue_sst2 (hub")].set_index("method")
+    assert ours.loc["full FT", "ours"] == "94.8 ± 0.3" and ours.loc["full FT", "published"] == "94.8 ¹"
+    assert ours.loc["full FT", "Δ ours − published"] == "+0.0"
+    assert ours.loc["LoRA", "Δ ours − published"] == "-0.1"  # 95.0 − 95.1
+    assert ours.loc["LoRA", "weights"] == "pretrained, hub FacebookAI/roberta-base"
+    missing = table[table["ours"] == "—"]
+    assert len(missing) == 14 and set(missing["seeds"]) == {0}  # the other 7 tasks × 2 methods: published only
+
+
+def test_tables_and_figures_are_written_in_both_formats(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report.set_params(out=tmp_path)
+    try:
+        report.write_table(pd.DataFrame({"model_name": ["a_b"], "score": ["1.0 ± 0.1"]}), "t", title="T & 50 %",
+                           notes=["a note"])
+        fig, ax = plt.subplots()
+        ax.plot([1, 2])
+        report.save_figure(fig, "f")
+    finally:
+        report.set_params()
+    md, tex = (tmp_path / "t.md").read_text(), (tmp_path / "t.tex").read_text()
+    assert "# T & 50 %" in md and "| a_b " in md and "- a note" in md
+    assert r"\caption{T \& 50 \%}" in tex and r"a\_b" in tex and r"1.0 $\pm$ 0.1" in tex and r"\toprule" in tex
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_load_names_rows_by_experiment(tmp_path):
+    pd.DataFrame({"model": ["a"], "status": ["ok"]}).to_parquet(tmp_path / "memory.parquet")
+    pd.DataFrame({"model": ["b", "c"], "status": ["ok", "ok"], "experiment": ["glue_t5", ""]}).to_parquet(
+        tmp_path / "sweep.parquet")
+    frame = report.load([str(tmp_path / "*.parquet")])
+    assert sorted(frame["experiment"]) == ["glue_t5", "memory", "sweep"]
+    assert report.load([str(tmp_path / "none*.parquet")]).empty
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_are_jupytext_notebooks(path):
+    jupytext = pytest.importorskip("jupytext")
+    nb = jupytext.read(path)
+    kinds = [c.cell_type for c in nb.cells]
+    assert kinds[0] == "markdown" and kinds.count("code") >= 2, kinds
+    assert nb.cells[0].source.startswith("# "), "the first cell is the notebook's title"
+    assert "report.params()" in path.read_text(), "reads its inputs from the parameters python -m analysis sets"
+
+
+# -------------------------------------------------------------------------------------------------- the runs
+def test_analysis_on_the_committed_results(tmp_path):
+    proc = run_analysis(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    made = outputs(tmp_path)
+    assert len(made[".md"]) >= 6 and made[".md"] == made[".tex"], made
+    assert len(made[".png"]) >= 6 and made[".png"] == made[".pdf"], made
+    memory = (tmp_path / "memory.md").read_text()
+    for model in PAPER_MODELS:  # the memory table comes from committed GPU rows of the paper's models
+        assert f"| {model} " in memory, model
+    assert "H200" in memory
+    for name in ("memory_vs_batch", "memory_vs_seq", "memory_vs_rank", "throughput"):
+        text = (tmp_path / f"{name}.md").read_text()
+        assert "(no rows)" not in text and "H200" in text, name
+
+
+@pytest.mark.slow
+def test_smoke_sweep_of_every_experiment_then_analysis(tmp_path):
+    """What CI runs so the notebooks cannot rot: every experiment file's smoke sweep, then every notebook on its
+    rows; each experiment that ran has its table filled."""
+    sweep = subprocess.run([sys.executable, "experiments/smoke.py", "--out", str(tmp_path / "sweeps")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+    ran = sorted(p.parent.name for p in (tmp_path / "sweeps").glob("*/results.parquet"))
+    assert len(ran) >= 10, ran
+    proc = run_analysis(tmp_path / "out", str(tmp_path / "sweeps" / "*" / "results.parquet"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    made = outputs(tmp_path / "out")
+    assert len(made[".md"]) >= 6 and len(made[".png"]) >= 6, made
+    for name in ran:
+        table = (tmp_path / "out" / f"{name}.md").read_text()
+        assert "(no rows)" not in table and "tiny-" in table, name
+    paired = (tmp_path / "out" / "glue_roberta_paired.md").read_text()
+    assert "| LoRA-FA − LoRA    | tiny-roberta | movie_polarity |               2 |" in paired

@@ -15,8 +15,8 @@
 # # Accuracy vs trainable parameters
 # Rows of `experiments/accuracy_vs_params.yaml`: the dev score as the adapter rank r grows, LoRA vs LoRA-FA, plotted
 # against the number of trainable parameters (LoRA-FA trains B only, about half of LoRA's adapter at the same r;
-# both also train the classification head). Full fine-tuning of the same model, weights and data — from any
-# experiment's rows — is the reference line.
+# both also train the classification head). Full fine-tuning of the same model, weights and data under the same
+# settings (rows of experiments/glue_roberta.yaml or loss_curves.yaml) is the reference line.
 
 # %%
 import matplotlib.pyplot as plt
@@ -31,7 +31,10 @@ frame = report.rows(every, EXPERIMENT)
 if len(frame):
     frame = frame.assign(paper_score=report.paper_score(frame), data=frame.apply(report.data_of, axis=1),
                          weights=frame.apply(report.weights_of, axis=1))
-full = every[(every["status"] == "ok") & (every["method"] == "full")] if "method" in every else every.iloc[:0]
+# full fine-tuning under the same settings file (glue_roberta's, which this experiment and loss_curves share)
+SAME_SETTINGS = ["glue_roberta", "loss_curves", EXPERIMENT]
+full = every[(every["status"] == "ok") & (every["method"] == "full") & every["experiment"].isin(SAME_SETTINGS)] \
+    if "method" in every else every.iloc[:0]
 if len(full):
     full = full.assign(paper_score=report.paper_score(full), data=full.apply(report.data_of, axis=1),
                        weights=full.apply(report.weights_of, axis=1))

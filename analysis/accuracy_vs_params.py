@@ -42,7 +42,7 @@ if len(full):
 # %%
 lines = []
 for (model, data, method, rank), g in frame.groupby(["model", "data", "method", "rank"]) if len(frame) else []:
-    lines.append({"model": model, "data": data, "method": report.METHOD_LABEL.get(method, method), "rank r": rank,
+    lines.append({"model": model, "data": data, "method": report.method_label(method), "rank r": rank,
                   "trainable params": f"{int(g['trainable_params'].iloc[0]):,}",
                   "score": report.mean_std(g["paper_score"], 2), "seeds": g["seed"].nunique()})
 for (model, data), g in frame.groupby(["model", "data"]) if len(frame) else []:
@@ -65,7 +65,7 @@ for (model, data), ax in zip(panels, axes[0]):
     for method in [m for m in report.METHOD_ORDER if m in set(g["method"])]:
         s = g[g["method"] == method].groupby("rank").agg(params=("trainable_params", "first"),
                                                         score=("paper_score", "mean")).sort_values("params")
-        ax.plot(s["params"], s["score"], marker="o", label=report.METHOD_LABEL.get(method, method))
+        ax.plot(s["params"], s["score"], marker="o", label=report.method_label(method))
         for rank, r in s.iterrows():
             ax.annotate(f"r={rank}", (r["params"], r["score"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")

@@ -37,7 +37,8 @@ for (model, bs, seq), g in frame.groupby(["model", "batch_size", "seq_len"], sor
     lora_peak = g.loc[(g["variant"] if "variant" in g else g["method"]) == "lora", "mem_peak_gib"]
     for _, r in g.assign(label=report.variant(g)).iterrows():
         ok = r["status"] == "ok"
-        line = {"model": model, "batch × seq": f"{bs} × {seq}", "method": r["label"], "status": r["status"]}
+        line = {"model": model, "batch × seq": f"{bs} × {seq}", "method": report.method_label(r["label"]),
+                "status": r["status"]}
         for part in PARTS:
             line[f"{part} GiB"] = f"{r[f'mem_{part}_gib']:.2f}" if ok else "—"
         line["peak GiB"] = f"{r['mem_peak_gib']:.2f}" if ok else f"> {r['mem_peak_gib']:.0f} (OOM)"
@@ -70,11 +71,13 @@ for ax, model in zip(axes[0], models):
             ax.plot([i - 0.4, i + 0.4], [r["mem_peak_gib"]] * 2, color="k", lw=1.2)
         else:
             ax.text(i, 1, r["status"].upper(), ha="center", va="bottom", rotation=90, fontsize=8)
-    ax.set_xticks(x, [report.METHOD_LABEL.get(s, s) for s in g.index], rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(x, [report.method_label(s) for s in g.index], rotation=45, ha="right", fontsize=8)
     bs, seq = g["batch_size"].iloc[0], g["seq_len"].iloc[0]
     ax.set_title(f"{model} ({bs} × {seq})", fontsize=10)
     ax.set_ylabel("GiB")
 axes[0][0].legend(fontsize=8, title="black line: peak", title_fontsize=8)
-fig.suptitle("Memory split per method (measured; random-init weights, synthetic batches)", fontsize=11)
+fig.suptitle("Memory per method, measured (random-init weights, synthetic batches). Bars: weights, gradients, optimizer "
+             "state and saved activations, counted; black line: the allocator's peak (not every part is alive at "
+             "once)", fontsize=9)
 fig.tight_layout()
 report.save_figure(fig, EXPERIMENT)

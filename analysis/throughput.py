@@ -27,6 +27,10 @@ from lorafa import report
 P = report.params()
 EXPERIMENT = "throughput"
 frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
+if len(frame):  # smallest model first, methods in the usual order
+    frame = frame.assign(_size=frame.groupby("model")["total_params"].transform("max"),
+                         _order=frame["method"].map({m: i for i, m in enumerate(report.METHOD_ORDER)}).fillna(99))
+    frame = frame.sort_values(["_size", "_order"]).drop(columns=["_size", "_order"])
 
 # %%
 lines = []
@@ -35,7 +39,7 @@ for model, g in frame.groupby("model", sort=False):
     for r in g.itertuples(index=False):
         ok = r.status == "ok"
         lines.append({"model": model, "batch × seq": f"{r.batch_size} × {r.seq_len}",
-                      "method": report.METHOD_LABEL.get(r.method, r.method), "status": r.status,
+                      "method": report.method_label(r.method), "status": r.status,
                       "tokens/s": f"{r.tokens_per_s:,.0f}" if ok else "—",
                       "step time ms": f"{1000 * r.step_time_s:.1f}" if ok else "—",
                       "peak GiB": f"{r.mem_peak_gib:.2f}" if ok else "—",
@@ -61,7 +65,7 @@ for i, method in enumerate(methods):
         base = g.get("full", g.get("lora", np.nan))
         vals.append(g.get(method, np.nan) / base)
     ax.bar(np.arange(len(models)) + (i - (len(methods) - 1) / 2) * width, vals, width,
-           label=report.METHOD_LABEL.get(method, method))
+           label=report.method_label(method))
 ax.axhline(1.0, color="k", lw=0.8)
 ax.set_xticks(np.arange(len(models)), models)
 ax.set_ylabel("tokens/s ÷ full fine-tuning")

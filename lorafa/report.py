@@ -106,6 +106,12 @@ METHOD_LABEL = {"full": "full FT", "lora": "LoRA", "lorafa": "LoRA-FA", "lorafa_
                 "frozen": "frozen (bound)"}
 
 
+def method_label(name: str) -> str:
+    """`lorafa+recompute` → `LoRA-FA + recompute`: the printed name of a method or variant."""
+    base, *extra = str(name).split("+")
+    return " + ".join([METHOD_LABEL.get(base, base), *extra])
+
+
 def paper_score(frame: pd.DataFrame) -> pd.Series:
     """Each row's score as the papers report it, in %: GLUE tasks by the LoRA paper's metric (MNLI: the
     example-weighted mean of matched and mismatched accuracy, ≈ their mean), else the row's own score; fractions
@@ -332,6 +338,8 @@ def memory_scaling(frame: pd.DataFrame, x: str, x_label: str, name: str, title: 
     import matplotlib.pyplot as plt
 
     frame = frame.assign(label=variant(frame)) if len(frame) else frame.assign(label=[])
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    frame = frame.iloc[sorted(range(len(frame)), key=lambda i: order.get(frame["label"].iloc[i], 99))]
     lines = []
     for (model, xv), g in frame.groupby(["model", x], sort=True):
         line = {"model": model, x_label: xv}
@@ -340,7 +348,7 @@ def memory_scaling(frame: pd.DataFrame, x: str, x_label: str, name: str, title: 
         if x != "seq_len":
             line["seq"] = int(g["seq_len"].iloc[0])
         for r in g.itertuples(index=False):
-            lab = METHOD_LABEL.get(r.label, r.label)
+            lab = method_label(r.label)
             ok = r.status == "ok"
             line[f"{lab} peak GiB"] = f"{r.mem_peak_gib:.2f}" if ok else r.status
             line[f"{lab} activations GiB"] = f"{r.mem_activations_gib:.2f}" if ok else r.status
@@ -357,14 +365,18 @@ def memory_scaling(frame: pd.DataFrame, x: str, x_label: str, name: str, title: 
     ok = frame[frame["status"] == "ok"] if len(frame) else frame
     for (model, label), g in ok.groupby(["model", "label"], sort=False):
         g = g.sort_values(x)
-        style = {"marker": "o", "label": f"{METHOD_LABEL.get(label, label)}" + (
-            f" ({model})" if ok["model"].nunique() > 1 else "")}
+        bound = label.startswith("frozen")  # drawn dashed: LoRA-FA's curve lies on it
+        style = {"marker": "x" if bound else "o", "ls": "--" if bound else "-", "zorder": 3 if bound else 2,
+                 "label": method_label(label) + (f" ({model})" if ok["model"].nunique() > 1 else "")}
         axes[0].plot(g[x], g["mem_peak_gib"], **style)
         axes[1].plot(g[x], g["mem_activations_gib"], **style)
     for ax, what in zip(axes, ("peak memory (GiB)", "saved activations (GiB)")):
         ax.set_xlabel(x_label)
         ax.set_ylabel(what)
         ax.set_xscale("log", base=2)
+        if len(ok):
+            ticks = sorted(set(ok[x]))
+            ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.grid(alpha=0.3)
     if len(ok):
         axes[0].legend(fontsize=8)

@@ -31,8 +31,8 @@ frame = report.rows(every, EXPERIMENT)
 if len(frame):
     frame = frame.assign(paper_score=report.paper_score(frame), data=frame.apply(report.data_of, axis=1),
                          weights=frame.apply(report.weights_of, axis=1))
-# full fine-tuning under the same settings file (glue_roberta's, which this experiment and loss_curves share)
-SAME_SETTINGS = ["glue_roberta", "loss_curves", EXPERIMENT]
+# full fine-tuning under the same settings (glue_roberta.yaml, which this experiment includes)
+SAME_SETTINGS = ["glue_roberta", EXPERIMENT]
 full = every[(every["status"] == "ok") & (every["method"] == "full") & every["experiment"].isin(SAME_SETTINGS)] \
     if "method" in every else every.iloc[:0]
 if len(full):

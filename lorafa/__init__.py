@@ -10,6 +10,7 @@ Modules, one concept each:
     train     the training loop and evaluation
     results   result rows, provenance, the sweep table
     job       run(cfg): one job from config to row
+    report    what the analysis notebooks share: reading rows, published numbers, paired statistics, output
 """
 
 from omegaconf import OmegaConf

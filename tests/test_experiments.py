@@ -46,7 +46,7 @@ def sweep_params(cfg) -> dict[str, list[str]]:
 def test_the_experiments_are_there():
     """One file per table or figure of the issue, each with its run command in the first comment."""
     expected = {"glue_roberta", "glue_t5", "wmt16_t5", "llama_mmlu", "memory", "memory_vs_batch", "memory_vs_seq",
-                "memory_vs_rank", "throughput", "loss_curves", "accuracy_vs_params"}
+                "memory_vs_rank", "throughput", "loss_curves", "accuracy_vs_params", "lr_sensitivity"}
     present = {p.stem for p in EXPERIMENTS.iterdir() if p.suffix in (".yaml", ".py")}
     assert expected <= present, expected - present
     for path in YAMLS:
@@ -71,7 +71,8 @@ def test_experiment_composes_and_sweeps_existing_options(path):
             job = compose_experiment(path.stem, f"{key}={value}")
             assert resolved(job)["experiment"] == path.stem  # every interpolation resolves
             if key not in GROUPS:
-                assert str(OmegaConf.select(job, key)) == value
+                got = OmegaConf.select(job, key)
+                assert got == type(got)(value) if isinstance(got, (int, float)) else str(got) == value, (key, got)
             elif key in ("model", "task"):
                 assert job[key].get("alias" if key == "model" else "name") is not None
 

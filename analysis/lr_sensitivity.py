@@ -22,6 +22,7 @@
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import NullFormatter
 
 from lorafa import report
 
@@ -78,6 +79,9 @@ for (model, data), ax in zip(panels, axes[0]):
         s = g[g["method"] == method].groupby("lr")["paper_score"].agg(["mean", "std"]).fillna(0.0)
         ax.errorbar(s.index, s["mean"], yerr=s["std"], marker="o", capsize=3, label=report.method_label(method))
     ax.set_xscale("log")
+    rates = sorted(set(g["lr"]))
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="learning rate", ylabel=f"dev {g['metric'].iloc[0]} (%)", title=f"{model} — {data}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -213,7 +213,7 @@ def write_table(table: pd.DataFrame, name: str, *, title: str, notes: list[str] 
 def _tex_escape(text: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
                  ("±", r"$\pm$"), ("−", "-"), ("Δ", r"$\Delta$"), ("×", r"$\times$"), ("÷", "/"), ("≤", r"$\le$"),
-                 ("—", "--")):
+                 ("—", "--"), ("¹", "$^1$"), ("→", r"$\rightarrow$")):
         text = text.replace(a, b)
     return text
 

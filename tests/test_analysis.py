@@ -107,6 +107,12 @@ def test_tables_and_figures_are_written_in_both_formats(tmp_path):
     md, tex = (tmp_path / "t.md").read_text(), (tmp_path / "t.tex").read_text()
     assert "# T & 50 %" in md and "| a_b " in md and "- a note" in md
     assert r"\caption{T \& 50 \%}" in tex and r"a\_b" in tex and r"1.0 $\pm$ 0.1" in tex and r"\toprule" in tex
+    report.set_params(out=tmp_path)
+    try:
+        report.write_table(pd.DataFrame({"a": ["87.6 ¹", "— → Δ −1 × 2 ÷ 3 ≤ 4"]}), "u", title="En→Ro")
+    finally:
+        report.set_params()
+    assert (tmp_path / "u.tex").read_text().isascii()  # pdflatex without unicode packages
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
 
 

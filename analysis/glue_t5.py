@@ -28,7 +28,8 @@ frame = report.rows(report.load(P.results), EXPERIMENT)
 
 # %%
 table = report.score_table(frame)
-report.write_table(table, EXPERIMENT, title="GLUE dev, T5 text-to-text: full FT vs LoRA vs LoRA-FA (mean ± std over seeds)",
+report.write_table(table, EXPERIMENT,
+                   title="GLUE dev, T5 text-to-text: full FT vs LoRA vs LoRA-FA (mean ± std over seeds)",
                    notes=["Settings: experiments/glue_t5.yaml (our choice; no published T5 row for these methods).",
                           report.provenance(frame)])
 table

@@ -76,8 +76,8 @@ for ax, model in zip(axes[0], models):
     ax.set_title(f"{model} ({bs} × {seq})", fontsize=10)
     ax.set_ylabel("GiB")
 axes[0][0].legend(fontsize=8, title="black line: peak", title_fontsize=8)
-fig.suptitle("Memory per method, measured (random-init weights, synthetic batches). Bars: weights, gradients, optimizer "
-             "state and saved activations, counted; black line: the allocator's peak (not every part is alive at "
-             "once)", fontsize=9)
+fig.suptitle("Memory per method, measured (random-init weights, synthetic batches). Bars: weights, gradients, "
+             "optimizer state and saved activations, counted; black line: the allocator's peak (not every part is "
+             "alive at once)", fontsize=9)
 fig.tight_layout()
 report.save_figure(fig, EXPERIMENT)

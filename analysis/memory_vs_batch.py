@@ -25,5 +25,6 @@ EXPERIMENT = "memory_vs_batch"
 frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
 
 # %%
-report.memory_scaling(frame, "batch_size", "batch size", EXPERIMENT, "Memory vs batch size: LoRA, LoRA-FA and the frozen-model bound",
+report.memory_scaling(frame, "batch_size", "batch size", EXPERIMENT,
+                      "Memory vs batch size: LoRA, LoRA-FA and the frozen-model bound",
                       notes=["Command: python run.py -m experiments=memory_vs_batch (results/README.md)."])

@@ -25,5 +25,6 @@ EXPERIMENT = "memory_vs_rank"
 frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
 
 # %%
-report.memory_scaling(frame, "rank", "adapter rank r", EXPERIMENT, "Memory vs adapter rank: LoRA and LoRA-FA",
+report.memory_scaling(frame, "rank", "adapter rank r", EXPERIMENT,
+                      "Memory vs adapter rank: LoRA and LoRA-FA",
                       notes=["Command: python run.py -m experiments=memory_vs_rank (results/README.md)."])

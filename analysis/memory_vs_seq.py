@@ -25,5 +25,6 @@ EXPERIMENT = "memory_vs_seq"
 frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
 
 # %%
-report.memory_scaling(frame, "seq_len", "sequence length", EXPERIMENT, "Memory vs sequence length: LoRA, LoRA-FA and the frozen-model bound",
+report.memory_scaling(frame, "seq_len", "sequence length", EXPERIMENT,
+                      "Memory vs sequence length: LoRA, LoRA-FA and the frozen-model bound",
                       notes=["Command: python run.py -m experiments=memory_vs_seq (results/README.md)."])

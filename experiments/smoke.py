@@ -1,7 +1,8 @@
 """Run every experiment file's smoke command (its `smoke:` line: the same sweep on tiny models, in seconds), each
 into its own sweep directory, so the analysis has rows from every experiment to run on. CI does this.
 
-    python experiments/smoke.py --out /tmp/smoke                # then: python -m analysis --results '/tmp/smoke/*/results.parquet'
+    python experiments/smoke.py --out /tmp/smoke
+    python -m analysis --results '/tmp/smoke/*/results.parquet' --out /tmp/smoke/report
     python experiments/smoke.py --out /tmp/smoke --only glue_roberta memory
 
 Experiment files without a smoke line (llama_mmlu, whose tasks are not implemented yet) are listed and skipped.

@@ -40,8 +40,9 @@ def pick_device(name: str) -> torch.device:
 
 def identity(cfg: DictConfig) -> dict:
     """The columns that say which job a row is, known before anything runs."""
-    return {"experiment": cfg.get("experiment") or "", "model": models.alias_of(cfg.model), "family": cfg.model.get("family") or "",
-            "method": cfg.method.name, "task": cfg.task.name, "metric": str(cfg.task.main_metric),
+    return {"experiment": cfg.get("experiment") or "", "model": models.alias_of(cfg.model),
+            "family": cfg.model.get("family") or "", "method": cfg.method.name, "task": cfg.task.name,
+            "metric": str(cfg.task.main_metric),
             "seed": int(cfg.seed), "rank": int(cfg.method.rank),
             "alpha": float(cfg.method.alpha), "dropout": float(cfg.method.dropout),
             "gradient_checkpointing": bool(cfg.method.get("gradient_checkpointing", False)),

@@ -1,5 +1,5 @@
-"""Reports: what every analysis notebook (analysis/*.py) shares: reading result rows, published reference numbers, paired statistics, and
-writing a table (markdown + LaTeX) or a figure (PNG + PDF) named after its experiment.
+"""Reports: what every analysis notebook (analysis/*.py) shares: reading result rows, published reference numbers,
+paired statistics, and writing a table (markdown + LaTeX) or a figure (PNG + PDF) named after its experiment.
 
 A notebook reads only parquet result tables: `results/*.parquet` by default, or the files `python -m analysis
 --results ...` names (a sweep's `results.parquet`). Rows say which experiment they belong to (`experiment`
@@ -92,10 +92,10 @@ LORA_PAPER_ROBERTA_BASE = {
     "lora": {"glue_mnli": 87.5, "glue_sst2": 95.1, "glue_mrpc": 89.7, "glue_cola": 63.4, "glue_qnli": 93.3,
              "glue_qqp": 90.8, "glue_rte": 86.6, "glue_stsb": 91.5},
 }
-# the metric the LoRA paper reports per task (our eval_<metric> column; MNLI: mean of matched and mismatched)
-GLUE_PAPER_METRIC = {"glue_mnli": "accuracy_mnli", "glue_sst2": "accuracy", "glue_mrpc": "accuracy",
-                     "glue_cola": "matthews_corr", "glue_qnli": "accuracy", "glue_qqp": "accuracy",
-                     "glue_rte": "accuracy", "glue_stsb": "pearson"}
+# the metric each published table reports per task (our eval_<metric> column; MNLI: mean of matched and mismatched)
+PAPER_METRIC = {"glue_mnli": "accuracy_mnli", "glue_sst2": "accuracy", "glue_mrpc": "accuracy",
+                "glue_cola": "matthews_corr", "glue_qnli": "accuracy", "glue_qqp": "accuracy",
+                "glue_rte": "accuracy", "glue_stsb": "pearson", "alpaca_mmlu": "mmlu_acc", "flan_mmlu": "mmlu_acc"}
 # Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", NeurIPS 2023, Table 4: LLaMA-7B fine-tuned with
 # BF16 LoRA, MMLU 5-shot accuracy (%).
 QLORA_PAPER = "Dettmers et al. 2023 (QLoRA), Table 4, BF16 LoRA"
@@ -113,17 +113,16 @@ def method_label(name: str) -> str:
 
 
 def paper_score(frame: pd.DataFrame) -> pd.Series:
-    """Each row's score as the papers report it, in %: GLUE tasks by the LoRA paper's metric (MNLI: the
-    example-weighted mean of matched and mismatched accuracy, ≈ their mean), else the row's own score; fractions
+    """Each row's score as the papers report it, in %: GLUE tasks by the LoRA paper's metric (MNLI: the mean of
+    matched and mismatched accuracy; the two dev sets differ in size by 0.2 %), else the row's own score; fractions
     (accuracy, correlations) × 100, BLEU/chrF as they are."""
     def one(r):
-        metric = GLUE_PAPER_METRIC.get(r["task"])
+        metric = PAPER_METRIC.get(r["task"])
         if metric == "accuracy_mnli":
             value = (r.get("eval_accuracy_m", math.nan) + r.get("eval_accuracy_mm", math.nan)) / 2
-        elif metric:
-            value = r.get(f"eval_{metric}", r["score"])
         else:
-            value = r["score"]
+            value = r.get(f"eval_{metric}", math.nan) if metric else math.nan
+            value = r["score"] if pd.isna(value) else value
         return value if r["metric"] in ("bleu", "chrf", "loss") else 100 * value
 
     return frame.apply(one, axis=1) if len(frame) else pd.Series(dtype=float)
@@ -294,7 +293,7 @@ def score_table(frame: pd.DataFrame, references: dict | None = None, ref_model: 
             ref = (references or {}).get(k.method, {}).get(k.task) if k.model == ref_model else None
             mean = g["paper_score"].mean()
             lines.append({"model": k.model, "weights": k.weights, "data": k.data, "method": METHOD_LABEL.get(
-                k.method, k.method), "metric": GLUE_PAPER_METRIC.get(k.task, k.metric).replace("accuracy_mnli",
+                k.method, k.method), "metric": PAPER_METRIC.get(k.task, k.metric).replace("accuracy_mnli",
                 "accuracy (m+mm)/2"), "ours": mean_std(g["paper_score"]), "seeds": int(g["seed"].nunique()),
                 "published": "—" if ref is None else f"{ref:.1f}",
                 "Δ ours − published": "—" if ref is None else f"{mean - ref:+.1f}",
@@ -305,7 +304,7 @@ def score_table(frame: pd.DataFrame, references: dict | None = None, ref_model: 
             if (ref_model, task, METHOD_LABEL.get(method, method)) in seen:
                 continue
             lines.append({"model": ref_model, "weights": "—", "data": task, "method": METHOD_LABEL.get(method, method),
-                          "metric": GLUE_PAPER_METRIC.get(task, "accuracy").replace("accuracy_mnli",
+                          "metric": PAPER_METRIC.get(task, "accuracy").replace("accuracy_mnli",
                                                                                     "accuracy (m+mm)/2"),
                           "ours": "—", "seeds": 0, "published": f"{ref:.1f}", "Δ ours − published": "—"})
     table = pd.DataFrame(lines)

@@ -10,7 +10,8 @@ models, and its official metrics. Examples are normalised to columns `text`, `te
 - decoder (LLaMA): the same input, then "\\nAnswer:" → " positive"; loss on the answer only; label scoring.
 
 `translation` (WMT16 En-Ro) poses text → target text to T5: teacher-forced loss, greedy generation at eval time,
-corpus BLEU (sacrebleu). `synthetic` makes random token batches of an exact size for memory and speed at real scale (metric: loss).
+corpus BLEU (sacrebleu). `synthetic` makes random token batches of an exact size for memory and speed at real scale
+(metric: loss).
 """
 
 from __future__ import annotations

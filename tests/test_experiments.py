@@ -64,7 +64,7 @@ def test_experiment_composes_and_sweeps_existing_options(path):
     for key, values in params.items():
         if key in GROUPS:
             unknown = set(values) - options(key)
-            assert not unknown, f"{path.name}: {key} options {sorted(unknown)} do not exist; have {sorted(options(key))}"
+            assert not unknown, f"{path.name}: {key}={sorted(unknown)} do not exist; have {sorted(options(key))}"
         else:
             assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", f"{path.name}: no key {key}"
         for value in values:  # each value on its own, the others as the file sets them

@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     from lorafa import report
 
     p = report.set_params(args.results, args.out)
+    import glob
+
+    if not any(glob.glob(str(pattern)) for pattern in p.results):
+        parser.error(f"no result table matches {p.results}")
     chosen = [nb for nb in notebooks() if not args.only or nb.stem in args.only]
     if args.only and len(chosen) != len(args.only):
         parser.error(f"unknown notebook in {args.only}; available: {[nb.stem for nb in notebooks()]}")

@@ -62,11 +62,16 @@ def load(paths: list[str] | None = None) -> pd.DataFrame:
 
 
 def rows(table: pd.DataFrame, experiment: str, *, ok_only: bool = True) -> pd.DataFrame:
-    """The rows of one experiment (status ok unless asked otherwise)."""
+    """The rows of one experiment (status ok unless asked otherwise), with every column a result row has (missing
+    ones as empty), so a notebook works the same on an older table or on none."""
+    from .results import REQUIRED_COLUMNS
+
     sel = table[table["experiment"] == experiment]
     if ok_only and "status" in sel:
         sel = sel[sel["status"] == "ok"]
-    return sel.copy()
+    expected = [*REQUIRED_COLUMNS, "experiment", "method", "rank", "lr", "init", "config", "loss_curve",
+                "eval_history", "gradient_checkpointing", "recompute"]
+    return sel.reindex(columns=[*sel.columns, *[c for c in dict.fromkeys(expected) if c not in sel.columns]])
 
 
 def variant(frame: pd.DataFrame) -> pd.Series:

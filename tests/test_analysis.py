@@ -169,3 +169,22 @@ def test_smoke_sweep_of_every_experiment_then_analysis(tmp_path):
         assert "(no rows)" not in table and "tiny-" in table, name
     paired = (tmp_path / "out" / "glue_roberta_paired.md").read_text()
     assert "| LoRA-FA − LoRA    | tiny-roberta | movie_polarity |               2 |" in paired
+
+
+def test_analysis_without_rows_of_its_experiments_still_writes_every_output(tmp_path):
+    """A table holding none of an experiment's rows gives its outputs with "(no rows)" (or only published rows),
+    not a crash; a --results that matches no file is a usage error."""
+    from analysis.__main__ import main
+
+    pd.DataFrame({"model": ["x"], "status": ["ok"], "experiment": ["something_else"]}).to_parquet(
+        tmp_path / "t.parquet")
+    try:
+        assert main(["--results", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "out")]) == 0
+        with pytest.raises(SystemExit):
+            main(["--results", str(tmp_path / "none*.parquet"), "--out", str(tmp_path / "out2")])
+    finally:
+        report.set_params()
+    made = outputs(tmp_path / "out")
+    assert len(made[".md"]) >= 6 and len(made[".png"]) >= 6
+    assert "(no rows)" in (tmp_path / "out" / "memory.md").read_text()
+    assert "38.4 ¹" in (tmp_path / "out" / "llama_mmlu.md").read_text()  # the published rows stay

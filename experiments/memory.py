@@ -2,7 +2,7 @@
 
     python experiments/memory.py --out results/memory.parquet            # on a CUDA GPU (H200: ~10 min)
     python experiments/memory.py --models tiny-llama --device cpu --out /tmp/m.parquet   # a quick CPU run
-    smoke: python experiments/memory.py --models tiny-roberta tiny-llama --variants full lora lorafa frozen --device cpu --steps 4 --out results.parquet
+    smoke: python experiments/memory.py --models tiny-llama --variants full lora lorafa frozen --device cpu --steps 4 --out results.parquet
 
 Random-init weights built from each model's real config (no download), synthetic batches of exactly
 batch_size × seq_len, bf16 autocast on CUDA (frozen weights held in bf16), r = 8 on every attention and FFN linear,

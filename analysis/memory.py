@@ -54,11 +54,12 @@ table
 
 # %%
 shown = ["full", "lora", "lorafa", "lorafa_v2", "lora+recompute", "lorafa+recompute", "frozen"]
-models = list(dict.fromkeys(frame["model"]))
-fig, axes = plt.subplots(1, max(len(models), 1), figsize=(4.2 * max(len(models), 1), 4), squeeze=False)
+panels = list(dict.fromkeys(zip(frame["model"], frame["batch_size"], frame["seq_len"])))  # model × batch × length
+fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 4), squeeze=False)
 colors = {"weights": "#8c8c8c", "grads": "#e39b4c", "optimizer": "#c44e52", "activations": "#4c72b0"}
-for ax, model in zip(axes[0], models):
-    g = frame[frame["model"] == model].assign(label=lambda d: report.variant(d))
+for ax, (model, bs, seq) in zip(axes[0], panels):
+    g = frame[(frame["model"] == model) & (frame["batch_size"] == bs) & (frame["seq_len"] == seq)]
+    g = g.assign(label=report.variant(g))
     g = g[g["label"].isin(shown)].set_index("label").reindex([s for s in shown if s in set(g["label"])])
     x = np.arange(len(g))
     bottom = np.zeros(len(g))
@@ -72,7 +73,6 @@ for ax, model in zip(axes[0], models):
         else:
             ax.text(i, 1, r["status"].upper(), ha="center", va="bottom", rotation=90, fontsize=8)
     ax.set_xticks(x, [report.method_label(s) for s in g.index], rotation=45, ha="right", fontsize=8)
-    bs, seq = g["batch_size"].iloc[0], g["seq_len"].iloc[0]
     ax.set_title(f"{model} ({bs} × {seq})", fontsize=10)
     ax.set_ylabel("GiB")
 axes[0][0].legend(fontsize=8, title="black line: peak", title_fontsize=8)

@@ -1,6 +1,7 @@
 """Memory of LoRA, LoRA-FA and their bounds at the paper's scale: the benchmark of issue "LoRA-FA, exactly".
 
     python experiments/memory.py --out results/memory.parquet            # on a CUDA GPU (H200: ~10 min)
+    python experiments/memory.py --models roberta-base --shape 16x512 --out m.parquet   # another batch × length
     python experiments/memory.py --models tiny-llama --device cpu --out /tmp/m.parquet   # a quick CPU run
     smoke: python experiments/memory.py --models tiny-llama --variants full lora lorafa frozen --device cpu --steps 4 --out results.parquet
 
@@ -55,9 +56,12 @@ COLUMNS = ["model", "variant", "method", "gradient_checkpointing", "recompute", 
            "pred_mem_peak_gib", "tokens_per_s", "step_time_s", "trainable_params", "device"]
 
 
-def overrides_for(model: str, variant: str, device: str, steps: int) -> list[str]:
+def overrides_for(model: str, variant: str, device: str, steps: int, shape: tuple[int, int] | None = None) -> list[str]:
+    """The job's overrides; `shape` = (batch_size, seq_len) replaces the model's default setting."""
     bs, seq, dropout, extra = SETTINGS[model]
-    return ["experiment=memory", f"model={model}", "model.init=random", "task=synthetic", f"task.max_seq_len={seq}", "task.num_eval=8",
+    bs, seq = shape or (bs, seq)
+    return ["experiment=memory", f"model={model}", "model.init=random", "task=synthetic", f"task.max_seq_len={seq}",
+            "task.num_eval=8",
             f"train.batch_size={bs}", "train.eval_batch_size=8", f"train.max_steps={steps}",
             "train.measure_warmup_steps=3", f"device={device}", *extra, *VARIANTS[variant],
             # every adapter method: its config's r = 8 on all linear layers; the adapter dropout as the setting says
@@ -68,6 +72,7 @@ def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["roberta-base", "roberta-large", "t5-large", "llama-7b"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--shape", help="BATCHxSEQ for every model of this run instead of its setting, e.g. 16x512")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per job (3 are warm-up)")
     parser.add_argument("--out", type=Path, required=True)
@@ -81,8 +86,9 @@ def main(argv=None) -> pd.DataFrame:
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         for model in args.models:
             for variant in args.variants:
-                overrides = overrides_for(model, variant, args.device, args.steps)
-                cfg = compose("config", overrides=[*overrides, f"output_dir={tmp}/{model}/{variant}",
+                shape = tuple(int(v) for v in args.shape.lower().split("x")) if args.shape else None
+                overrides = overrides_for(model, variant, args.device, args.steps, shape)
+                cfg = compose("config", overrides=[*overrides, f"output_dir={tmp}/{model}/{variant}/{args.shape}",
                                                    "train.progress=false"])
                 row = run(cfg)
                 row["variant"] = variant

@@ -55,9 +55,13 @@ table
 # %%
 shown = ["full", "lora", "lorafa", "lorafa_v2", "lora+recompute", "lorafa+recompute", "frozen"]
 panels = list(dict.fromkeys(zip(frame["model"], frame["batch_size"], frame["seq_len"])))  # model × batch × length
-fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 4), squeeze=False)
+ncols = min(max(len(panels), 1), 3)
+nrows = -(-max(len(panels), 1) // ncols)
+fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.2 * nrows), squeeze=False)
+for ax in axes.flat[len(panels):]:
+    ax.set_visible(False)
 colors = {"weights": "#8c8c8c", "grads": "#e39b4c", "optimizer": "#c44e52", "activations": "#4c72b0"}
-for ax, (model, bs, seq) in zip(axes[0], panels):
+for ax, (model, bs, seq) in zip(axes.flat, panels):
     g = frame[(frame["model"] == model) & (frame["batch_size"] == bs) & (frame["seq_len"] == seq)]
     g = g.assign(label=report.variant(g))
     g = g[g["label"].isin(shown)].set_index("label").reindex([s for s in shown if s in set(g["label"])])

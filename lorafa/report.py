@@ -295,7 +295,9 @@ def score_table(frame: pd.DataFrame, references: dict | None = None, ref_model: 
         for k in keys.itertuples(index=False):
             g = frame[(frame["model"] == k.model) & (frame["task"] == k.task) & (frame["method"] == k.method)
                       & (frame["weights"] == k.weights)]
-            ref = (references or {}).get(k.method, {}).get(k.task) if k.model == ref_model else None
+            # published numbers sit beside pretrained rows only: random-init accuracy is never a reproduction
+            ref = (references or {}).get(k.method, {}).get(k.task) \
+                if k.model == ref_model and k.weights != "random init" else None
             mean = g["paper_score"].mean()
             lines.append({"model": k.model, "weights": k.weights, "data": k.data, "method": METHOD_LABEL.get(
                 k.method, k.method), "metric": PAPER_METRIC.get(k.task, k.metric).replace("accuracy_mnli",
@@ -303,7 +305,7 @@ def score_table(frame: pd.DataFrame, references: dict | None = None, ref_model: 
                 "published": "—" if ref is None else f"{ref:.1f}",
                 "Δ ours − published": "—" if ref is None else f"{mean - ref:+.1f}",
                 **{label: mean_std(g[col]) if col in g else "—" for label, col in (extra or {}).items()}})
-    seen = {(ln["model"], ln["data"].split(" ")[0], ln["method"]) for ln in lines}
+    seen = {(ln["model"], ln["data"].split(" ")[0], ln["method"]) for ln in lines if ln["published"] != "—"}
     for method, per_task in (references or {}).items():
         for task, ref in per_task.items():
             if (ref_model, task, METHOD_LABEL.get(method, method)) in seen:

@@ -87,6 +87,12 @@ def test_score_table_puts_published_numbers_and_deltas_beside_ours():
     assert ours.loc["LoRA", "weights"] == "pretrained, hub FacebookAI/roberta-base"
     missing = table[table["ours"] == "—"]
     assert len(missing) == 14 and set(missing["seeds"]) == {0}  # the other 7 tasks × 2 methods: published only
+    # random-init rows of the same model and task never get a published number or a delta
+    random = pd.DataFrame(rows).assign(init="random")
+    table = report.score_table(random, report.LORA_PAPER_ROBERTA_BASE, "roberta-base", "ref")
+    mine = table[table["weights"] == "random init"]
+    assert len(mine) == 2 and set(mine["published"]) == {"—"} and set(mine["Δ ours − published"]) == {"—"}
+    assert len(table[table["ours"] == "—"]) == 16  # all published rows listed on their own
 
 
 def test_tables_and_figures_are_written_in_both_formats(tmp_path):

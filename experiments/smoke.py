@@ -5,7 +5,7 @@ into its own sweep directory, so the analysis has rows from every experiment to 
     python -m analysis --results '/tmp/smoke/*/results.parquet' --out /tmp/smoke/report
     python experiments/smoke.py --out /tmp/smoke --only glue_roberta memory
 
-Experiment files without a smoke line (llama_mmlu, whose tasks are not implemented yet) are listed and skipped.
+Experiment files without a smoke line are listed and skipped.
 """
 
 from __future__ import annotations

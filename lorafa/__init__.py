@@ -6,6 +6,7 @@ Modules, one concept each:
     adapters  the LoRA / LoRA-FA layer and its injection
     methods   full / lora / lorafa as data, applied by one function
     tasks     task data, how each family is asked it, metrics
+    mmlu      MMLU k-shot through lm-eval on the model in memory (instruction tasks)
     measure   memory split and throughput, measured
     train     the training loop and evaluation
     results   result rows, provenance, the sweep table

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from . import adapters, measure, memory, methods, models, results, tasks
+from . import adapters, measure, memory, methods, mmlu, models, results, tasks
 from .train import Diverged, EvalSet, autocast_dtype, fit, frozen_weight_dtype
 
 log = logging.getLogger(__name__)
 TRACEBACK_FILE = "traceback.txt"
+MMLU_FILE = "mmlu_subjects.json"  # instruction tasks: per-subject MMLU accuracy, beside the row
 
 
 def seed_everything(seed: int) -> None:
@@ -149,6 +150,12 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
                                                     if cfg.model.init == "pretrained" else None,
                                                     modules_to_save=net.head_modules))
     final = {k: v for k, v in history.evals[-1].items() if k not in ("epoch", "step")}
+    if data.kind == "instruction":  # scored after training: MMLU k-shot through lm-eval on the model in memory
+        scores = mmlu.evaluate(net.model, tokenizer, cfg.task, device, autocast_dtype(cfg.train.precision, device))
+        side = Path(cfg.output_dir) / MMLU_FILE
+        side.write_text(json.dumps(scores, indent=1, sort_keys=True))
+        row.update(mmlu_subjects_file=str(side), mmlu_examples=scores["mmlu_examples"])
+        final.update(mmlu_acc=scores["mmlu_acc"], loss=float("nan"))  # no held-out instruction data to score
     if "loss" not in final:  # several eval splits (MNLI m/mm): eval_loss is their example-weighted mean
         sizes = {ev.name: len(ev.features) for ev in evalsets}
         final["loss"] = sum(final[f"loss_{n}"] * k for n, k in sizes.items()) / sum(sizes.values())

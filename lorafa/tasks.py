@@ -9,6 +9,8 @@ models, and its official metrics. Examples are normalised to columns `text`, `te
   time by the log-likelihood of each candidate label (label scoring, so every prediction is a valid label).
 - decoder (LLaMA): the same input, then "\\nAnswer:" → " positive"; loss on the answer only; label scoring.
 
+`instruction` (Alpaca, FLAN-v2) trains a decoder on prompt → response in the Alpaca template, loss on the response
+tokens only; it is scored after training by MMLU k-shot through lm-eval (`lorafa.mmlu`), not per epoch.
 `translation` (WMT16 En-Ro) poses text → target text to T5: teacher-forced loss, greedy generation at eval time,
 corpus BLEU (sacrebleu). `synthetic` makes random token batches of an exact size for memory and speed at real scale
 (metric: loss).
@@ -28,6 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from . import sources
 
 ANSWER_CUE = "\nAnswer:"  # decoders read the prompt, then this, then the label word
+# Stanford Alpaca's prompt templates (github.com/tatsu-lab/stanford_alpaca, train.py), with and without an input
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+# the fields of each instruction-data format → (instruction, input, response)
+INSTRUCTION_FORMATS = {"alpaca": ("instruction", "input", "output"), "flan": ("inputs", None, "targets")}
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -89,7 +99,7 @@ class TaskData:
     """Normalised examples of one task: frames with text, [text_pair], label."""
 
     name: str
-    kind: str  # classification | regression | translation | synthetic
+    kind: str  # classification | regression | translation | instruction | synthetic
     splits: dict[str, pd.DataFrame]  # "train" and the eval splits, keyed by eval name
     labels: list[str] | None  # class names in index order (classification)
 
@@ -157,8 +167,7 @@ def load_data(tcfg: DictConfig) -> TaskData:
     if kind == "synthetic":
         return TaskData(tcfg.name, kind, {}, None)
     if kind == "instruction":
-        raise NotImplementedError(f"task {tcfg.name}: instruction tuning with MMLU evaluation through lm-eval is not "
-                                  "implemented yet (issue 'LLaMA: instruction tuning, MMLU through lm-eval')")
+        return _load_instructions(tcfg)
     eval_splits = OmegaConf.to_container(tcfg.eval_splits, resolve=True)
     wanted = {"train": "train", **eval_splits}
     files = {k: str(v) for k, v in (tcfg.get("data_files") or {}).items() if v}  # any local file: all local
@@ -193,6 +202,37 @@ def load_data(tcfg: DictConfig) -> TaskData:
     else:
         raise ValueError(f"task.kind={kind!r}: expected classification, regression, translation or synthetic")
     return TaskData(tcfg.name, kind, splits, labels)
+
+
+def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
+    """The Alpaca template around one instruction (the no-input variant when the input is empty)."""
+    if isinstance(input_text, str) and input_text.strip():
+        return ALPACA_PROMPT.format(instruction=instruction, input=input_text)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def _load_instructions(tcfg: DictConfig) -> TaskData:
+    """Instruction data (train split only) as `prompt` (the Alpaca template filled in) and `response` columns."""
+    fmt = str(tcfg.get("format") or "alpaca")
+    if fmt not in INSTRUCTION_FORMATS:
+        raise ValueError(f"task.format={fmt!r}: expected one of {sorted(INSTRUCTION_FORMATS)}")
+    files = {k: str(v) for k, v in (tcfg.get("data_files") or {}).items() if v}
+    if files.get("train"):
+        frame, where = read_table(files["train"]), files["train"]
+    elif tcfg.get("dataset"):
+        frame, where = _load_hub_split(tcfg, "train"), f"{tcfg.dataset}:train"
+    else:
+        raise ValueError(f"task {tcfg.name}: set task.data_files.train=FILE (json/jsonl with the {fmt} fields)")
+    instruction, input_col, response = INSTRUCTION_FORMATS[fmt]
+    missing = [c for c in (instruction, input_col, response) if c and c not in frame.columns]
+    if missing:
+        raise ValueError(f"{where}: no column {missing} for task.format={fmt}; columns are {list(frame.columns)}")
+    if tcfg.get("max_train_samples"):
+        frame = frame.iloc[: int(tcfg.max_train_samples)]
+    inputs = frame[input_col] if input_col else [None] * len(frame)
+    out = pd.DataFrame({"prompt": [alpaca_prompt(str(i), x) for i, x in zip(frame[instruction], inputs)],
+                        "response": frame[response].astype(str).tolist()})
+    return TaskData(tcfg.name, "instruction", {"train": out.reset_index(drop=True)}, None)
 
 
 def _label_set(values: pd.Series) -> list[str]:
@@ -388,6 +428,24 @@ class DecoderPoser(Poser):
         return self.from_choice(torch.stack(scores, -1).argmax(-1))
 
 
+class InstructionPoser(Poser):
+    """Decoders on instruction data: the prompt, then the response and EOS; loss on the response tokens only
+    (labels −100 over the prompt). Sequences longer than task.max_seq_len are cut at that length."""
+
+    family = "decoder"
+
+    def encode(self, frame):
+        prompts = self.tok(frame["prompt"].tolist())["input_ids"]  # with BOS, as the model will read it
+        responses = self.tok(frame["response"].tolist(), add_special_tokens=False)["input_ids"]
+        features = []
+        for p, r in zip(prompts, responses):
+            ids = (p + r + [self.tok.eos_token_id])[: self.max_len]
+            labels = ([-100] * len(p) + r + [self.tok.eos_token_id])[: self.max_len]
+            if any(t != -100 for t in labels):  # a prompt that fills the window teaches nothing: dropped
+                features.append({"input_ids": ids, "labels": labels})
+        return features
+
+
 class SyntheticPoser(Poser):
     """Random token sequences of exactly max_seq_len (and random targets): memory and speed, not accuracy."""
 
@@ -417,4 +475,9 @@ def poser_for(family: str, data: TaskData, tcfg: DictConfig, tokenizer=None, *, 
     if data.kind == "translation" and family != "encoder-decoder":
         raise ValueError(f"task {tcfg.name} (translation) is posed to encoder-decoder models (T5) only; "
                          f"this model's family is {family}")
+    if data.kind == "instruction":
+        if family != "decoder":
+            raise ValueError(f"task {tcfg.name} (instruction tuning, MMLU) is posed to decoder models (LLaMA) only; "
+                             f"this model's family is {family}")
+        return InstructionPoser(data, tcfg, tokenizer)
     return POSERS[family](data, tcfg, tokenizer)

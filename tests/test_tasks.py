@@ -240,6 +240,40 @@ def test_t5_translation_teacher_forces_the_reference_and_generates_text():
         tasks.poser_for("decoder", data, cfg.task, load_tokenizer(compose_cfg(["model=tiny-llama"]).model))
 
 
-def test_instruction_tasks_compose_but_say_they_are_not_implemented():
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        tasks.load_data(compose_cfg(["task=alpaca_mmlu"]).task)
+def test_instruction_data_in_the_alpaca_template_with_the_loss_on_the_response_only():
+    cfg = compose_cfg(["model=tiny-llama", "task=alpaca_mmlu_sample"])
+    data = tasks.load_data(cfg.task)
+    assert data.kind == "instruction" and len(data.splits["train"]) == 16
+    with_input = data.splits["train"].loc[1]  # "Translate the sentence into French." with an input
+    assert with_input["prompt"] == tasks.ALPACA_PROMPT.format(instruction="Translate the sentence into French.",
+                                                              input="The cat sleeps on the sofa.")
+    assert data.splits["train"].loc[0, "prompt"].startswith("Below is an instruction that describes a task. Write")
+    assert data.splits["train"].loc[0, "prompt"].endswith("### Response:\n")
+    tok = load_tokenizer(cfg.model)
+    poser = tasks.poser_for("decoder", data, cfg.task, tok)
+    feats = poser.encode(data.splits["train"])
+    for f, (_, r) in zip(feats, data.splits["train"].iterrows()):
+        n_prompt = len(tok(r["prompt"])["input_ids"])
+        assert f["labels"][:n_prompt] == [-100] * n_prompt  # no loss on the prompt
+        assert f["labels"][n_prompt:] == f["input_ids"][n_prompt:] and f["input_ids"][-1] == tok.eos_token_id
+        assert tok.decode(f["input_ids"][n_prompt:-1]) == r["response"]
+    short = tasks.poser_for("decoder", data, OmegaConf.merge(cfg.task, {"max_seq_len": 80}), tok).encode(
+        data.splits["train"])
+    assert max(len(f["input_ids"]) for f in short) == 80 and all(len(f["labels"]) == len(f["input_ids"]) for f in short)
+    with pytest.raises(ValueError, match="decoder models"):
+        tasks.poser_for("encoder", data, cfg.task, tok)
+
+
+def test_flan_format_and_missing_fields(tmp_path):
+    cfg = compose_cfg(["task=alpaca_mmlu_sample", "task.format=flan",
+                       f"task.data_files.train={tasks.sources.asset('alpaca_sample/flan.jsonl')}"])
+    frame = tasks.load_data(cfg.task).splits["train"]
+    assert frame.loc[3, "prompt"] == tasks.ALPACA_PROMPT_NO_INPUT.format(instruction="Question: Name the capital of "
+                                                                                     "Italy.")
+    assert frame.loc[3, "response"] == "Rome."
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n')
+    with pytest.raises(ValueError, match=r"no column \['inputs', 'targets'\]"):
+        tasks.load_data(compose_cfg(["task=alpaca_mmlu_sample", "task.format=flan", f"task.data_files.train={bad}"]).task)
+    with pytest.raises(ValueError, match="task.format='chat'"):
+        tasks.load_data(compose_cfg(["task=alpaca_mmlu_sample", "task.format=chat"]).task)

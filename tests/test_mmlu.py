@@ -1,0 +1,98 @@
+"""MMLU through lm-eval on the in-memory model: the local task files, the score against a direct computation, and
+the instruction-tuning job end to end on the shipped sample (offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from lorafa import mmlu, models, sources
+
+from .conftest import compose_cfg
+
+SAMPLE = sources.ASSETS / "mmlu_sample"
+
+
+def test_local_files_become_one_lm_eval_task_per_subject(tmp_path):
+    subjects = mmlu.local_tasks(SAMPLE, tmp_path)
+    assert subjects == ["elementary_mathematics", "high_school_geography"]
+    for s in subjects:
+        task = yaml.safe_load((tmp_path / f"{s}.yaml").read_text())
+        assert task["description"].endswith(f"about {s.replace('_', ' ')}.\n\n") and task["fewshot_split"] == "dev"
+        assert task["doc_to_text"] == mmlu.PROMPT and task["doc_to_choice"] == ["A", "B", "C", "D"]
+        assert len((tmp_path / f"{s}_dev.jsonl").read_text().splitlines()) == 5
+        assert len((tmp_path / f"{s}_test.jsonl").read_text().splitlines()) == 7
+    assert "lorafa_mmlu_local_high_school_geography" in (tmp_path / "_group.yaml").read_text()
+    other = tmp_path / "one"
+    other.mkdir()
+    assert mmlu.local_tasks(SAMPLE, other, ["high_school_geography"]) == ["high_school_geography"]
+    with pytest.raises(ValueError, match="not in"):
+        mmlu.local_tasks(SAMPLE, tmp_path, ["astronomy"])
+    pd.DataFrame({"question": ["q"], "subject": ["s"]}).to_json(tmp_path / "dev.jsonl", orient="records", lines=True)
+    with pytest.raises(FileNotFoundError, match="no test"):
+        mmlu.local_tasks(tmp_path, tmp_path)
+
+
+@pytest.mark.slow
+def test_lm_eval_score_equals_a_direct_zero_shot_computation():
+    """0-shot, so the prompt is plain: the subject description, the question and its choices, "Answer:"; the
+    prediction is the likeliest of " A" … " D". lm-eval's accuracy must equal ours on the same model."""
+    cfg = compose_cfg(["model=tiny-llama", "task=alpaca_mmlu_sample", "task.num_fewshot=0"])
+    torch.manual_seed(0)
+    net = models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32)
+    tok = models.load_tokenizer(cfg.model)
+    got = mmlu.evaluate(net.model, tok, cfg.task, torch.device("cpu"))
+    test = pd.read_json(SAMPLE / "test.jsonl", lines=True)
+    correct = {}
+    with torch.no_grad():
+        for r in test.itertuples():
+            context = (f"The following are multiple choice questions (with answers) about "
+                       f"{r.subject.replace('_', ' ')}.\n\n{r.question.strip()}\n"
+                       + "".join(f"{letter}. {c}\n" for letter, c in zip("ABCD", r.choices)) + "Answer:")
+            ctx = tok(context)["input_ids"]
+            scores = []
+            for letter in "ABCD":
+                whole = tok(context + " " + letter)["input_ids"]
+                cont = whole[len(ctx):]
+                logp = net.model(torch.tensor([whole])).logits[0].log_softmax(-1)
+                scores.append(sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont)))
+            correct.setdefault(r.subject, []).append(int(max(range(4), key=scores.__getitem__) == r.answer))
+    for subject, hits in correct.items():
+        assert got["subjects"][subject] == pytest.approx(sum(hits) / len(hits)), subject
+    assert got["mmlu_acc"] == pytest.approx(sum(map(sum, correct.values())) / len(test))
+    assert got["mmlu_examples"] == len(test) == 14 and got["num_fewshot"] == 0
+
+
+@pytest.mark.slow
+def test_instruction_tuning_then_mmlu_end_to_end_offline(cfg_factory, offline):
+    """`python run.py model=tiny-llama method=lorafa task=alpaca_mmlu_sample`, as run(cfg): an ok row scored by
+    MMLU 5-shot, per-subject accuracies beside it; the real tasks fail with a row that says what to set."""
+    from lorafa.job import MMLU_FILE, run
+
+    cfg = cfg_factory("model=tiny-llama", "method=lorafa", "task=alpaca_mmlu_sample", "train.epochs=1")
+    row = run(cfg)
+    assert row["status"] == "ok", row["error"]
+    assert row["metric"] == "mmlu_acc" and 0.0 <= row["score"] <= 1.0 and row["eval_mmlu_acc"] == row["score"]
+    side = json.loads((Path(cfg.output_dir) / MMLU_FILE).read_text())
+    assert set(side["subjects"]) == {"elementary_mathematics", "high_school_geography"} and side["num_fewshot"] == 5
+    assert row["score"] == pytest.approx(sum(side["subjects"].values()) / 2)  # 7 questions each
+    assert row["train_examples"] == 16 and row["mem_activations_gib"] > 0 and row["trainable_params"] > 0
+    real = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=alpaca_mmlu"))
+    assert real["status"] == "failed" and "tatsu-lab/alpaca" in real["error"]
+    no_mmlu = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=alpaca_mmlu", "train.max_steps=1",
+                              f"task.data_files.train={sources.asset('alpaca_sample/alpaca.json')}",
+                              "task.max_seq_len=128"))
+    assert no_mmlu["status"] == "failed" and "task.mmlu_path" in no_mmlu["error"]
+
+
+def test_the_sample_is_never_the_real_task():
+    real, sample = (OmegaConf.to_container(compose_cfg([f"task={t}"]).task, resolve=True)
+                    for t in ("alpaca_mmlu", "alpaca_mmlu_sample"))
+    assert sample["name"] != real["name"] and real["mmlu_path"] is None and real["data_files"]["train"] is None
+    assert real["dataset"] == "tatsu-lab/alpaca" and real["max_seq_len"] == 2048 and real["num_fewshot"] == 5

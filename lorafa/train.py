@@ -4,13 +4,21 @@ AdamW (no decay on biases and norms) with linear warm-up and decay (transformers
 `train.max_steps` optimizer steps, gradient accumulation, evaluation after each epoch and at the end, bf16
 autocast on CUDA. The first two optimizer steps are padded to `task.max_seq_len`: step 0 records the saved-tensor
 bytes, the gradients and the optimizer state; step 1, the steady-state allocator peak (see `lorafa.measure`).
+
+Long runs: every `train.checkpoint_every` optimizer steps the trainable weights, optimizer, scheduler, every RNG,
+the data position (this epoch's order and the next batch) and the history so far go to
+`<output_dir>/checkpoint/state.pt` (written atomically); `train.resume=true` continues from it, and the continued
+run is the uninterrupted one (same batches, dropout masks, updates; tested on CPU).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +30,7 @@ from . import measure
 from .tasks import Poser, collate, compute_metrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+CHECKPOINT = Path("checkpoint") / "state.pt"  # under the job's output_dir
 
 
 class Diverged(RuntimeError):
@@ -119,6 +128,62 @@ def evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str
     return out
 
 
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator, order: list[int],
+                    next_group: int, history: History, memory: measure.Memory) -> None:
+    """Everything the loop needs to continue as if never stopped; temporary file + rename, so a kill mid-write
+    leaves the previous checkpoint intact."""
+    state = {"trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
+             "optimizer": optimizer.state_dict() if optimizer else None,
+             "scheduler": scheduler.state_dict() if scheduler else None,
+             "rng": _rng_state(), "generator": generator.get_state(), "order": order, "next_group": next_group,
+             "history": {"losses": history.losses, "evals": history.evals, "steps": history.steps,
+                         "epochs_completed": history.epochs_completed},
+             "memory": {"grads": memory.grads, "optimizer": memory.optimizer, "activations": memory.activations,
+                        "allocator": dict(memory.allocator)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
+                    history: History, memory: measure.Memory) -> tuple[list[int], int]:
+    """Restore a checkpoint into the live objects; returns (this epoch's order, the next micro-batch group)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(state["trainable"]) != trainable:
+        raise ValueError(f"{path} was written by a different method or model: its trainable parameters differ "
+                         f"({len(state['trainable'])} vs {len(trainable)})")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    if optimizer:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    generator.set_state(state["generator"])
+    for key, value in state["history"].items():
+        setattr(history, key, value)
+    for key, value in state["memory"].items():
+        setattr(memory, key, value)
+    return state["order"], state["next_group"]
+
+
 def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: list[EvalSet], *,
         cfg: DictConfig, device: torch.device, pad_id: int, memory: measure.Memory,
         throughput: measure.Throughput) -> History:
@@ -144,12 +209,20 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
             record.update({f"{k}{suffix}": v for k, v in result.items()})
         history.evals.append(record)
 
+    every = int(tcfg.get("checkpoint_every") or 0)
+    ckpt = Path(cfg.output_dir) / CHECKPOINT
+    order, start = None, 0
+    if tcfg.get("resume") and ckpt.is_file():
+        order, start = load_checkpoint(ckpt, model, optimizer, scheduler, generator, history, memory)
     progress = _progress(steps, enabled=bool(tcfg.progress))
+    progress.update(history.steps)
     model.train()
     while history.steps < steps:
-        order = torch.randperm(len(train_features), generator=generator).tolist()
+        if order is None:  # a new epoch (a resumed run continues the epoch it stopped in)
+            order, start = torch.randperm(len(train_features), generator=generator).tolist(), 0
         micro = [order[i: i + bs] for i in range(0, len(order), bs)]
-        for g in range(0, len(micro), accum):
+        g = start
+        for g in range(start, len(micro), accum):
             step = history.steps
             group = micro[g: g + accum]
             measured = step < 2  # padded to max_seq_len: memory describes batch_size × max_seq_len
@@ -193,11 +266,14 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
             progress.update(1)
             progress.set_postfix(loss=f"{history.losses[-1]:.4f}",
                                  tok_s=f"{throughput.columns()['tokens_per_s']:.0f}")
+            if every and history.steps % every == 0 and history.steps < steps:
+                save_checkpoint(ckpt, model, optimizer, scheduler, generator, order, g + accum, history, memory)
             if history.steps >= steps:
                 break
         if g + accum >= len(micro):  # the whole epoch was seen
             history.epochs_completed += 1
             run_evals(history.epochs_completed)
+        order = None
     progress.close()
     if not history.evals or history.evals[-1]["step"] != history.steps:
         run_evals(history.epochs_completed)

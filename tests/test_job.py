@@ -8,6 +8,8 @@ import pytest
 from lorafa import results
 from lorafa.job import run
 
+from .conftest import compose_cfg
+
 pytestmark = pytest.mark.slow
 
 SMALL = ("task.max_train_samples=48", "task.max_eval_samples=24", "train.batch_size=8", "train.max_steps=5")
@@ -216,3 +218,44 @@ def test_frozen_model_is_the_activation_lower_bound(cfg_factory, model):
     # under LoRA-FA) plus N × r per adapted layer; LoRA keeps every adapted layer's input on top
     assert lorafa["mem_activations_gib"] == pytest.approx(frozen["mem_activations_gib"], rel=0.05)
     assert lora["mem_activations_gib"] > 1.1 * frozen["mem_activations_gib"]
+
+
+def test_a_killed_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(tmp_path, monkeypatch):
+    """12 steps over 2 epochs, checkpoints every 4, killed during step 9: the resumed run (train.resume=true, same
+    job dir) continues from step 8 — mid-epoch — and its loss curve and scores equal the uninterrupted run's
+    exactly (LoRA-FA with adapter dropout: the RNG and the data order are restored too)."""
+    from lorafa import measure
+    from lorafa.job import run
+
+    common = ["model=tiny-roberta", "method=lorafa", "task.max_train_samples=48", "task.max_eval_samples=32",
+              "train.batch_size=8", "train.epochs=2", "train.checkpoint_every=4", "method.dropout=0.1"]
+    straight = run(compose_cfg(common, tmp_path / "straight"))
+    assert straight["status"] == "ok" and straight["train_steps"] == 12
+
+    calls = {"n": 0}
+    real_stop = measure.Throughput.stop
+
+    def killed_at_step_9(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise RuntimeError("killed")
+        return real_stop(self, *args)
+
+    monkeypatch.setattr(measure.Throughput, "stop", killed_at_step_9)
+    first = run(compose_cfg(common, tmp_path / "resumed"))
+    assert first["status"] == "failed" and "killed" in first["error"]
+    assert (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
+
+    def counted(self, *args):
+        calls["n"] += 1
+        return real_stop(self, *args)
+
+    calls["n"] = 0
+    monkeypatch.setattr(measure.Throughput, "stop", counted)
+    resumed = run(compose_cfg([*common, "train.resume=true"], tmp_path / "resumed"))
+    assert calls["n"] == 4  # steps 9–12 only: it continued, it did not start over
+    assert resumed["status"] == "ok" and resumed["train_steps"] == 12 and resumed["epochs_completed"] == 2
+    assert list(resumed["loss_curve"]) == list(straight["loss_curve"])
+    assert resumed["score"] == straight["score"] and resumed["eval_loss"] == straight["eval_loss"]
+    assert resumed["eval_history"] == straight["eval_history"]
+    assert resumed["mem_activations_gib"] == straight["mem_activations_gib"]  # measured at step 0, kept

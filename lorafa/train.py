@@ -141,8 +141,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def job_signature(cfg: DictConfig) -> str:
+    """The job's resolved config without what may differ between a run and its resumption (where it writes,
+    `train.resume`, the progress bar): a checkpoint only continues the job that wrote it."""
+    import json
+
+    from .results import config_dict
+
+    data = {k: v for k, v in config_dict(cfg).items() if k not in ("output_dir", "hydra")}
+    data["train"] = {k: v for k, v in data.get("train", {}).items() if k not in ("resume", "progress")}
+    return json.dumps(data, sort_keys=True, default=str)
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator, order: list[int],
-                    next_group: int, history: History, memory: measure.Memory) -> None:
+                    next_group: int, history: History, memory: measure.Memory, signature: str = "") -> None:
     """Everything the loop needs to continue as if never stopped; temporary file + rename, so a kill mid-write
     leaves the previous checkpoint intact."""
     state = {"trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
@@ -152,7 +164,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generato
              "history": {"losses": history.losses, "evals": history.evals, "steps": history.steps,
                          "epochs_completed": history.epochs_completed},
              "memory": {"grads": memory.grads, "optimizer": memory.optimizer, "activations": memory.activations,
-                        "allocator": dict(memory.allocator)}}
+                        "allocator": dict(memory.allocator)}, "signature": signature}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -160,9 +172,12 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generato
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
-                    history: History, memory: measure.Memory) -> tuple[list[int], int]:
+                    history: History, memory: measure.Memory, signature: str = "") -> tuple[list[int], int]:
     """Restore a checkpoint into the live objects; returns (this epoch's order, the next micro-batch group)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if signature and state.get("signature") and state["signature"] != signature:
+        raise ValueError(f"{path} was written by a job with another config; train.resume=true continues only the "
+                         "same job (delete the checkpoint to start afresh)")
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(state["trainable"]) != trainable:
@@ -213,7 +228,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     ckpt = Path(cfg.output_dir) / CHECKPOINT
     order, start = None, 0
     if tcfg.get("resume") and ckpt.is_file():
-        order, start = load_checkpoint(ckpt, model, optimizer, scheduler, generator, history, memory)
+        order, start = load_checkpoint(ckpt, model, optimizer, scheduler, generator, history, memory,
+                                       job_signature(cfg))
     progress = _progress(steps, enabled=bool(tcfg.progress))
     progress.update(history.steps)
     model.train()
@@ -267,7 +283,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
             progress.set_postfix(loss=f"{history.losses[-1]:.4f}",
                                  tok_s=f"{throughput.columns()['tokens_per_s']:.0f}")
             if every and history.steps % every == 0 and history.steps < steps:
-                save_checkpoint(ckpt, model, optimizer, scheduler, generator, order, g + accum, history, memory)
+                save_checkpoint(ckpt, model, optimizer, scheduler, generator, order, g + accum, history, memory,
+                                job_signature(cfg))
             if history.steps >= steps:
                 break
         if g + accum >= len(micro):  # the whole epoch was seen

@@ -72,3 +72,28 @@ def test_a_single_failed_job_exits_non_zero_but_keeps_its_row(tmp_path):
     assert proc.returncode != 0 and "job failed" in proc.stderr
     (row_file,) = list((tmp_path / "outputs").rglob("result.parquet"))
     assert pd.read_parquet(row_file).iloc[0]["status"] == "failed"
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.gpus_per_node == 1 and launcher.timeout_min == 720 and list(launcher.setup) == []
+
+
+def test_submitit_local_launcher_runs_a_sweep_and_gathers_its_table(tmp_path):
+    """The SLURM path on this machine: each job in its own process through submitit, rows gathered at the end."""
+    sweep = tmp_path / "sweep"
+    proc, _ = _run(["-m", "hydra/launcher=submitit_local", "model=tiny-roberta", "method=lora,lorafa",
+                    "train.max_steps=2", "task.max_train_samples=32", "task.max_eval_samples=16",
+                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_parquet(sweep / "results.parquet")
+    assert sorted(table["method"]) == ["lora", "lorafa"] and (table["status"] == "ok").all()
+    assert (sweep / ".submitit").is_dir() and any((sweep / ".submitit").rglob("*_result.pkl"))

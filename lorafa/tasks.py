@@ -443,7 +443,22 @@ class InstructionPoser(Poser):
             labels = ([-100] * len(p) + r + [self.tok.eos_token_id])[: self.max_len]
             if any(t != -100 for t in labels):  # a prompt that fills the window teaches nothing: dropped
                 features.append({"input_ids": ids, "labels": labels})
-        return features
+        return pack(features, self.max_len) if self.tcfg.get("packing") else features
+
+
+def pack(features: list[dict], width: int) -> list[dict]:
+    """Concatenate examples (each BOS … EOS) and cut the stream into windows of `width` tokens, labels alongside:
+    no padding. Attention is not masked between examples of a window (the usual packing without variable-length
+    attention kernels); the loss stays on response tokens only."""
+    packed, ids, labels = [], [], []
+    for f in features:
+        ids, labels = ids + f["input_ids"], labels + f["labels"]
+        while len(ids) >= width:
+            packed.append({"input_ids": ids[:width], "labels": labels[:width]})
+            ids, labels = ids[width:], labels[width:]
+    if any(t != -100 for t in labels):
+        packed.append({"input_ids": ids, "labels": labels})
+    return packed
 
 
 class SyntheticPoser(Poser):

@@ -277,3 +277,17 @@ def test_flan_format_and_missing_fields(tmp_path):
         tasks.load_data(compose_cfg(["task=alpaca_mmlu_sample", "task.format=flan", f"task.data_files.train={bad}"]).task)
     with pytest.raises(ValueError, match="task.format='chat'"):
         tasks.load_data(compose_cfg(["task=alpaca_mmlu_sample", "task.format=chat"]).task)
+
+
+def test_packing_fills_windows_and_keeps_every_token_and_label():
+    cfg = compose_cfg(["model=tiny-llama", "task=alpaca_mmlu_sample", "task.packing=true"])
+    data = tasks.load_data(cfg.task)
+    tok = load_tokenizer(cfg.model)
+    plain = tasks.poser_for("decoder", data, OmegaConf.merge(cfg.task, {"packing": False}), tok).encode(
+        data.splits["train"])
+    packed = tasks.poser_for("decoder", data, cfg.task, tok).encode(data.splits["train"])
+    assert all(len(f["input_ids"]) == 256 for f in packed[:-1]) and 0 < len(packed[-1]["input_ids"]) <= 256
+    stream = [t for f in plain for t in f["input_ids"]]
+    assert [t for f in packed for t in f["input_ids"]] == stream  # every token, in order, none padded or lost
+    assert [t for f in packed for t in f["labels"]] == [t for f in plain for t in f["labels"]]
+    assert len(packed) < len(plain)

@@ -11,6 +11,7 @@ Experiment files without a smoke line are listed and skipped.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -49,7 +50,9 @@ def argv_for(path: Path, out_dir: Path) -> list[str]:
 def run_one(path: Path, out: Path) -> tuple[str, int, float, str]:
     started = time.perf_counter()
     out_dir = out / path.stem
-    proc = subprocess.run(argv_for(path, out_dir), cwd=ROOT, capture_output=True, text=True, check=False)
+    # tiny models gain nothing from intra-op threads: one each, so the sweeps run side by side without contention
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(argv_for(path, out_dir), cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     (out / f"{path.stem}.log").write_text(proc.stdout + proc.stderr)
     return path.stem, proc.returncode, time.perf_counter() - started, (proc.stdout + proc.stderr)[-2000:]
 

@@ -12,6 +12,7 @@ The average is the example-weighted mean over subjects, as lm-eval's `mmlu` grou
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -105,8 +106,11 @@ def evaluate(model, tokenizer, tcfg: DictConfig, device: torch.device, amp: torc
             manager, group, prefix = TaskManager(), "mmlu", "mmlu"
             tasks = [f"mmlu_{s}" for s in subjects] if subjects else [group]
             chosen = subjects
+        extra = {}
+        if amp and "mixed_precision_dtype" in inspect.signature(HFLM.__init__).parameters:
+            extra["mixed_precision_dtype"] = amp  # HFLM wraps each forward in its own autocast (off unless told)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(tcfg.get("mmlu_batch_size") or 8),
-                  max_length=int(tcfg.get("mmlu_max_length") or tcfg.max_seq_len), device=str(device))
+                  max_length=int(tcfg.get("mmlu_max_length") or tcfg.max_seq_len), device=str(device), **extra)
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, task_manager=manager, log_samples=False,
                                   bootstrap_iters=0, limit=tcfg.get("mmlu_limit"), verbosity="WARNING")

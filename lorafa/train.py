@@ -265,7 +265,10 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
             if not math.isfinite(loss_sum):
                 raise Diverged(f"training loss is {loss_sum} at step {step}")
             if tcfg.get("max_grad_norm") and optimizer:
-                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm)
+                norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                tcfg.max_grad_norm)
+                if not math.isfinite(float(norm)):  # a finite loss with non-finite gradients: stop before the update
+                    raise Diverged(f"gradient norm is {float(norm)} at step {step} (loss {loss_sum:.4g})")
             if optimizer:
                 optimizer.step()
                 scheduler.step()

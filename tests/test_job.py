@@ -151,6 +151,22 @@ def test_nan_loss_stops_the_job_as_diverged(cfg_factory):
     assert row["trainable_params"] > 0 and row["family"] == "encoder"  # what was known before is kept
 
 
+def test_non_finite_gradients_stop_the_job_before_the_update(cfg_factory, monkeypatch):
+    """A finite loss with an inf/NaN gradient would turn every weight and Adam moment into NaN at the update (even at
+    lr 0); the job stops as diverged at that step instead, naming the gradient."""
+    import torch
+
+    real = torch.nn.utils.clip_grad_norm_
+
+    def inf_norm(params, max_norm):
+        real(params, max_norm)
+        return torch.tensor(float("inf"))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_norm)
+    row = run(cfg_factory(*SMALL))
+    assert row["status"] == "diverged" and row["error"].startswith("gradient norm is inf at step 0 (loss ")
+
+
 def test_out_of_memory_becomes_a_row(cfg_factory, monkeypatch):
     import torch
 

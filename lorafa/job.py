@@ -118,7 +118,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     data = tasks.load_data(cfg.task)
     tokenizer = None if data.kind == "synthetic" else models.load_tokenizer(cfg.model)
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
-    net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype)
+    net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype, tokenizer=tokenizer)
     frozen_dtype = frozen_weight_dtype(cfg.train, device)
     applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype)
     row.update(family=net.family, trainable_params=applied.trainable_params, total_params=applied.total_params,

@@ -14,6 +14,7 @@ Three families, told apart from the checkpoint's own config, each with the head 
 
 from __future__ import annotations
 
+import logging
 import re
 import types
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from torch import nn
 from . import sources
 from .adapters import is_linear
 
+log = logging.getLogger(__name__)
 FAMILIES = ("encoder", "encoder-decoder", "decoder")
 
 
@@ -81,14 +83,38 @@ def load_config(mcfg: DictConfig):
     return sources.from_hub("model config", AutoConfig.from_pretrained, ref)
 
 
+SPECIAL_TOKENS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def align_special_tokens(config, tokenizer) -> dict[str, tuple]:
+    """A random-init model takes its pad/bos/eos ids from the tokenizer it runs with. The hub config's ids
+    describe the hub tokenizer; with another one they can point at real tokens, and `pad_token_id` is the
+    embedding's `padding_idx`, whose row is initialised to zero. LLaMA-7B's config (pad 0) with the tiny
+    tokenizer (bos 0) gave every sequence a zero first hidden state, which stays zero through every layer, so each
+    RMSNorm's backward multiplies its gradient by 1/sqrt(eps) = 1000: NaN gradients by layer 1 of 16 with a finite
+    loss. Returns {key: (old, new)} of what changed."""
+    changed = {}
+    for key in SPECIAL_TOKENS:
+        new = getattr(tokenizer, key, None)
+        old = getattr(config, key, None)
+        if new is not None and new < config.vocab_size and new != old:
+            setattr(config, key, new)
+            changed[key] = (old, new)
+    return changed
+
+
 def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtype: torch.dtype,
-          weights: bool = True) -> Network:
+          weights: bool = True, tokenizer=None) -> Network:
     """Build the network for a task with `num_labels` outputs (1 = regression; ignored by LM-headed families).
     `weights=False` builds the architecture only (random init, whatever `model.init` says): what
-    `lorafa.memory.predict` runs on fake tensors."""
+    `lorafa.memory.predict` runs on fake tensors. With a `tokenizer`, a random-init model's special token ids
+    follow it (`align_special_tokens`)."""
     if mcfg.init not in ("pretrained", "random"):
         raise ValueError(f"model.init={mcfg.init!r}: expected pretrained or random")
     config = load_config(mcfg)
+    if tokenizer is not None and (mcfg.init == "random" or not weights):
+        for key, (old, new) in align_special_tokens(config, tokenizer).items():
+            log.info("random init: %s %s → %s (the tokenizer's)", key, old, new)
     family = detect_family(config)
     if mcfg.get("family") and mcfg.family != family:
         raise ValueError(f"model.family={mcfg.family!r} but the checkpoint's config says {family!r}")

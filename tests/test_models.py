@@ -52,6 +52,21 @@ def test_tiny_models_are_tiny_and_match_their_tokenizer(name):
     assert config.pad_token_id == tok.pad_token_id
 
 
+def test_random_init_takes_special_token_ids_from_its_tokenizer():
+    """llama-7b's hub config says pad 0 (the embedding row zeroed at init); the tiny tokenizer's bos is 0. Without
+    aligning, every sequence starts with a zero hidden state (found as NaN gradients at 16 × 4096)."""
+    mcfg = compose_cfg(["model=tiny-llama", "model.arch.pad_token_id=0", "model.arch.bos_token_id=1"]).model
+    tok = models.load_tokenizer(mcfg)
+    assert (tok.bos_token_id, tok.pad_token_id) == (0, 1)
+    torch.manual_seed(0)
+    unaligned = models.build(mcfg, num_labels=2, device="cpu", dtype=torch.float32).model
+    assert unaligned.get_input_embeddings().weight[tok.bos_token_id].abs().sum() == 0  # the trap
+    net = models.build(mcfg, num_labels=2, device="cpu", dtype=torch.float32, tokenizer=tok).model
+    assert (net.config.pad_token_id, net.config.bos_token_id) == (1, 0)
+    emb = net.get_input_embeddings().weight
+    assert emb[tok.bos_token_id].abs().sum() > 0 and emb[tok.pad_token_id].abs().sum() == 0
+
+
 @pytest.mark.parametrize("model_type, family", [("bert", "encoder"), ("roberta", "encoder"),
                                                  ("t5", "encoder-decoder"), ("bart", "encoder-decoder"),
                                                  ("llama", "decoder"), ("gpt2", "decoder")])

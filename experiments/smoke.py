@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "experiments"
-SMOKE = re.compile(r"^\s*#?\s*smoke:\s*(python .+)$", re.MULTILINE)
+SMOKE = re.compile(r"^\s*#?\s*smoke:\s*((?:python|torchrun) .+)$", re.MULTILINE)
 
 
 def experiment_files() -> list[Path]:
@@ -40,7 +40,12 @@ def argv_for(path: Path, out_dir: Path) -> list[str]:
     args = smoke_command(path)
     if args is None:
         raise ValueError(f"{path.name} has no smoke line")
-    args = [sys.executable, str(ROOT / args[1]), *args[2:]]
+    if args[0] == "torchrun":  # torchrun [options] script ...: this Python's torch.distributed.run, on a free port
+        script = next(i for i, a in enumerate(args) if a.endswith(".py"))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args[1:script]]
+        args = [*launcher, str(ROOT / args[script]), *args[script + 1:]]
+    else:
+        args = [sys.executable, str(ROOT / args[1]), *args[2:]]
     if path.suffix == ".yaml":
         return [*args, f"hydra.sweep.dir={out_dir}", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     i = args.index("--out")

@@ -186,10 +186,18 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 PEFT_TASK_TYPES = {"encoder": "SEQ_CLS", "encoder-decoder": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM"}
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor on the CPU in fp32 (FSDP's sharded DTensor gathered: a collective, every process calls it)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().float().cpu().contiguous()
+
+
 def save_peft(model: nn.Module, out_dir, *, family: str, base_model: str | None = None,
-              modules_to_save: list[str] | tuple = ()):
+              modules_to_save: list[str] | tuple = (), write: bool = True):
     """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), so that
-    `peft.PeftModel.from_pretrained(base, out_dir)` loads them; a trained task head goes in `modules_to_save`."""
+    `peft.PeftModel.from_pretrained(base, out_dir)` loads them; a trained task head goes in `modules_to_save`.
+    Under FSDP every process calls it (the shards are gathered) and only the one with `write=True` writes."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no adapters to save")
@@ -197,11 +205,11 @@ def save_peft(model: nn.Module, out_dir, *, family: str, base_model: str | None 
     prefix = "base_model.model."
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{prefix}{name}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous()
-        tensors[f"{prefix}{name}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous()
+        tensors[f"{prefix}{name}.lora_A.weight"] = _full(layer.lora_A)
+        tensors[f"{prefix}{name}.lora_B.weight"] = _full(layer.lora_B)
     for head in modules_to_save:
         for pname, p in model.get_submodule(head).named_parameters():
-            tensors[f"{prefix}{head}.{pname}"] = p.detach().float().cpu().contiguous()
+            tensors[f"{prefix}{head}.{pname}"] = _full(p)
     config = {
         "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[family], "base_model_name_or_path": base_model,
         "r": first.rank, "lora_alpha": first.scaling * first.rank, "lora_dropout": first.p,
@@ -210,6 +218,8 @@ def save_peft(model: nn.Module, out_dir, *, family: str, base_model: str | None 
         "bias": "none", "init_lora_weights": True, "use_rslora": False, "inference_mode": True,
     }
     out = Path(out_dir)
+    if not write:
+        return out
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from . import adapters, measure, memory, methods, mmlu, models, results, tasks
+from . import adapters, distributed, measure, memory, methods, mmlu, models, results, tasks
+from .distributed import SINGLE, Dist
 from .train import Diverged, EvalSet, autocast_dtype, fit, frozen_weight_dtype
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def identity(cfg: DictConfig) -> dict:
+def identity(cfg: DictConfig, d: Dist = SINGLE) -> dict:
     """The columns that say which job a row is, known before anything runs."""
     return {"experiment": cfg.get("experiment") or "", "model": models.alias_of(cfg.model),
             "family": cfg.model.get("family") or "", "method": cfg.method.name, "task": cfg.task.name,
@@ -50,20 +45,23 @@ def identity(cfg: DictConfig) -> dict:
             "recompute": str(cfg.method.get("recompute", "none")),
             "batch_size": int(cfg.train.batch_size), "grad_accum": int(cfg.train.grad_accum),
             "seq_len": int(cfg.task.max_seq_len), "lr": float(cfg.train.lr), "init": cfg.model.init,
-            "precision": cfg.train.precision}
+            "precision": cfg.train.precision, "strategy": d.strategy, "world_size": d.world_size}
 
 
 def run(cfg: DictConfig) -> dict:
     """Run one job and write its row to `cfg.output_dir/result.parquet`; returns the row."""
     started = time.perf_counter()
     results.git_state()  # pin the commit now: the tree may change while a long sweep runs
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    row = {**identity(cfg), "status": "ok", "error": ""}
+    d, device = distributed.setup(str(cfg.train.get("strategy") or "single"), str(cfg.device))
+    out_dir = distributed.settle_output_dir(cfg.output_dir, d)  # under torchrun: rank 0's job directory
+    if str(out_dir) != str(cfg.output_dir):
+        cfg.output_dir = str(out_dir)
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    row = {**identity(cfg, d), "status": "ok", "error": ""}
     memory_split = measure.Memory()
     try:
-        row.update(_train_and_evaluate(cfg, device, memory_split, row))
+        row.update(_train_and_evaluate(cfg, device, memory_split, row, d))
     except Diverged as err:
         row.update(status="diverged", error=str(err))
     except torch.cuda.OutOfMemoryError as err:
@@ -73,7 +71,8 @@ def run(cfg: DictConfig) -> dict:
             row["mem_at_failure_gib"] = torch.cuda.memory_allocated(device) / measure.GIB
     except Exception as err:  # noqa: BLE001 - an expected failure is a row, the traceback a file beside it
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
-        (out_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
+        if d.is_main:
+            (out_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
         log.error("job failed: %s", row["error"])
     if row["status"] != "ok":
         row.update(memory_split.columns())  # what was measured before the failure
@@ -81,6 +80,8 @@ def run(cfg: DictConfig) -> dict:
             row.setdefault(f"pred_mem_{k}_gib", float("nan"))
     row.update(results.provenance(cfg, device))
     row["wall_time_s"] = time.perf_counter() - started
+    if not d.is_main:  # process 0 writes the job's row
+        return row
     results.write_row(row, out_dir)
     gc.collect()  # the next job of a sweep runs in this process: hand back what this one held
     if device.type == "cuda":
@@ -112,8 +113,12 @@ def _prediction(cfg: DictConfig, device: torch.device, net, num_labels: int, fea
                 "pred_error": f"{type(err).__name__}: {err}"}
 
 
-def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memory, row: dict) -> dict:
+def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memory, row: dict,
+                        d: Dist = SINGLE) -> dict:
     """Returns the result columns; fills `mem` and `row` as facts become known, so a failure keeps them."""
+    if d.strategy == "fsdp" and (cfg.train.get("checkpoint_every") or cfg.train.get("resume")):
+        raise ValueError("train.checkpoint_every / train.resume are not supported with train.strategy=fsdp yet "
+                         "(its optimizer state is sharded); use train.strategy=ddp, or run without checkpoints")
     seed_everything(int(cfg.seed))
     data = tasks.load_data(cfg.task)
     tokenizer = None if data.kind == "synthetic" else models.load_tokenizer(cfg.model)
@@ -125,6 +130,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
                adapted_layers=len(applied.targets),
                frozen_dtype=str(frozen_dtype or dtype).removeprefix("torch.")
                if applied.total_params > applied.trainable_params else "none")
+    wrapped = distributed.wrap(net.model, d, device)  # FSDP shards net.model in place
     mem.weights = measure.weight_bytes(net.model)
     if device.type == "cuda":
         mem.allocator["build"] = torch.cuda.memory_allocated(device)
@@ -139,16 +145,20 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
         train_features = poser.encode(data.splits["train"])
         evalsets = [EvalSet(name, poser.encode(data.splits[name]), data.splits[name]["label"].to_numpy())
                     for name in cfg.task.eval_splits]
-    row.update(_prediction(cfg, device, net, data.num_labels, train_features))
+    if d.enabled:  # the prediction models one process holding the whole job
+        row.update({**{f"pred_mem_{k}_gib": float("nan") for k in memory.PARTS},
+                    "pred_error": f"not predicted under train.strategy={d.strategy}"})
+    else:
+        row.update(_prediction(cfg, device, net, data.num_labels, train_features))
     throughput = measure.Throughput(device, int(cfg.train.measure_warmup_steps))
     history = fit(net.model, poser, train_features, evalsets, cfg=cfg, device=device, pad_id=pad_id,
-                  memory=mem, throughput=throughput)
+                  memory=mem, throughput=throughput, dist=d, wrapped=wrapped)
 
     if cfg.train.get("save_adapter") and applied.targets:
         row["adapter_dir"] = str(adapters.save_peft(net.model, Path(cfg.output_dir) / "adapter", family=net.family,
                                                     base_model=models.source_of(cfg.model)
                                                     if cfg.model.init == "pretrained" else None,
-                                                    modules_to_save=net.head_modules))
+                                                    modules_to_save=net.head_modules, write=d.is_main))
     final = {k: v for k, v in history.evals[-1].items() if k not in ("epoch", "step")}
     if data.kind == "instruction":  # scored after training: MMLU k-shot through lm-eval on the model in memory
         scores = mmlu.evaluate(net.model, tokenizer, cfg.task, device, autocast_dtype(cfg.train.precision, device))
@@ -163,7 +173,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     if metric not in final:
         raise KeyError(f"task.main_metric={metric!r} is not among the computed metrics {sorted(final)}")
     return {"score": final[metric], **{f"eval_{k}": v for k, v in final.items()},
-            **mem.columns(), **throughput.columns(), "train_steps": history.steps,
+            **distributed.job_memory(mem.columns(), d), **throughput.columns(), "train_steps": history.steps,
             "epochs_completed": history.epochs_completed, "train_examples": len(train_features),
             "final_train_loss": history.losses[-1], "loss_curve": history.losses,
             "eval_history": json.dumps(history.evals, default=float)}

@@ -7,7 +7,8 @@ Memory is split four ways, each counted from the tensors themselves (exact, on e
 - optimizer: the optimizer's state tensors after its first step (AdamW: exp_avg, exp_avg_sq, step);
 - activations: the bytes autograd saves for backward during one forward pass, recorded with saved-tensor hooks:
   each storage counted once (views and tensors saved twice share it), parameter and buffer storages excluded
-  (they are weights, counted above). Under autocast the half-precision copies of fp32 weights that matmuls save
+  (they are weights, counted above), and so are Parameters met only during the forward (FSDP's gathered
+  weights). Under autocast the half-precision copies of fp32 weights that matmuls save
   are counted here: they are real memory held for backward.
 
 On CUDA the caching allocator is read too, by phase: after the model is built, after the first optimizer step,
@@ -31,7 +32,14 @@ from torch import nn
 GIB = 1024**3
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's (FSDP's sharded parameters, gradients, optimizer state) local shard: the memory this process
+    holds; any other tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def storage_key(t: torch.Tensor):
+    t = _local(t)
     s = t.untyped_storage()
     return (t.device.type, t.device.index, s.data_ptr())
 
@@ -41,7 +49,7 @@ def tensor_bytes(tensors) -> int:
     seen = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            seen[storage_key(t)] = t.untyped_storage().nbytes()
+            seen[storage_key(t)] = _local(t).untyped_storage().nbytes()
     return sum(seen.values())
 
 
@@ -71,7 +79,9 @@ class SavedTensorMeter:
         self.count = 0
 
     def _pack(self, t: torch.Tensor):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+        # a Parameter is a weight even when it is not among the model's parameters at entry: FSDP swaps in the
+        # gathered (unsharded) block weights only while the block runs
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.device.type != "meta":
             key = storage_key(t)
             if key not in self._weights:
                 self.storages[key] = t.untyped_storage().nbytes()

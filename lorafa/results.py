@@ -144,6 +144,8 @@ class CollectResults(Callback):
     """Hydra callback: at the end of a multirun, gather the rows into `<sweep dir>/results.parquet`."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, process 0 wrote the rows and gathers them
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         table = collect(sweep_dir)
         print(f"\n{len(table)} result rows → {sweep_dir / TABLE_FILE}\n{summary(table)}", flush=True)

@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from . import measure
+from . import distributed, measure
+from .distributed import SINGLE, Dist
 from .tasks import Poser, collate, compute_metrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -97,11 +98,11 @@ def _inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def total_steps(n_train: int, tcfg: DictConfig) -> int:
+def total_steps(n_train: int, tcfg: DictConfig, d: Dist = SINGLE) -> int:
     if tcfg.max_steps and tcfg.max_steps > 0:
         return int(tcfg.max_steps)
-    per_epoch = math.ceil(n_train / (tcfg.batch_size * tcfg.grad_accum))
-    return int(tcfg.epochs) * per_epoch
+    micro = len(distributed.micro_batches(list(range(n_train)), int(tcfg.batch_size), d))
+    return int(tcfg.epochs) * math.ceil(micro / int(tcfg.grad_accum))
 
 
 @torch.no_grad()
@@ -201,11 +202,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generato
 
 def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: list[EvalSet], *,
         cfg: DictConfig, device: torch.device, pad_id: int, memory: measure.Memory,
-        throughput: measure.Throughput) -> History:
+        throughput: measure.Throughput, dist: Dist = SINGLE, wrapped: nn.Module | None = None) -> History:
+    """Train `model` (through `wrapped`, its DDP wrapper when there is one: `lorafa.distributed`), evaluating
+    after each epoch and at the end. Under several processes the logged loss, tokens and samples are the job's."""
     tcfg = cfg.train
+    wrapped = model if wrapped is None else wrapped
     amp = autocast_dtype(tcfg.precision, device)
     optimizer = make_optimizer(model, tcfg)
-    steps = total_steps(len(train_features), tcfg)
+    steps = total_steps(len(train_features), tcfg, dist)
     warmup = int(tcfg.warmup_steps) if tcfg.get("warmup_steps") else math.ceil(float(tcfg.warmup_ratio) * steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps) if optimizer else None
     generator = torch.Generator().manual_seed(int(cfg.seed))
@@ -236,7 +240,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     while history.steps < steps:
         if order is None:  # a new epoch (a resumed run continues the epoch it stopped in)
             order, start = torch.randperm(len(train_features), generator=generator).tolist(), 0
-        micro = [order[i: i + bs] for i in range(0, len(order), bs)]
+        micro = distributed.micro_batches(order, bs, dist)
         g = start
         for g in range(start, len(micro), accum):
             step = history.steps
@@ -246,18 +250,24 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
                 torch.cuda.reset_peak_memory_stats(device)
             throughput.start()
             loss_sum, tokens, samples = 0.0, 0, 0
-            for j, idx in enumerate(group):
+            for j, global_idx in enumerate(group):
+                idx = distributed.shard(global_idx, dist)
+                share = len(idx) / len(global_idx)  # this process's part of the micro-batch's mean loss
                 batch = _to(collate([train_features[i] for i in idx], pad_id, pad_to=max_len if measured else None,
                                     aligned_labels=aligned), device)
                 meter = measure.SavedTensorMeter(model) if step == 0 and j == 0 else nullcontext()
-                with meter, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
-                    loss = model(**_inputs(batch)).loss
-                if step == 0 and j == 0:
-                    memory.activations = meter.bytes
-                (loss / len(group)).backward()
-                loss_sum += float(loss.detach())
+                with distributed.sync_gradients(wrapped, dist, j == len(group) - 1):
+                    with meter, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
+                        loss = wrapped(**_inputs(batch)).loss
+                    if step == 0 and j == 0:
+                        memory.activations = meter.bytes
+                    # DDP/FSDP average over processes: × world_size × share gives the whole micro-batch's mean
+                    (loss * (share * dist.world_size / len(group))).backward()
+                loss_sum += float(loss.detach()) * share
                 tokens += count_tokens(batch, poser.family)
                 samples += len(idx)
+            loss_sum, tokens, samples = distributed.all_sum([loss_sum, tokens, samples], dist, device)
+            tokens, samples = int(tokens), int(samples)
             if step == 0:
                 memory.grads = measure.grad_bytes(model)
             if device.type == "cuda" and measured:
@@ -265,10 +275,10 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
             if not math.isfinite(loss_sum):
                 raise Diverged(f"training loss is {loss_sum} at step {step}")
             if tcfg.get("max_grad_norm") and optimizer:
-                norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                tcfg.max_grad_norm)
-                if not math.isfinite(float(norm)):  # a finite loss with non-finite gradients: stop before the update
-                    raise Diverged(f"gradient norm is {float(norm)} at step {step} (loss {loss_sum:.4g})")
+                norm = distributed.full_norm(nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm))
+                if not math.isfinite(norm):  # a finite loss with non-finite gradients: stop before the update
+                    raise Diverged(f"gradient norm is {norm} at step {step} (loss {loss_sum:.4g})")
             if optimizer:
                 optimizer.step()
                 scheduler.step()
@@ -285,7 +295,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
             progress.update(1)
             progress.set_postfix(loss=f"{history.losses[-1]:.4f}",
                                  tok_s=f"{throughput.columns()['tokens_per_s']:.0f}")
-            if every and history.steps % every == 0 and history.steps < steps:
+            if every and history.steps % every == 0 and history.steps < steps and dist.is_main:
                 save_checkpoint(ckpt, model, optimizer, scheduler, generator, order, g + accum, history, memory,
                                 job_signature(cfg))
             if history.steps >= steps:

@@ -35,3 +35,34 @@ def test_bf16_autocast_is_the_cuda_default(cfg_factory):
     bf16 = run(cfg_factory("task=synthetic", "train.max_steps=2"))
     assert row["status"] == bf16["status"] == "ok"
     assert bf16["mem_activations_gib"] < row["mem_activations_gib"]  # half-width saved activations
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_torchrun_on_two_gpus_matches_one_gpu(tmp_path):
+    """NCCL, one process a GPU: DDP and FSDP with 2 × 4 sequences a step track the 1-GPU run with 8 (fp32, so the
+    only differences are reduction order), and FSDP holds about half the weights per GPU."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pandas as pd
+
+    from .conftest import ROOT, compose_cfg
+
+    common = ["model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=64", "task.num_train=64",
+              "train.max_steps=6", "train.precision=fp32", "method.dropout=0"]
+    single = run(compose_cfg([*common, "train.batch_size=8"], tmp_path / "single"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(ROOT / "run.py"), "-m", *common, "train.batch_size=4", "train.strategy=ddp,fsdp",
+                           "train.progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = pd.read_parquet(tmp_path / "sweep" / "results.parquet").sort_values("strategy")
+    assert list(table["strategy"]) == ["ddp", "fsdp"]
+    for _, row in table.iterrows():
+        assert row["status"] == "ok" and row["mem_source"] == "cuda_allocator", row["error"]
+        np.testing.assert_allclose(row["loss_curve"], single["loss_curve"], rtol=1e-4)
+        assert len(row["mem_peak_ranks_gib"]) == 2
+    assert table.iloc[1]["mem_weights_gib"] == pytest.approx(single["mem_weights_gib"] / 2, rel=0.05)

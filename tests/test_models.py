@@ -19,6 +19,7 @@ EXPECTED = {
     "t5-large": ("encoder-decoder", 737_668_096, 384, 144),
     "t5-3b": ("encoder-decoder", 2_851_598_336, 384, 144),
     "llama-7b": ("decoder", 6_738_415_616, 224, 64),
+    "llama-13b": ("decoder", 13_015_864_320, 280, 80),
 }
 
 

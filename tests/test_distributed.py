@@ -1,0 +1,115 @@
+"""Several processes, one job (`train.strategy`, lorafa/distributed.py): the batch arithmetic, the launch errors,
+FSDP's units, and a real 2-process torchrun run on CPU (gloo) that must equal the single-process run."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lorafa import distributed, job, models
+from lorafa.distributed import Dist
+
+from .conftest import ROOT, compose_cfg
+
+# dropout off everywhere, so a 2-process run and a 1-process run draw nothing that differs
+EXACT = ["model=tiny-roberta", "method=lorafa", "task=movie_polarity", "task.max_train_samples=60",
+         "task.max_eval_samples=32", "train.max_steps=6", "model.arch.hidden_dropout_prob=0",
+         "model.arch.attention_probs_dropout_prob=0", "method.dropout=0", "train.measure_warmup_steps=1"]
+
+
+@pytest.mark.parametrize("n, world", [(8, 2), (7, 2), (5, 3), (2, 2)])
+def test_shards_cover_a_micro_batch_once_in_order(n, world):
+    idx = list(range(100, 100 + n))
+    parts = [distributed.shard(idx, Dist("ddp", r, world)) for r in range(world)]
+    assert [i for p in parts for i in p] == idx and max(map(len, parts)) - min(map(len, parts)) <= 1 and all(parts)
+
+
+def test_micro_batches_are_global_and_drop_only_a_tail_too_small_to_share():
+    order = list(range(11))
+    assert distributed.micro_batches(order, 4, distributed.SINGLE) == [order[0:4], order[4:8], order[8:11]]
+    two = Dist("ddp", 0, 2)
+    assert distributed.micro_batches(order, 2, two) == [order[0:4], order[4:8], order[8:11]]
+    assert distributed.micro_batches(list(range(9)), 2, two) == [list(range(4)), list(range(4, 8))]  # 1 left: dropped
+
+
+def test_launch_errors_are_clear(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="train.strategy='zero3': expected one of single, ddp, fsdp"):
+        distributed.setup("zero3", "cpu")
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node N run.py"):
+        distributed.setup("fsdp", "cpu")
+    assert distributed.setup("single", "cpu") == (distributed.SINGLE, torch.device("cpu"))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="2 processes but train.strategy=single"):
+        distributed.setup("single", "cpu")
+
+
+def test_a_distributed_job_outside_torchrun_fails_before_writing_anything(tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = compose_cfg(["train.strategy=ddp"], tmp_path / "job")
+    with pytest.raises(ValueError, match="torchrun"):
+        job.run(cfg)
+    assert not (tmp_path / "job").exists()
+
+
+@pytest.mark.parametrize("name, blocks", [("tiny-roberta", 2), ("tiny-t5", 4), ("tiny-llama", 2),
+                                          ("llama-7b", 32), ("t5-large", 48)])
+def test_fsdp_units_are_the_transformer_blocks(name, blocks):
+    mcfg = compose_cfg([f"model={name}", "model.init=random"]).model
+    net = models.build(mcfg, num_labels=2, device="meta", dtype=torch.float32)
+    found = distributed.transformer_blocks(net.model)
+    assert len(found) == blocks and len({id(b) for b in found}) == blocks
+    assert all(type(b).__name__.endswith(("Layer", "Block", "DecoderLayer")) for b in found)
+
+
+def test_job_memory_is_per_gpu_max_and_job_sum(monkeypatch):
+    cols = {"mem_weights_gib": 1.0, "mem_grads_gib": 0.5, "mem_optimizer_gib": 1.0, "mem_activations_gib": 2.0,
+            "mem_peak_gib": 4.0, "mem_source": "cuda_allocator", "alloc_peak_gib": 4.0}
+    other = {**cols, "mem_activations_gib": 3.0, "mem_peak_gib": 5.0, "alloc_peak_gib": 5.0}
+    monkeypatch.setattr(distributed, "gather", lambda obj, d: [obj, {k: v for k, v in other.items()
+                                                                     if isinstance(v, float)}])
+    out = distributed.job_memory(cols, Dist("fsdp", 0, 2))
+    assert out["mem_peak_gib"] == 5.0 and out["mem_activations_gib"] == 3.0 and out["alloc_peak_gib"] == 5.0
+    assert out["job_mem_peak_gib"] == 9.0 and out["job_mem_weights_gib"] == 2.0
+    assert out["mem_peak_ranks_gib"] == [4.0, 5.0] and out["mem_source"] == "cuda_allocator"
+    assert distributed.job_memory(cols, distributed.SINGLE) == cols
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 run.py -m train.strategy=ddp,fsdp` (gloo) with 2 × 4 examples a step gives the
+    single-process run's loss curve and eval loss with 8 a step; process 0 writes one row per job, and memory
+    comes per process and for the job (FSDP: each process holds half the weights)."""
+    single = job.run(compose_cfg([*EXACT, "train.batch_size=8"], tmp_path / "single"))
+    assert single["status"] == "ok" and single["strategy"] == "single" and single["world_size"] == 1
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(ROOT / "run.py"), "-m", *EXACT, "train.batch_size=4", "train.strategy=ddp,fsdp",
+                           "train.progress=false", f"hydra.sweep.dir={sweep}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = pd.read_parquet(sweep / "results.parquet").sort_values("strategy")
+    assert list(table["strategy"]) == ["ddp", "fsdp"] and set(table["world_size"]) == {2}
+    assert len(list(sweep.rglob("result.parquet"))) == 2  # one row per job, not per process
+    for _, row in table.iterrows():
+        assert row["status"] == "ok", row["error"]
+        assert row["train_examples"] == single["train_examples"] and row["train_steps"] == 6
+        np.testing.assert_allclose(row["loss_curve"], single["loss_curve"], rtol=1e-5)
+        np.testing.assert_allclose(row["eval_loss"], single["eval_loss"], rtol=1e-5)
+        assert row["score"] == single["score"]
+        assert len(row["mem_peak_ranks_gib"]) == 2 and row["job_mem_peak_gib"] == pytest.approx(
+            sum(row["mem_peak_ranks_gib"]))
+        assert np.isnan(row["pred_mem_peak_gib"]) and "not predicted" in row["pred_error"]
+    ddp, fsdp = table.iloc[0], table.iloc[1]
+    assert ddp["mem_weights_gib"] == pytest.approx(single["mem_weights_gib"])  # every process: the whole model
+    assert ddp["job_mem_weights_gib"] == pytest.approx(2 * single["mem_weights_gib"])
+    assert fsdp["mem_weights_gib"] == pytest.approx(single["mem_weights_gib"] / 2, rel=0.02)  # sharded
+    assert fsdp["mem_optimizer_gib"] == pytest.approx(single["mem_optimizer_gib"] / 2, rel=0.05)

@@ -64,9 +64,10 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def setup(strategy: str, device_name: str) -> tuple[Dist, torch.device]:
+def setup(strategy: str, device_name: str, timeout_s: float = 600) -> tuple[Dist, torch.device]:
     """The job's process layout and its device (`cuda:<LOCAL_RANK>` under torchrun); starts the process group
-    (nccl on CUDA, gloo on CPU) once per process: the jobs of a sweep share it."""
+    (nccl on CUDA, gloo on CPU) once per process: the jobs of a sweep share it. A collective that waits longer than
+    `timeout_s` (`train.dist_timeout_s`: a process failed alone, see `agree`) ends the processes."""
     if strategy not in STRATEGIES:
         raise ValueError(f"train.strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
     device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available()
@@ -87,10 +88,13 @@ def setup(strategy: str, device_name: str) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
+        from datetime import timedelta
+
+        timeout = timedelta(seconds=float(timeout_s))
         if device.type == "cuda":
-            tdist.init_process_group("nccl", device_id=device)
+            tdist.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            tdist.init_process_group("gloo")
+            tdist.init_process_group("gloo", timeout=timeout)
         atexit.register(_shutdown)
     return Dist(strategy, rank, world, local_rank), device
 
@@ -203,6 +207,23 @@ def settle_output_dir(own: str | Path, d: Dist) -> Path:
             and all(p.name == ".hydra" or p.suffix == ".log" for p in own.iterdir())):
         shutil.rmtree(own, ignore_errors=True)
     return main
+
+
+STATUS_ORDER = ("ok", "diverged", "oom", "failed")
+
+
+def agree(status: str, error: str, d: Dist) -> tuple[str, str]:
+    """The job's status from every process's: the worst one, its error prefixed by its rank. Reached by every
+    process when they fail together (the same out-of-memory on every GPU, a diverged loss, which all processes see
+    after the loss is summed). A process that fails alone leaves the others waiting inside a collective: they
+    stop after `train.dist_timeout_s`, torchrun ends the sweep, and rows already written stay in their job
+    directories (`python -m lorafa.results collect SWEEP_DIR`)."""
+    if not d.enabled:
+        return status, error
+    per_rank = gather((status, error), d)
+    worst = max(range(len(per_rank)), key=lambda r: STATUS_ORDER.index(per_rank[r][0]))
+    status_w, error_w = per_rank[worst]
+    return status_w, (f"rank {worst}: {error_w}" if status_w != "ok" else "")
 
 
 def full_norm(norm) -> float:

@@ -52,7 +52,8 @@ def run(cfg: DictConfig) -> dict:
     """Run one job and write its row to `cfg.output_dir/result.parquet`; returns the row."""
     started = time.perf_counter()
     results.git_state()  # pin the commit now: the tree may change while a long sweep runs
-    d, device = distributed.setup(str(cfg.train.get("strategy") or "single"), str(cfg.device))
+    d, device = distributed.setup(str(cfg.train.get("strategy") or "single"), str(cfg.device),
+                                  float(cfg.train.get("dist_timeout_s") or 600))
     out_dir = distributed.settle_output_dir(cfg.output_dir, d)  # under torchrun: rank 0's job directory
     if str(out_dir) != str(cfg.output_dir):
         cfg.output_dir = str(out_dir)
@@ -74,6 +75,7 @@ def run(cfg: DictConfig) -> dict:
         if d.is_main:
             (out_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
         log.error("job failed: %s", row["error"])
+    row["status"], row["error"] = distributed.agree(row["status"], row["error"], d)
     if row["status"] != "ok":
         row.update(memory_split.columns())  # what was measured before the failure
         for k in memory.PARTS:

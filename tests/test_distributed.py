@@ -113,3 +113,14 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     assert ddp["job_mem_weights_gib"] == pytest.approx(2 * single["mem_weights_gib"])
     assert fsdp["mem_weights_gib"] == pytest.approx(single["mem_weights_gib"] / 2, rel=0.02)  # sharded
     assert fsdp["mem_optimizer_gib"] == pytest.approx(single["mem_optimizer_gib"] / 2, rel=0.05)
+
+
+def test_the_job_status_is_the_worst_of_its_processes(monkeypatch):
+    two = Dist("fsdp", 0, 2)
+    monkeypatch.setattr(distributed, "gather", lambda obj, d: [("ok", ""), ("oom", "CUDA out of memory")])
+    assert distributed.agree("ok", "", two) == ("oom", "rank 1: CUDA out of memory")
+    monkeypatch.setattr(distributed, "gather", lambda obj, d: [("diverged", "loss is nan"), ("diverged", "loss is nan")])
+    assert distributed.agree("diverged", "loss is nan", two) == ("diverged", "rank 0: loss is nan")
+    monkeypatch.setattr(distributed, "gather", lambda obj, d: [("ok", ""), ("ok", "")])
+    assert distributed.agree("ok", "", two) == ("ok", "")
+    assert distributed.agree("failed", "x", distributed.SINGLE) == ("failed", "x")

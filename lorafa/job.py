@@ -75,9 +75,12 @@ def run(cfg: DictConfig) -> dict:
         if d.is_main:
             (out_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
         log.error("job failed: %s", row["error"])
+    # under torchrun: every process reaches these two collectives, whatever its job did (outside collectives)
     row["status"], row["error"] = distributed.agree(row["status"], row["error"], d)
     if row["status"] != "ok":
         row.update(memory_split.columns())  # what was measured before the failure
+    if d.enabled:
+        row.update(distributed.job_memory(memory_split.columns(), d))
         for k in memory.PARTS:
             row.setdefault(f"pred_mem_{k}_gib", float("nan"))
     row.update(results.provenance(cfg, device))
@@ -165,7 +168,8 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     if data.kind == "instruction":  # scored after training: MMLU k-shot through lm-eval on the model in memory
         scores = mmlu.evaluate(net.model, tokenizer, cfg.task, device, autocast_dtype(cfg.train.precision, device))
         side = Path(cfg.output_dir) / MMLU_FILE
-        side.write_text(json.dumps(scores, indent=1, sort_keys=True))
+        if d.is_main:
+            side.write_text(json.dumps(scores, indent=1, sort_keys=True))
         row.update(mmlu_subjects_file=str(side), mmlu_examples=scores["mmlu_examples"])
         final.update(mmlu_acc=scores["mmlu_acc"], loss=float("nan"))  # no held-out instruction data to score
     if "loss" not in final:  # several eval splits (MNLI m/mm): eval_loss is their example-weighted mean
@@ -175,7 +179,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     if metric not in final:
         raise KeyError(f"task.main_metric={metric!r} is not among the computed metrics {sorted(final)}")
     return {"score": final[metric], **{f"eval_{k}": v for k, v in final.items()},
-            **distributed.job_memory(mem.columns(), d), **throughput.columns(), "train_steps": history.steps,
+            **mem.columns(), **throughput.columns(), "train_steps": history.steps,
             "epochs_completed": history.epochs_completed, "train_examples": len(train_features),
             "final_train_loss": history.losses[-1], "loss_curve": history.losses,
             "eval_history": json.dumps(history.evals, default=float)}

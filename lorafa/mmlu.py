@@ -13,8 +13,9 @@ The average is the example-weighted mean over subjects, as lm-eval's `mmlu` grou
 from __future__ import annotations
 
 import inspect
+import os
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -84,6 +85,21 @@ def local_tasks(mmlu_path: str | Path, workdir: Path, subjects: list[str] | None
     return chosen
 
 
+@contextmanager
+def _as_one_process():
+    """lm-eval returns results only where LOCAL_RANK is 0. Under torchrun every process evaluates the whole set on
+    the model it holds (FSDP needs every process in each forward), so each is shown as the only one."""
+    saved = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = saved
+
+
 def evaluate(model, tokenizer, tcfg: DictConfig, device: torch.device, amp: torch.dtype | None = None) -> dict:
     """{"mmlu_acc": average, "subjects": {subject: accuracy}, "mmlu_examples": n} of `model` as it is now."""
     from lm_eval import simple_evaluate
@@ -111,7 +127,7 @@ def evaluate(model, tokenizer, tcfg: DictConfig, device: torch.device, amp: torc
             extra["mixed_precision_dtype"] = amp  # HFLM wraps each forward in its own autocast (off unless told)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(tcfg.get("mmlu_batch_size") or 8),
                   max_length=int(tcfg.get("mmlu_max_length") or tcfg.max_seq_len), device=str(device), **extra)
-        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+        with _as_one_process(), torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, task_manager=manager, log_samples=False,
                                   bootstrap_iters=0, limit=tcfg.get("mmlu_limit"), verbosity="WARNING")
     model.train(was_training)

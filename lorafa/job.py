@@ -79,18 +79,21 @@ def run(cfg: DictConfig) -> dict:
     row["status"], row["error"] = distributed.agree(row["status"], row["error"], d)
     if row["status"] != "ok":
         row.update(memory_split.columns())  # what was measured before the failure
-    if d.enabled:
-        row.update(distributed.job_memory(memory_split.columns(), d))
         for k in memory.PARTS:
             row.setdefault(f"pred_mem_{k}_gib", float("nan"))
+    if d.enabled:
+        row.update(distributed.job_memory(memory_split.columns(), d))
     row.update(results.provenance(cfg, device))
     row["wall_time_s"] = time.perf_counter() - started
-    if not d.is_main:  # process 0 writes the job's row
-        return row
-    results.write_row(row, out_dir)
-    gc.collect()  # the next job of a sweep runs in this process: hand back what this one held
+    if d.is_main:  # process 0 writes the job's row
+        results.write_row(row, out_dir)
+    # every process: the next job of a sweep runs in this process, so hand back what this one held (the model's
+    # reference cycles included); a process that kept it would report it as the next job's memory
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if not d.is_main:
+        return row
     log.info("%s × %s × %s: %s %s=%.4g | activations %.3f GiB, peak %.3f GiB | %.0f tokens/s | %s",
              row["model"], row["method"], row["task"], row["status"], row["metric"], row.get("score", float("nan")),
              row.get("mem_activations_gib", float("nan")), row.get("mem_peak_gib", float("nan")),

@@ -64,5 +64,6 @@ def test_torchrun_on_two_gpus_matches_one_gpu(tmp_path):
     for _, row in table.iterrows():
         assert row["status"] == "ok" and row["mem_source"] == "cuda_allocator", row["error"]
         np.testing.assert_allclose(row["loss_curve"], single["loss_curve"], rtol=1e-4)
-        assert len(row["mem_peak_ranks_gib"]) == 2
+        peaks = row["mem_peak_ranks_gib"]  # symmetric processes hold the same (a leak into the next job would not)
+        assert len(peaks) == 2 and max(peaks) <= 1.1 * min(peaks)
     assert table.iloc[1]["mem_weights_gib"] == pytest.approx(single["mem_weights_gib"] / 2, rel=0.05)

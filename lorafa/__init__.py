@@ -9,6 +9,7 @@ Modules, one concept each:
     mmlu      MMLU k-shot through lm-eval on the model in memory (instruction tasks)
     measure   memory split and throughput, measured
     train     the training loop and evaluation
+    distributed  one job on several processes under torchrun: DDP or FSDP (train.strategy)
     results   result rows, provenance, the sweep table
     job       run(cfg): one job from config to row
     report    what the analysis notebooks share: reading rows, published numbers, paired statistics, output

@@ -155,13 +155,15 @@ def job_signature(cfg: DictConfig) -> str:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator, order: list[int],
-                    next_group: int, history: History, memory: measure.Memory, signature: str = "") -> None:
+                    next_group: int, history: History, memory: measure.Memory, signature: str = "",
+                    rng_ranks: list[dict] | None = None) -> None:
     """Everything the loop needs to continue as if never stopped; temporary file + rename, so a kill mid-write
-    leaves the previous checkpoint intact."""
+    leaves the previous checkpoint intact. Under DDP process 0 writes it, with every process's RNG state
+    (`rng_ranks`: their dropout streams part as their shards' shapes differ)."""
     state = {"trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
              "optimizer": optimizer.state_dict() if optimizer else None,
              "scheduler": scheduler.state_dict() if scheduler else None,
-             "rng": _rng_state(), "generator": generator.get_state(), "order": order, "next_group": next_group,
+             "rng": _rng_state(), "rng_ranks": rng_ranks or [], "generator": generator.get_state(), "order": order, "next_group": next_group,
              "history": {"losses": history.losses, "evals": history.evals, "steps": history.steps,
                          "epochs_completed": history.epochs_completed},
              "memory": {"grads": memory.grads, "optimizer": memory.optimizer, "activations": memory.activations,
@@ -173,9 +175,14 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generato
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
-                    history: History, memory: measure.Memory, signature: str = "") -> tuple[list[int], int]:
+                    history: History, memory: measure.Memory, signature: str = "",
+                    dist: Dist = SINGLE) -> tuple[list[int], int]:
     """Restore a checkpoint into the live objects; returns (this epoch's order, the next micro-batch group)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
+    ranks = state.get("rng_ranks") or []
+    if (len(ranks) > 1 or dist.enabled) and len(ranks) != dist.world_size:
+        raise ValueError(f"{path} was written by a job on {max(len(ranks), 1)} processes; this one has "
+                         f"{dist.world_size} (resume with the same number)")
     if signature and state.get("signature") and state["signature"] != signature:
         raise ValueError(f"{path} was written by a job with another config; train.resume=true continues only the "
                          "same job (delete the checkpoint to start afresh)")
@@ -191,7 +198,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generato
         optimizer.load_state_dict(state["optimizer"])
     if scheduler:
         scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(ranks[dist.rank] if dist.enabled else state["rng"])
     generator.set_state(state["generator"])
     for key, value in state["history"].items():
         setattr(history, key, value)
@@ -233,7 +240,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     order, start = None, 0
     if tcfg.get("resume") and ckpt.is_file():
         order, start = load_checkpoint(ckpt, model, optimizer, scheduler, generator, history, memory,
-                                       job_signature(cfg))
+                                       job_signature(cfg), dist)
     progress = _progress(steps, enabled=bool(tcfg.progress))
     progress.update(history.steps)
     model.train()
@@ -295,9 +302,11 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
             progress.update(1)
             progress.set_postfix(loss=f"{history.losses[-1]:.4f}",
                                  tok_s=f"{throughput.columns()['tokens_per_s']:.0f}")
-            if every and history.steps % every == 0 and history.steps < steps and dist.is_main:
-                save_checkpoint(ckpt, model, optimizer, scheduler, generator, order, g + accum, history, memory,
-                                job_signature(cfg))
+            if every and history.steps % every == 0 and history.steps < steps:
+                rng_ranks = distributed.gather(_rng_state(), dist) if dist.enabled else None
+                if dist.is_main:
+                    save_checkpoint(ckpt, model, optimizer, scheduler, generator, order, g + accum, history,
+                                    memory, job_signature(cfg), rng_ranks)
             if history.steps >= steps:
                 break
         if g + accum >= len(micro):  # the whole epoch was seen

@@ -124,3 +124,45 @@ def test_the_job_status_is_the_worst_of_its_processes(monkeypatch):
     monkeypatch.setattr(distributed, "gather", lambda obj, d: [("ok", ""), ("ok", "")])
     assert distributed.agree("ok", "", two) == ("ok", "")
     assert distributed.agree("failed", "x", distributed.SINGLE) == ("failed", "x")
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_instruction_tuning_scores_mmlu_once(tmp_path):
+    """The issue's pipeline past one process: alpaca_mmlu_sample under FSDP (gloo), lm-eval run by every process on
+    the sharded model (each sees itself as the only one), one row and one per-subject file, written by process 0."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(ROOT / "run.py"), "model=tiny-llama", "method=lorafa", "task=alpaca_mmlu_sample",
+                           "train.strategy=fsdp", "train.max_steps=3", "train.batch_size=2", "train.progress=false"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = list((tmp_path / "outputs" / "runs").glob("*/*"))
+    assert len(jobs) == 1, jobs  # Hydra's clock-named directory of process 0 only (process 1's, if apart, removed)
+    row = pd.read_parquet(jobs[0] / "result.parquet").iloc[0]
+    assert row["status"] == "ok" and row["metric"] == "mmlu_acc" and row["strategy"] == "fsdp", row["error"]
+    assert 0 <= row["score"] <= 1 and row["mmlu_examples"] == 14
+    assert (jobs[0] / "mmlu_subjects.json").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_resume_continues_the_same_run(tmp_path):
+    """DDP checkpoint (process 0 writes it, with every process's RNG state) and resume: the resumed job's steps
+    4-6 and scores equal the uninterrupted job's. Dropout on: the two processes' dropout streams differ."""
+    args = ["model=tiny-roberta", "method=lorafa", "task=movie_polarity", "task.max_train_samples=60",
+            "task.max_eval_samples=16", "train.max_steps=6", "train.batch_size=4", "train.strategy=ddp",
+            "train.checkpoint_every=3", "train.progress=false", f"hydra.run.dir={tmp_path / 'job'}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    rows = []
+    for extra in ([], ["train.resume=true"]):  # the second run starts from the step-3 checkpoint of the first
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               "2", str(ROOT / "run.py"), *args, *extra], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rows.append(pd.read_parquet(tmp_path / "job" / "result.parquet").iloc[0])
+    whole, resumed = rows
+    assert whole["status"] == resumed["status"] == "ok"
+    np.testing.assert_array_equal(resumed["loss_curve"], whole["loss_curve"])
+    assert resumed["eval_loss"] == whole["eval_loss"] and resumed["score"] == whole["score"]
+    state = torch.load(tmp_path / "job" / "checkpoint" / "state.pt", weights_only=False)
+    assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0]["torch"],
+                                                            state["rng_ranks"][1]["torch"])

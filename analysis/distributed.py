@@ -30,7 +30,10 @@ P = report.params()
 EXPERIMENT = "distributed"
 frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
 STRATEGY_ORDER = {"single": 0, "ddp": 1, "fsdp": 2}
-if len(frame):
+if not len(frame):  # no rows of this experiment: empty outputs, same columns
+    frame = pd.DataFrame(columns=["model", "task", "method", "strategy", "world_size", "status", "total_params",
+                                  "gradient_checkpointing", "mem_peak_gib", "tokens_per_s"])
+else:
     if "strategy" not in frame:
         frame = frame.assign(strategy="single", world_size=1)
     frame = frame.assign(strategy=frame["strategy"].fillna("single"), world_size=frame["world_size"].fillna(1))
@@ -61,9 +64,9 @@ for r in frame.itertuples(index=False):
 table = pd.DataFrame(lines)
 report.write_table(table, EXPERIMENT, title="One job on several GPUs: memory per GPU (GiB) and for the job",
                    notes=["Command: torchrun --nproc-per-node 2 run.py -m experiments=distributed (results/README.md).",
-                          "Per GPU = the largest process; job = the sum over processes; + ckpt = gradient "
-                          "checkpointing. DDP holds what one GPU holds, per GPU; FSDP's counted activations are "
-                          "2-6 % above DDP's (saved tensors inside FSDP's blocks; cause not yet isolated).",
+                          ("Per GPU = the largest process; job = the sum over processes; + ckpt = gradient "
+                           "checkpointing. DDP holds what one GPU holds, per GPU; FSDP's counted activations are "
+                           "2-6 % above DDP's (saved tensors inside FSDP's blocks; cause not yet isolated)."),
                           report.provenance(frame)])
 table
 

@@ -8,6 +8,7 @@ must resolve for every model × task × method the sweep launches.
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -47,13 +48,14 @@ def sweep_params(cfg) -> dict[str, list[str]]:
 def test_the_experiments_are_there():
     """One file per table or figure of the issue, each with its run command in the first comment."""
     expected = {"glue_roberta", "glue_t5", "wmt16_t5", "llama_mmlu", "memory", "memory_vs_batch", "memory_vs_seq",
-                "memory_vs_rank", "throughput", "loss_curves", "accuracy_vs_params", "lr_sensitivity"}
+                "memory_vs_rank", "throughput", "loss_curves", "accuracy_vs_params", "lr_sensitivity", "distributed"}
     present = {p.stem for p in EXPERIMENTS.iterdir() if p.suffix in (".yaml", ".py")}
     assert expected <= present, expected - present
     for path in YAMLS:
         first = path.read_text().splitlines()[:2]
         assert first[0] == "# @package _global_", path.name
-        assert first[1].startswith(f"# python run.py -m experiments={path.stem}"), (path.name, first[1])
+        assert re.match(rf"# (python|torchrun --nproc-per-node \d+) run\.py -m experiments={path.stem}\b",
+                        first[1]), (path.name, first[1])
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.stem)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-def compose_cfg(overrides: list[str] | tuple = (), output_dir: Path | str = "/tmp/lorafa-test"):
+# one scratch directory per test process (pytest-xdist runs two)
+DEFAULT_OUT = f"/tmp/lorafa-test-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+
+
+def compose_cfg(overrides: list[str] | tuple = (), output_dir: Path | str = DEFAULT_OUT):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=[*overrides, f"output_dir={output_dir}", "train.progress=false"])
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-# one scratch directory per test process (pytest-xdist runs two)
-DEFAULT_OUT = f"/tmp/lorafa-test-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
-
-
-def compose_cfg(overrides: list[str] | tuple = (), output_dir: Path | str = DEFAULT_OUT):
+def compose_cfg(overrides: list[str] | tuple = (), output_dir: Path | str = "/tmp/lorafa-test"):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=[*overrides, f"output_dir={output_dir}", "train.progress=false"])
 

@@ -163,7 +163,6 @@ def test_analysis_on_the_committed_results(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("heavy")  # the long end-to-end runs: one after another, in one test process
 def test_smoke_sweep_of_every_experiment_then_analysis(tmp_path):
     """What CI runs so the notebooks cannot rot: every experiment file's smoke sweep, then every notebook on its
     rows; each experiment that ran has its table filled."""

@@ -23,7 +23,6 @@ def _run(args, cwd, env=None, timeout=600):
     return proc, time.perf_counter() - started
 
 
-@pytest.mark.xdist_group("heavy")  # the long end-to-end runs: one after another, in one test process
 def test_readme_quickstart_runs_offline_in_under_two_minutes(tmp_path):
     readme = (ROOT / "README.md").read_text()
     assert re.search(r"^python run\.py$", readme, re.MULTILINE), "the README must show the bare `python run.py`"
@@ -37,7 +36,6 @@ def test_readme_quickstart_runs_offline_in_under_two_minutes(tmp_path):
     assert seconds < 120, f"the default job took {seconds:.0f} s"
 
 
-@pytest.mark.xdist_group("heavy")  # the long end-to-end runs: one after another, in one test process
 def test_multirun_over_families_and_methods_writes_one_table(tmp_path):
     """The issue's acceptance sweep, verbatim: 9 rows, all ok, all filled, LoRA-FA below LoRA."""
     sweep = tmp_path / "sweep"
@@ -89,7 +87,6 @@ def test_slurm_launcher_config_composes():
     assert launcher.gpus_per_node == 1 and launcher.timeout_min == 720 and list(launcher.setup) == []
 
 
-@pytest.mark.xdist_group("heavy")  # the long end-to-end runs: one after another, in one test process
 def test_submitit_local_launcher_runs_a_sweep_and_gathers_its_table(tmp_path):
     """The SLURM path on this machine: each job in its own process through submitit, rows gathered at the end."""
     sweep = tmp_path / "sweep"

@@ -83,7 +83,6 @@ def test_job_memory_is_per_gpu_max_and_job_sum(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("heavy")  # the long end-to-end runs: one after another, in one test process
 def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 run.py -m train.strategy=ddp,fsdp` (gloo) with 2 × 4 examples a step gives the
     single-process run's loss curve and eval loss with 8 a step; process 0 writes one row per job, and memory
@@ -128,7 +127,6 @@ def test_the_job_status_is_the_worst_of_its_processes(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("heavy")  # the long end-to-end runs: one after another, in one test process
 def test_torchrun_fsdp_instruction_tuning_scores_mmlu_once(tmp_path):
     """The issue's pipeline past one process: alpaca_mmlu_sample under FSDP (gloo), lm-eval run by every process on
     the sharded model (each sees itself as the only one), one row and one per-subject file, written by process 0."""
@@ -147,7 +145,6 @@ def test_torchrun_fsdp_instruction_tuning_scores_mmlu_once(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("heavy")  # the long end-to-end runs: one after another, in one test process
 def test_torchrun_ddp_resume_continues_the_same_run(tmp_path):
     """DDP checkpoint (process 0 writes it, with every process's RNG state) and resume: the resumed job's steps
     4-6 and scores equal the uninterrupted job's. Dropout on: the two processes' dropout streams differ."""

@@ -147,7 +147,9 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
 
         grads = opt_bytes = 0
         peaks = []
-        for step in range(2):
+        # CPU: the peak is the sum of the four counts, all known after one step; CUDA: the allocator's peak of a
+        # steady-state step (the second, once optimizer state exists)
+        for step in range(2 if device.type == "cuda" else 1):
             tracker.reset_peak()
             hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else nullcontext()
             with hooks, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):

@@ -90,6 +90,41 @@ class _LoRAFAFunction(torch.autograd.Function):
         return dx, None, None, None, db, None, None, None
 
 
+class _LoRAFAStackedFunction(torch.autograd.Function):
+    """The LoRA-FA layer without dropout, with W and A stacked in one frozen (d_out + r) × d_in matrix WA:
+
+        [y₀ | u] = x WAᵀ (+ [b | 0])      one matmul for the base layer and the adapter's down-projection
+        h = s · u                          (N × r, saved)
+        y = y₀ + h Bᵀ                      one addmm
+        dx = [dy | s · dy B] WA            one matmul (the concatenation is N × (d_out + r))
+        dB = dyᵀ h
+
+    Saves exactly what `_LoRAFAFunction` saves (h and the frozen weights): the same memory, fewer kernels."""
+
+    @staticmethod
+    def forward(ctx, x, stacked, bias_ext, lora_b, scaling: float, d_out: int):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        yu = nn.functional.linear(x2, stacked, bias_ext)
+        h = yu[:, d_out:] * scaling
+        y = torch.addmm(yu[:, :d_out], h, lora_b.t().to(h.dtype))
+        ctx.save_for_backward(h, stacked, lora_b)
+        ctx.scaling, ctx.d_out = scaling, d_out
+        return y.reshape(*lead, d_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, stacked, lora_b = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = db = None
+        if ctx.needs_input_grad[3]:
+            db = dy2.t() @ h.to(dy2.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_u = (dy2 @ lora_b.to(dy2.dtype)) * ctx.scaling
+            dx = (torch.cat([dy2, grad_u], dim=-1) @ stacked.to(dy2.dtype)).reshape(*dy.shape[:-1], -1)
+        return dx, None, None, db, None, None
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a rank-r update; `train_a=False` makes it a LoRA-FA layer.
 
@@ -144,9 +179,38 @@ class LoRALinear(nn.Module):
         """The base weight as d_out × d_in (Conv1D stores it transposed; `.t()` is a view, not a copy)."""
         return self.base.weight if isinstance(self.base, nn.Linear) else self.base.weight.t()
 
+    def stack_frozen(self) -> bool:
+        """Put the frozen W and A in one (d_out + r) × d_in storage (W and A become views of it: no extra memory),
+        so the LoRA-FA forward and backward each need one big matmul instead of two (`_LoRAFAStackedFunction`).
+        Only for nn.Linear bases with W, b and A frozen in one dtype; returns whether it was done."""
+        w, a = self.base.weight, self.lora_A
+        if not isinstance(self.base, nn.Linear) or a.requires_grad or w.requires_grad or w.dtype != a.dtype \
+                or (self.base.bias is not None and self.base.bias.requires_grad):
+            return False
+        stacked = torch.cat([w.detach(), a.detach()])
+        w.data, a.data = stacked[: self.out_features], stacked[self.out_features:]
+        self._stacked = stacked
+        bias = self.base.bias
+        self._bias_ext = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(self.rank)])
+        return True
+
+    def _stacked_valid(self) -> bool:
+        """Still stacked: W and A are still the views (nothing moved, cast or replaced them since)."""
+        st = getattr(self, "_stacked", None)
+        w, a = self.base.weight, self.lora_A
+        return (st is not None and w.dtype == a.dtype == st.dtype and w.device == st.device
+                and torch._C._is_alias_of(w, st) and torch._C._is_alias_of(a, st)
+                and w.storage_offset() == 0 and a.storage_offset() == st[self.out_features:].storage_offset())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frozen = not (self.lora_A.requires_grad or self.base.weight.requires_grad
                       or (self.base.bias is not None and self.base.bias.requires_grad))
+        if frozen and torch.is_grad_enabled() and (self.p == 0 or not self.training) and self._stacked_valid():
+            bias = self._bias_ext
+            if bias is not None and (bias.device != x.device or bias.dtype != self._stacked.dtype):
+                bias = self._bias_ext = torch.cat([self.base.bias.detach(), self.base.bias.new_zeros(self.rank)])
+            return _LoRAFAStackedFunction.apply(x, self._stacked, bias, self.lora_B, self.scaling,
+                                                self.out_features)
         if frozen and torch.is_grad_enabled():
             p = self.p if self.training else 0.0
             seed = _draw_seed() if p > 0 else 0

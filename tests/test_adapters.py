@@ -280,3 +280,56 @@ def test_torch_compile_gives_the_eager_result(p):
     for name in ("0", "2"):
         torch.testing.assert_close(compiled.get_submodule(name).lora_B.grad, eager.get_submodule(name).lora_B.grad,
                                    **tol)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_lorafa_equals_the_closed_form_and_keeps_the_same_bytes(bias):
+    """`stack_frozen`: W and A become views of one (d_out + r) × d_in storage; forward, dx and dB are unchanged
+    (float64, closed form), A's values and the weight bytes are the same, and backward keeps exactly h (N × r)."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12, bias=bias, dtype=torch.float64).requires_grad_(False)
+    layer = adapters.LoRALinear(base, rank=4, alpha=8, train_a=False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    a_before, bytes_before = layer.lora_A.detach().clone(), measure.weight_bytes(layer)
+    assert layer.stack_frozen() and layer._stacked_valid()
+    assert torch.equal(layer.lora_A, a_before) and measure.weight_bytes(layer) == bytes_before
+    assert layer.base.weight.untyped_storage().data_ptr() == layer.lora_A.untyped_storage().data_ptr()
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 7, 12, dtype=torch.float64)
+    with measure.SavedTensorMeter(layer) as meter:
+        y = layer(x)
+    assert y.grad_fn.name().endswith("_LoRAFAStackedFunctionBackward")
+    assert meter.bytes == 3 * 7 * 4 * 8  # h only: W, A and their stack are weights
+    y.backward(dy)
+    s, A, B, W = layer.scaling, a_before, layer.lora_B.detach(), base.weight.detach()
+    expected = x.detach() @ W.T + (base.bias if bias else 0) + s * (x.detach() @ A.T) @ B.T
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, dy @ W + s * dy @ B @ A, rtol=1e-10, atol=1e-12)
+    flat_x, flat_dy = x.detach().reshape(-1, 16), dy.reshape(-1, 12)
+    torch.testing.assert_close(layer.lora_B.grad, s * flat_dy.T @ (flat_x @ A.T), rtol=1e-10, atol=1e-12)
+
+
+def test_stacking_applies_only_where_it_is_exact():
+    assert not _layer(train_a=True).stack_frozen()  # LoRA: A trains
+    layer = _layer(train_a=False, dropout=0.1)
+    assert layer.stack_frozen()  # stacked, but with dropout in training the mask path runs
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    assert layer(x).grad_fn.name().endswith("_LoRAFAFunctionBackward")
+    layer.lora_A.data = layer.lora_A.data.clone()  # something replaced A: the stack is stale, not used
+    layer.p = 0.0
+    assert not layer._stacked_valid() and layer(x).grad_fn.name().endswith("_LoRAFAFunctionBackward")
+
+
+def test_stacked_method_trains_the_same_model(cfg_factory):
+    """method.stacked=true on a whole model: the same loss curve as the two-matmul layer (fp32, CPU)."""
+    from lorafa.job import run
+
+    common = ["model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=32", "train.batch_size=4",
+              "train.max_steps=4"]
+    plain, stacked = run(cfg_factory(*common)), run(cfg_factory(*common, "method.stacked=true"))
+    assert plain["status"] == stacked["status"] == "ok"
+    torch.testing.assert_close(torch.tensor(stacked["loss_curve"]), torch.tensor(plain["loss_curve"]),
+                               rtol=1e-5, atol=1e-6)
+    assert stacked["mem_weights_gib"] == plain["mem_weights_gib"]
+    assert stacked["mem_activations_gib"] == plain["mem_activations_gib"]

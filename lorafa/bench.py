@@ -1,0 +1,299 @@
+"""Training throughput of full, lora, lorafa and lorafa_v2 on the same model and batch, in one process, interleaved.
+
+    python -m lorafa.bench                                              # roberta-base, t5-large, llama-7b (a GPU)
+    python -m lorafa.bench --models roberta-base --shape 32x128 --modes eager compile
+    python -m lorafa.bench --models tiny-roberta --device cpu --steps 2 --rounds 1 --out /tmp/t.parquet   # smoke
+
+For each model: random-init weights from its real config (no download), synthetic full-length batches, bf16
+autocast with frozen weights in bf16 on CUDA, r = 8 on every linear layer of the blocks, no adapter dropout, AdamW
+(fused on CUDA) over what trains. Every (method, mode) is one *setting*; modes are `eager`, `compile`
+(`torch.compile` of the model, default mode) and `cudagraphs` (`torch.compile(mode="reduce-overhead")`: the
+compiled forward and backward replayed as CUDA graphs). Each round builds every setting in turn, runs `--warmup`
+optimizer steps (compilation happens there), then `--steps` timed steps (synchronised), and frees it; the order of
+the settings alternates between rounds, so slow drift (clocks, temperature) falls on every setting alike. A
+setting's tokens/s is its median over rounds; a method's best setting (`best=True`) is its fastest mode.
+
+MFU: the FLOPs of one training step are counted once per setting with `torch.utils.flop_counter` (forward and
+backward as executed: LoRA-FA has no weight-gradient matmuls), and `--peak-tflops` is the device's bf16 matmul
+rate, measured here on 8192³ products unless given; `mfu` = step FLOPs / step time / that rate.
+
+Writes `--out` (default `results/throughput.parquet`: model, method, batch_size, seq_len, compiled, compile_mode,
+tokens_per_s, step_time_s, mem_peak_gib, device, best, ratios, MFU and provenance) and prints the ratios
+LoRA-FA ÷ full and LoRA-FA ÷ LoRA at each method's best setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+METHODS = ("full", "lora", "lorafa", "lorafa_v2")
+MODES = ("eager", "compile", "cudagraphs")
+SHAPES = {"roberta-base": (32, 128), "roberta-large": (32, 128), "t5-large": (32, 128), "t5-base": (32, 128),
+          "llama-7b": (4, 512), "llama-13b": (4, 512)}
+DEFAULT_SHAPE = (4, 32)  # tiny models (smoke runs)
+TARGET_LEN = 128  # T5's target length (the issue's 32 × 128 + 128 targets)
+
+
+def compose(model: str, method: str, batch: int, seq: int, extra: list[str] = (), stacked: bool = True):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from . import sources
+
+    conf = Path(sources.experiments_root()) / "conf"
+    overrides = [f"model={model}", "model.init=random", f"method={method}", "task=synthetic",
+                 f"task.max_seq_len={seq}", f"task.target_len={TARGET_LEN if 't5' in model else seq}",
+                 f"train.batch_size={batch}", "output_dir=/tmp/lorafa-bench",
+                 *([] if method == "full" else ["method.dropout=0"]),
+                 *(["method.stacked=true"] if stacked and method.startswith("lorafa") else []), *extra]
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+class Setting:
+    """One (method, mode) built on the device: model, optimizer, one batch, and its step function."""
+
+    def __init__(self, cfg, mode: str, device: torch.device):
+        from . import methods, models
+        from .train import autocast_dtype, frozen_weight_dtype, make_optimizer
+
+        torch.manual_seed(0)
+        self.mode, self.device = mode, device
+        self.amp = autocast_dtype(str(cfg.train.precision), device)
+        net = models.build(cfg.model, num_labels=2, device=device, dtype=torch.float32)
+        applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"),
+                                frozen_dtype=frozen_weight_dtype(cfg.train, device))
+        self.trainable = applied.trainable_params
+        self.model = net.model.train()
+        self.optimizer = make_optimizer(self.model, cfg.train, fused=device.type == "cuda")
+        self.batch = _batch(net.family, int(cfg.train.batch_size), int(cfg.task.max_seq_len),
+                            int(cfg.task.target_len), net.model.config.vocab_size, device)
+        self.tokens = self.batch["input_ids"].numel() + (self.batch["labels"].numel()
+                                                         if net.family == "encoder-decoder" else 0)
+        self.forward = self.model
+        if mode == "compile":
+            self.forward = torch.compile(self.model)
+        elif mode == "cudagraphs":
+            self.forward = torch.compile(self.model, mode="reduce-overhead")
+
+    def step(self) -> None:
+        if self.mode == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
+            loss = self.forward(**self.batch).loss
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self.model.zero_grad(set_to_none=True)
+
+    def flops(self) -> int:
+        """FLOPs of one forward + backward as executed (eager; the optimizer's elementwise work not counted)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter, (torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()):
+            loss = self.model(**self.batch).loss
+            loss.backward()
+        self.model.zero_grad(set_to_none=True)
+        return int(counter.get_total_flops())
+
+
+def _batch(family: str, batch: int, seq: int, target_len: int, vocab: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, seq), generator=g).to(device)
+    if family == "encoder":
+        labels = torch.randint(0, 2, (batch,), generator=g).to(device)
+    elif family == "encoder-decoder":
+        labels = torch.randint(5, vocab, (batch, target_len), generator=g).to(device)
+    else:
+        labels = ids.clone()
+    return {"input_ids": ids, "labels": labels}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """The device's bf16 matmul rate on random n³ products (mean of `reps` after 3 warm-ups), TFLOP/s."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool) -> dict:
+    """Build, warm up, time `steps` optimizer steps, free. Returns step time, peak memory and (once) FLOPs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = Setting(cfg, mode, device)
+    flops = s.flops() if count_flops else None
+    for _ in range(warmup):
+        s.step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        s.step()
+    _sync(device)
+    elapsed = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else float("nan")
+    out = {"step_time_s": elapsed, "tokens": s.tokens, "mem_peak_gib": peak, "flops": flops,
+           "trainable_params": s.trainable}
+    del s
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()  # the next setting compiles its own model
+    return out
+
+
+def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tuple[int, int], device: torch.device,
+                warmup: int, steps: int, rounds: int, stacked: bool = True, log=print) -> list[dict]:
+    batch, seq = shape
+    settings = [(m, mode) for m in methods for mode in modes]
+    times: dict[tuple, list[float]] = {s: [] for s in settings}
+    info: dict[tuple, dict] = {}
+    for r in range(rounds):
+        order = settings if r % 2 == 0 else settings[::-1]
+        for method, mode in order:
+            cfg = compose(model, method, batch, seq, [f"device={device.type}"], stacked=stacked)
+            try:
+                res = run_setting(cfg, mode, device, warmup, steps, count_flops=(method, mode) not in info)
+            except Exception as err:  # noqa: BLE001 - an expected failure (OOM, a compile error) is a row
+                oom = isinstance(err, torch.cuda.OutOfMemoryError)
+                info.setdefault((method, mode), {}).update(
+                    status="oom" if oom else "failed", error=f"{type(err).__name__}: {str(err).splitlines()[0]}")
+                log(f"  round {r + 1} {model} {method:9s} {mode:10s} {info[(method, mode)]['error'][:160]}")
+                gc.collect()
+                torch._dynamo.reset()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            times[(method, mode)].append(res["step_time_s"])
+            slot = info.setdefault((method, mode), {})
+            slot.update({k: v for k, v in res.items() if v is not None and k != "step_time_s"})
+            slot["mem_peak_gib"] = max(slot.get("mem_peak_gib", 0.0), res["mem_peak_gib"])
+            log(f"  round {r + 1} {model} {method:9s} {mode:10s} {res['step_time_s'] * 1e3:8.2f} ms/step "
+                f"{res['tokens'] / res['step_time_s']:10.0f} tok/s")
+    rows = []
+    for method, mode in settings:
+        slot, t = info.get((method, mode), {}), times[(method, mode)]
+        ok = bool(t)
+        step = statistics.median(t) if ok else float("nan")
+        rows.append({"model": model, "method": method, "batch_size": batch, "seq_len": seq,
+                     "compiled": mode != "eager", "compile_mode": mode,
+                     "stacked": bool(stacked and method.startswith("lorafa")),
+                     "status": "ok" if ok else slot.get("status", "failed"),
+                     "error": slot.get("error", ""), "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),
+                     "step_time_s": step, "step_time_all_s": t, "mem_peak_gib": slot.get("mem_peak_gib", float("nan")),
+                     "step_flops": float(slot.get("flops") or float("nan")),
+                     "trainable_params": slot.get("trainable_params", 0), "rounds": len(t), "steps": steps,
+                     "warmup_steps": warmup})
+    return rows
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Mark each method's best setting and the ratios of LoRA-FA (and every method) to full FT and LoRA there."""
+    table = table.copy()
+    table["best"] = False
+    ok = table[table["status"] == "ok"]
+    for _, g in ok.groupby(["model", "batch_size", "seq_len", "method"]):
+        table.loc[g["tokens_per_s"].idxmax(), "best"] = True
+    best = table[table["best"]].set_index(["model", "batch_size", "seq_len", "method"])["tokens_per_s"]
+    for ref in ("full", "lora"):
+        def ratio(row, ref=ref):
+            key = (row["model"], row["batch_size"], row["seq_len"], ref)
+            return row["tokens_per_s"] / best[key] if key in best.index else float("nan")
+        table[f"vs_{ref}_best"] = table.apply(ratio, axis=1)
+    return table
+
+
+def _finish(frame: pd.DataFrame, peak: float, device: torch.device) -> pd.DataFrame:
+    """Best settings, ratios, MFU and provenance columns."""
+    import transformers
+
+    from . import results
+
+    table = summarise(frame)
+    table["tflops"] = table["step_flops"] / table["step_time_s"] / 1e12
+    table["matmul_tflops"] = peak
+    table["mfu"] = table["tflops"] / peak
+    sha, dirty = results.git_state()
+    return table.assign(device=results.device_name(device), torch_version=torch.__version__,
+                        transformers_version=transformers.__version__, git_sha=sha, git_dirty=dirty,
+                        experiment="bench", schema_version=results.SCHEMA_VERSION)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lorafa.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["roberta-base", "t5-large", "llama-7b"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--modes", nargs="+", default=None, choices=MODES,
+                        help="default: eager compile cudagraphs on CUDA, eager elsewhere")
+    parser.add_argument("--shape", help="BATCHxSEQ for every model (default: the issue's per model)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps per setting and round")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per setting and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-stacked", action="store_true",
+                        help="LoRA-FA with the two-matmul layer instead of the stacked [W; A] one")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul rate (default: measured)")
+    parser.add_argument("--out", type=Path, default=Path("results/throughput.parquet"))
+    args = parser.parse_args(argv)
+
+    from . import results
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    modes = args.modes or (list(MODES) if device.type == "cuda" else ["eager"])
+    if device.type != "cuda" and "cudagraphs" in modes:
+        parser.error("--modes cudagraphs needs a CUDA device")
+    peak = args.peak_tflops or measure_matmul_tflops(device)
+    if device.type == "cuda":
+        print(f"bf16 matmul rate: {peak:.0f} TFLOP/s ({'given' if args.peak_tflops else 'measured, 8192³'})")
+    rows = []
+    for model in args.models:
+        shape = tuple(int(v) for v in args.shape.lower().split("x")) if args.shape else SHAPES.get(model,
+                                                                                                     DEFAULT_SHAPE)
+        print(f"{model} {shape[0]}×{shape[1]}: {', '.join(args.methods)} × {', '.join(modes)}", flush=True)
+        rows += bench_model(model, args.methods, modes, shape=shape, device=device, warmup=args.warmup,
+                            steps=args.steps, rounds=args.rounds, stacked=not args.no_stacked,
+                            log=lambda s: print(s, flush=True))
+        table = _finish(pd.DataFrame(rows), peak, device)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        results._atomic_write(table, args.out)  # after each model: an interrupted run keeps what it measured
+    best = table[table["best"]]
+    cols = ["model", "method", "compile_mode", "tokens_per_s", "step_time_s", "mem_peak_gib", "mfu",
+            "vs_full_best", "vs_lora_best"]
+    print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for model, g in best.groupby("model", sort=False):
+        fa = g[g["method"] == "lorafa"]
+        if len(fa):
+            r = fa.iloc[0]
+            print(f"{model}: LoRA-FA ({r['compile_mode']}) ÷ full FT {r['vs_full_best']:.2f}×, "
+                  f"÷ LoRA {r['vs_lora_best']:.2f}×")
+    print(f"{len(table)} rows → {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

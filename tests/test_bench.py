@@ -1,0 +1,40 @@
+"""`python -m lorafa.bench`: the interleaved throughput benchmark (issue "Speed"). CPU smoke here; the numbers
+come from a GPU (results/throughput.parquet)."""
+
+import pandas as pd
+import pytest
+
+from lorafa import bench
+
+COLUMNS = ["model", "method", "batch_size", "seq_len", "compiled", "tokens_per_s", "step_time_s", "mem_peak_gib",
+           "device"]
+
+
+def test_summarise_marks_each_methods_fastest_mode_and_the_ratios():
+    rows = [{"model": "m", "batch_size": 2, "seq_len": 8, "method": meth, "compile_mode": mode, "status": "ok",
+             "tokens_per_s": tps} for meth, mode, tps in [("full", "eager", 100.0), ("full", "compile", 120.0),
+                                                          ("lora", "eager", 110.0), ("lora", "compile", 90.0),
+                                                          ("lorafa", "eager", 150.0), ("lorafa", "compile", 180.0)]]
+    table = bench.summarise(pd.DataFrame(rows))
+    best = table[table["best"]].set_index("method")
+    assert list(best["compile_mode"]) == ["compile", "eager", "compile"]
+    assert best.loc["lorafa", "vs_full_best"] == pytest.approx(1.5)
+    assert best.loc["lorafa", "vs_lora_best"] == pytest.approx(180 / 110)
+
+
+@pytest.mark.slow
+def test_bench_runs_every_method_interleaved_and_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "throughput.parquet"
+    assert bench.main(["--models", "tiny-llama", "--device", "cpu", "--warmup", "1", "--steps", "2", "--rounds", "2",
+                       "--out", str(out)]) == 0
+    table = pd.read_parquet(out)
+    assert set(COLUMNS) <= set(table.columns)
+    assert sorted(table["method"]) == sorted(bench.METHODS) and (table["status"] == "ok").all()
+    assert (table["rounds"] == 2).all() and table["best"].sum() == 4 and (table["compile_mode"] == "eager").all()
+    assert (table["tokens_per_s"] > 0).all() and (table["step_flops"] > 0).all()
+    flops = table.set_index("method")["step_flops"]
+    assert flops["lorafa"] < flops["lora"] < flops["full"]  # LoRA-FA: no weight-gradient matmuls at all
+    assert table.set_index("method")["stacked"].to_dict() == {"full": False, "lora": False, "lorafa": True,
+                                                              "lorafa_v2": True}
+    printed = capsys.readouterr().out
+    assert "LoRA-FA" in printed and "÷ full FT" in printed

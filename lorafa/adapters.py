@@ -153,6 +153,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"init_a={init_a!r}: expected kaiming or orthogonal")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._b_preconditioner = None
+        self._stacked = self._bias_ext = None
+        self._stack_ok = False
         if precondition_b:
             if train_a:
                 raise ValueError("precondition_b assumes A frozen (LoRA-FA); it does not apply with train_a")
@@ -164,7 +166,8 @@ class LoRALinear(nn.Module):
             eye = torch.eye(self.rank, dtype=a.dtype, device=a.device)
             # pinv(A Aᵀ + δI) / s², δ = 1e-8 as in PEFT's LoraFAOptimizer
             self._b_preconditioner = (torch.linalg.pinv(a @ a.t() + 1e-8 * eye) / self.scaling**2).float()
-        return grad @ self._b_preconditioner.to(grad.dtype)
+        with torch.autocast(grad.device.type, enabled=False):  # a backward run under autocast keeps grad's dtype
+            return grad @ self._b_preconditioner.to(grad.dtype)
 
     # Model code reads these off its linear layers (T5 checks `wo.weight.dtype`): answer for the base layer.
     @property
@@ -182,7 +185,9 @@ class LoRALinear(nn.Module):
     def stack_frozen(self) -> bool:
         """Put the frozen W and A in one (d_out + r) × d_in storage (W and A become views of it: no extra memory),
         so the LoRA-FA forward and backward each need one big matmul instead of two (`_LoRAFAStackedFunction`).
-        Only for nn.Linear bases with W, b and A frozen in one dtype; returns whether it was done."""
+        Only for nn.Linear bases with W, b and A frozen in one dtype; returns whether it was done. Moving or
+        casting the module (`.to`, `.cuda`, `.half`) re-checks the stack; code that swaps parameters otherwise
+        (FSDP) must call `unstack()` first."""
         w, a = self.base.weight, self.lora_A
         if not isinstance(self.base, nn.Linear) or a.requires_grad or w.requires_grad or w.dtype != a.dtype \
                 or (self.base.bias is not None and self.base.bias.requires_grad):
@@ -192,24 +197,39 @@ class LoRALinear(nn.Module):
         self._stacked = stacked
         bias = self.base.bias
         self._bias_ext = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(self.rank)])
+        self._stack_ok = self._check_stack()
         return True
 
-    def _stacked_valid(self) -> bool:
-        """Still stacked: W and A are still the views (nothing moved, cast or replaced them since)."""
+    def unstack(self) -> None:
+        """W and A back in storages of their own (the stacked path off)."""
+        if getattr(self, "_stacked", None) is not None:
+            self.base.weight.data = self.base.weight.data.clone()
+            self.lora_A.data = self.lora_A.data.clone()
+        self._stacked = self._bias_ext = None
+        self._stack_ok = False
+
+    def _check_stack(self) -> bool:
+        """W and A are still the views of the stack (nothing moved, cast or replaced them since)."""
         st = getattr(self, "_stacked", None)
         w, a = self.base.weight, self.lora_A
-        return (st is not None and w.dtype == a.dtype == st.dtype and w.device == st.device
-                and torch._C._is_alias_of(w, st) and torch._C._is_alias_of(a, st)
-                and w.storage_offset() == 0 and a.storage_offset() == st[self.out_features:].storage_offset())
+        return bool(st is not None and w.dtype == a.dtype == st.dtype and w.device == st.device
+                    and torch._C._is_alias_of(w, st) and torch._C._is_alias_of(a, st)
+                    and w.storage_offset() == 0 and a.storage_offset() == st[self.out_features:].storage_offset())
+
+    def _apply(self, fn, recurse=True):
+        # .to / .cuda / .half give W and A new storages: rebuild the stack from them
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_stacked", None) is not None and not self._check_stack():
+            self._stacked = None
+            self.stack_frozen()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frozen = not (self.lora_A.requires_grad or self.base.weight.requires_grad
                       or (self.base.bias is not None and self.base.bias.requires_grad))
-        if frozen and torch.is_grad_enabled() and (self.p == 0 or not self.training) and self._stacked_valid():
-            bias = self._bias_ext
-            if bias is not None and (bias.device != x.device or bias.dtype != self._stacked.dtype):
-                bias = self._bias_ext = torch.cat([self.base.bias.detach(), self.base.bias.new_zeros(self.rank)])
-            return _LoRAFAStackedFunction.apply(x, self._stacked, bias, self.lora_B, self.scaling,
+        # `_stack_ok` is a plain bool, settled outside the forward: nothing here breaks a torch.compile graph
+        if frozen and torch.is_grad_enabled() and (self.p == 0 or not self.training) and self._stack_ok:
+            return _LoRAFAStackedFunction.apply(x, self._stacked, self._bias_ext, self.lora_B, self.scaling,
                                                 self.out_features)
         if frozen and torch.is_grad_enabled():
             p = self.p if self.training else 0.0

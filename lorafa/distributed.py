@@ -131,6 +131,10 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
                                        gradient_as_bucket_view=True)
     from torch.distributed.fsdp import fully_shard
 
+    from .adapters import lora_layers
+
+    for layer in lora_layers(model).values():  # FSDP replaces W and A with its shards: no stacked views
+        layer.unstack()
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"train.strategy=fsdp: found no repeated blocks (nn.ModuleList) to shard in "

@@ -258,13 +258,14 @@ def _clone(module):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("p", [0.0, 0.2])
-def test_torch_compile_gives_the_eager_result(p):
+@pytest.mark.parametrize("p, stacked", [(0.0, False), (0.2, False), (0.0, True)])
+def test_torch_compile_gives_the_eager_result(p, stacked):
     def make():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).requires_grad_(False)
         for layer in adapters.inject(m, ["0", "2"], rank=4, alpha=8, dropout=p, train_a=False).values():
             layer.lora_B.data.normal_()
+            assert layer.stack_frozen() if stacked else True
         return m
 
     eager, compiled = make(), make()
@@ -292,7 +293,7 @@ def test_stacked_lorafa_equals_the_closed_form_and_keeps_the_same_bytes(bias):
     with torch.no_grad():
         layer.lora_B.normal_()
     a_before, bytes_before = layer.lora_A.detach().clone(), measure.weight_bytes(layer)
-    assert layer.stack_frozen() and layer._stacked_valid()
+    assert layer.stack_frozen() and layer._stack_ok and layer._check_stack()
     assert torch.equal(layer.lora_A, a_before) and measure.weight_bytes(layer) == bytes_before
     assert layer.base.weight.untyped_storage().data_ptr() == layer.lora_A.untyped_storage().data_ptr()
     x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
@@ -316,9 +317,27 @@ def test_stacking_applies_only_where_it_is_exact():
     assert layer.stack_frozen()  # stacked, but with dropout in training the mask path runs
     x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
     assert layer(x).grad_fn.name().endswith("_LoRAFAFunctionBackward")
-    layer.lora_A.data = layer.lora_A.data.clone()  # something replaced A: the stack is stale, not used
     layer.p = 0.0
-    assert not layer._stacked_valid() and layer(x).grad_fn.name().endswith("_LoRAFAFunctionBackward")
+    assert layer(x).grad_fn.name().endswith("_LoRAFAStackedFunctionBackward")
+    layer.to(torch.float32)  # a cast gives W and A new storages: the stack is rebuilt from them
+    assert layer._stack_ok and layer._stacked.dtype == torch.float32
+    assert layer(x.float()).grad_fn.name().endswith("_LoRAFAStackedFunctionBackward")
+    a = layer.lora_A.detach().clone()
+    layer.unstack()  # what FSDP needs before it shards the parameters
+    assert not layer._stack_ok and torch.equal(layer.lora_A, a)
+    assert not torch._C._is_alias_of(layer.lora_A, layer.base.weight)
+    assert layer(x.float()).grad_fn.name().endswith("_LoRAFAFunctionBackward")
+
+
+def test_lorafa_v2_preconditioner_keeps_the_gradient_dtype_under_autocast():
+    """A backward run inside an autocast region (as FLOP counting does) must not turn B's fp32 gradient bf16."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12).requires_grad_(False)
+    layer = adapters.LoRALinear(base, rank=4, alpha=8, train_a=False, precondition_b=True)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().square().sum().backward()
+    assert layer.lora_B.grad.dtype == torch.float32
 
 
 def test_stacked_method_trains_the_same_model(cfg_factory):

@@ -100,9 +100,10 @@ class Setting:
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
-        with counter, (torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()):
-            loss = self.model(**self.batch).loss
-            loss.backward()
+        with counter:
+            with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
+                loss = self.model(**self.batch).loss
+            loss.backward()  # outside autocast, as in `step`
         self.model.zero_grad(set_to_none=True)
         return int(counter.get_total_flops())
 

@@ -352,3 +352,22 @@ def test_stacked_method_trains_the_same_model(cfg_factory):
                                rtol=1e-5, atol=1e-6)
     assert stacked["mem_weights_gib"] == plain["mem_weights_gib"]
     assert stacked["mem_activations_gib"] == plain["mem_activations_gib"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_lorafa_model_compiles_into_one_graph(stacked):
+    """No graph break in a whole LoRA-FA model's forward (a break per layer made compiled LoRA-FA slower than
+    eager on the H200: the stacked layer once checked its storage inside the forward)."""
+    from lorafa import models
+
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg(["model=tiny-roberta", "method=lorafa", f"method.stacked={str(stacked).lower()}"])
+    net = models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32)
+    methods.apply(net, cfg.method, cfg.model.target_modules)
+    assert all(layer._stack_ok == stacked for layer in adapters.lora_layers(net.model).values())
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net.model.train())(input_ids=torch.randint(5, 100, (2, 16)),
+                                                         labels=torch.tensor([0, 1]))
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]

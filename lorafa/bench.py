@@ -141,8 +141,31 @@ def measure_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool) -> dict:
-    """Build, warm up, time `steps` optimizer steps, free. Returns step time, peak memory and (once) FLOPs."""
+def profile_steps(s: Setting, steps: int, out: Path | None) -> float:
+    """Device-busy seconds per step (the sum of kernel times, from torch.profiler) over `steps` more steps; with
+    `out`, the profiler's table of the costliest operators is written there. Busy time ÷ step time near 1:
+    the step is bound by the GPU's work; far below 1: by launching it (Python, dispatch, kernel launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            s.step()
+        _sync(s.device)
+    events = prof.key_averages()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        key = "self_device_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
+        out.write_text(events.table(sort_by=key, row_limit=40))
+    if s.device.type != "cuda":
+        return float("nan")
+    return sum(e.self_device_time_total for e in events) / 1e6 / steps
+
+
+def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool,
+                profile_to: Path | None = None) -> dict:
+    """Build, warm up, time `steps` optimizer steps, free. Returns step time, peak memory, (once) FLOPs, and
+    with `profile_to` the device-busy time per step (`profile_steps`, after the timed steps)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     s = Setting(cfg, mode, device)
@@ -158,6 +181,8 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else float("nan")
     out = {"step_time_s": elapsed, "tokens": s.tokens, "mem_peak_gib": peak, "flops": flops,
            "trainable_params": s.trainable}
+    if profile_to is not None:
+        out["busy_s"] = profile_steps(s, 3, profile_to)
     del s
     gc.collect()
     if device.type == "cuda":
@@ -167,7 +192,8 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
 
 
 def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tuple[int, int], device: torch.device,
-                warmup: int, steps: int, rounds: int, stacked: bool = True, log=print) -> list[dict]:
+                warmup: int, steps: int, rounds: int, stacked: bool = True, profile_dir: Path | None = None,
+                log=print) -> list[dict]:
     batch, seq = shape
     settings = [(m, mode) for m in methods for mode in modes]
     times: dict[tuple, list[float]] = {s: [] for s in settings}
@@ -177,7 +203,10 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
         for method, mode in order:
             cfg = compose(model, method, batch, seq, [f"device={device.type}"], stacked=stacked)
             try:
-                res = run_setting(cfg, mode, device, warmup, steps, count_flops=(method, mode) not in info)
+                first = (method, mode) not in info
+                res = run_setting(cfg, mode, device, warmup, steps, count_flops=first,
+                                  profile_to=profile_dir / f"{model}_{batch}x{seq}_{method}_{mode}.txt"
+                                  if profile_dir is not None and first else None)
             except Exception as err:  # noqa: BLE001 - an expected failure (OOM, a compile error) is a row
                 oom = isinstance(err, torch.cuda.OutOfMemoryError)
                 info.setdefault((method, mode), {}).update(
@@ -206,6 +235,7 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                      "error": slot.get("error", ""), "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),
                      "step_time_s": step, "step_time_all_s": t, "mem_peak_gib": slot.get("mem_peak_gib", float("nan")),
                      "step_flops": float(slot.get("flops") or float("nan")),
+                     "device_busy_frac": slot.get("busy_s", float("nan")) / step if ok else float("nan"),
                      "trainable_params": slot.get("trainable_params", 0), "rounds": len(t), "steps": steps,
                      "warmup_steps": warmup})
     return rows
@@ -257,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-stacked", action="store_true",
                         help="LoRA-FA with the two-matmul layer instead of the stacked [W; A] one")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="profile 3 more steps of each setting (first round): DIR/<setting>.txt, and the "
+                             "device_busy_frac column (kernel time ÷ step time)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul rate (default: measured)")
     parser.add_argument("--out", type=Path, default=Path("results/throughput.parquet"))
     args = parser.parse_args(argv)
@@ -278,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model} {shape[0]}×{shape[1]}: {', '.join(args.methods)} × {', '.join(modes)}", flush=True)
         rows += bench_model(model, args.methods, modes, shape=shape, device=device, warmup=args.warmup,
                             steps=args.steps, rounds=args.rounds, stacked=not args.no_stacked,
+                            profile_dir=args.profile,
                             log=lambda s: print(s, flush=True))
         table = _finish(pd.DataFrame(rows), peak, device)
         args.out.parent.mkdir(parents=True, exist_ok=True)

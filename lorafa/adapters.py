@@ -197,6 +197,11 @@ class LoRALinear(nn.Module):
         self._stacked = stacked
         bias = self.base.bias
         self._bias_ext = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(self.rank)])
+        # plain tensor attributes, not parameters: without this, CUDA graphs (torch.compile "reduce-overhead")
+        # would copy every stack into a static buffer at every replay
+        for t in (stacked, self._bias_ext):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
         self._stack_ok = self._check_stack()
         return True
 

@@ -11,7 +11,9 @@ autocast with frozen weights in bf16 on CUDA, r = 8 on every linear layer of the
 compiled forward and backward replayed as CUDA graphs). Each round builds every setting in turn, runs `--warmup`
 optimizer steps (compilation happens there), then `--steps` timed steps (synchronised), and frees it; the order of
 the settings alternates between rounds, so slow drift (clocks, temperature) falls on every setting alike. A
-setting's tokens/s is its median over rounds; a method's best setting (`best=True`) is its fastest mode.
+setting's tokens/s is its median over rounds; a method's best setting (`best=True`) is its fastest. LoRA-FA's
+layer is part of the setting (`--stacked`, column `stacked`): by default the stacked [W; A] layer in eager and the
+two-matmul layer compiled.
 
 MFU: the FLOPs of one training step are counted once per setting with `torch.utils.flop_counter` (forward and
 backward as executed: LoRA-FA has no weight-gradient matmuls), and `--peak-tflops` is the device's bf16 matmul
@@ -159,7 +161,9 @@ def profile_steps(s: Setting, steps: int, out: Path | None) -> float:
         out.write_text(events.table(sort_by=key, row_limit=40))
     if s.device.type != "cuda":
         return float("nan")
-    return sum(e.self_device_time_total for e in events) / 1e6 / steps
+    # kernels (and memsets/copies) only: user annotations on the device timeline ("## Call CompiledFxGraph",
+    # "Optimizer.step") span kernels already counted
+    return sum(e.self_device_time_total for e in events if not getattr(e, "is_user_annotation", False)) / 1e6 / steps
 
 
 def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool,
@@ -191,46 +195,62 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     return out
 
 
+STACKED = ("auto", "on", "off", "both")
+
+
+def layer_variants(method: str, mode: str, stacked: str) -> list[bool]:
+    """The LoRA-FA layers to try for one (method, mode): stacked [W; A] (`_LoRAFAStackedFunction`) and/or the
+    two-matmul layer (`_LoRAFAFunction`). `auto`: stacked in eager, where it saves kernel launches; the two-matmul
+    layer when compiled, where launches cost nothing under CUDA graphs and the stack's d_out + r wide products
+    fill the matmul tiles unevenly (measured on H200: results/throughput.parquet holds both when run with `both`)."""
+    if not method.startswith("lorafa"):
+        return [False]
+    return {"on": [True], "off": [False], "both": [True, False], "auto": [mode == "eager"]}[stacked]
+
+
 def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tuple[int, int], device: torch.device,
-                warmup: int, steps: int, rounds: int, stacked: bool = True, profile_dir: Path | None = None,
+                warmup: int, steps: int, rounds: int, stacked: str = "auto", profile_dir: Path | None = None,
                 log=print) -> list[dict]:
     batch, seq = shape
-    settings = [(m, mode) for m in methods for mode in modes]
+    settings = [(m, mode, st) for m in methods for mode in modes for st in layer_variants(m, mode, stacked)]
     times: dict[tuple, list[float]] = {s: [] for s in settings}
     info: dict[tuple, dict] = {}
     for r in range(rounds):
         order = settings if r % 2 == 0 else settings[::-1]
-        for method, mode in order:
-            cfg = compose(model, method, batch, seq, [f"device={device.type}"], stacked=stacked)
+        for key in order:
+            method, mode, st = key
+            cfg = compose(model, method, batch, seq, [f"device={device.type}"], stacked=st)
+            name = f"{method}{'_stacked' if st else ''}"
             try:
-                first = (method, mode) not in info
+                first = key not in info
                 res = run_setting(cfg, mode, device, warmup, steps, count_flops=first,
-                                  profile_to=profile_dir / f"{model}_{batch}x{seq}_{method}_{mode}.txt"
+                                  profile_to=profile_dir / f"{model}_{batch}x{seq}_{name}_{mode}.txt"
                                   if profile_dir is not None and first else None)
             except Exception as err:  # noqa: BLE001 - an expected failure (OOM, a compile error) is a row
                 oom = isinstance(err, torch.cuda.OutOfMemoryError)
-                info.setdefault((method, mode), {}).update(
+                info.setdefault(key, {}).update(
                     status="oom" if oom else "failed", error=f"{type(err).__name__}: {str(err).splitlines()[0]}")
-                log(f"  round {r + 1} {model} {method:9s} {mode:10s} {info[(method, mode)]['error'][:160]}")
+                log(f"  round {r + 1} {model} {name:17s} {mode:10s} {info[key]['error'][:160]}")
                 gc.collect()
                 torch._dynamo.reset()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            times[(method, mode)].append(res["step_time_s"])
-            slot = info.setdefault((method, mode), {})
+            times[key].append(res["step_time_s"])
+            slot = info.setdefault(key, {})
             slot.update({k: v for k, v in res.items() if v is not None and k != "step_time_s"})
             slot["mem_peak_gib"] = max(slot.get("mem_peak_gib", 0.0), res["mem_peak_gib"])
-            log(f"  round {r + 1} {model} {method:9s} {mode:10s} {res['step_time_s'] * 1e3:8.2f} ms/step "
+            log(f"  round {r + 1} {model} {name:17s} {mode:10s} {res['step_time_s'] * 1e3:8.2f} ms/step "
                 f"{res['tokens'] / res['step_time_s']:10.0f} tok/s")
     rows = []
-    for method, mode in settings:
-        slot, t = info.get((method, mode), {}), times[(method, mode)]
+    for key in settings:
+        method, mode, st = key
+        slot, t = info.get(key, {}), times[key]
         ok = bool(t)
         step = statistics.median(t) if ok else float("nan")
         rows.append({"model": model, "method": method, "batch_size": batch, "seq_len": seq,
                      "compiled": mode != "eager", "compile_mode": mode,
-                     "stacked": bool(stacked and method.startswith("lorafa")),
+                     "stacked": st,
                      "status": "ok" if ok else slot.get("status", "failed"),
                      "error": slot.get("error", ""), "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),
                      "step_time_s": step, "step_time_all_s": t, "mem_peak_gib": slot.get("mem_peak_gib", float("nan")),
@@ -285,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps per setting and round")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per setting and round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-stacked", action="store_true",
-                        help="LoRA-FA with the two-matmul layer instead of the stacked [W; A] one")
+    parser.add_argument("--stacked", default="auto", choices=STACKED,
+                        help="LoRA-FA's layer: the stacked [W; A] one (on), the two-matmul one (off), both as "
+                             "separate settings, or auto: stacked in eager, two-matmul compiled (default)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="profile 3 more steps of each setting (first round): DIR/<setting>.txt, and the "
                              "device_busy_frac column (kernel time ÷ step time)")
@@ -310,14 +331,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                                                      DEFAULT_SHAPE)
         print(f"{model} {shape[0]}×{shape[1]}: {', '.join(args.methods)} × {', '.join(modes)}", flush=True)
         rows += bench_model(model, args.methods, modes, shape=shape, device=device, warmup=args.warmup,
-                            steps=args.steps, rounds=args.rounds, stacked=not args.no_stacked,
+                            steps=args.steps, rounds=args.rounds, stacked=args.stacked,
                             profile_dir=args.profile,
                             log=lambda s: print(s, flush=True))
         table = _finish(pd.DataFrame(rows), peak, device)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         results._atomic_write(table, args.out)  # after each model: an interrupted run keeps what it measured
     best = table[table["best"]]
-    cols = ["model", "method", "compile_mode", "tokens_per_s", "step_time_s", "mem_peak_gib", "mfu",
+    cols = ["model", "method", "compile_mode", "stacked", "tokens_per_s", "step_time_s", "mem_peak_gib", "mfu",
             "vs_full_best", "vs_lora_best"]
     print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for model, g in best.groupby("model", sort=False):

@@ -22,14 +22,23 @@ def test_summarise_marks_each_methods_fastest_mode_and_the_ratios():
     assert best.loc["lorafa", "vs_lora_best"] == pytest.approx(180 / 110)
 
 
+def test_lorafa_layer_variants_per_mode():
+    assert bench.layer_variants("full", "eager", "both") == [False]  # only LoRA-FA has a stacked layer
+    assert bench.layer_variants("lorafa", "eager", "auto") == [True]
+    assert bench.layer_variants("lorafa_v2", "cudagraphs", "auto") == [False]
+    assert bench.layer_variants("lorafa", "compile", "both") == [True, False]
+    assert bench.layer_variants("lorafa", "eager", "off") == [False]
+
+
 @pytest.mark.slow
 def test_bench_runs_every_method_interleaved_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "throughput.parquet"
     assert bench.main(["--models", "tiny-llama", "--device", "cpu", "--warmup", "1", "--steps", "2", "--rounds", "2",
                        "--profile", str(tmp_path / "prof"), "--out", str(out)]) == 0
     profiles = sorted(p.name for p in (tmp_path / "prof").iterdir())
-    assert profiles == sorted(f"tiny-llama_4x32_{m}_eager.txt" for m in bench.METHODS)  # first round only
-    assert "aten::" in (tmp_path / "prof" / "tiny-llama_4x32_lorafa_eager.txt").read_text()
+    names = ["full", "lora", "lorafa_stacked", "lorafa_v2_stacked"]  # eager: the stacked LoRA-FA layer
+    assert profiles == sorted(f"tiny-llama_4x32_{m}_eager.txt" for m in names)  # first round only
+    assert "aten::" in (tmp_path / "prof" / "tiny-llama_4x32_lorafa_stacked_eager.txt").read_text()
     table = pd.read_parquet(out)
     assert set(COLUMNS) <= set(table.columns)
     assert sorted(table["method"]) == sorted(bench.METHODS) and (table["status"] == "ok").all()

@@ -64,7 +64,7 @@ def compose(model: str, method: str, batch: int, seq: int, extra: list[str] = ()
 class Setting:
     """One (method, mode) built on the device: model, optimizer, one batch, and its step function."""
 
-    def __init__(self, cfg, mode: str, device: torch.device):
+    def __init__(self, cfg, mode: str, device: torch.device, scope: str = "blocks"):
         from . import methods, models
         from .train import autocast_dtype, frozen_weight_dtype, make_optimizer
 
@@ -81,11 +81,21 @@ class Setting:
                             int(cfg.task.target_len), net.model.config.vocab_size, device)
         self.tokens = self.batch["input_ids"].numel() + (self.batch["labels"].numel()
                                                          if net.family == "encoder-decoder" else 0)
-        self.forward = self.model
-        if mode == "compile":
-            self.forward = torch.compile(self.model)
-        elif mode == "cudagraphs":
-            self.forward = torch.compile(self.model, mode="reduce-overhead")
+        self.forward, self.scope = self.model, scope
+
+    def compile(self) -> None:
+        """Compile for the setting's mode (after `flops`, which counts the eager model)."""
+        from .distributed import transformer_blocks
+
+        if self.mode == "eager":
+            return
+        kw = {"mode": "reduce-overhead"} if self.mode == "cudagraphs" else {}
+        blocks = transformer_blocks(self.model) if self.scope == "blocks" else []
+        if blocks:  # regional compilation: identical blocks share one compiled graph (seconds, not minutes)
+            for block in blocks:
+                block.compile(**kw)
+        else:
+            self.forward = torch.compile(self.model, **kw)
 
     def step(self) -> None:
         if self.mode == "cudagraphs":
@@ -167,16 +177,23 @@ def profile_steps(s: Setting, steps: int, out: Path | None) -> float:
 
 
 def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool,
-                profile_to: Path | None = None) -> dict:
+                profile_to: Path | None = None, scope: str = "blocks") -> dict:
     """Build, warm up, time `steps` optimizer steps, free. Returns step time, peak memory, (once) FLOPs, and
     with `profile_to` the device-busy time per step (`profile_steps`, after the timed steps)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    s = Setting(cfg, mode, device)
+    s = Setting(cfg, mode, device, scope)
+    from torch._dynamo.utils import counters
+
     flops = s.flops() if count_flops else None
+    s.compile()
+    counters.clear()
+    t0 = time.perf_counter()
     for _ in range(warmup):
         s.step()
     _sync(device)
+    warmup_s = time.perf_counter() - t0  # compilation and CUDA-graph recording happen here
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     t0 = time.perf_counter()
     for _ in range(steps):
         s.step()
@@ -184,7 +201,7 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     elapsed = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else float("nan")
     out = {"step_time_s": elapsed, "tokens": s.tokens, "mem_peak_gib": peak, "flops": flops,
-           "trainable_params": s.trainable}
+           "trainable_params": s.trainable, "warmup_s": warmup_s, "compiled_graphs": graphs, "graph_breaks": breaks}
     if profile_to is not None:
         out["busy_s"] = profile_steps(s, 3, profile_to)
     del s
@@ -209,8 +226,8 @@ def layer_variants(method: str, mode: str, stacked: str) -> list[bool]:
 
 
 def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tuple[int, int], device: torch.device,
-                warmup: int, steps: int, rounds: int, stacked: str = "auto", profile_dir: Path | None = None,
-                log=print) -> list[dict]:
+                warmup: int, steps: int, rounds: int, stacked: str = "auto", scope: str = "blocks",
+                profile_dir: Path | None = None, log=print) -> list[dict]:
     batch, seq = shape
     settings = [(m, mode, st) for m in methods for mode in modes for st in layer_variants(m, mode, stacked)]
     times: dict[tuple, list[float]] = {s: [] for s in settings}
@@ -223,7 +240,7 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
             name = f"{method}{'_stacked' if st else ''}"
             try:
                 first = key not in info
-                res = run_setting(cfg, mode, device, warmup, steps, count_flops=first,
+                res = run_setting(cfg, mode, device, warmup, steps, count_flops=first, scope=scope,
                                   profile_to=profile_dir / f"{model}_{batch}x{seq}_{name}_{mode}.txt"
                                   if profile_dir is not None and first else None)
             except Exception as err:  # noqa: BLE001 - an expected failure (OOM, a compile error) is a row
@@ -238,7 +255,8 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                 continue
             times[key].append(res["step_time_s"])
             slot = info.setdefault(key, {})
-            slot.update({k: v for k, v in res.items() if v is not None and k != "step_time_s"})
+            slot.setdefault("warmup_s", res["warmup_s"])  # the first round's: a cold compile
+            slot.update({k: v for k, v in res.items() if v is not None and k not in ("step_time_s", "warmup_s")})
             slot["mem_peak_gib"] = max(slot.get("mem_peak_gib", 0.0), res["mem_peak_gib"])
             log(f"  round {r + 1} {model} {name:17s} {mode:10s} {res['step_time_s'] * 1e3:8.2f} ms/step "
                 f"{res['tokens'] / res['step_time_s']:10.0f} tok/s")
@@ -250,6 +268,7 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
         step = statistics.median(t) if ok else float("nan")
         rows.append({"model": model, "method": method, "batch_size": batch, "seq_len": seq,
                      "compiled": mode != "eager", "compile_mode": mode,
+                     "compile_scope": "none" if mode == "eager" else scope,
                      "stacked": st,
                      "status": "ok" if ok else slot.get("status", "failed"),
                      "error": slot.get("error", ""), "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),
@@ -257,6 +276,8 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                      "step_flops": float(slot.get("flops") or float("nan")),
                      "device_busy_frac": slot.get("busy_s", float("nan")) / step if ok else float("nan"),
                      "trainable_params": slot.get("trainable_params", 0), "rounds": len(t), "steps": steps,
+                     "warmup_s": slot.get("warmup_s", float("nan")),
+                     "compiled_graphs": slot.get("compiled_graphs", 0), "graph_breaks": slot.get("graph_breaks", 0),
                      "warmup_steps": warmup})
     return rows
 
@@ -308,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stacked", default="auto", choices=STACKED,
                         help="LoRA-FA's layer: the stacked [W; A] one (on), the two-matmul one (off), both as "
                              "separate settings, or auto: stacked in eager, two-matmul compiled (default)")
+    parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
+                        help="compile each transformer block (identical blocks share one compiled graph; the "
+                             "default) or the whole model as one graph (minutes per setting at 7B scale)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="profile 3 more steps of each setting (first round): DIR/<setting>.txt, and the "
                              "device_busy_frac column (kernel time ÷ step time)")
@@ -331,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                                      DEFAULT_SHAPE)
         print(f"{model} {shape[0]}×{shape[1]}: {', '.join(args.methods)} × {', '.join(modes)}", flush=True)
         rows += bench_model(model, args.methods, modes, shape=shape, device=device, warmup=args.warmup,
-                            steps=args.steps, rounds=args.rounds, stacked=args.stacked,
+                            steps=args.steps, rounds=args.rounds, stacked=args.stacked, scope=args.compile_scope,
                             profile_dir=args.profile,
                             log=lambda s: print(s, flush=True))
         table = _finish(pd.DataFrame(rows), peak, device)

@@ -43,7 +43,8 @@ def test_bench_runs_every_method_interleaved_and_writes_the_table(tmp_path, caps
     assert set(COLUMNS) <= set(table.columns)
     assert sorted(table["method"]) == sorted(bench.METHODS) and (table["status"] == "ok").all()
     assert (table["rounds"] == 2).all() and table["best"].sum() == 4 and (table["compile_mode"] == "eager").all()
-    assert (table["tokens_per_s"] > 0).all() and (table["step_flops"] > 0).all()
+    assert (table["tokens_per_s"] > 0).all() and (table["step_flops"] > 0).all() and (table["warmup_s"] > 0).all()
+    assert (table["compiled_graphs"] == 0).all() and (table["compile_scope"] == "none").all()  # eager
     flops = table.set_index("method")["step_flops"]
     assert flops["lorafa"] < flops["lora"] < flops["full"]  # LoRA-FA: no weight-gradient matmuls at all
     assert table.set_index("method")["stacked"].to_dict() == {"full": False, "lora": False, "lorafa": True,

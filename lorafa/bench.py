@@ -6,14 +6,20 @@
 
 For each model: random-init weights from its real config (no download), synthetic full-length batches, bf16
 autocast with frozen weights in bf16 on CUDA, r = 8 on every linear layer of the blocks, no adapter dropout, AdamW
-(fused on CUDA) over what trains. Every (method, mode) is one *setting*; modes are `eager`, `compile`
-(`torch.compile` of the model, default mode) and `cudagraphs` (`torch.compile(mode="reduce-overhead")`: the
-compiled forward and backward replayed as CUDA graphs). Each round builds every setting in turn, runs `--warmup`
-optimizer steps (compilation happens there), then `--steps` timed steps (synchronised), and frees it; the order of
+(fused on CUDA) over what trains. Every (method, mode) is one *setting*. Modes:
+  eager           plain PyTorch
+  compile         torch.compile (default mode) of each transformer block (`--compile-scope blocks`: identical
+                  blocks share one compiled graph, so compiling takes seconds) or of the whole model (`model`)
+  graph           the whole training step (forward, backward, AdamW) captured once as a CUDA graph and replayed:
+                  eager kernels, no CPU work per step (CUDA)
+  compile_graph   compile, then the whole step as a CUDA graph (CUDA)
+  cudagraphs      torch.compile(mode="reduce-overhead"): inductor's CUDA graphs of the compiled regions (CUDA)
+Default: eager, compile, graph, compile_graph on CUDA; eager elsewhere. Each round builds every setting in turn,
+runs `--warmup` optimizer steps (compilation happens there), then `--steps` timed steps (synchronised), and frees
+it; the order of
 the settings alternates between rounds, so slow drift (clocks, temperature) falls on every setting alike. A
 setting's tokens/s is its median over rounds; a method's best setting (`best=True`) is its fastest. LoRA-FA's
-layer is part of the setting (`--stacked`, column `stacked`): by default the stacked [W; A] layer in eager and the
-two-matmul layer compiled.
+layer is part of the setting (`--stacked`, column `stacked`).
 
 MFU: the FLOPs of one training step are counted once per setting with `torch.utils.flop_counter` (forward and
 backward as executed: LoRA-FA has no weight-gradient matmuls), and `--peak-tflops` is the device's bf16 matmul
@@ -38,7 +44,9 @@ import pandas as pd
 import torch
 
 METHODS = ("full", "lora", "lorafa", "lorafa_v2")
-MODES = ("eager", "compile", "cudagraphs")
+MODES = ("eager", "compile", "graph", "compile_graph", "cudagraphs")
+CUDA_MODES = ("graph", "compile_graph", "cudagraphs")
+DEFAULT_CUDA_MODES = ("eager", "compile", "graph", "compile_graph")
 SHAPES = {"roberta-base": (32, 128), "roberta-large": (32, 128), "t5-large": (32, 128), "t5-base": (32, 128),
           "llama-7b": (4, 512), "llama-13b": (4, 512)}
 DEFAULT_SHAPE = (4, 32)  # tiny models (smoke runs)
@@ -76,36 +84,67 @@ class Setting:
                                 frozen_dtype=frozen_weight_dtype(cfg.train, device))
         self.trainable = applied.trainable_params
         self.model = net.model.train()
-        self.optimizer = make_optimizer(self.model, cfg.train, fused=device.type == "cuda")
+        self.optimizer = make_optimizer(self.model, cfg.train, fused=device.type == "cuda",
+                                        capturable=mode.endswith("graph"))
         self.batch = _batch(net.family, int(cfg.train.batch_size), int(cfg.task.max_seq_len),
                             int(cfg.task.target_len), net.model.config.vocab_size, device)
         self.tokens = self.batch["input_ids"].numel() + (self.batch["labels"].numel()
                                                          if net.family == "encoder-decoder" else 0)
-        self.forward, self.scope = self.model, scope
+        self.forward, self.scope, self.graph = self.model, scope, None
 
-    def compile(self) -> None:
-        """Compile for the setting's mode (after `flops`, which counts the eager model)."""
+    def prepare(self) -> None:
+        """Compile and/or capture for the setting's mode (after `flops`, which counts the eager model)."""
         from .distributed import transformer_blocks
 
-        if self.mode == "eager":
-            return
-        kw = {"mode": "reduce-overhead"} if self.mode == "cudagraphs" else {}
-        blocks = transformer_blocks(self.model) if self.scope == "blocks" else []
-        if blocks:  # regional compilation: identical blocks share one compiled graph (seconds, not minutes)
-            for block in blocks:
-                block.compile(**kw)
-        else:
-            self.forward = torch.compile(self.model, **kw)
+        if self.mode in ("compile", "compile_graph", "cudagraphs"):
+            kw = {"mode": "reduce-overhead"} if self.mode == "cudagraphs" else {}
+            blocks = transformer_blocks(self.model) if self.scope == "blocks" else []
+            if blocks:  # regional compilation: identical blocks share one compiled graph (seconds, not minutes)
+                for block in blocks:
+                    block.compile(**kw)
+            else:
+                self.forward = torch.compile(self.model, **kw)
+        if self.mode.endswith("graph"):
+            self._capture()
 
-    def step(self) -> None:
-        if self.mode == "cudagraphs":
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
+    def _autocast(self):
+        # a whole-step CUDA graph needs autocast's cast cache off (cached casts made during capture would be freed)
+        return torch.autocast(self.device.type, dtype=self.amp, cache_enabled=not self.mode.endswith("graph")) \
+            if self.amp else nullcontext()
+
+    def _eager_step(self, zero: bool = True) -> None:
+        with self._autocast():
             loss = self.forward(**self.batch).loss
         loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
+        if zero:
+            self.model.zero_grad(set_to_none=True)
+
+    def _capture(self) -> None:
+        """The whole training step (forward, backward, optimizer step) as one CUDA graph, as in PyTorch's
+        whole-network capture recipe: 3 warm-up steps on a side stream (compiles what is compiled), then the
+        capture with gradients unset, so backward allocates them in the graph's pool and every replay rewrites
+        them. No CPU work is left per step: no Python, no dispatch, no kernel launches."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._eager_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
         self.model.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._eager_step(zero=False)
+        self.graph = graph
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.mode == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        self._eager_step()
 
     def flops(self) -> int:
         """FLOPs of one forward + backward as executed (eager; the optimizer's elementwise work not counted)."""
@@ -171,9 +210,17 @@ def profile_steps(s: Setting, steps: int, out: Path | None) -> float:
         out.write_text(events.table(sort_by=key, row_limit=40))
     if s.device.type != "cuda":
         return float("nan")
-    # kernels (and memsets/copies) only: user annotations on the device timeline ("## Call CompiledFxGraph",
-    # "Optimizer.step") span kernels already counted
-    return sum(e.self_device_time_total for e in events if not getattr(e, "is_user_annotation", False)) / 1e6 / steps
+    return device_seconds(prof.events()) / steps
+
+
+def device_seconds(events) -> float:
+    """Seconds of device work among profiler events: kernels, copies and memsets only. CPU operators carry the
+    device time of the kernels they launched, and user annotations on the device timeline ("## Call
+    CompiledFxGraph", "Optimizer.step") span kernels: both would count the same kernels twice."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events
+               if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)) / 1e6
 
 
 def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool,
@@ -186,7 +233,7 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     from torch._dynamo.utils import counters
 
     flops = s.flops() if count_flops else None
-    s.compile()
+    s.prepare()
     counters.clear()
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -343,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    modes = args.modes or (list(MODES) if device.type == "cuda" else ["eager"])
-    if device.type != "cuda" and "cudagraphs" in modes:
-        parser.error("--modes cudagraphs needs a CUDA device")
+    modes = args.modes or (list(DEFAULT_CUDA_MODES) if device.type == "cuda" else ["eager"])
+    if device.type != "cuda" and set(modes) & set(CUDA_MODES):
+        parser.error(f"--modes {' '.join(sorted(set(modes) & set(CUDA_MODES)))} need a CUDA device")
     peak = args.peak_tflops or measure_matmul_tflops(device)
     if device.type == "cuda":
         print(f"bf16 matmul rate: {peak:.0f} TFLOP/s ({'given' if args.peak_tflops else 'measured, 8192³'})")

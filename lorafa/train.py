@@ -68,10 +68,12 @@ def frozen_weight_dtype(tcfg: DictConfig, device: torch.device) -> torch.dtype |
     return getattr(torch, name)
 
 
-def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False) -> torch.optim.Optimizer | None:
+def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False,
+                   capturable: bool = False) -> torch.optim.Optimizer | None:
     """AdamW over the trainable parameters; None when nothing trains (`method=frozen` on a model without a
     task head: backward runs, for its memory, and no step is taken). `fused`: torch's fused CUDA kernel (one
-    launch for all parameters; `lorafa.bench` uses it for every method)."""
+    launch for all parameters; `lorafa.bench` uses it for every method); `capturable`: its state on the device, so
+    that a step can be captured in a CUDA graph."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -81,7 +83,8 @@ def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False) -> t
     groups = [{"params": decay, "weight_decay": float(tcfg.weight_decay)},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(tcfg.lr),
-                             betas=tuple(tcfg.betas), eps=float(tcfg.eps), **({"fused": True} if fused else {}))
+                             betas=tuple(tcfg.betas), eps=float(tcfg.eps), **({"fused": True} if fused else {}),
+                             **({"capturable": True} if capturable else {}))
 
 
 def count_tokens(batch: dict, family: str) -> int:

@@ -30,6 +30,18 @@ def test_lorafa_layer_variants_per_mode():
     assert bench.layer_variants("lorafa", "eager", "off") == [False]
 
 
+def test_device_seconds_counts_kernels_once():
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    events = [E(device_type=DeviceType.CPU, is_user_annotation=False, self_device_time_total=700.0),  # aten::mm
+              E(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=500.0),  # its kernel
+              E(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=200.0),
+              E(device_type=DeviceType.CUDA, is_user_annotation=True, self_device_time_total=700.0)]  # "## Call …"
+    assert bench.device_seconds(events) == pytest.approx(700e-6)
+
+
 @pytest.mark.slow
 def test_bench_runs_every_method_interleaved_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "throughput.parquet"

@@ -91,6 +91,7 @@ class Setting:
         self.tokens = self.batch["input_ids"].numel() + (self.batch["labels"].numel()
                                                          if net.family == "encoder-decoder" else 0)
         self.forward, self.scope, self.graph = self.model, scope, None
+        self.steps_taken, self.loss = 0, None  # optimizer steps taken by `prepare`; the last step's loss
 
     def prepare(self) -> None:
         """Compile and/or capture for the setting's mode (after `flops`, which counts the eager model)."""
@@ -116,6 +117,7 @@ class Setting:
         with self._autocast():
             loss = self.forward(**self.batch).loss
         loss.backward()
+        self.loss = loss.detach()  # in a captured step: the graph's output, rewritten by every replay
         if self.optimizer is not None:
             self.optimizer.step()
         if zero:
@@ -129,13 +131,19 @@ class Setting:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(3):
+            for _ in range(CAPTURE_WARMUP):
                 self._eager_step()
         torch.cuda.current_stream(self.device).wait_stream(side)
+        self.steps_taken = CAPTURE_WARMUP
         self.model.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._eager_step(zero=False)
+        try:
+            # thread_local: the backward runs in autograd's device thread, which is part of this capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._eager_step(zero=False)
+        except Exception:
+            _reset_cuda_rng(self.device)
+            raise
         self.graph = graph
 
     def step(self) -> None:
@@ -157,6 +165,18 @@ class Setting:
             loss.backward()  # outside autocast, as in `step`
         self.model.zero_grad(set_to_none=True)
         return int(counter.get_total_flops())
+
+
+CAPTURE_WARMUP = 3  # eager (or compiling) steps on a side stream before a whole-step capture
+
+
+def _reset_cuda_rng(device: torch.device) -> None:
+    """A failed capture leaves the default CUDA generator marked as capturing, so every later random draw (the
+    next setting's dropout) would fail too: give it a fresh state, seeded as before."""
+    gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    fresh = torch.Generator(device=device)
+    fresh.manual_seed(gen.initial_seed())
+    gen.graphsafe_set_state(fresh.graphsafe_get_state())
 
 
 def _batch(family: str, batch: int, seq: int, target_len: int, vocab: int, device: torch.device) -> dict:
@@ -233,13 +253,13 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     from torch._dynamo.utils import counters
 
     flops = s.flops() if count_flops else None
-    s.prepare()
     counters.clear()
     t0 = time.perf_counter()
-    for _ in range(warmup):
+    s.prepare()  # compiles lazily; the graph modes take CAPTURE_WARMUP of the warm-up steps and capture
+    for _ in range(max(0, warmup - s.steps_taken)):
         s.step()
     _sync(device)
-    warmup_s = time.perf_counter() - t0  # compilation and CUDA-graph recording happen here
+    warmup_s = time.perf_counter() - t0  # compilation and CUDA-graph capture happen here
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -248,7 +268,8 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     elapsed = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else float("nan")
     out = {"step_time_s": elapsed, "tokens": s.tokens, "mem_peak_gib": peak, "flops": flops,
-           "trainable_params": s.trainable, "warmup_s": warmup_s, "compiled_graphs": graphs, "graph_breaks": breaks}
+           "trainable_params": s.trainable, "warmup_s": warmup_s, "compiled_graphs": graphs, "graph_breaks": breaks,
+           "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
     if profile_to is not None:
         out["busy_s"] = profile_steps(s, 3, profile_to)
     del s
@@ -324,6 +345,8 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                      "device_busy_frac": slot.get("busy_s", float("nan")) / step if ok else float("nan"),
                      "trainable_params": slot.get("trainable_params", 0), "rounds": len(t), "steps": steps,
                      "warmup_s": slot.get("warmup_s", float("nan")),
+                     "final_loss": slot.get("final_loss", float("nan")),
+                     "optimizer_steps": slot.get("optimizer_steps", 0),
                      "compiled_graphs": slot.get("compiled_graphs", 0), "graph_breaks": slot.get("graph_breaks", 0),
                      "warmup_steps": warmup})
     return rows
@@ -361,6 +384,21 @@ def _finish(frame: pd.DataFrame, peak: float, device: torch.device) -> pd.DataFr
                         experiment="bench", schema_version=results.SCHEMA_VERSION)
 
 
+def _append(out: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """`table` added to the table at `out`, which must come from the same commit and device (else the ratios
+    across models would mix code versions); rows of models in `table` replace the old ones."""
+    if not out.exists():
+        return table
+    old = pd.read_parquet(out)
+    for col in ("git_sha", "device", "git_dirty"):
+        theirs, ours = set(old[col].astype(str)), set(table[col].astype(str))
+        if theirs != ours:
+            raise SystemExit(f"--append: {out} has {col} {sorted(theirs)}, this run {sorted(ours)}; "
+                             f"write to another --out")
+    old = old[~old["model"].isin(set(table["model"]))]
+    return pd.concat([old, table], ignore_index=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorafa.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -384,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
                              "device_busy_frac column (kernel time ÷ step time)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul rate (default: measured)")
     parser.add_argument("--out", type=Path, default=Path("results/throughput.parquet"))
+    parser.add_argument("--append", action="store_true",
+                        help="add these models' rows to --out (written by the same commit on the same device; "
+                             "rows of a model measured again are replaced): one run spread over several calls")
     args = parser.parse_args(argv)
 
     from . import results
@@ -406,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                             profile_dir=args.profile,
                             log=lambda s: print(s, flush=True))
         table = _finish(pd.DataFrame(rows), peak, device)
+        if args.append:
+            table = _append(args.out, table)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         results._atomic_write(table, args.out)  # after each model: an interrupted run keeps what it measured
     best = table[table["best"]]

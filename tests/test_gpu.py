@@ -67,3 +67,24 @@ def test_torchrun_on_two_gpus_matches_one_gpu(tmp_path):
         peaks = row["mem_peak_ranks_gib"]  # symmetric processes hold the same (a leak into the next job would not)
         assert len(peaks) == 2 and max(peaks) <= 1.1 * min(peaks)
     assert table.iloc[1]["mem_weights_gib"] == pytest.approx(single["mem_weights_gib"] / 2, rel=0.05)
+
+
+@pytest.mark.parametrize("model", ["tiny-roberta", "tiny-t5", "tiny-llama"])
+def test_bench_graph_modes_train_like_eager(tmp_path, model):
+    """`lorafa.bench`'s whole-step CUDA graph (and compiled) settings run every method and train like eager: the
+    same number of optimizer steps from the same start ends at nearly the same loss (dropout draws differ)."""
+    import pandas as pd
+
+    from lorafa import bench
+
+    out = tmp_path / "t.parquet"
+    assert bench.main(["--models", model, "--modes", "eager", "graph", "compile_graph", "--warmup", "4", "--steps",
+                       "6", "--rounds", "1", "--peak-tflops", "100", "--out", str(out)]) == 0
+    table = pd.read_parquet(out)
+    assert (table["status"] == "ok").all(), table[["method", "compile_mode", "error"]].to_string()
+    assert (table["optimizer_steps"] == 10).all()
+    for method, g in table.groupby("method"):
+        losses = g.set_index("compile_mode")["final_loss"]
+        assert losses.notna().all()
+        for mode in ("graph", "compile_graph"):
+            assert losses[mode] == pytest.approx(losses["eager"], rel=0.05), (method, mode, losses.to_dict())

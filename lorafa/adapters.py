@@ -280,7 +280,16 @@ class LoRALinear(nn.Module):
 
 def inject(model: nn.Module, names: list[str], *, rank: int, alpha: float, dropout: float, train_a: bool,
            init_a: str = "kaiming", precondition_b: bool = False) -> dict[str, LoRALinear]:
-    """Replace each named linear layer of `model` by a LoRALinear wrapping it; returns the new modules by name."""
+    """Replace each named linear layer of `model` by a LoRALinear wrapping it; returns the new modules by name.
+    A rank above a layer's smaller side (min(d_in, d_out): the most a product B·A can have) is refused, before any
+    layer is touched."""
+    from .checks import BadInput
+
+    for name in names:
+        base = model.get_submodule(name)
+        if is_linear(base) and rank > min(linear_dims(base)):
+            raise BadInput(f"method.rank={rank}: larger than layer {name} allows (d_in × d_out = "
+                           f"{' × '.join(map(str, linear_dims(base)))}); expected ≤ {min(linear_dims(base))}")
     added = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")

@@ -1,8 +1,10 @@
 """One job, top to bottom: config → data → model + method → train and evaluate, measured → one result row.
 
-`run(cfg)` is what `run.py` calls under Hydra and what the tests call with a composed config. Expected failures
-(hub unreachable, out of memory, a diverged loss, bad data met at run time) end as a row with a status and the
-error, not as an exception, so a sweep keeps going and its table is still written.
+`run(cfg)` is what `run.py` calls under Hydra and what the tests call with a composed config. Faults (out of
+memory, a diverged loss, any other exception) end as a row with a status and the error, not as an exception, so a
+sweep keeps going and its table is still written. Bad input (`lorafa.checks.BadInput`: a value out of range, a
+missing or malformed data file, a model directory that is not one, the hub out of reach) is not a result: it
+leaves `run` as the exception, before any row is written.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from . import adapters, distributed, measure, memory, methods, mmlu, models, results, tasks
+from . import adapters, checks, distributed, measure, memory, methods, mmlu, models, results, tasks
+from .checks import BadInput
 from .distributed import SINGLE, Dist
 from .train import Diverged, EvalSet, autocast_dtype, fit, frozen_weight_dtype
 
@@ -51,18 +54,27 @@ def identity(cfg: DictConfig, d: Dist = SINGLE) -> dict:
 def run(cfg: DictConfig) -> dict:
     """Run one job and write its row to `cfg.output_dir/result.parquet`; returns the row."""
     started = time.perf_counter()
+    checks.check_config(cfg)  # bad values: refused before anything is built or written
     results.git_state()  # pin the commit now: the tree may change while a long sweep runs
     d, device = distributed.setup(str(cfg.train.get("strategy") or "single"), str(cfg.device),
                                   float(cfg.train.get("dist_timeout_s") or 600))
     out_dir = distributed.settle_output_dir(cfg.output_dir, d)  # under torchrun: rank 0's job directory
     if str(out_dir) != str(cfg.output_dir):
         cfg.output_dir = str(out_dir)
+    done = results.finished_row(out_dir, cfg)
+    if done is not None:  # a rerun sweep: this job's row is already there
+        log.info("skipped: %s already holds this job's row (status %s, config %s)", out_dir / results.ROW_FILE,
+                 done["status"], done["config_hash"])
+        return done
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / TRACEBACK_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts clean
     row = {**identity(cfg, d), "status": "ok", "error": ""}
     memory_split = measure.Memory()
     try:
         row.update(_train_and_evaluate(cfg, device, memory_split, row, d))
+    except BadInput:
+        raise  # not a result: no row
     except Diverged as err:
         row.update(status="diverged", error=str(err))
     except torch.cuda.OutOfMemoryError as err:
@@ -131,6 +143,8 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     data = tasks.load_data(cfg.task)
     tokenizer = None if data.kind == "synthetic" else models.load_tokenizer(cfg.model)
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
+    config = models.load_config(cfg.model)  # before building: a 7B model takes a while to refuse
+    checks.check_positions(cfg, config, models.detect_family(config))
     net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype, tokenizer=tokenizer)
     frozen_dtype = frozen_weight_dtype(cfg.train, device)
     applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype)

@@ -23,8 +23,9 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from . import sources
+from . import checks, sources
 from .adapters import is_linear
+from .checks import BadInput
 
 log = logging.getLogger(__name__)
 FAMILIES = ("encoder", "encoder-decoder", "decoder")
@@ -60,7 +61,7 @@ def source_of(mcfg: DictConfig) -> str:
     """The directory or hub id weights and config come from: `model.path` wins over `model.name`."""
     ref = mcfg.get("path") or mcfg.get("name")
     if not ref:
-        raise ValueError("model.path or model.name must be set")
+        raise BadInput("model.path or model.name must be set")
     return str(ref)
 
 
@@ -78,6 +79,8 @@ def load_config(mcfg: DictConfig):
         arch = OmegaConf.to_container(arch, resolve=True)
         return AutoConfig.for_model(arch.pop("model_type"), **arch)
     ref = source_of(mcfg)
+    if mcfg.get("path"):
+        checks.check_model_dir(str(mcfg.path))
     if sources.is_local(ref):
         return AutoConfig.from_pretrained(ref)
     return sources.from_hub("model config", AutoConfig.from_pretrained, ref)
@@ -110,14 +113,14 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
     `lorafa.memory.predict` runs on fake tensors. With a `tokenizer`, a random-init model's special token ids
     follow it (`align_special_tokens`)."""
     if mcfg.init not in ("pretrained", "random"):
-        raise ValueError(f"model.init={mcfg.init!r}: expected pretrained or random")
+        raise BadInput(f"model.init={mcfg.init!r}: expected pretrained or random")
     config = load_config(mcfg)
     if tokenizer is not None and (mcfg.init == "random" or not weights):
         for key, (old, new) in align_special_tokens(config, tokenizer).items():
             log.info("random init: %s %s → %s (the tokenizer's)", key, old, new)
     family = detect_family(config)
     if mcfg.get("family") and mcfg.family != family:
-        raise ValueError(f"model.family={mcfg.family!r} but the checkpoint's config says {family!r}")
+        raise BadInput(f"model.family={mcfg.family!r} but the checkpoint's config says {family!r}")
     if family == "encoder":
         config.num_labels = num_labels
         config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
@@ -198,7 +201,7 @@ def resolve_targets(model: nn.Module, spec, presets: DictConfig | dict | None = 
     (every linear layer of the blocks), or a list of name suffixes as in PEFT (`query` matches `...self.query`)."""
     if isinstance(spec, str) and spec != "auto":
         if not presets or spec not in presets:
-            raise ValueError(f"method.targets={spec!r} is not a preset of this model "
+            raise BadInput(f"method.targets={spec!r} is not a preset of this model "
                              f"(model.target_modules has {sorted(presets or {})}); give a preset, auto or a list")
         spec = presets[spec]
     linears = block_linears(model)
@@ -209,7 +212,7 @@ def resolve_targets(model: nn.Module, spec, presets: DictConfig | dict | None = 
         names = [n for n in linears if any(n == s or n.endswith("." + s) for s in suffixes)]
     if not names:
         kinds = sorted({re.sub(r"^.*?\d+\.", "", n) for n in linears})
-        raise ValueError(f"target modules {spec!r} match no linear layer; the blocks' linear layers are {kinds}")
+        raise BadInput(f"method.targets={spec!r} matches no linear layer; the blocks' linear layers are {kinds}")
     return names
 
 

@@ -1,6 +1,11 @@
 """Result rows: one parquet row per job, written atomically beside the job, gathered into one table per sweep.
 
     python -m lorafa.results collect SWEEP_DIR     # SWEEP_DIR/**/result.parquet → SWEEP_DIR/results.parquet
+    python -m lorafa.results append SWEEP_DIR results/my_table.parquet    # add a sweep's new rows to a table
+
+Tables in results/ are only ever appended to (`append_rows`): rows already there are never changed or dropped, and
+a row whose `config_hash` is already in the table is not added again. Every write is atomic (temporary file, then
+rename) and every row carries `schema_version`.
 
 Every row carries what produced it: the resolved config (as JSON) and its hash, the git commit of the code and
 whether the tree was dirty, the package versions and the device. At the end of a Hydra multirun the
@@ -110,6 +115,35 @@ def write_row(row: dict, out_dir: str | Path) -> Path:
     return path
 
 
+FINAL_STATUSES = ("ok", "oom", "diverged")  # a rerun keeps these; a `failed` job (maybe transient) runs again
+
+
+def finished_row(out_dir: str | Path, cfg: DictConfig) -> dict | None:
+    """The row already in `out_dir` for this very job (same config hash, a final status), else None: what lets a
+    killed sweep, rerun with the same command and `hydra.sweep.dir`, skip the jobs it finished. A row of another
+    config in the same directory (the sweep was changed) or an unreadable one does not count: the job runs."""
+    path = Path(out_dir) / ROW_FILE
+    if not path.is_file():
+        return None
+    try:
+        row = pd.read_parquet(path).iloc[0].to_dict()
+    except Exception as err:  # noqa: BLE001 - a foreign or broken file: run the job again, and say so
+        warnings.warn(f"{path} is unreadable ({type(err).__name__}: {err}); running the job again", stacklevel=2)
+        return None
+    if row.get("config_hash") != config_hash(cfg) or row.get("status") not in FINAL_STATUSES:
+        return None
+    return row
+
+
+def bad_inputs(sweep_dir: str | Path) -> dict[str, str]:
+    """{job dir: its one-line error} for the jobs of a sweep refused for bad input (`lorafa.checks`)."""
+    from .checks import INPUT_ERROR_FILE
+
+    sweep_dir = Path(sweep_dir)
+    return {str(p.parent.relative_to(sweep_dir)): p.read_text().strip()
+            for p in sorted(sweep_dir.rglob(INPUT_ERROR_FILE))}
+
+
 def collect(sweep_dir: str | Path, *, write: bool = True) -> pd.DataFrame:
     """Concatenate every job's row under `sweep_dir` into `sweep_dir/results.parquet`.
     Unreadable row files are named in a warning and skipped, never silently dropped."""
@@ -124,6 +158,22 @@ def collect(sweep_dir: str | Path, *, write: bool = True) -> pd.DataFrame:
     if write:
         _atomic_write(table, sweep_dir / TABLE_FILE)
     return table
+
+
+def append_rows(new: pd.DataFrame, path: str | Path) -> tuple[pd.DataFrame, int]:
+    """Append `new` to the table at `path` (created if absent): existing rows are kept as they are, rows whose
+    `config_hash` the table already holds (or that repeat one within `new`) are left out. Returns (table, rows
+    added). Rows must carry `config_hash` and `schema_version`."""
+    path = Path(path)
+    for col in ("config_hash", "schema_version"):
+        if col not in new.columns or new[col].isna().any():
+            raise ValueError(f"rows to append to {path} must all carry {col}")
+    old = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["config_hash"])
+    fresh = new[~new["config_hash"].isin(set(old["config_hash"]))].drop_duplicates("config_hash")
+    table = pd.concat([old, fresh], ignore_index=True) if len(old) else fresh.reset_index(drop=True)
+    if len(fresh):
+        _atomic_write(table, path)
+    return table, len(fresh)
 
 
 def summary(table: pd.DataFrame) -> str:
@@ -149,6 +199,10 @@ class CollectResults(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         table = collect(sweep_dir)
         print(f"\n{len(table)} result rows → {sweep_dir / TABLE_FILE}\n{summary(table)}", flush=True)
+        refused = bad_inputs(sweep_dir)
+        if refused:  # bad input is no row: say which jobs, and end the sweep non-zero
+            lines = "\n".join(f"  {job}: {msg}" for job, msg in refused.items())
+            sys.exit(f"{len(refused)} job(s) refused for bad input (no row):\n{lines}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +211,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("collect", help="gather SWEEP_DIR/**/result.parquet into SWEEP_DIR/results.parquet")
     p.add_argument("sweep_dir", type=Path)
+    p = sub.add_parser("append", help="add the rows of a sweep (directory) or table (parquet) to a results/ table, "
+                                      "leaving out rows whose config_hash it already holds")
+    p.add_argument("source", type=Path)
+    p.add_argument("dest", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "append":
+        if args.source.is_dir():
+            new = collect(args.source, write=False)
+        elif args.source.is_file():
+            new = pd.read_parquet(args.source)
+        else:
+            parser.error(f"{args.source}: no such sweep directory or parquet file")
+        table, added = append_rows(new, args.dest)
+        print(f"{added} of {len(new)} rows added → {args.dest} ({len(table)} rows; rows already there by "
+              f"config_hash left out)")
+        return 0
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a directory")
     table = collect(args.sweep_dir)

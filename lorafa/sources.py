@@ -14,6 +14,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .checks import BadInput
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 OFFLINE_HINT = (
@@ -23,7 +25,7 @@ OFFLINE_HINT = (
 )
 
 
-class HubUnavailable(RuntimeError):
+class HubUnavailable(BadInput):
     """A model, tokenizer or dataset had to come from the hub and could not (offline, or not in the cache)."""
 
     def __init__(self, what: str, cause: BaseException | None = None):

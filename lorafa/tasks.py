@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import sources
+from .checks import BadInput
 
 ANSWER_CUE = "\nAnswer:"  # decoders read the prompt, then this, then the label word
 # Stanford Alpaca's prompt templates (github.com/tatsu-lab/stanford_alpaca, train.py), with and without an input
@@ -125,13 +126,22 @@ def _read_json(path):
     return pd.read_json(path, lines=first != "[")
 
 
-def read_table(path: str) -> pd.DataFrame:
+def read_table(path: str, key: str = "task.data_files") -> pd.DataFrame:
+    """A local data file as a table; `key` names the setting it came from in errors (`BadInput`): a missing,
+    unreadable or empty file, or an unsupported type."""
     suffix = Path(path).suffix.lower()
     if suffix not in READERS:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(READERS)}")
+        raise BadInput(f"{key}={path}: unsupported file type {suffix!r}; expected one of {sorted(READERS)}")
     if not Path(path).expanduser().is_file():
-        raise FileNotFoundError(f"task.data_files: no such file {path}")
-    return READERS[suffix](Path(path).expanduser())
+        raise BadInput(f"{key}={path}: no such file")
+    try:
+        frame = READERS[suffix](Path(path).expanduser())
+    except Exception as err:  # permissions, encoding, a broken file: say which file and why
+        raise BadInput(f"{key}={path}: cannot read it as {suffix} ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    if frame.empty:
+        raise BadInput(f"{key}={path}: the file has no rows")
+    return frame
 
 
 def _load_hub_split(tcfg: DictConfig, split: str) -> pd.DataFrame:
@@ -157,7 +167,7 @@ def _normalise(frame: pd.DataFrame, tcfg: DictConfig, where: str) -> pd.DataFram
         elif canonical in frame.columns:
             out[canonical] = frame[canonical]
         elif canonical != "text_pair":  # the only optional column
-            raise ValueError(f"{where}: no column {source!r} (or {canonical!r}); columns are {list(frame.columns)}")
+            raise BadInput(f"{where}: no column {source!r} (or {canonical!r}); columns are {list(frame.columns)}")
     return pd.DataFrame(out)
 
 
@@ -175,12 +185,12 @@ def load_data(tcfg: DictConfig) -> TaskData:
     for key, split in wanted.items():
         if files:
             if split not in files:
-                raise ValueError(f"task.data_files has no {split!r} file (needs {sorted(set(wanted.values()))})")
-            frame, where = read_table(files[split]), files[split]
+                raise BadInput(f"task.data_files.{split} is not set; this task needs {sorted(set(wanted.values()))}")
+            frame, where = read_table(files[split], f"task.data_files.{split}"), files[split]
         elif tcfg.get("dataset"):
             frame, where = _load_hub_split(tcfg, split), f"{tcfg.dataset}:{split}"
         else:
-            raise ValueError(f"task {tcfg.name}: set task.data_files.train=FILE task.data_files.validation=FILE")
+            raise BadInput(f"task {tcfg.name}: set task.data_files.train=FILE task.data_files.validation=FILE")
         frame = _normalise(frame, tcfg, where)
         limit = tcfg.get("max_train_samples" if key == "train" else "max_eval_samples")
         if limit:
@@ -215,18 +225,18 @@ def _load_instructions(tcfg: DictConfig) -> TaskData:
     """Instruction data (train split only) as `prompt` (the Alpaca template filled in) and `response` columns."""
     fmt = str(tcfg.get("format") or "alpaca")
     if fmt not in INSTRUCTION_FORMATS:
-        raise ValueError(f"task.format={fmt!r}: expected one of {sorted(INSTRUCTION_FORMATS)}")
+        raise BadInput(f"task.format={fmt!r}: expected one of {sorted(INSTRUCTION_FORMATS)}")
     files = {k: str(v) for k, v in (tcfg.get("data_files") or {}).items() if v}
     if files.get("train"):
-        frame, where = read_table(files["train"]), files["train"]
+        frame, where = read_table(files["train"], "task.data_files.train"), files["train"]
     elif tcfg.get("dataset"):
         frame, where = _load_hub_split(tcfg, "train"), f"{tcfg.dataset}:train"
     else:
-        raise ValueError(f"task {tcfg.name}: set task.data_files.train=FILE (json/jsonl with the {fmt} fields)")
+        raise BadInput(f"task {tcfg.name}: set task.data_files.train=FILE (json/jsonl with the {fmt} fields)")
     instruction, input_col, response = INSTRUCTION_FORMATS[fmt]
     missing = [c for c in (instruction, input_col, response) if c and c not in frame.columns]
     if missing:
-        raise ValueError(f"{where}: no column {missing} for task.format={fmt}; columns are {list(frame.columns)}")
+        raise BadInput(f"{where}: no column {missing} for task.format={fmt}; columns are {list(frame.columns)}")
     if tcfg.get("max_train_samples"):
         frame = frame.iloc[: int(tcfg.max_train_samples)]
     inputs = frame[input_col] if input_col else [None] * len(frame)
@@ -253,7 +263,7 @@ def _label_ids(values: pd.Series, labels: list[str], where: str, ints_are_ids: b
         ids = values.astype(str).map({name: i for i, name in enumerate(labels)})
         bad = sorted(set(values[ids.isna()].astype(str)))
     if bad:
-        raise ValueError(f"{where}: labels {[str(b) for b in bad[:10]]} are not in the task's label set {labels}")
+        raise BadInput(f"{where}: labels {[str(b) for b in bad[:10]]} are not in the task's label set {labels}")
     return ids.astype(int)
 
 
@@ -488,11 +498,11 @@ def poser_for(family: str, data: TaskData, tcfg: DictConfig, tokenizer=None, *, 
     if data.kind == "synthetic":
         return SyntheticPoser(data, tcfg, family, vocab_size, seed)
     if data.kind == "translation" and family != "encoder-decoder":
-        raise ValueError(f"task {tcfg.name} (translation) is posed to encoder-decoder models (T5) only; "
+        raise BadInput(f"task {tcfg.name} (translation) is posed to encoder-decoder models (T5) only; "
                          f"this model's family is {family}")
     if data.kind == "instruction":
         if family != "decoder":
-            raise ValueError(f"task {tcfg.name} (instruction tuning, MMLU) is posed to decoder models (LLaMA) only; "
+            raise BadInput(f"task {tcfg.name} (instruction tuning, MMLU) is posed to decoder models (LLaMA) only; "
                              f"this model's family is {family}")
         return InstructionPoser(data, tcfg, tokenizer)
     return POSERS[family](data, tcfg, tokenizer)

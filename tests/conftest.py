@@ -26,6 +26,7 @@ def cfg_factory(tmp_path):
     def make(*overrides: str):
         return compose_cfg(overrides, tmp_path / f"job{next(counter)}")
 
+    make.root = tmp_path  # where every job of the test writes
     return make
 
 

@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -37,11 +38,31 @@ def test_readme_quickstart_runs_offline_in_under_two_minutes(tmp_path):
 
 
 def test_multirun_over_families_and_methods_writes_one_table(tmp_path):
-    """The issue's acceptance sweep, verbatim: 9 rows, all ok, all filled, LoRA-FA below LoRA."""
+    """The issue's acceptance sweep, verbatim: 9 rows, all ok, all filled, LoRA-FA below LoRA. It is first killed
+    (SIGKILL) in the middle of a job, which leaves no partial row; rerun with the same command and sweep dir, it
+    skips the jobs whose row exists and runs the rest: every job exactly once."""
     sweep = tmp_path / "sweep"
-    proc, _ = _run(["-m", "model=tiny-roberta,tiny-t5,tiny-llama", "method=full,lora,lorafa", "train.max_steps=20",
-                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    args = ["-m", "model=tiny-roberta,tiny-t5,tiny-llama", "method=full,lora,lorafa", "train.max_steps=20",
+            f"hydra.sweep.dir={sweep}"]
+    killed = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list(sweep.rglob("result.parquet"))) < 2 and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)  # into the next job
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    before = {p: p.stat().st_mtime_ns for p in sweep.rglob("result.parquet")}
+    started = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()]
+    assert 2 <= len(before) < 9 and len(started) > len(before)  # killed mid-sweep, inside a job that has no row
+    for p in before:  # every row that exists is whole
+        assert pd.read_parquet(p).iloc[0]["status"] == "ok"
+    assert not (sweep / "results.parquet").exists()
+
+    proc, _ = _run(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # finished jobs were skipped, their rows untouched
+    assert (proc.stdout + proc.stderr).count("skipped:") == len(before)
     table = pd.read_parquet(sweep / "results.parquet")
     assert len(table) == 9 and (table["status"] == "ok").all()
     assert table.drop(columns=["error"]).notna().all().all(), table.columns[table.isna().any()].tolist()
@@ -55,23 +76,31 @@ def test_multirun_over_families_and_methods_writes_one_table(tmp_path):
     assert results.collect(sweep, write=False).shape == table.shape  # `collect` by hand gives the same table
 
 
-def test_offline_sweep_records_each_failure_and_ends_normally(tmp_path):
+def test_offline_sweep_refuses_each_job_in_one_line_runs_the_rest_and_exits_non_zero(tmp_path):
+    """The hub out of reach is bad input: each hub job fails fast with the line that says how to use local
+    paths, writes no row (its line goes to input_error.txt), the other jobs run, and the sweep exits non-zero."""
     sweep = tmp_path / "sweep"
-    proc, seconds = _run(["-m", "model=roberta-base,t5-large", "method=lora,lorafa", "task=glue_sst2",
-                          f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = pd.read_parquet(sweep / "results.parquet")
-    assert len(table) == 4 and (table["status"] == "failed").all()
-    assert table["error"].str.contains("model.path=").all() and table["error"].str.contains("task.data_files").all()
-    assert all((sweep / d / "traceback.txt").exists() for d in table["job_dir"])
+    proc, seconds = _run(["-m", "model=roberta-base,tiny-roberta", "task=glue_sst2,movie_polarity",
+                          "train.max_steps=2", "task.max_eval_samples=32", f"hydra.sweep.dir={sweep}"],
+                         cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0
+    assert "3 job(s) refused for bad input (no row)" in proc.stderr  # roberta-base's weights, glue_sst2's data
+    refused = results.bad_inputs(sweep)
+    assert len(refused) == 3 and all("model.path=" in m and "task.data_files" in m for m in refused.values())
+    assert all("\n" not in m for m in refused.values())
+    table = pd.read_parquet(sweep / "results.parquet")  # the one job that needs no hub ran, after refused ones
+    assert list(table["model"]) == ["tiny-roberta"] and list(table["task"]) == ["movie_polarity"]
+    assert (table["status"] == "ok").all() and len(list(sweep.rglob("result.parquet"))) == 1
     assert seconds < 120
 
 
-def test_a_single_failed_job_exits_non_zero_but_keeps_its_row(tmp_path):
-    proc, _ = _run(["model=roberta-base", "task=glue_sst2"], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
-    assert proc.returncode != 0 and "job failed" in proc.stderr
-    (row_file,) = list((tmp_path / "outputs").rglob("result.parquet"))
-    assert pd.read_parquet(row_file).iloc[0]["status"] == "failed"
+def test_a_single_job_with_bad_input_exits_non_zero_with_one_line_and_no_row(tmp_path):
+    proc, _ = _run(["method.rank=0"], cwd=tmp_path)
+    assert proc.returncode != 0 and proc.stderr.strip() == "error: method.rank=0: expected an integer ≥ 1"
+    assert not list(tmp_path.rglob("result.parquet"))
+    proc, _ = _run(["-m", "model=tiny-roberta,tiny-bert"], cwd=tmp_path)  # before Hydra composes anything
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: model=tiny-bert: no such option; choices")
+    assert not (tmp_path / "multirun").exists() and not list(tmp_path.rglob("result.parquet"))
 
 
 def test_slurm_launcher_config_composes():

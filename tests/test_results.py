@@ -60,3 +60,40 @@ def test_provenance_names_code_versions_and_device():
     assert prov["torch_version"] == torch.__version__ and prov["device"].startswith("cpu")
     assert len(prov["git_sha"]) in (40, len("unknown")) and isinstance(prov["git_dirty"], bool)
     assert '"method"' in prov["config"]
+
+
+def test_results_tables_are_only_appended_to_deduplicated_by_config_hash(tmp_path, capsys):
+    dest = tmp_path / "results" / "t.parquet"
+    first = pd.DataFrame({"config_hash": ["a", "b"], "schema_version": 1, "score": [0.1, 0.2]})
+    table, added = results.append_rows(first, dest)
+    assert added == 2 and list(table["config_hash"]) == ["a", "b"]
+    again = pd.DataFrame({"config_hash": ["b", "c", "c"], "schema_version": 1, "score": [0.9, 0.3, 0.4]})
+    table, added = results.append_rows(again, dest)
+    assert added == 1  # b is there already, c twice in the new rows: once
+    back = pd.read_parquet(dest)
+    assert list(back["config_hash"]) == ["a", "b", "c"] and list(back["score"]) == [0.1, 0.2, 0.3]  # old rows as they were
+    with pytest.raises(ValueError, match="config_hash"):
+        results.append_rows(pd.DataFrame({"schema_version": [1], "score": [1.0]}), dest)
+    # the CLI: a sweep directory's rows into a table
+    for i, h in enumerate(["c", "d"]):
+        results.write_row({"config_hash": h, "schema_version": 1, "score": 0.5}, tmp_path / "sweep" / str(i))
+    assert results.main(["append", str(tmp_path / "sweep"), str(dest)]) == 0
+    assert "1 of 2 rows added" in capsys.readouterr().out
+    assert list(pd.read_parquet(dest)["config_hash"]) == ["a", "b", "c", "d"]
+
+
+def test_a_rerun_skips_only_this_configs_final_rows(tmp_path):
+    cfg = compose_cfg([], output_dir=str(tmp_path))
+    assert results.finished_row(tmp_path, cfg) is None  # nothing yet
+    results.write_row({"config_hash": results.config_hash(cfg), "status": "ok", "score": 0.7}, tmp_path)
+    assert results.finished_row(tmp_path, cfg)["score"] == 0.7
+    for status in ("oom", "diverged"):
+        results.write_row({"config_hash": results.config_hash(cfg), "status": status}, tmp_path)
+        assert results.finished_row(tmp_path, cfg) is not None
+    results.write_row({"config_hash": results.config_hash(cfg), "status": "failed"}, tmp_path)
+    assert results.finished_row(tmp_path, cfg) is None  # failed (maybe transient): run again
+    results.write_row({"config_hash": "another", "status": "ok"}, tmp_path)
+    assert results.finished_row(tmp_path, cfg) is None  # the sweep changed: run again
+    (tmp_path / "result.parquet").write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert results.finished_row(tmp_path, cfg) is None

@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lorafa import tasks
+from lorafa.checks import BadInput
 from lorafa.models import load_tokenizer
 
 from .conftest import compose_cfg
@@ -81,7 +82,7 @@ def test_glue_from_local_files_uses_the_hub_column_names_and_mnli_splits(tmp_pat
 def test_missing_file_and_missing_column_are_named(tmp_path):
     cfg = compose_cfg(["task=text_cls", f"task.data_files.train={tmp_path / 'nope.csv'}",
                        f"task.data_files.validation={tmp_path / 'nope.csv'}"])
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
+    with pytest.raises(BadInput, match=r"task.data_files.train=.*nope.csv: no such file"):
         tasks.load_data(cfg.task)
     pd.DataFrame({"sentence": ["x"], "label": [1]}).to_csv(tmp_path / "x.csv", index=False)
     cfg = compose_cfg(["task=text_cls", f"task.data_files.train={tmp_path / 'x.csv'}",

@@ -1,0 +1,110 @@
+"""Bad input: caught before a job spends anything, reported in one line that names the key, the value and what is
+accepted. A bad input is not a result: it writes no row (`lorafa.job.run` lets `BadInput` through; `run.py` prints
+the line and exits non-zero; in a sweep the other jobs still run and the sweep exits non-zero at the end).
+
+Where a value can be judged only against the model or the data (a rank larger than a layer, a sequence longer
+than the model's positions, a data file without the task's columns), the code that meets it raises `BadInput`
+the same way (`lorafa.models`, `lorafa.tasks`, `lorafa.adapters`, `lorafa.sources`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+GROUPS = ("model", "method", "task", "experiments")  # chosen by conf/<group>/<option>.yaml (experiments/ beside conf/)
+INPUT_ERROR_FILE = "input_error.txt"  # in a sweep: the job directory of a job refused for bad input
+
+
+class BadInput(ValueError):
+    """A config value, file or model the job cannot run with. Its message is one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the parts said
+
+
+def choices(group: str, conf_dir: str | Path) -> list[str]:
+    folder = Path(conf_dir).parent / "experiments" if group == "experiments" else Path(conf_dir) / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def check_choices(overrides: list[str], conf_dir: str | Path) -> None:
+    """`model=`, `method=`, `task=` on the command line (sweeps: comma lists) name options that exist in
+    conf/. Hydra would say so too, over many lines and only for the first; this names the key, the value and every
+    choice. Sweep syntax beyond a comma list (glob(), range()) is left to Hydra."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in GROUPS or "(" in value:
+            continue
+        known = choices(key, conf_dir)
+        for option in value.split(","):
+            if option and option not in known:
+                raise BadInput(f"{key}={option}: no such option; choices are {', '.join(known)}")
+
+
+def _number(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if node is not None else None
+    return node
+
+
+def check_config(cfg) -> None:
+    """The values a job is refused for whatever the model and data: ranges of the method's and training's
+    numbers."""
+    def need(key: str, ok, accepted: str):
+        value = _number(cfg, key)
+        if value is None:
+            return
+        try:
+            good = ok(float(value))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise BadInput(f"{key}={value}: expected {accepted}")
+
+    positive = lambda v: v > 0 and math.isfinite(v)
+    if cfg.method.get("name") not in ("full", "frozen"):  # the adapter's numbers mean nothing for these
+        need("method.rank", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
+        need("method.alpha", positive, "a number > 0")
+        need("method.dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    need("train.batch_size", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
+    need("train.grad_accum", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
+    need("train.lr", positive, "a number > 0")
+    need("task.max_seq_len", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
+    if cfg.model.get("path"):
+        check_model_dir(str(cfg.model.path))
+
+
+def check_model_dir(path: str) -> None:
+    """`model.path` must be a Hugging Face checkpoint directory: a folder with config.json."""
+    where = Path(path).expanduser()
+    if not where.is_dir():
+        raise BadInput(f"model.path={path}: no such directory; expected a Hugging Face checkpoint directory "
+                       "(config.json and the weights)")
+    if not (where / "config.json").is_file():
+        found = sorted(p.name for p in where.iterdir())[:8]
+        raise BadInput(f"model.path={path}: not a model directory (no config.json; it holds {found}); expected a "
+                       "Hugging Face checkpoint directory, e.g. one written by save_pretrained")
+
+
+def positions_limit(config, family: str) -> int | None:
+    """The longest input the model can take, from its config: learned absolute positions (RoBERTa keeps
+    padding_idx + 1 of them unused), rotary/learned positions of decoders; None for relative positions (T5)."""
+    if family == "encoder-decoder":
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= (getattr(config, "pad_token_id", 1) or 0) + 1
+    return int(limit)
+
+
+def check_positions(cfg, config, family: str) -> None:
+    limit = positions_limit(config, family)
+    seq = int(cfg.task.max_seq_len)
+    if limit is not None and seq > limit:
+        raise BadInput(f"task.max_seq_len={seq}: larger than the model's {limit} positions "
+                       f"({getattr(config, 'model_type', '?')} max_position_embeddings); expected ≤ {limit}")

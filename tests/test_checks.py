@@ -1,0 +1,107 @@
+"""Bad input: every case is refused with one line that names the key and the value (and what is accepted), before
+any row or result file is written. The README's testing section counts these cases."""
+
+import pandas as pd
+import pytest
+
+from lorafa import checks, results
+from lorafa.checks import BadInput
+from lorafa.job import run
+
+from .conftest import CONF
+
+SMALL = ("task.max_train_samples=16", "task.max_eval_samples=8", "train.max_steps=2")
+
+
+@pytest.mark.parametrize("override, says", [
+    ("model=roberta-bass", "model=roberta-bass: no such option; choices are "),
+    ("method=lora,lorafb", "method=lorafb: no such option; choices are "),
+    ("task=glue_sst3", "task=glue_sst3: no such option; choices are "),
+    ("experiments=nope", "experiments=nope: no such option; choices are "),
+])
+def test_unknown_options_list_the_choices(override, says):
+    with pytest.raises(BadInput) as err:
+        checks.check_choices(["train.lr=1", override], CONF)
+    assert str(err.value).startswith(says)
+    group = override.split("=")[0]
+    assert ", ".join(checks.choices(group, CONF)) in str(err.value) and len(checks.choices(group, CONF)) > 2
+    checks.check_choices(["model=tiny-roberta,tiny-t5", "method=lorafa", "task=glue_sst2", "+x=1"], CONF)  # fine
+
+
+def _files(tmp_path, frame, name="d.csv"):
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return ["task=text_cls", f"task.data_files.train={path}", f"task.data_files.validation={path}"]
+
+
+GOOD = pd.DataFrame({"text": ["a fine film", "a dull film"] * 4, "label": ["pos", "neg"] * 4})
+
+CASES = {
+    "rank 0": (["method.rank=0"], "method.rank=0: expected an integer ≥ 1"),
+    "rank negative": (["method.rank=-4"], "method.rank=-4: expected an integer ≥ 1"),
+    "rank above the layer": (["method.rank=100000"], "method.rank=100000: larger than layer"),
+    "alpha 0": (["method.alpha=0"], "method.alpha=0: expected a number > 0"),
+    "alpha negative": (["method.alpha=-16"], "method.alpha=-16: expected a number > 0"),
+    "dropout 1": (["method.dropout=1.0"], "method.dropout=1.0: expected a number in [0, 1)"),
+    "dropout negative": (["method.dropout=-0.1"], "method.dropout=-0.1: expected a number in [0, 1)"),
+    "batch size 0": (["train.batch_size=0"], "train.batch_size=0: expected an integer ≥ 1"),
+    "lr 0": (["train.lr=0"], "train.lr=0: expected a number > 0"),
+    "lr negative": (["train.lr=-1e-4"], "train.lr=-0.0001: expected a number > 0"),
+    "targets match nothing": (["method.targets=[qkv_proj]"],
+                              "method.targets=['qkv_proj'] matches no linear layer; the blocks' linear layers are"),
+    "seq len beyond positions": (["task.max_seq_len=4096"],
+                                 "task.max_seq_len=4096: larger than the model's 512 positions"),
+    "model.path missing": (["model=local", "model.path=/nonexistent/ckpt"],
+                           "model.path=/nonexistent/ckpt: no such directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_values_are_refused_in_one_line_with_no_row(cfg_factory, case):
+    overrides, says = CASES[case]
+    cfg = cfg_factory(*SMALL, *overrides)
+    with pytest.raises(BadInput) as err:
+        run(cfg)
+    message = str(err.value)
+    assert says in message and "\n" not in message
+    assert not list(cfg_factory.root.rglob(results.ROW_FILE))  # no row, no partial file
+
+
+def test_the_largest_rank_a_layer_allows_runs(cfg_factory):
+    """The rank bound is the layer's: tiny-roberta's smallest side is 128 (its hidden size)."""
+    assert run(cfg_factory(*SMALL, "method.rank=128"))["status"] == "ok"
+    with pytest.raises(BadInput, match=r"method.rank=129: larger than layer .*128 × 128\); expected ≤ 128"):
+        run(cfg_factory(*SMALL, "method.rank=129"))
+
+
+def test_bad_data_files_are_refused_in_one_line_with_no_row(cfg_factory, tmp_path):
+    def refused(overrides, says):
+        cfg = cfg_factory(*SMALL, *overrides)
+        with pytest.raises(BadInput) as err:
+            run(cfg)
+        assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+        assert not list(cfg_factory.root.rglob(results.ROW_FILE))
+
+    refused(["task=text_cls", f"task.data_files.train={tmp_path / 'no.csv'}",
+             f"task.data_files.validation={tmp_path / 'no.csv'}"], "no.csv: no such file")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 torn")
+    refused(["task=text_cls", f"task.data_files.train={tmp_path / 'broken.parquet'}",
+             f"task.data_files.validation={tmp_path / 'broken.parquet'}"], "broken.parquet: cannot read it as .parquet")
+    refused(_files(tmp_path, GOOD.iloc[:0], "empty.csv"), "empty.csv: the file has no rows")
+    refused(_files(tmp_path, GOOD.rename(columns={"text": "review"}), "cols.csv"),
+            "no column 'text' (or 'text'); columns are ['review', 'label']")
+    refused([*_files(tmp_path, GOOD, "labels.csv"), "task.labels=[neg,neutral]"],
+            "labels ['pos'] are not in the task's label set ['neg', 'neutral']")
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "weights.bin").write_bytes(b"")
+    refused(["model=local", f"model.path={tmp_path / 'notamodel'}"],
+            "notamodel: not a model directory (no config.json; it holds ['weights.bin'])")
+
+
+def test_hub_unreachable_is_refused_with_the_local_path_hint(cfg_factory, offline):
+    cfg = cfg_factory("model=roberta-base", "task=glue_sst2")
+    with pytest.raises(BadInput) as err:
+        run(cfg)
+    message = str(err.value)
+    assert "Hugging Face hub" in message and "model.path=" in message and "task.data_files.train=" in message
+    assert "\n" not in message and not list(cfg_factory.root.rglob(results.ROW_FILE))

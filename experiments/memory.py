@@ -80,6 +80,7 @@ def main(argv=None) -> pd.DataFrame:
 
     from hydra import compose, initialize_config_dir
 
+    from lorafa import results
     from lorafa.job import run
 
     rows = []
@@ -93,8 +94,9 @@ def main(argv=None) -> pd.DataFrame:
                 row = run(cfg)
                 row["variant"] = variant
                 rows.append(row)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                pd.DataFrame(rows).to_parquet(args.out, index=False)  # so far: an interrupted run keeps its rows
+                # each row as it comes (an interrupted run keeps its rows), append-only: rows of `--out` stay, a
+                # job whose config hash it holds already is not added twice
+                results.append_rows(pd.DataFrame([row]), args.out)
                 print(f"{model:14s} {variant:18s} {row['status']:7s} peak {row.get('mem_peak_gib', float('nan')):7.2f}"
                       f" GiB (pred {row.get('pred_mem_peak_gib', float('nan')):7.2f}) activations "
                       f"{row.get('mem_activations_gib', float('nan')):7.2f} GiB (pred "

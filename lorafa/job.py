@@ -141,6 +141,8 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
                          "(its optimizer state is sharded); use train.strategy=ddp, or run without checkpoints")
     seed_everything(int(cfg.seed))
     data = tasks.load_data(cfg.task)
+    if data.kind == "instruction":
+        mmlu.check_source(cfg.task)  # scored after training: refuse now if it could not be
     tokenizer = None if data.kind == "synthetic" else models.load_tokenizer(cfg.model)
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
     config = models.load_config(cfg.model)  # before building: a 7B model takes a while to refuse

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import sources
+from .checks import BadInput
 
 # lm-eval's tasks/mmlu/default/_default_template_yaml
 PROMPT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:"
@@ -31,9 +32,23 @@ LOCAL_GROUP = "lorafa_mmlu_local"
 def _split_file(root: Path, split: str) -> Path:
     found = sorted(p for p in root.glob(f"{split}.*") if p.suffix in (".json", ".jsonl", ".csv", ".parquet"))
     if not found:
-        raise FileNotFoundError(f"task.mmlu_path={root}: no {split}.{{json,jsonl,csv,parquet}} file "
+        raise BadInput(f"task.mmlu_path={root}: no {split}.{{json,jsonl,csv,parquet}} file "
                                 "(columns question, subject, choices, answer)")
     return found[0]
+
+
+def check_source(tcfg: DictConfig) -> None:
+    """Before training: MMLU can be had after it — `task.mmlu_path`'s dev and test files exist, or the hub is in
+    reach for lm-eval's cais/mmlu. Else `BadInput`, and no compute is spent on a job that could not be scored."""
+    if tcfg.get("mmlu_path"):
+        root = Path(str(tcfg.mmlu_path)).expanduser()
+        if not root.is_dir():
+            raise BadInput(f"task.mmlu_path={root}: no such directory (expected dev.* and test.* files)")
+        for split in ("dev", "test"):
+            _split_file(root, split)
+    elif not sources.hub_reachable():
+        raise sources.HubUnavailable("the MMLU dataset cais/mmlu (lm-eval); or set task.mmlu_path=DIR with dev.* and "
+                                     "test.* files (question, subject, choices, answer)")
 
 
 def local_tasks(mmlu_path: str | Path, workdir: Path, subjects: list[str] | None = None) -> list[str]:
@@ -50,11 +65,11 @@ def local_tasks(mmlu_path: str | Path, workdir: Path, subjects: list[str] | None
     for split, frame in frames.items():
         missing = {"question", "subject", "choices", "answer"} - set(frame.columns)
         if missing:
-            raise ValueError(f"task.mmlu_path={root}: the {split} file has no column {sorted(missing)}")
+            raise BadInput(f"task.mmlu_path={root}: the {split} file has no column {sorted(missing)}")
     found = sorted(set(frames["test"]["subject"]))
     chosen = found if not subjects else [s for s in found if s in set(subjects)]
     if subjects and len(chosen) != len(set(subjects)):
-        raise ValueError(f"task.mmlu_subjects {sorted(set(subjects) - set(found))} are not in {root}: {found}")
+        raise BadInput(f"task.mmlu_subjects {sorted(set(subjects) - set(found))} are not in {root}: {found}")
     names = []
     for subject in chosen:
         files = {}

@@ -4,6 +4,7 @@ the instruction-tuning job end to end on the shipped sample (offline)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from lorafa import mmlu, models, sources
+from lorafa.checks import BadInput
 
 from .conftest import compose_cfg
 
@@ -35,7 +37,7 @@ def test_local_files_become_one_lm_eval_task_per_subject(tmp_path):
     with pytest.raises(ValueError, match="not in"):
         mmlu.local_tasks(SAMPLE, tmp_path, ["astronomy"])
     pd.DataFrame({"question": ["q"], "subject": ["s"]}).to_json(tmp_path / "dev.jsonl", orient="records", lines=True)
-    with pytest.raises(FileNotFoundError, match="no test"):
+    with pytest.raises(BadInput, match="no test"):
         mmlu.local_tasks(tmp_path, tmp_path)
 
 
@@ -72,7 +74,7 @@ def test_lm_eval_score_equals_a_direct_zero_shot_computation():
 @pytest.mark.slow
 def test_instruction_tuning_then_mmlu_end_to_end_offline(cfg_factory, offline):
     """`python run.py model=tiny-llama method=lorafa task=alpaca_mmlu_sample`, as run(cfg): an ok row scored by
-    MMLU 5-shot, per-subject accuracies beside it; the real tasks fail with a row that says what to set."""
+    MMLU 5-shot, per-subject accuracies beside it; the real tasks are refused (bad input) saying what to set."""
     from lorafa.job import MMLU_FILE, run
 
     cfg = cfg_factory("model=tiny-llama", "method=lorafa", "task=alpaca_mmlu_sample", "train.epochs=1")
@@ -83,12 +85,13 @@ def test_instruction_tuning_then_mmlu_end_to_end_offline(cfg_factory, offline):
     assert set(side["subjects"]) == {"elementary_mathematics", "high_school_geography"} and side["num_fewshot"] == 5
     assert row["score"] == pytest.approx(sum(side["subjects"].values()) / 2)  # 7 questions each
     assert row["train_examples"] == 16 and row["mem_activations_gib"] > 0 and row["trainable_params"] > 0
-    real = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=alpaca_mmlu"))
-    assert real["status"] == "failed" and "tatsu-lab/alpaca" in real["error"]
-    no_mmlu = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=alpaca_mmlu", "train.max_steps=1",
-                              f"task.data_files.train={sources.asset('alpaca_sample/alpaca.json')}",
-                              "task.max_seq_len=128"))
-    assert no_mmlu["status"] == "failed" and "task.mmlu_path" in no_mmlu["error"]
+    with pytest.raises(BadInput, match="tatsu-lab/alpaca"):  # bad input (the hub out of reach): no row
+        run(cfg_factory("model=tiny-llama", "method=lorafa", "task=alpaca_mmlu"))
+    started = time.perf_counter()
+    with pytest.raises(BadInput, match="task.mmlu_path"):  # refused before training, not after
+        run(cfg_factory("model=tiny-llama", "method=lorafa", "task=alpaca_mmlu", "train.max_steps=1",
+                        f"task.data_files.train={sources.asset('alpaca_sample/alpaca.json')}", "task.max_seq_len=128"))
+    assert time.perf_counter() - started < 5
 
 
 def test_the_sample_is_never_the_real_task():

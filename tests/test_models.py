@@ -78,7 +78,7 @@ def test_family_detection(model_type, family):
 def test_unknown_targets_list_the_linear_layers():
     mcfg = compose_cfg(["model=tiny-roberta"]).model
     net = models.build(mcfg, num_labels=2, device="cpu", dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"match no linear layer.*'attention.self.query'"):
+    with pytest.raises(ValueError, match=r"matches no linear layer.*'attention.self.query'"):
         models.resolve_targets(net.model, ["q_proj"], mcfg.target_modules)
     with pytest.raises(ValueError, match="not a preset"):
         models.resolve_targets(net.model, "mlp_only", mcfg.target_modules)

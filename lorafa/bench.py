@@ -312,9 +312,14 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                                   if profile_dir is not None and first else None)
             except Exception as err:  # noqa: BLE001 - an expected failure (OOM, a compile error) is a row
                 oom = isinstance(err, torch.cuda.OutOfMemoryError)
-                info.setdefault(key, {}).update(
-                    status="oom" if oom else "failed", error=f"{type(err).__name__}: {str(err).splitlines()[0]}")
+                head = (str(err).splitlines() or [""])[0]
+                info.setdefault(key, {}).update(status="oom" if oom else "failed",
+                                                error=f"{type(err).__name__}: {head}")
                 log(f"  round {r + 1} {model} {name:17s} {mode:10s} {info[key]['error'][:160]}")
+                if not oom:  # the whole story on stderr: a failed capture or compile is found from it
+                    import traceback
+
+                    traceback.print_exc(limit=-12)
                 gc.collect()
                 torch._dynamo.reset()
                 if device.type == "cuda":

@@ -65,3 +65,20 @@ def test_bench_runs_every_method_interleaved_and_writes_the_table(tmp_path, caps
                                                               "lorafa_v2": True}
     printed = capsys.readouterr().out
     assert "LoRA-FA" in printed and "÷ full FT" in printed
+
+
+def test_a_failing_setting_is_a_row_and_the_others_still_run(monkeypatch, capsys):
+    real = bench.run_setting
+
+    def flaky(cfg, mode, *a, **k):
+        if cfg.method.name == "lora":
+            raise RuntimeError("capture invalidated")
+        return real(cfg, mode, *a, **k)
+
+    monkeypatch.setattr(bench, "run_setting", flaky)
+    rows = bench.bench_model("tiny-llama", ["lora", "lorafa"], ["eager"], shape=(2, 16), device=bench.torch.device("cpu"),
+                             warmup=1, steps=1, rounds=1)
+    by = {r["method"]: r for r in rows}
+    assert by["lora"]["status"] == "failed" and by["lora"]["error"] == "RuntimeError: capture invalidated"
+    assert by["lorafa"]["status"] == "ok" and by["lorafa"]["tokens_per_s"] > 0
+    assert "capture invalidated" in capsys.readouterr().err  # the traceback, for finding the cause

@@ -202,7 +202,7 @@ def resolve_targets(model: nn.Module, spec, presets: DictConfig | dict | None = 
     if isinstance(spec, str) and spec != "auto":
         if not presets or spec not in presets:
             raise BadInput(f"method.targets={spec!r} is not a preset of this model "
-                             f"(model.target_modules has {sorted(presets or {})}); give a preset, auto or a list")
+                           f"(model.target_modules has {sorted(presets or {})}); give a preset, auto or a list")
         spec = presets[spec]
     linears = block_linears(model)
     if spec == "auto":

@@ -499,10 +499,10 @@ def poser_for(family: str, data: TaskData, tcfg: DictConfig, tokenizer=None, *, 
         return SyntheticPoser(data, tcfg, family, vocab_size, seed)
     if data.kind == "translation" and family != "encoder-decoder":
         raise BadInput(f"task {tcfg.name} (translation) is posed to encoder-decoder models (T5) only; "
-                         f"this model's family is {family}")
+                       f"this model's family is {family}")
     if data.kind == "instruction":
         if family != "decoder":
             raise BadInput(f"task {tcfg.name} (instruction tuning, MMLU) is posed to decoder models (LLaMA) only; "
-                             f"this model's family is {family}")
+                           f"this model's family is {family}")
         return InstructionPoser(data, tcfg, tokenizer)
     return POSERS[family](data, tcfg, tokenizer)

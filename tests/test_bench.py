@@ -65,6 +65,16 @@ def test_bench_runs_every_method_interleaved_and_writes_the_table(tmp_path, caps
                                                               "lorafa_v2": True}
     printed = capsys.readouterr().out
     assert "LoRA-FA" in printed and "÷ full FT" in printed
+    from analysis.__main__ import main as analysis  # the speed notebook on these rows
+    from lorafa import report
+
+    try:
+        assert analysis(["--results", str(out), "--out", str(tmp_path / "an"), "--only", "speed"]) == 0
+    finally:
+        report.set_params()
+    speed = (tmp_path / "an" / "speed.md").read_text()
+    assert speed.count("| tiny-llama ") == 4 and "python -m lorafa.bench --models tiny-llama" in speed
+    assert (tmp_path / "an" / "speed_settings.md").exists() and (tmp_path / "an" / "speed.png").exists()
 
 
 def test_a_failing_setting_is_a_row_and_the_others_still_run(monkeypatch, capsys):

@@ -169,7 +169,8 @@ def append_rows(new: pd.DataFrame, path: str | Path) -> tuple[pd.DataFrame, int]
         if col not in new.columns or new[col].isna().any():
             raise ValueError(f"rows to append to {path} must all carry {col}")
     old = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["config_hash"])
-    fresh = new[~new["config_hash"].isin(set(old["config_hash"]))].drop_duplicates("config_hash")
+    held = set(old["config_hash"].dropna()) if "config_hash" in old else set()  # older tables may lack it
+    fresh = new[~new["config_hash"].isin(held)].drop_duplicates("config_hash")
     table = pd.concat([old, fresh], ignore_index=True) if len(old) else fresh.reset_index(drop=True)
     if len(fresh):
         _atomic_write(table, path)

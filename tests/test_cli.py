@@ -103,6 +103,14 @@ def test_a_single_job_with_bad_input_exits_non_zero_with_one_line_and_no_row(tmp
     assert not (tmp_path / "multirun").exists() and not list(tmp_path.rglob("result.parquet"))
 
 
+def test_a_single_job_that_faults_exits_non_zero_and_keeps_its_row(tmp_path):
+    proc, _ = _run(["+model.arch.initializer_range=1e30", "train.max_steps=2", "task.max_train_samples=16",
+                    "task.max_eval_samples=8"], cwd=tmp_path)  # overflowing weights: a NaN loss at once
+    assert proc.returncode != 0 and "job diverged: training loss is nan at step 0" in proc.stderr
+    (row_file,) = list((tmp_path / "outputs").rglob("result.parquet"))
+    assert pd.read_parquet(row_file).iloc[0]["status"] == "diverged"
+
+
 def test_slurm_launcher_config_composes():
     from hydra import compose, initialize_config_dir
 

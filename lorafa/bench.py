@@ -137,9 +137,13 @@ class Setting:
         self.steps_taken = CAPTURE_WARMUP
         self.model.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        # compiled code must not recompile inside the capture (compiling launches work that invalidates it): the
+        # capture runs on the warm-up's stream (torch.compile guards on the current stream where code touches it),
+        # and a recompile raises at once, naming the guard that failed
+        stance = torch.compiler.set_stance("fail_on_recompile") if self.mode == "compile_graph" else nullcontext()
         try:
             # thread_local: the backward runs in autograd's device thread, which is part of this capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with stance, torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 self._eager_step(zero=False)
         except Exception:
             _reset_cuda_rng(self.device)

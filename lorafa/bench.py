@@ -37,7 +37,7 @@ import gc
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -130,7 +130,7 @@ class Setting:
         them. No CPU work is left per step: no Python, no dispatch, no kernel launches."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), as_if_capturing():
             for _ in range(CAPTURE_WARMUP):
                 self._eager_step()
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -172,6 +172,21 @@ class Setting:
 
 
 CAPTURE_WARMUP = 3  # eager (or compiling) steps on a side stream before a whole-step capture
+
+
+@contextmanager
+def as_if_capturing():
+    """Make `torch.cuda.is_current_stream_capturing()` say True. transformers takes another path while a CUDA stream
+    is captured (5.17 builds the full attention mask instead of leaving it out, since it cannot look at the mask's
+    values), so the warm-up before a capture must take that path too: otherwise the compiled blocks, traced without a
+    mask, recompile inside the capture, and compiling there invalidates it. torch's own capture checks (the
+    optimizer's) ask the stream, not this function."""
+    real = torch.cuda.is_current_stream_capturing
+    torch.cuda.is_current_stream_capturing = lambda: True
+    try:
+        yield
+    finally:
+        torch.cuda.is_current_stream_capturing = real
 
 
 def _reset_cuda_rng(device: torch.device) -> None:

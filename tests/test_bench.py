@@ -92,3 +92,21 @@ def test_a_failing_setting_is_a_row_and_the_others_still_run(monkeypatch, capsys
     assert by["lora"]["status"] == "failed" and by["lora"]["error"] == "RuntimeError: capture invalidated"
     assert by["lorafa"]["status"] == "ok" and by["lorafa"]["tokens_per_s"] > 0
     assert "capture invalidated" in capsys.readouterr().err  # the traceback, for finding the cause
+
+
+def test_warm_up_before_a_capture_takes_transformers_capture_path():
+    """transformers leaves an all-ones attention mask out unless a CUDA stream is being captured; the warm-up before a
+    whole-step capture must build the same graph as the capture (or compiled blocks recompile inside it)."""
+    import torch
+    from transformers import RobertaConfig
+    from transformers.masking_utils import create_bidirectional_mask
+
+    config = RobertaConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64)
+    config._attn_implementation = "sdpa"
+    embeds, ones = torch.zeros(2, 8, 32), torch.ones(2, 8, dtype=torch.long)
+    assert create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=ones) is None
+    real = torch.cuda.is_current_stream_capturing
+    with bench.as_if_capturing():
+        mask = create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=ones)
+    assert mask is not None and bool(mask.all())
+    assert torch.cuda.is_current_stream_capturing is real

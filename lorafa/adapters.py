@@ -99,12 +99,10 @@ class _LoRAFAStackedFunction(torch.autograd.Function):
         dx = [dy | s · dy B] WA            one matmul (the concatenation is N × (d_out + r))
         dB = dyᵀ h
 
-    Saves exactly what `_LoRAFAFunction` saves (h and the frozen weights): the same memory, fewer kernels.
-
-    Under torch.compile the rank-r products h Bᵀ (forward) and (s · dy B) A (in dx) are written as sums of r
-    broadcast products (`_rank_r`): inductor unrolls them into the elementwise kernel that adds them (no
-    matmul with K = r, no copy of the strided [y₀ | u] slice), and dx's big matmul is dy W, d_out wide like the
-    base layer's, instead of the (d_out + r)-wide one with a concatenated [dy | s · dy B]."""
+    Saves exactly what `_LoRAFAFunction` saves (h and the frozen weights): the same memory, fewer kernels —
+    which matters where launching kernels is the cost (eager). Once the step is compiled and graphed the
+    kernels' own time is what counts; there the two-matmul layer was the faster on an H200 (see
+    `lorafa.bench.layer_variants`), so the bench measures both."""
 
     @staticmethod
     def forward(ctx, x, stacked, bias_ext, lora_b, scaling: float, d_out: int):
@@ -112,10 +110,7 @@ class _LoRAFAStackedFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         yu = nn.functional.linear(x2, stacked, bias_ext)
         h = yu[:, d_out:] * scaling
-        if _fuse_rank_r(h):
-            y = yu[:, :d_out] + _rank_r(h, lora_b.t())
-        else:
-            y = torch.addmm(yu[:, :d_out], h, lora_b.t().to(h.dtype))
+        y = torch.addmm(yu[:, :d_out], h, lora_b.t().to(h.dtype))
         ctx.save_for_backward(h, stacked, lora_b)
         ctx.scaling, ctx.d_out = scaling, d_out
         return y.reshape(*lead, d_out)
@@ -129,27 +124,9 @@ class _LoRAFAStackedFunction(torch.autograd.Function):
             db = dy2.t() @ h.to(dy2.dtype)
         if ctx.needs_input_grad[0]:
             grad_u = (dy2 @ lora_b.to(dy2.dtype)) * ctx.scaling
-            stacked = stacked.to(dy2.dtype)
-            if _fuse_rank_r(grad_u):
-                dx = dy2 @ stacked[: ctx.d_out] + _rank_r(grad_u, stacked[ctx.d_out:])
-            else:
-                dx = torch.cat([dy2, grad_u], dim=-1) @ stacked
+            dx = torch.cat([dy2, grad_u], dim=-1) @ stacked.to(dy2.dtype)
             dx = dx.reshape(*dy.shape[:-1], -1)
         return dx, None, None, db, None, None
-
-
-RANK_R_FUSE_MAX = 16
-
-
-def _fuse_rank_r(left: torch.Tensor) -> bool:
-    """Write rank-r products as broadcast sums: only while torch.compile traces (eager would materialise an
-    N × r × d tensor) and for small r."""
-    return torch.compiler.is_compiling() and left.shape[-1] <= RANK_R_FUSE_MAX
-
-
-def _rank_r(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left (N × r) · right (r × d) as Σ_j left[:, j] ⊗ right[j] in left's dtype, for inductor to unroll."""
-    return (left.unsqueeze(-1) * right.to(left.dtype).unsqueeze(0)).sum(1)
 
 
 class LoRALinear(nn.Module):

@@ -138,11 +138,25 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
         model = model.to(device)
 
     fuse_relative_position_bias(model)
+    no_kv_cache(model)
     heads = []
     if family == "encoder":  # everything beside the pretrained body (e.g. `roberta`) is the fresh task head
         heads = [n for n, m in model.named_children()
                  if n != model.base_model_prefix and any(True for _ in m.parameters())]
     return Network(model=model, family=family, alias=alias_of(mcfg), head_modules=heads)
+
+
+def no_kv_cache(model) -> None:
+    """Training and scoring forwards build no key/value cache. transformers' decoders default to one
+    (`config.use_cache`): a training step would fill a cache it never reads, and a compiled block, guarding on
+    each layer's cache entry, would recompile per layer until torch.compile gives up on the rest. `generate` keeps
+    its cache (its own `generation_config.use_cache`)."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    for config in configs.values():  # T5's encoder and decoder stacks hold copies of the model's config
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True
 
 
 def model_class(family: str):

@@ -116,3 +116,19 @@ def test_hub_model_offline_fails_fast_with_the_local_path_hint(offline):
     with pytest.raises(HubUnavailable, match=r"model\.path=.*task\.data_files\.train="):
         models.build(mcfg, num_labels=2, device="cpu", dtype=torch.float32)
     assert time.perf_counter() - t0 < 10
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-llama"])
+def test_training_forwards_build_no_kv_cache_and_generate_keeps_one(name):
+    """A training forward returns no key/value cache (one per layer would be filled and never read, and compiled
+    blocks would recompile per layer); `generate` still decodes with its cache, to the same tokens."""
+    mcfg = compose_cfg([f"model={name}"]).model
+    net = models.build(mcfg, num_labels=2, device="cpu", dtype=torch.float32)
+    ids = torch.randint(5, 100, (2, 8))
+    out = net.model.train()(input_ids=ids, labels=ids)
+    assert out.past_key_values is None and out.loss.isfinite()
+    assert net.model.generation_config.use_cache is True
+    net.model.eval()
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": net.model.config.pad_token_id}
+    cached = net.model.generate(input_ids=ids, **kw)
+    assert torch.equal(cached, net.model.generate(input_ids=ids, use_cache=False, **kw))

@@ -98,6 +98,7 @@ class Setting:
         from .distributed import transformer_blocks
 
         if self.mode in ("compile", "compile_graph", "cudagraphs"):
+            _fresh_compiler()
             kw = {"mode": "reduce-overhead"} if self.mode == "cudagraphs" else {}
             blocks = transformer_blocks(self.model) if self.scope == "blocks" else []
             if blocks:  # regional compilation: identical blocks share one compiled graph (seconds, not minutes)
@@ -169,6 +170,26 @@ class Setting:
             loss.backward()  # outside autocast, as in `step`
         self.model.zero_grad(set_to_none=True)
         return int(counter.get_total_flops())
+
+
+RECOMPILE_LIMIT = 64
+
+
+def _fresh_compiler() -> None:
+    """Each compiled setting starts from an empty torch.compile cache (no graphs, guards or recompile counts left
+    by the settings before it), may compile up to RECOMPILE_LIMIT variants of a function (a model's blocks differ:
+    the first takes the embeddings, T5's first computes the position bias), and fails — a failed row — instead of
+    silently running the rest eager when a function needs more."""
+    torch._dynamo.reset()
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name first
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+            break
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, True)
+            break
 
 
 CAPTURE_WARMUP = 3  # eager (or compiling) steps on a side stream before a whole-step capture
@@ -304,15 +325,19 @@ STACKED = ("on", "off", "both")
 
 def layer_variants(method: str, mode: str, stacked: str) -> list[bool]:
     """The LoRA-FA layers to try for one (method, mode): stacked [W; A] (`_LoRAFAStackedFunction`) and/or the
-    two-matmul layer (`_LoRAFAFunction`). On an H200 the stacked layer was the faster in eager (fewer launches)
-    and under inductor's CUDA graphs (roberta-base 13.9 vs 18.5 ms a step, t5-large 161 vs 232 ms)."""
+    two-matmul layer (`_LoRAFAFunction`). Neither wins everywhere on an H200: the stacked layer was the faster
+    in eager (fewer launches) and under inductor's per-region CUDA graphs (roberta-base 13.9 vs 18.5 ms a step),
+    the two-matmul one with the whole step compiled and graphed (`compile_graph`: roberta-base 9.98 vs 17.0 ms,
+    llama-7b 145.8 vs 164.0; but that stacked layer, under compile, wrote its rank-r products as broadcast sums,
+    which autocast sums in fp32, so its outputs were fp32 — and t5-large's position-bias mask then failed to
+    compile; that form is gone). So the default tries both."""
     if not method.startswith("lorafa"):
         return [False]
     return {"on": [True], "off": [False], "both": [True, False]}[stacked]
 
 
 def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tuple[int, int], device: torch.device,
-                warmup: int, steps: int, rounds: int, stacked: str = "on", scope: str = "blocks",
+                warmup: int, steps: int, rounds: int, stacked: str = "both", scope: str = "blocks",
                 profile_dir: Path | None = None, log=print) -> list[dict]:
     batch, seq = shape
     settings = [(m, mode, st) for m in methods for mode in modes for st in layer_variants(m, mode, stacked)]
@@ -429,9 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps per setting and round")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per setting and round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--stacked", default="on", choices=STACKED,
-                        help="LoRA-FA's layer: the stacked [W; A] one (on, the default: the faster in eager and "
-                             "under CUDA graphs on H200), the two-matmul one (off), or both as separate settings")
+    parser.add_argument("--stacked", default="both", choices=STACKED,
+                        help="LoRA-FA's layer: the stacked [W; A] one (on), the two-matmul one (off), or both as "
+                             "separate settings (the default: each is the faster in some mode)")
     parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
                         help="compile each transformer block (identical blocks share one compiled graph; the "
                              "default) or the whole model as one graph (minutes per setting at 7B scale)")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import statistics
 import sys
 import time
@@ -98,7 +99,7 @@ class Setting:
         from .distributed import transformer_blocks
 
         if self.mode in ("compile", "compile_graph", "cudagraphs"):
-            _fresh_compiler()
+            _compile_limits()
             kw = {"mode": "reduce-overhead"} if self.mode == "cudagraphs" else {}
             blocks = transformer_blocks(self.model) if self.scope == "blocks" else []
             if blocks:  # regional compilation: identical blocks share one compiled graph (seconds, not minutes)
@@ -175,12 +176,11 @@ class Setting:
 RECOMPILE_LIMIT = 64
 
 
-def _fresh_compiler() -> None:
-    """Each compiled setting starts from an empty torch.compile cache (no graphs, guards or recompile counts left
-    by the settings before it), may compile up to RECOMPILE_LIMIT variants of a function (a model's blocks differ:
-    the first takes the embeddings, T5's first computes the position bias), and fails — a failed row — instead of
-    silently running the rest eager when a function needs more."""
-    torch._dynamo.reset()
+def _compile_limits() -> None:
+    """torch.compile may keep up to RECOMPILE_LIMIT variants of a function (a model's blocks differ: the first takes
+    the embeddings, T5's first computes the position bias; and the process's settings add theirs — a setting built
+    like an earlier one reuses its graphs), and a function that needs more fails the setting (a row) instead of
+    silently running eager for the rest, as torch.compile does by default past 8."""
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # the newer name first
         if hasattr(cfg, name):
@@ -320,6 +320,15 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     return out
 
 
+class Stopped(BaseException):
+    """SIGTERM (`timeout`, a scheduler) or Ctrl-C: the bench stops and writes the rounds it finished. A
+    BaseException, so a setting's `except Exception` (failures are rows) does not swallow it."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
 STACKED = ("on", "off", "both")
 
 
@@ -343,7 +352,44 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
     settings = [(m, mode, st) for m in methods for mode in modes for st in layer_variants(m, mode, stacked)]
     times: dict[tuple, list[float]] = {s: [] for s in settings}
     info: dict[tuple, dict] = {}
+    at = {"round": 0}
+    try:
+        _run_rounds(model, settings, times, info, at, device=device, batch=batch, seq=seq, warmup=warmup,
+                    steps=steps, rounds=rounds, scope=scope, profile_dir=profile_dir, log=log)
+        stopped = ""
+    except (Stopped, KeyboardInterrupt) as why:
+        stopped = f"stopped by {why or type(why).__name__} in round {at['round']} of {rounds}"
+        log(f"  {model}: {stopped}; writing the rounds finished")
+        gc.collect()
+    rows = []
+    for key in settings:
+        method, mode, st = key
+        slot, t = info.get(key, {}), times[key]
+        ok = bool(t)
+        step = statistics.median(t) if ok else float("nan")
+        status = "ok" if ok else ("stopped" if stopped and key not in info else slot.get("status", "failed"))
+        rows.append({"model": model, "method": method, "batch_size": batch, "seq_len": seq,
+                     "compiled": mode != "eager", "compile_mode": mode,
+                     "compile_scope": "none" if mode == "eager" else scope,
+                     "stacked": st, "status": status, "stopped": stopped,
+                     "error": slot.get("error", stopped if status == "stopped" else ""),
+                     "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),
+                     "step_time_s": step, "step_time_all_s": t, "mem_peak_gib": slot.get("mem_peak_gib", float("nan")),
+                     "step_flops": float(slot.get("flops") or float("nan")),
+                     "device_busy_frac": slot.get("busy_s", float("nan")) / step if ok else float("nan"),
+                     "trainable_params": slot.get("trainable_params", 0), "rounds": len(t), "steps": steps,
+                     "warmup_s": slot.get("warmup_s", float("nan")),
+                     "final_loss": slot.get("final_loss", float("nan")),
+                     "optimizer_steps": slot.get("optimizer_steps", 0),
+                     "compiled_graphs": slot.get("compiled_graphs", 0), "graph_breaks": slot.get("graph_breaks", 0),
+                     "warmup_steps": warmup})
+    return rows
+
+
+def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup, steps, rounds, scope, profile_dir,
+                log):
     for r in range(rounds):
+        at["round"] = r + 1
         order = settings if r % 2 == 0 else settings[::-1]
         for key in order:
             method, mode, st = key
@@ -376,28 +422,6 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
             slot["mem_peak_gib"] = max(slot.get("mem_peak_gib", 0.0), res["mem_peak_gib"])
             log(f"  round {r + 1} {model} {name:17s} {mode:10s} {res['step_time_s'] * 1e3:8.2f} ms/step "
                 f"{res['tokens'] / res['step_time_s']:10.0f} tok/s")
-    rows = []
-    for key in settings:
-        method, mode, st = key
-        slot, t = info.get(key, {}), times[key]
-        ok = bool(t)
-        step = statistics.median(t) if ok else float("nan")
-        rows.append({"model": model, "method": method, "batch_size": batch, "seq_len": seq,
-                     "compiled": mode != "eager", "compile_mode": mode,
-                     "compile_scope": "none" if mode == "eager" else scope,
-                     "stacked": st,
-                     "status": "ok" if ok else slot.get("status", "failed"),
-                     "error": slot.get("error", ""), "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),
-                     "step_time_s": step, "step_time_all_s": t, "mem_peak_gib": slot.get("mem_peak_gib", float("nan")),
-                     "step_flops": float(slot.get("flops") or float("nan")),
-                     "device_busy_frac": slot.get("busy_s", float("nan")) / step if ok else float("nan"),
-                     "trainable_params": slot.get("trainable_params", 0), "rounds": len(t), "steps": steps,
-                     "warmup_s": slot.get("warmup_s", float("nan")),
-                     "final_loss": slot.get("final_loss", float("nan")),
-                     "optimizer_steps": slot.get("optimizer_steps", 0),
-                     "compiled_graphs": slot.get("compiled_graphs", 0), "graph_breaks": slot.get("graph_breaks", 0),
-                     "warmup_steps": warmup})
-    return rows
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
@@ -480,22 +504,31 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     run_id = time.strftime("%Y%m%dT%H%M%S")
     command = " ".join(["python -m lorafa.bench", *(sys.argv[1:] if argv is None else argv)])
-    for model in args.models:
-        shape = tuple(int(v) for v in args.shape.lower().split("x")) if args.shape else SHAPES.get(model,
-                                                                                                     DEFAULT_SHAPE)
-        print(f"{model} {shape[0]}×{shape[1]}: {', '.join(args.methods)} × {', '.join(modes)}", flush=True)
-        rows += bench_model(model, args.methods, modes, shape=shape, device=device, warmup=args.warmup,
-                            steps=args.steps, rounds=args.rounds, stacked=args.stacked, scope=args.compile_scope,
-                            profile_dir=args.profile,
-                            log=lambda s: print(s, flush=True))
-        table = _finish(pd.DataFrame(rows), peak, device, run_id, command)
-        # after each model (an interrupted run keeps what it measured), append-only (`results.append_rows`):
-        # earlier runs' rows stay; the same setting by the same commit on the same device is not added twice
-        _, added = results.append_rows(table[table["model"] == model], args.out)
-        print(f"{added} rows added → {args.out}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)  # `timeout` / a scheduler: keep the finished rounds
+    try:
+        stopped = ""
+        for model in args.models:
+            shape = tuple(int(v) for v in args.shape.lower().split("x")) if args.shape \
+                else SHAPES.get(model, DEFAULT_SHAPE)
+            print(f"{model} {shape[0]}×{shape[1]}: {', '.join(args.methods)} × {', '.join(modes)}", flush=True)
+            rows += bench_model(model, args.methods, modes, shape=shape, device=device, warmup=args.warmup,
+                                steps=args.steps, rounds=args.rounds, stacked=args.stacked, scope=args.compile_scope,
+                                profile_dir=args.profile, log=lambda s: print(s, flush=True))
+            table = _finish(pd.DataFrame(rows), peak, device, run_id, command)
+            # after each model (an interrupted run keeps what it measured), append-only (`results.append_rows`):
+            # earlier runs' rows stay; the same setting by the same commit on the same device is not added twice
+            _, added = results.append_rows(table[table["model"] == model], args.out)
+            print(f"{added} rows added → {args.out}", flush=True)
+            stopped = table.loc[table["model"] == model, "stopped"].iloc[0]
+            if stopped:
+                print(f"{model}: {stopped}; its rows hold the rounds finished (column rounds)"
+                      f"{', later models not run' if model != args.models[-1] else ''}", file=sys.stderr)
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     best = table[table["best"]]
     cols = ["model", "method", "compile_mode", "stacked", "tokens_per_s", "step_time_s", "mem_peak_gib", "mfu",
-            "vs_full_best", "vs_lora_best"]
+            "vs_full_best", "vs_lora_best", "rounds"]
     print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for model, g in best.groupby("model", sort=False):
         fa = g[g["method"] == "lorafa"]
@@ -503,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             r = fa.iloc[0]
             print(f"{model}: LoRA-FA ({r['compile_mode']}) ÷ full FT {r['vs_full_best']:.2f}×, "
                   f"÷ LoRA {r['vs_lora_best']:.2f}×")
-    return 0
+    return 3 if stopped else 0
 
 
 if __name__ == "__main__":

@@ -112,3 +112,32 @@ def test_warm_up_before_a_capture_takes_transformers_capture_path():
         mask = create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=ones)
     assert mask is not None and bool(mask.all())
     assert torch.cuda.is_current_stream_capturing is real
+
+
+@pytest.mark.slow
+def test_sigterm_writes_the_rounds_finished(tmp_path):
+    """`timeout` (SIGTERM) in the middle of a run: the bench stops, writes every setting with the rounds it finished
+    (the setting cut off keeps its earlier rounds) and exits 3; nothing measured is lost."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "t.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "lorafa.bench", "--models", "tiny-llama", "--device", "cpu",
+                             "--methods", "full", "lora", "--rounds", "1000", "--steps", "1", "--warmup", "1",
+                             "--peak-tflops", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.strip().startswith("round 3 "):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err
+    assert "stopped by SIGTERM in round 3 of 1000" in err
+    table = pd.read_parquet(out)
+    assert sorted(table["method"]) == ["full", "lora"] and (table["status"] == "ok").all()
+    assert set(table["rounds"]) <= {2, 3} and (table["rounds"] >= 2).all() and (table["tokens_per_s"] > 0).all()
+    assert table["stopped"].str.startswith("stopped by SIGTERM").all()

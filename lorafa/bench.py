@@ -256,10 +256,11 @@ def measure_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def profile_steps(s: Setting, steps: int, out: Path | None) -> float:
-    """Device-busy seconds per step (the sum of kernel times, from torch.profiler) over `steps` more steps; with
-    `out`, the profiler's table of the costliest operators is written there. Busy time ÷ step time near 1:
-    the step is bound by the GPU's work; far below 1: by launching it (Python, dispatch, kernel launches)."""
+def profile_steps(s: Setting, steps: int, out: Path | None) -> dict:
+    """Device time per step over `steps` more steps (torch.profiler): `busy_s`, the sum of kernel times, and
+    `kernels_ms`, that sum by kind of kernel (`kernel_kind`). Busy time ÷ step time near 1: the step is bound by
+    the GPU's work; far below 1: by launching it (Python, dispatch, kernel launches). With `out`, the profiler's
+    table of the costliest operators is written there."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
@@ -273,18 +274,50 @@ def profile_steps(s: Setting, steps: int, out: Path | None) -> float:
         key = "self_device_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
         out.write_text(events.table(sort_by=key, row_limit=40))
     if s.device.type != "cuda":
-        return float("nan")
-    return device_seconds(prof.events()) / steps
+        return {"busy_s": float("nan"), "kernels_ms": {}}
+    kinds = device_seconds_by_kind(prof.events())
+    return {"busy_s": sum(kinds.values()) / steps, "kernels_ms": {k: v / steps * 1e3 for k, v in kinds.items()}}
+
+
+KERNEL_KINDS = ("matmul_fp32", "matmul", "attention", "optimizer", "inductor", "copy", "other")
+
+
+def kernel_kind(name: str) -> str:
+    """What a device kernel does, from its name: `matmul_fp32` (fp32 GEMMs: under bf16 autocast a sign that
+    something left the bf16 path, e.g. SDPA's math kernel), `matmul` (cuBLAS / cuBLASLt / CUTLASS GEMMs),
+    `attention` (flash, memory-efficient, cuDNN attention and softmax), `optimizer` (the fused / multi-tensor
+    AdamW), `inductor` (torch.compile's generated Triton kernels), `copy` (memcpy / memset) or `other` (ATen's
+    elementwise, reductions, norms, embeddings, losses)."""
+    n = name.lower()
+    if "memcpy" in n or "memset" in n:
+        return "copy"
+    if any(k in n for k in ("flash", "fmha", "attention", "softmax", "attn", "sdpa")):  # before matmul: fmha_cutlass
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "gemv", "splitkreduce")):
+        return "matmul_fp32" if "f32f32" in n or "sgemm" in n else "matmul"
+    if "adam" in n or "multi_tensor_apply" in n:
+        return "optimizer"
+    if n.startswith("triton") or "triton_" in n:
+        return "inductor"
+    return "other"
+
+
+def device_seconds_by_kind(events) -> dict[str, float]:
+    """Seconds of device work among profiler events (kernels, copies and memsets only), by `kernel_kind`. CPU
+    operators carry the device time of the kernels they launched, and user annotations on the device timeline
+    ("## Call CompiledFxGraph", "Optimizer.step") span kernels: both would count the same kernels twice."""
+    from torch.autograd import DeviceType
+
+    out = dict.fromkeys(KERNEL_KINDS, 0.0)
+    for e in events:
+        if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False):
+            out[kernel_kind(e.name)] += e.self_device_time_total / 1e6
+    return out
 
 
 def device_seconds(events) -> float:
-    """Seconds of device work among profiler events: kernels, copies and memsets only. CPU operators carry the
-    device time of the kernels they launched, and user annotations on the device timeline ("## Call
-    CompiledFxGraph", "Optimizer.step") span kernels: both would count the same kernels twice."""
-    from torch.autograd import DeviceType
-
-    return sum(e.self_device_time_total for e in events
-               if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)) / 1e6
+    """Seconds of device work among profiler events (see `device_seconds_by_kind`)."""
+    return sum(device_seconds_by_kind(events).values())
 
 
 def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool,
@@ -315,7 +348,7 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
            "trainable_params": s.trainable, "warmup_s": warmup_s, "compiled_graphs": graphs, "graph_breaks": breaks,
            "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
     if profile_to is not None:
-        out["busy_s"] = profile_steps(s, 3, profile_to)
+        out.update(profile_steps(s, 3, profile_to))
     del s
     gc.collect()
     if device.type == "cuda":
@@ -381,6 +414,7 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                      "step_time_s": step, "step_time_all_s": t, "mem_peak_gib": slot.get("mem_peak_gib", float("nan")),
                      "step_flops": float(slot.get("flops") or float("nan")),
                      "device_busy_frac": slot.get("busy_s", float("nan")) / step if ok else float("nan"),
+                     **{f"kernel_{k}_ms": slot.get("kernels_ms", {}).get(k, float("nan")) for k in KERNEL_KINDS},
                      "trainable_params": slot.get("trainable_params", 0), "rounds": len(t), "steps": steps,
                      "warmup_s": slot.get("warmup_s", float("nan")),
                      "final_loss": slot.get("final_loss", float("nan")),
@@ -426,6 +460,8 @@ def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup,
             slot["mem_peak_gib"] = max(slot.get("mem_peak_gib", 0.0), res["mem_peak_gib"])
             log(f"  round {r + 1} {model} {name:17s} {mode:10s} {res['step_time_s'] * 1e3:8.2f} ms/step "
                 f"{res['tokens'] / res['step_time_s']:10.0f} tok/s")
+            if res.get("kernels_ms"):
+                log("    kernels, ms a step: " + ", ".join(f"{k} {v:.2f}" for k, v in res["kernels_ms"].items()))
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:

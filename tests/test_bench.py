@@ -35,11 +35,35 @@ def test_device_seconds_counts_kernels_once():
 
     from torch.autograd import DeviceType
 
-    events = [E(device_type=DeviceType.CPU, is_user_annotation=False, self_device_time_total=700.0),  # aten::mm
-              E(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=500.0),  # its kernel
-              E(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=200.0),
-              E(device_type=DeviceType.CUDA, is_user_annotation=True, self_device_time_total=700.0)]  # "## Call …"
+    def ev(dev, name, us, note=False):
+        return E(device_type=dev, name=name, is_user_annotation=note, self_device_time_total=us)
+
+    events = [ev(DeviceType.CPU, "aten::mm", 700.0),
+              ev(DeviceType.CUDA, "nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_bias_TNT", 500.0),  # its kernel
+              ev(DeviceType.CUDA, "triton_poi_fused_add_gelu_3", 200.0),
+              ev(DeviceType.CUDA, "## Call CompiledFxGraph fxyz ##", 700.0, note=True)]
     assert bench.device_seconds(events) == pytest.approx(700e-6)
+    kinds = bench.device_seconds_by_kind(events)
+    assert kinds["matmul"] == pytest.approx(500e-6) and kinds["inductor"] == pytest.approx(200e-6)
+    assert sum(kinds.values()) == pytest.approx(700e-6) and set(kinds) == set(bench.KERNEL_KINDS)
+
+
+@pytest.mark.parametrize("name, kind", [  # kernel names from H200 profiles (torch 2.11, CUDA 13)
+    ("sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize64x64x8_stage3_warpsize1x2x1_ffma_aligna4_alignc4_execute_kernel",
+     "matmul_fp32"),
+    ("nvjet_sm90_tst_96x64_64x8_2x4_h_bz_NTN", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(...)", "matmul"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<...>)", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>, true>(...)", "attention"),
+    ("void (anonymous namespace)::softmax_warp_backward<float, float, float, 7, false, false>(...)", "attention"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>(...)",
+     "optimizer"),
+    ("triton_red_fused__to_copy_native_layer_norm_backward_12", "inductor"),
+    ("Memcpy DtoD (Device -> Device)", "copy"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(...)", "other"),
+])
+def test_kernel_kinds(name, kind):
+    assert bench.kernel_kind(name) == kind
 
 
 @pytest.mark.slow

@@ -85,6 +85,30 @@ report.write_table(every, "speed_settings", title="Every setting of the speed be
                            "settings should agree (dropout draws differ)."), report.provenance(frame)])
 every
 
+# %% [markdown]
+# What each best setting's GPU time is made of (`--profile`: kernel time by kind, ms a step, over 3 profiled steps
+# after the timed ones). `busy`: kernel time ÷ step time — near 1 the step is bound by the GPU's work. fp32 matmuls
+# under bf16 autocast mean something left the bf16 path (e.g. SDPA's math kernel).
+
+# %%
+KINDS = {"matmul": "matmul", "matmul_fp32": "fp32 matmul", "attention": "attention", "optimizer": "optimizer",
+         "inductor": "inductor", "copy": "copy", "other": "other"}
+for kind in KINDS:
+    if f"kernel_{kind}_ms" not in frame:
+        frame[f"kernel_{kind}_ms"] = np.nan
+        best = best.assign(**{f"kernel_{kind}_ms": np.nan})
+if "device_busy_frac" not in best:
+    best = best.assign(device_busy_frac=np.nan)
+kernels = pd.DataFrame([{"model": r["model"], "method": report.method_label(r["method"]),
+                         "best setting": setting(pd.Series(r)), "step ms": num(1000 * r["step_time_s"], ".2f"),
+                         "busy": num(r["device_busy_frac"], ".2f"),
+                         **{label: num(r[f"kernel_{kind}_ms"], ".2f") for kind, label in KINDS.items()}}
+                        for r in best.to_dict("records")])
+report.write_table(kernels, "speed_kernels",
+                   title="GPU time by kind of kernel at each method's best setting (ms a step)",
+                   notes=["— : the run was not profiled (`--profile`), or ran on a CPU.", report.provenance(frame)])
+kernels
+
 # %%
 ok = best[best["status"] == "ok"]
 models = list(dict.fromkeys(ok["model"]))

@@ -101,6 +101,16 @@ def test_bench_runs_every_method_interleaved_and_writes_the_table(tmp_path, caps
     speed = (tmp_path / "an" / "speed.md").read_text()
     assert speed.count("| tiny-llama ") == 4 and "python -m lorafa.bench --models tiny-llama" in speed
     assert (tmp_path / "an" / "speed_settings.md").exists() and (tmp_path / "an" / "speed.png").exists()
+    assert (tmp_path / "an" / "speed_kernels.md").read_text().count("| tiny-llama ") == 4  # CPU: "—"
+    # a profiled run's breakdown reaches the table (CPU has no kernel times: set some to see them rendered)
+    table.loc[table["best"], "kernel_matmul_fp32_ms"] = 12.34
+    table.to_parquet(tmp_path / "profiled.parquet")
+    try:
+        assert analysis(["--results", str(tmp_path / "profiled.parquet"), "--out", str(tmp_path / "an2"),
+                         "--only", "speed"]) == 0
+    finally:
+        report.set_params()
+    assert (tmp_path / "an2" / "speed_kernels.md").read_text().count("12.34") == 4
 
 
 def test_a_failing_setting_is_a_row_and_the_others_still_run(monkeypatch, capsys):

@@ -35,6 +35,10 @@ for col, empty in (("run_id", ""), ("compile_mode", ""), ("stacked", False), ("b
                    ("final_loss", np.nan), ("command", "")):
     if col not in frame:
         frame[col] = empty
+# LoRA-FA's layer (column `layer` since the merged layer; earlier rows say only whether it was stacked)
+earlier = np.where(frame["stacked"].fillna(False).astype(bool), "stacked",
+                   np.where(frame["method"].astype(str).str.startswith("lorafa"), "two_matmul", "none"))
+frame["layer"] = frame["layer"].fillna(pd.Series(earlier, index=frame.index)) if "layer" in frame else earlier
 frame = frame[frame["run_id"].fillna("").astype(str) != ""]
 if len(frame):  # per model, its latest run; smallest model first, methods in the usual order
     frame = frame[frame["run_id"] == frame.groupby("model")["run_id"].transform("max")]
@@ -50,7 +54,7 @@ def num(value, fmt: str) -> str:
 
 
 def setting(r) -> str:
-    return f"{r.compile_mode}{' (stacked)' if r.method.startswith('lorafa') and bool(r.stacked) else ''}"
+    return f"{r.compile_mode}{f' ({r.layer})' if r.layer not in ('none', 'two_matmul') else ''}"
 
 
 lines = []

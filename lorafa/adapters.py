@@ -129,6 +129,47 @@ class _LoRAFAStackedFunction(torch.autograd.Function):
         return dx, None, None, db, None, None
 
 
+class _LoRAFAMergedFunction(torch.autograd.Function):
+    """A LoRA-FA layer without dropout with the adapter folded into the weight for the step — W and A frozen, so
+    x Wᵀ + s (x Aᵀ) Bᵀ = x (W + s B A)ᵀ:
+
+        Wₑ = W + s B A          d_out × d_in: one small matmul (K = r), weight-sized output, not kept
+        y = x Wₑᵀ + b           one matmul
+        h = s · x Aᵀ            (N × r, saved)
+        dx = dy Wₑ              one matmul, Wₑ formed again in backward
+        dB = dyᵀ h
+
+    Against the other two layers it trades the activation-sized rank-r work (h Bᵀ added to y in the forward, the
+    N × d_in product (dy B) A added to dx in backward: passes over N × d each) for weight-sized work (form Wₑ
+    twice a step): the faster where a step's tokens outnumber the layer's width, as in roberta-base and t5-large
+    at 32 × 128; the bench measures all three layers. Saves exactly what they save (h; the weights are weights).
+    (One matmul x [Wₑ; A]ᵀ for y and h together would leave y a view of an N × (d_out + r) output, and whatever
+    later keeps y for backward would keep the whole of it.) Numerics: Wₑ is rounded to the matmul's dtype once
+    (bf16 under autocast), a rounding of the size of autocast's own cast of W; in fp32 it is the closed form."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+        merged = torch.addmm(weight.to(dt), lora_b.to(dt), lora_a.to(dt), alpha=scaling)
+        y = nn.functional.linear(x, merged, bias)
+        del merged
+        h = nn.functional.linear(x, lora_a) * scaling
+        ctx.save_for_backward(h, weight, lora_a, lora_b)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight, lora_a, lora_b = ctx.saved_tensors
+        dx = db = None
+        if ctx.needs_input_grad[4]:
+            db = dy.reshape(-1, dy.shape[-1]).t() @ h.reshape(-1, h.shape[-1]).to(dy.dtype)
+        if ctx.needs_input_grad[0]:
+            dt = dy.dtype
+            dx = dy @ torch.addmm(weight.to(dt), lora_b.to(dt), lora_a.to(dt), alpha=ctx.scaling)
+        return dx, None, None, None, db, None
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a rank-r update; `train_a=False` makes it a LoRA-FA layer.
 
@@ -158,7 +199,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._b_preconditioner = None
         self._stacked = self._bias_ext = None
-        self._stack_ok = False
+        self._stack_ok = self._merged = False
         if precondition_b:
             if train_a:
                 raise ValueError("precondition_b assumes A frozen (LoRA-FA); it does not apply with train_a")
@@ -186,9 +227,10 @@ class LoRALinear(nn.Module):
         """The base weight as d_out × d_in (Conv1D stores it transposed; `.t()` is a view, not a copy)."""
         return self.base.weight if isinstance(self.base, nn.Linear) else self.base.weight.t()
 
-    def stack_frozen(self) -> bool:
+    def stack_frozen(self, merged: bool = False) -> bool:
         """Put the frozen W and A in one (d_out + r) × d_in storage (W and A become views of it: no extra memory),
-        so the LoRA-FA forward and backward each need one big matmul instead of two (`_LoRAFAStackedFunction`).
+        so the LoRA-FA forward and backward each need one big matmul instead of two (`_LoRAFAStackedFunction`);
+        `merged`: the adapter folded into the weight for the step instead (`_LoRAFAMergedFunction`).
         Only for nn.Linear bases with W, b and A frozen in one dtype; returns whether it was done. Moving or
         casting the module (`.to`, `.cuda`, `.half`) re-checks the stack; code that swaps parameters otherwise
         (FSDP) must call `unstack()` first."""
@@ -198,7 +240,7 @@ class LoRALinear(nn.Module):
             return False
         stacked = torch.cat([w.detach(), a.detach()])
         w.data, a.data = stacked[: self.out_features], stacked[self.out_features:]
-        self._stacked = stacked
+        self._stacked, self._merged = stacked, bool(merged)
         bias = self.base.bias
         self._bias_ext = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(self.rank)])
         # plain tensor attributes, not parameters: without this, CUDA graphs (torch.compile "reduce-overhead")
@@ -215,7 +257,7 @@ class LoRALinear(nn.Module):
             self.base.weight.data = self.base.weight.data.clone()
             self.lora_A.data = self.lora_A.data.clone()
         self._stacked = self._bias_ext = None
-        self._stack_ok = False
+        self._stack_ok = self._merged = False
 
     def _check_stack(self) -> bool:
         """W and A are still the views of the stack (nothing moved, cast or replaced them since)."""
@@ -230,7 +272,7 @@ class LoRALinear(nn.Module):
         out = super()._apply(fn, recurse)
         if getattr(self, "_stacked", None) is not None and not self._check_stack():
             self._stacked = None
-            self.stack_frozen()
+            self.stack_frozen(self._merged)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,6 +280,9 @@ class LoRALinear(nn.Module):
                       or (self.base.bias is not None and self.base.bias.requires_grad))
         # `_stack_ok` is a plain bool, settled outside the forward: nothing here breaks a torch.compile graph
         if frozen and torch.is_grad_enabled() and (self.p == 0 or not self.training) and self._stack_ok:
+            if self._merged:
+                return _LoRAFAMergedFunction.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
+                                                   self.scaling)
             return _LoRAFAStackedFunction.apply(x, self._stacked, self._bias_ext, self.lora_B, self.scaling,
                                                 self.out_features)
         if frozen and torch.is_grad_enabled():

@@ -19,7 +19,8 @@ runs `--warmup` optimizer steps (compilation happens there), then `--steps` time
 it; the order of
 the settings alternates between rounds, so slow drift (clocks, temperature) falls on every setting alike. A
 setting's tokens/s is its median over rounds; a method's best setting (`best=True`) is its fastest. LoRA-FA's
-layer is part of the setting (`--stacked`, column `stacked`).
+layer is part of the setting (`--layers`, column `layer`): `two_matmul` (`_LoRAFAFunction`), `stacked` (W and A
+in one matrix, `_LoRAFAStackedFunction`) or `merged` (W + s·B·A formed for the step, `_LoRAFAMergedFunction`).
 
 MFU: the FLOPs of one training step are counted once per setting with `torch.utils.flop_counter` (forward and
 backward as executed: LoRA-FA has no weight-gradient matmuls), and `--peak-tflops` is the device's bf16 matmul
@@ -54,7 +55,7 @@ DEFAULT_SHAPE = (4, 32)  # tiny models (smoke runs)
 TARGET_LEN = 128  # T5's target length (the issue's 32 × 128 + 128 targets)
 
 
-def compose(model: str, method: str, batch: int, seq: int, extra: list[str] = (), stacked: bool = True):
+def compose(model: str, method: str, batch: int, seq: int, extra: list[str] = (), layer: str = "stacked"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -65,7 +66,7 @@ def compose(model: str, method: str, batch: int, seq: int, extra: list[str] = ()
                  f"task.max_seq_len={seq}", f"task.target_len={TARGET_LEN if 't5' in model else seq}",
                  f"train.batch_size={batch}", "output_dir=/tmp/lorafa-bench",
                  *([] if method == "full" else ["method.dropout=0"]),
-                 *(["method.stacked=true"] if stacked and method.startswith("lorafa") else []), *extra]
+                 *([f"method.stacked={STACKED_KEY[layer]}"] if method.startswith("lorafa") else []), *extra]
     with initialize_config_dir(str(conf), version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
 
@@ -196,6 +197,10 @@ def _compile_limits() -> None:
 CAPTURE_WARMUP = 3  # eager (or compiling) steps on a side stream before a whole-step capture
 
 
+def _unpacked(position_ids) -> None:
+    """transformers' `find_packed_sequence_indices` for batches known to hold one sequence a row: none packed."""
+
+
 @contextmanager
 def unseen_capture():
     """Inside a whole-step capture, let transformers see no capture (`torch.cuda.is_current_stream_capturing()`
@@ -203,15 +208,27 @@ def unseen_capture():
     captured, transformers 5.17 cannot look at a mask's values, so it builds a full attention mask even when none
     was given — and SDPA, handed a mask (with dropout), ran its math kernel in fp32: on an H200 the profile of
     roberta-base's graphed step (17 ms) shows 6 fp32 GEMMs a layer, 2.2 ms, plus their softmax and elementwise
-    passes, the same for every method (newer transformers leave the mask out when none is given). This is safe because the bench's batches carry no attention mask (full-length synthetic sequences):
-    with none, nothing transformers checks depends on a tensor's values. torch's own capture checks (the
-    optimizer's) ask the stream, not this function."""
+    passes, the same for every method (newer transformers leave the mask out when none is given).
+
+    Outside a capture, transformers also reads one tensor's values where no mask is given: decoders' position ids,
+    to find packed sequences (`find_packed_sequence_indices`; a host read, which a capture forbids: llama-7b's
+    graphed step failed on the H200, commit 4cd9f6a). The bench's batches carry no mask and one full-length
+    sequence a row, so that function's answer is known — none packed — and is given without the read. With both,
+    nothing in a captured step reads a tensor's value on the host (tested for the three families). torch's own
+    capture checks (the optimizer's) ask the stream, not this function."""
+    from transformers import masking_utils
+
     real = torch.cuda.is_current_stream_capturing
+    packed = getattr(masking_utils, "find_packed_sequence_indices", None)
     torch.cuda.is_current_stream_capturing = lambda: False
+    if packed is not None:
+        masking_utils.find_packed_sequence_indices = _unpacked
     try:
         yield
     finally:
         torch.cuda.is_current_stream_capturing = real
+        if packed is not None:
+            masking_utils.find_packed_sequence_indices = packed
 
 
 def _reset_cuda_rng(device: torch.device) -> None:
@@ -366,27 +383,26 @@ def _raise_stopped(signum, frame):
     raise Stopped(signal.Signals(signum).name)
 
 
-STACKED = ("on", "off", "both")
+LAYERS = ("stacked", "two_matmul", "merged")  # LoRA-FA's layers (`lorafa.adapters`)
+STACKED_KEY = {"two_matmul": "false", "stacked": "true", "merged": "merged"}  # their `method.stacked`
 
 
-def layer_variants(method: str, mode: str, stacked: str) -> list[bool]:
-    """The LoRA-FA layers to try for one (method, mode): stacked [W; A] (`_LoRAFAStackedFunction`) and/or the
-    two-matmul layer (`_LoRAFAFunction`). Neither wins everywhere on an H200: the stacked layer was the faster
-    in eager (fewer launches) and under inductor's per-region CUDA graphs (roberta-base 13.9 vs 18.5 ms a step),
-    the two-matmul one with the whole step compiled and graphed (`compile_graph`: roberta-base 9.98 vs 17.0 ms,
-    llama-7b 145.8 vs 164.0; but that stacked layer, under compile, wrote its rank-r products as broadcast sums,
-    which autocast sums in fp32, so its outputs were fp32 — and t5-large's position-bias mask then failed to
-    compile; that form is gone). So the default tries both."""
+def layer_variants(method: str, layers=LAYERS) -> list[str]:
+    """The LoRA-FA layers to try for a method; "none" for the methods without one. No layer wins
+    everywhere on an H200 (commit 4cd9f6a, ms a step): the stacked one in eager and in `graph` (roberta-base
+    10.1 vs 10.5, t5-large 79.8 vs 81.0), the two-matmul one in `compile_graph` (8.27 vs 8.61, 54.7 vs 55.5); in
+    both their rank-r work on N × d activations took more matmul time than full fine-tuning's weight gradients
+    (t5-large 30.1 and 27.0 vs 25.7 ms), which the merged layer removes. So the default tries all three."""
     if not method.startswith("lorafa"):
-        return [False]
-    return {"on": [True], "off": [False], "both": [True, False]}[stacked]
+        return ["none"]
+    return [layer for layer in LAYERS if layer in layers]
 
 
 def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tuple[int, int], device: torch.device,
-                warmup: int, steps: int, rounds: int, stacked: str = "both", scope: str = "blocks",
+                warmup: int, steps: int, rounds: int, layers=LAYERS, scope: str = "blocks",
                 profile_dir: Path | None = None, log=print) -> list[dict]:
     batch, seq = shape
-    settings = [(m, mode, st) for m in methods for mode in modes for st in layer_variants(m, mode, stacked)]
+    settings = [(m, mode, lay) for m in methods for mode in modes for lay in layer_variants(m, layers)]
     times: dict[tuple, list[float]] = {s: [] for s in settings}
     info: dict[tuple, dict] = {}
     at = {"round": 0}
@@ -400,7 +416,7 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
         gc.collect()
     rows = []
     for key in settings:
-        method, mode, st = key
+        method, mode, layer = key
         slot, t = info.get(key, {}), times[key]
         ok = bool(t)
         step = statistics.median(t) if ok else float("nan")
@@ -408,7 +424,8 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
         rows.append({"model": model, "method": method, "batch_size": batch, "seq_len": seq,
                      "compiled": mode != "eager", "compile_mode": mode,
                      "compile_scope": "none" if mode == "eager" else scope,
-                     "stacked": st, "status": status, "stopped": stopped,
+                     "layer": layer, "stacked": layer in ("stacked", "merged"), "status": status,
+                     "stopped": stopped,
                      "error": slot.get("error", stopped if status == "stopped" else ""),
                      "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),
                      "step_time_s": step, "step_time_all_s": t, "mem_peak_gib": slot.get("mem_peak_gib", float("nan")),
@@ -430,9 +447,11 @@ def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup,
         at["round"] = r + 1
         order = settings if r % 2 == 0 else settings[::-1]
         for key in order:
-            method, mode, st = key
-            cfg = compose(model, method, batch, seq, [f"device={device.type}"], stacked=st)
-            name = f"{method}{'_stacked' if st else ''}"
+            method, mode, layer = key
+            cfg = compose(model, method, batch, seq, [f"device={device.type}"], layer=layer)
+            name = method if layer in ("none", "two_matmul") else f"{method}_{layer}"
+            held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            failed = False
             try:
                 first = key not in info
                 res = run_setting(cfg, mode, device, warmup, steps, count_flops=first, scope=scope,
@@ -448,10 +467,9 @@ def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup,
                     import traceback
 
                     traceback.print_exc(limit=-12)
-                gc.collect()
-                torch._dynamo.reset()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                failed = True
+            if failed:  # cleaned up here, not in `except`: the exception's frames hold the setting's model
+                _free_after_failure(device, held, log)
                 continue
             times[key].append(res["step_time_s"])
             slot = info.setdefault(key, {})
@@ -462,6 +480,19 @@ def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup,
                 f"{res['tokens'] / res['step_time_s']:10.0f} tok/s")
             if res.get("kernels_ms"):
                 log("    kernels, ms a step: " + ", ".join(f"{k} {v:.2f}" for k, v in res["kernels_ms"].items()))
+
+
+def _free_after_failure(device: torch.device, held: int, log) -> None:
+    """Free what a failed setting left. A failed CUDA-graph capture can leave memory in the graph's private pool,
+    which nothing else can use: say so, since every later setting then runs with less (on the H200 a failed
+    llama-7b capture left 139.7 of 139.8 GiB taken, and each later setting was an out-of-memory row)."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        left = (torch.cuda.memory_allocated(device) - held) / 1024**3
+        if left > 1.0:
+            log(f"    {left:.1f} GiB stay allocated after the failure; later settings run with that much less")
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
@@ -499,7 +530,7 @@ def _finish(frame: pd.DataFrame, peak: float, device: torch.device, run_id: str 
     table = table.assign(device=results.device_name(device), torch_version=torch.__version__,
                          transformers_version=transformers.__version__, git_sha=sha, git_dirty=dirty,
                          experiment="bench", schema_version=results.SCHEMA_VERSION, run_id=run_id, command=command)
-    keys = ["model", "method", "batch_size", "seq_len", "compile_mode", "compile_scope", "stacked", "steps",
+    keys = ["model", "method", "batch_size", "seq_len", "compile_mode", "compile_scope", "stacked", "layer", "steps",
             "warmup_steps", "rounds", "device", "git_sha", "git_dirty", "torch_version"]
     table["config_hash"] = [hashlib.sha256(json.dumps([str(r[k]) for k in keys]).encode()).hexdigest()[:16]
                             for _, r in table[keys].iterrows()]
@@ -518,9 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps per setting and round")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per setting and round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--stacked", default="both", choices=STACKED,
-                        help="LoRA-FA's layer: the stacked [W; A] one (on), the two-matmul one (off), or both as "
-                             "separate settings (the default: each is the faster in some mode)")
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS,
+                        help="LoRA-FA's layers to measure, each a setting of its own (default: all three; each is "
+                             "the faster in some mode or model)")
     parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
                         help="compile each transformer block (identical blocks share one compiled graph; the "
                              "default) or the whole model as one graph (minutes per setting at 7B scale)")
@@ -552,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                 else SHAPES.get(model, DEFAULT_SHAPE)
             print(f"{model} {shape[0]}×{shape[1]}: {', '.join(args.methods)} × {', '.join(modes)}", flush=True)
             rows += bench_model(model, args.methods, modes, shape=shape, device=device, warmup=args.warmup,
-                                steps=args.steps, rounds=args.rounds, stacked=args.stacked, scope=args.compile_scope,
+                                steps=args.steps, rounds=args.rounds, layers=args.layers, scope=args.compile_scope,
                                 profile_dir=args.profile, log=lambda s: print(s, flush=True))
             table = _finish(pd.DataFrame(rows), peak, device, run_id, command)
             # after each model (an interrupted run keeps what it measured), append-only (`results.append_rows`):
@@ -567,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     best = table[table["best"]]
-    cols = ["model", "method", "compile_mode", "stacked", "tokens_per_s", "step_time_s", "mem_peak_gib", "mfu",
+    cols = ["model", "method", "compile_mode", "layer", "tokens_per_s", "step_time_s", "mem_peak_gib", "mfu",
             "vs_full_best", "vs_lora_best", "rounds"]
     print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for model, g in best.groupby("model", sort=False):

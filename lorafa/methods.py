@@ -11,7 +11,8 @@
 Any method also takes `gradient_checkpointing: true` (recompute each block's activations in backward),
 `recompute: elementwise` (recompute dropout masks, norms and activation functions only; `lorafa.recompute`) and
 `init_a: kaiming | orthogonal` and `stacked: true` (LoRA-FA: W and A held as one frozen matrix, so the forward
-and the input gradient each take one matmul; same numbers, same memory). A new method is a new config file, not a new branch in the code.
+and the input gradient each take one matmul; same numbers, same memory) or `stacked: merged` (that, with the
+adapter folded into the weight for the step, W + s·B·A: no activation-sized rank-r work; same memory). A new method is a new config file, not a new branch in the code.
 
 Frozen weights can be held in a lower precision (`frozen_dtype`, bf16 under CUDA autocast by default): they take
 half the memory, and autocast no longer makes — and saves for backward — a bf16 copy of each of them per matmul.
@@ -57,9 +58,12 @@ def apply(net: Network, method: DictConfig, target_presets=None, *,
         for p in model.parameters():
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(frozen_dtype)
-    if method.get("stacked", False):  # after the dtype change: the stack is made of the final frozen tensors
+    stacked = method.get("stacked", False)
+    if stacked not in (False, True, "merged"):
+        raise ValueError(f"method.stacked={stacked!r}: expected false, true or merged")
+    if stacked:  # after the dtype change: the stack is made of the final frozen tensors
         for layer in adapters.lora_layers(model).values():
-            layer.stack_frozen()
+            layer.stack_frozen(merged=stacked == "merged")
     if method.get("input_grads", False):  # backprop through the frozen network to its input embeddings
         model.enable_input_require_grads()
     recompute = str(method.get("recompute", "none"))

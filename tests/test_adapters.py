@@ -258,14 +258,14 @@ def _clone(module):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("p, stacked", [(0.0, False), (0.2, False), (0.0, True)])
+@pytest.mark.parametrize("p, stacked", [(0.0, False), (0.2, False), (0.0, True), (0.0, "merged")])
 def test_torch_compile_gives_the_eager_result(p, stacked):
     def make():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).requires_grad_(False)
         for layer in adapters.inject(m, ["0", "2"], rank=4, alpha=8, dropout=p, train_a=False).values():
             layer.lora_B.data.normal_()
-            assert layer.stack_frozen() if stacked else True
+            assert layer.stack_frozen(merged=stacked == "merged") if stacked else True
         return m
 
     eager, compiled = make(), make()
@@ -283,25 +283,28 @@ def test_torch_compile_gives_the_eager_result(p, stacked):
                                    **tol)
 
 
+@pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_stacked_lorafa_equals_the_closed_form_and_keeps_the_same_bytes(bias):
+def test_stacked_lorafa_equals_the_closed_form_and_keeps_the_same_bytes(bias, merged):
     """`stack_frozen`: W and A become views of one (d_out + r) × d_in storage; forward, dx and dB are unchanged
-    (float64, closed form), A's values and the weight bytes are the same, and backward keeps exactly h (N × r)."""
+    (float64, closed form), A's values and the weight bytes are the same, and backward keeps exactly h (N × r).
+    `merged` (W + s·B·A formed for the step): the same, and B's value at the forward is what backward uses."""
     torch.manual_seed(0)
     base = nn.Linear(16, 12, bias=bias, dtype=torch.float64).requires_grad_(False)
     layer = adapters.LoRALinear(base, rank=4, alpha=8, train_a=False)
     with torch.no_grad():
         layer.lora_B.normal_()
     a_before, bytes_before = layer.lora_A.detach().clone(), measure.weight_bytes(layer)
-    assert layer.stack_frozen() and layer._stack_ok and layer._check_stack()
+    assert layer.stack_frozen(merged) and layer._stack_ok and layer._check_stack()
     assert torch.equal(layer.lora_A, a_before) and measure.weight_bytes(layer) == bytes_before
     assert layer.base.weight.untyped_storage().data_ptr() == layer.lora_A.untyped_storage().data_ptr()
     x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
     dy = torch.randn(3, 7, 12, dtype=torch.float64)
     with measure.SavedTensorMeter(layer) as meter:
         y = layer(x)
-    assert y.grad_fn.name().endswith("_LoRAFAStackedFunctionBackward")
+    assert y.grad_fn.name().endswith("_LoRAFAMergedFunctionBackward" if merged else "_LoRAFAStackedFunctionBackward")
     assert meter.bytes == 3 * 7 * 4 * 8  # h only: W, A and their stack are weights
+    assert measure.weight_bytes(layer) == bytes_before  # nothing weight-sized kept either
     y.backward(dy)
     s, A, B, W = layer.scaling, a_before, layer.lora_B.detach(), base.weight.detach()
     expected = x.detach() @ W.T + (base.bias if bias else 0) + s * (x.detach() @ A.T) @ B.T
@@ -319,12 +322,13 @@ def test_stacking_applies_only_where_it_is_exact():
     assert layer(x).grad_fn.name().endswith("_LoRAFAFunctionBackward")
     layer.p = 0.0
     assert layer(x).grad_fn.name().endswith("_LoRAFAStackedFunctionBackward")
-    layer.to(torch.float32)  # a cast gives W and A new storages: the stack is rebuilt from them
+    assert layer.stack_frozen(merged=True) and layer(x).grad_fn.name().endswith("_LoRAFAMergedFunctionBackward")
+    layer.to(torch.float32)  # a cast gives W and A new storages: the stack is rebuilt from them, merged still
     assert layer._stack_ok and layer._stacked.dtype == torch.float32
-    assert layer(x.float()).grad_fn.name().endswith("_LoRAFAStackedFunctionBackward")
+    assert layer(x.float()).grad_fn.name().endswith("_LoRAFAMergedFunctionBackward")
     a = layer.lora_A.detach().clone()
     layer.unstack()  # what FSDP needs before it shards the parameters
-    assert not layer._stack_ok and torch.equal(layer.lora_A, a)
+    assert not layer._stack_ok and not layer._merged and torch.equal(layer.lora_A, a)
     assert not torch._C._is_alias_of(layer.lora_A, layer.base.weight)
     assert layer(x.float()).grad_fn.name().endswith("_LoRAFAFunctionBackward")
 
@@ -340,13 +344,14 @@ def test_lorafa_v2_preconditioner_keeps_the_gradient_dtype_under_autocast():
     assert layer.lora_B.grad.dtype == torch.float32
 
 
-def test_stacked_method_trains_the_same_model(cfg_factory):
-    """method.stacked=true on a whole model: the same loss curve as the two-matmul layer (fp32, CPU)."""
+@pytest.mark.parametrize("stacked", ["true", "merged"])
+def test_stacked_method_trains_the_same_model(cfg_factory, stacked):
+    """method.stacked=true|merged on a whole model: the same loss curve as the two-matmul layer (fp32, CPU)."""
     from lorafa.job import run
 
     common = ["model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=32", "train.batch_size=4",
               "train.max_steps=4"]
-    plain, stacked = run(cfg_factory(*common)), run(cfg_factory(*common, "method.stacked=true"))
+    plain, stacked = run(cfg_factory(*common)), run(cfg_factory(*common, f"method.stacked={stacked}"))
     assert plain["status"] == stacked["status"] == "ok"
     torch.testing.assert_close(torch.tensor(stacked["loss_curve"]), torch.tensor(plain["loss_curve"]),
                                rtol=1e-5, atol=1e-6)
@@ -355,7 +360,7 @@ def test_stacked_method_trains_the_same_model(cfg_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stacked", [True])  # the fast path; the plain layer's compiled result is tested above
+@pytest.mark.parametrize("stacked", ["true", "merged"])  # the fast paths; the plain layer's is tested above
 def test_a_lorafa_model_compiles_into_one_graph(stacked):
     """No graph break in a whole LoRA-FA model's forward (a break per layer made compiled LoRA-FA slower than
     eager on the H200: the stacked layer once checked its storage inside the forward)."""
@@ -363,10 +368,11 @@ def test_a_lorafa_model_compiles_into_one_graph(stacked):
 
     from .conftest import compose_cfg
 
-    cfg = compose_cfg(["model=tiny-roberta", "method=lorafa", f"method.stacked={str(stacked).lower()}"])
+    cfg = compose_cfg(["model=tiny-roberta", "method=lorafa", f"method.stacked={stacked}"])
     net = models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32)
     methods.apply(net, cfg.method, cfg.model.target_modules)
-    assert all(layer._stack_ok == stacked for layer in adapters.lora_layers(net.model).values())
+    assert all(layer._stack_ok and layer._merged == (stacked == "merged")
+               for layer in adapters.lora_layers(net.model).values())
     torch._dynamo.reset()
     explained = torch._dynamo.explain(net.model.train())(input_ids=torch.randint(5, 100, (2, 16)),
                                                          labels=torch.tensor([0, 1]))

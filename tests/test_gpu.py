@@ -83,15 +83,15 @@ def test_bench_graph_modes_train_like_eager(tmp_path, model):
     table = pd.read_parquet(out)
     assert (table["status"] == "ok").all(), table[["method", "compile_mode", "error"]].to_string()
     assert (table["optimizer_steps"] == 10).all()
-    assert set(table.loc[table["method"] == "lorafa", "stacked"]) == {True, False}  # both layers by default
-    for (method, stacked), g in table.groupby(["method", "stacked"]):
+    assert set(table.loc[table["method"] == "lorafa", "layer"]) == {"stacked", "two_matmul", "merged"}  # default
+    for (method, layer), g in table.groupby(["method", "layer"]):
         losses = g.set_index("compile_mode")["final_loss"]
         assert losses.notna().all() and len(losses) == 3
         for mode in ("graph", "compile_graph"):
-            assert losses[mode] == pytest.approx(losses["eager"], rel=0.05), (method, stacked, mode, losses.to_dict())
+            assert losses[mode] == pytest.approx(losses["eager"], rel=0.05), (method, layer, mode, losses.to_dict())
 
 
-@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("stacked", [False, True, "merged"])
 def test_a_compiled_lorafa_layer_keeps_autocasts_dtype(stacked):
     """Under torch.compile and CUDA bf16 autocast a LoRA-FA layer returns what eager returns: bf16. (CUDA autocast
     runs `sum` in fp32: a form that wrote the rank-r term as a broadcast sum made every later activation fp32 and
@@ -103,7 +103,7 @@ def test_a_compiled_lorafa_layer_keeps_autocasts_dtype(stacked):
     torch.manual_seed(0)
     base = nn.Linear(32, 48, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
     layer = adapters.LoRALinear(base, rank=4, alpha=8, train_a=False)
-    assert layer.stack_frozen() if stacked else True
+    assert layer.stack_frozen(merged=stacked == "merged") if stacked else True
     x = torch.randn(6, 32, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = layer(x)

@@ -136,7 +136,7 @@ class _LoRAFAMergedFunction(torch.autograd.Function):
         Wₑ = W + s B A          d_out × d_in: one small matmul (K = r), weight-sized output, not kept
         y = x Wₑᵀ + b           one matmul
         h = s · x Aᵀ            (N × r, saved)
-        dx = dy Wₑ              one matmul, Wₑ formed again in backward
+        dx = dy Wₑ              one matmul, Wₑ formed again in backward (as Wᵀ + s Aᵀ Bᵀ, see there)
         dB = dyᵀ h
 
     Against the other two layers it trades the activation-sized rank-r work (h Bᵀ added to y in the forward, the
@@ -165,8 +165,12 @@ class _LoRAFAMergedFunction(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             db = dy.reshape(-1, dy.shape[-1]).t() @ h.reshape(-1, h.shape[-1]).to(dy.dtype)
         if ctx.needs_input_grad[0]:
+            # formed as (W + s B A)ᵀ = Wᵀ + s Aᵀ Bᵀ: not the forward's expression, so torch.compile's common-
+            # subexpression pass cannot make the two one tensor, which it would then keep for backward (a weight-
+            # sized tensor per layer: +6 GB at llama-7b on the H200, commit daa7604)
             dt = dy.dtype
-            dx = dy @ torch.addmm(weight.to(dt), lora_b.to(dt), lora_a.to(dt), alpha=ctx.scaling)
+            merged_t = torch.addmm(weight.t().to(dt), lora_a.t().to(dt), lora_b.t().to(dt), alpha=ctx.scaling)
+            dx = dy @ merged_t.t()
         return dx, None, None, None, db, None
 
 

@@ -283,6 +283,29 @@ def test_torch_compile_gives_the_eager_result(p, stacked):
                                    **tol)
 
 
+@pytest.mark.parametrize("stacked", [False, True, "merged"])
+def test_compiled_lorafa_layers_keep_only_h_for_backward(stacked):
+    """Under torch.compile a LoRA-FA layer keeps what it keeps in eager: h (N × r), nothing full-width and nothing
+    weight-sized. (The merged layer once formed W + s·B·A by the same expression in forward and backward; the
+    compiler's common-subexpression pass made them one tensor and kept it for backward: +6 GB at llama-7b.)"""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)).requires_grad_(False)
+    for layer in adapters.inject(m, ["0", "2"], rank=4, alpha=8, dropout=0.0, train_a=False).values():
+        layer.lora_B.data.normal_()
+        assert layer.stack_frozen(merged=stacked == "merged") if stacked else True
+    x = torch.randn(64, 32, requires_grad=True)
+    saved = {}
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        run = m if backend == "eager" else torch.compile(m, backend=backend)
+        with measure.SavedTensorMeter(m) as meter:
+            y = run(x)
+        y.sum().backward()
+        saved[backend] = sorted(meter.storages.values())
+    # two h (64 × 4 fp32) and the GELU's input (64 × 48); x itself is the caller's, no layer keeps it
+    assert saved["eager"] == saved["aot_eager"] == [64 * 4 * 4, 64 * 4 * 4, 64 * 48 * 4]
+
+
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_stacked_lorafa_equals_the_closed_form_and_keeps_the_same_bytes(bias, merged):

@@ -71,8 +71,9 @@ def test_torchrun_on_two_gpus_matches_one_gpu(tmp_path):
 
 @pytest.mark.parametrize("model", ["tiny-roberta", "tiny-t5", "tiny-llama"])
 def test_bench_graph_modes_train_like_eager(tmp_path, model):
-    """`lorafa.bench`'s whole-step CUDA graph (and compiled) settings run every method and train like eager: the
-    same number of optimizer steps from the same start ends at nearly the same loss (dropout draws differ)."""
+    """`lorafa.bench`'s whole-step CUDA graph (and compiled) settings run full FT, LoRA and every LoRA-FA layer and
+    train like eager: the same number of optimizer steps from the same start ends at nearly the same loss (dropout
+    draws differ)."""
     import pandas as pd
 
     from lorafa import bench

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from lorafa import results
 from lorafa.job import run
@@ -288,3 +289,18 @@ def test_a_killed_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(tmp_p
     assert resumed["mem_activations_gib"] == straight["mem_activations_gib"]  # measured at step 0, kept
     other = run(compose_cfg([*common, "train.resume=true", "train.lr=1e-3"], tmp_path / "resumed"))
     assert other["status"] == "failed" and "another config" in other["error"]  # never continues a different job
+
+
+def test_linear_schedule_is_transformers_linear_schedule_with_warmup():
+    """`train.linear_schedule` (written out so a job need not import transformers.optimization, which imports
+    PEFT) gives transformers' `get_linear_schedule_with_warmup` learning rates step for step."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from lorafa.train import linear_schedule
+
+    for warmup, steps in ((0, 7), (3, 10), (10, 10), (4, 3)):
+        ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5) for _ in range(2))
+        a, b = linear_schedule(ours, warmup, steps), get_linear_schedule_with_warmup(theirs, warmup, steps)
+        for _ in range(steps + 2):
+            assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"], (warmup, steps)
+            ours.step(), theirs.step(), a.step(), b.step()

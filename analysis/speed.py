@@ -17,7 +17,9 @@
 # model and batch in one process, interleaved over rounds, after warm-up; every (method, mode, LoRA-FA layer) is a
 # setting and a method's best is its fastest. Random-init weights, synthetic full-length batches, bf16 autocast,
 # r = 8 on every linear layer, fused AdamW. The issue's targets: LoRA-FA ≥ 1.25 × full FT and ≥ 1.1 × LoRA in
-# tokens/s. Per model the latest run (`run_id`) is shown; development rows without a `run_id` are left out.
+# tokens/s. Per model the latest run (`run_id`) is shown; development rows without a `run_id` are left out, and
+# rows of development runs (`dev_run`, `results/bench_dev_h200.parquet`) are shown only while no benchmark run's
+# rows exist — then the tables say so in their titles.
 
 # %%
 import matplotlib.pyplot as plt
@@ -40,6 +42,10 @@ earlier = np.where(frame["stacked"].fillna(False).astype(bool), "stacked",
                    np.where(frame["method"].astype(str).str.startswith("lorafa"), "two_matmul", "none"))
 frame["layer"] = frame["layer"].fillna(pd.Series(earlier, index=frame.index)) if "layer" in frame else earlier
 frame = frame[frame["run_id"].fillna("").astype(str) != ""]
+dev = frame["dev_run"].fillna("").astype(str) != "" if "dev_run" in frame else pd.Series(False, index=frame.index)
+DEV_ONLY = bool(len(frame)) and bool(dev.all())
+frame = frame if DEV_ONLY else frame[~dev]
+DEV_NOTE = " — development runs only (`dev_run`), not the benchmark" if DEV_ONLY else ""
 if len(frame):  # per model, its latest run; smallest model first, methods in the usual order
     frame = frame[frame["run_id"] == frame.groupby("model")["run_id"].transform("max")]
     frame = frame.assign(_size=frame.groupby("model")["trainable_params"].transform("max"),
@@ -69,7 +75,7 @@ for r in best.itertuples(index=False):
                   if fa else ""})
 table = pd.DataFrame(lines)
 commands = sorted(set(frame["command"].dropna().astype(str)) - {""})
-report.write_table(table, "speed", title="Training speed at each method's best setting (tokens/s, interleaved)",
+report.write_table(table, "speed", title=f"Training speed at each method's best setting (tokens/s, interleaved){DEV_NOTE}",
                    notes=[*(f"Command: {c}" for c in commands),
                           ("Targets (issue 'Speed'): LoRA-FA ÷ full FT ≥ 1.25 and ÷ LoRA ≥ 1.1; MFU against the "
                            "device's measured bf16 matmul rate; the FLOPs are those executed (LoRA-FA has no "
@@ -84,7 +90,7 @@ every = pd.DataFrame([{"model": r.model, "method": report.method_label(r.method)
                        "MFU": num(r.mfu, ".3f"), "peak GiB": num(r.mem_peak_gib, ".2f"),
                        "final loss": num(r.final_loss, ".4f"), "best": "★" if bool(r.best) else "",
                        "error": str(r.error or "")[:80]} for r in frame.itertuples(index=False)])
-report.write_table(every, "speed_settings", title="Every setting of the speed benchmark",
+report.write_table(every, "speed_settings", title=f"Every setting of the speed benchmark{DEV_NOTE}",
                    notes=[("final loss: after the same number of optimizer steps from the same start; a method's "
                            "settings should agree (dropout draws differ)."), report.provenance(frame)])
 every
@@ -109,7 +115,7 @@ kernels = pd.DataFrame([{"model": r["model"], "method": report.method_label(r["m
                          **{label: num(r[f"kernel_{kind}_ms"], ".2f") for kind, label in KINDS.items()}}
                         for r in best.to_dict("records")])
 report.write_table(kernels, "speed_kernels",
-                   title="GPU time by kind of kernel at each method's best setting (ms a step)",
+                   title=f"GPU time by kind of kernel at each method's best setting (ms a step){DEV_NOTE}",
                    notes=["— : the run was not profiled (`--profile`), or ran on a CPU.", report.provenance(frame)])
 kernels
 

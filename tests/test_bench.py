@@ -114,6 +114,21 @@ def test_bench_runs_every_method_interleaved_and_writes_the_table(tmp_path, caps
     finally:
         report.set_params()
     assert (tmp_path / "an2" / "speed_kernels.md").read_text().count("12.34") == 4
+    assert "development runs" not in (tmp_path / "an2" / "speed.md").read_text()
+    # development rows (`dev_run`) are shown only while there is no benchmark run, and then say so
+    dev = table.assign(dev_run="a development run", run_id="99999999T999999", step_time_s=0.12345)
+    for files, shown in (([dev], "development runs only"), ([dev, table], None)):
+        for i, f in enumerate(files):
+            f.to_parquet(tmp_path / f"mix{i}.parquet")
+        try:
+            assert analysis(["--results", str(tmp_path / "mix*.parquet"), "--out", str(tmp_path / "an3"),
+                             "--only", "speed"]) == 0
+        finally:
+            report.set_params()
+        text = (tmp_path / "an3" / "speed.md").read_text()
+        assert ("development runs only" in text) == bool(shown) and text.count("| tiny-llama ") == 4
+        assert ("123.45" in text) == bool(shown)  # the development rows' step time
+        (tmp_path / "mix1.parquet").unlink(missing_ok=True)
 
 
 def test_a_failing_setting_is_a_row_and_the_others_still_run(monkeypatch, capsys):

@@ -101,8 +101,9 @@ class _LoRAFAStackedFunction(torch.autograd.Function):
 
     Saves exactly what `_LoRAFAFunction` saves (h and the frozen weights): the same memory, fewer kernels —
     which matters where launching kernels is the cost (eager). Once the step is compiled and graphed the
-    kernels' own time is what counts; there the two-matmul layer was the faster on an H200 (see
-    `lorafa.bench.layer_variants`), so the bench measures both."""
+    kernels' own time is what counts; there the two-matmul layer was the faster on an H200 and the merged one
+    (`_LoRAFAMergedFunction`) faster still at the smaller models (see `lorafa.bench.layer_variants`), so the bench
+    measures all three."""
 
     @staticmethod
     def forward(ctx, x, stacked, bias_ext, lora_b, scaling: float, d_out: int):

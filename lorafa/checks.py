@@ -73,6 +73,12 @@ def check_config(cfg) -> None:
     need("train.grad_accum", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
     need("train.lr", positive, "a number > 0")
     need("task.max_seq_len", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
+    compile_ = str(cfg.train.get("compile", "none"))
+    if compile_ not in ("none", "blocks"):
+        raise BadInput(f"train.compile={compile_}: expected none or blocks")
+    if compile_ == "blocks" and str(cfg.train.get("strategy", "single")) == "fsdp":
+        raise BadInput("train.compile=blocks: not supported with train.strategy=fsdp yet (untested); "
+                       "expected train.strategy=single or ddp")
     if cfg.model.get("path"):
         check_model_dir(str(cfg.model.path))
 

@@ -123,7 +123,15 @@ def total_steps(n_train: int, tcfg: DictConfig, d: Dist = SINGLE) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str], *, batch_size: int,
              device: torch.device, pad_id: int, amp: torch.dtype | None) -> dict[str, float]:
-    """Mean loss and the task's metrics on one eval split."""
+    """Mean loss and the task's metrics on one eval split. Blocks compiled for training (`train.compile`) run
+    eager here: generation and the eval batches' shapes would recompile them."""
+    with torch.compiler.set_stance("force_eager"):
+        return _evaluate(model, poser, evalset, metrics, batch_size=batch_size, device=device, pad_id=pad_id,
+                         amp=amp)
+
+
+def _evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str], *, batch_size: int,
+              device: torch.device, pad_id: int, amp: torch.dtype | None) -> dict[str, float]:
     was_training = model.training
     model.eval()
     loss_sum, n, preds = 0.0, 0, []

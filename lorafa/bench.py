@@ -145,12 +145,14 @@ class Setting:
         # capture runs on the warm-up's stream (torch.compile guards on the current stream where code touches it),
         # transformers takes the warm-up's path (`unseen_capture`), and a recompile raises at once, naming the guard
         stance = torch.compiler.set_stance("fail_on_recompile") if self.mode == "compile_graph" else nullcontext()
+        pool, current = torch.cuda.graph_pool_handle(), torch.cuda.current_stream(self.device)
         try:
             # thread_local: the backward runs in autograd's device thread, which is part of this capture
-            with stance, torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), unseen_capture():
+            with stance, torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"), \
+                    unseen_capture():
                 self._eager_step(zero=False)
         except Exception:
-            _reset_cuda_rng(self.device)
+            _after_failed_capture(self.device, graph, pool, current)
             raise
         self.graph = graph
 
@@ -229,6 +231,30 @@ def unseen_capture():
         torch.cuda.is_current_stream_capturing = real
         if packed is not None:
             masking_utils.find_packed_sequence_indices = packed
+
+
+def _after_failed_capture(device: torch.device, graph, pool, stream) -> None:
+    """Put the process back as it was before a capture that failed. When the capture itself is invalid, torch's
+    `capture_end` raises before it stops routing the capture stream's allocations to the graph's private pool, the
+    graph never releases that pool, and `torch.cuda.graph` leaves the capture stream current: every later
+    allocation on that stream lands in a pool nothing frees (on the H200 a failed llama-7b capture kept 139.7 of
+    139.8 GiB, and every later setting was an out-of-memory row). So: the stream back, the pool's routing ended and
+    the pool released — only when the capture did not end, since a graph that ended its capture releases its
+    pool itself — and the CUDA generator reset."""
+    torch.cuda.set_stream(stream)
+    try:
+        graph.pool()  # raises unless the capture ended
+        ended = True
+    except RuntimeError:
+        ended = False
+    if not ended:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        for release in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+            try:
+                getattr(torch._C, release)(index, pool)
+            except Exception as err:  # noqa: BLE001 - best effort: the failure itself is reported by the caller
+                print(f"after the failed capture, torch._C.{release}: {type(err).__name__}: {err}", file=sys.stderr)
+    _reset_cuda_rng(device)
 
 
 def _reset_cuda_rng(device: torch.device) -> None:

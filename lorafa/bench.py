@@ -509,9 +509,8 @@ def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup,
 
 
 def _free_after_failure(device: torch.device, held: int, log) -> None:
-    """Free what a failed setting left. A failed CUDA-graph capture can leave memory in the graph's private pool,
-    which nothing else can use: say so, since every later setting then runs with less (on the H200 a failed
-    llama-7b capture left 139.7 of 139.8 GiB taken, and each later setting was an out-of-memory row)."""
+    """Free what a failed setting left, and say how much stays allocated: every later setting would run with that
+    much less (a failed capture's private pool is given back by `_after_failed_capture`)."""
     gc.collect()
     torch._dynamo.reset()
     if device.type == "cuda":

@@ -585,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
                              "device_busy_frac column (kernel time ÷ step time)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul rate (default: measured)")
     parser.add_argument("--out", type=Path, default=Path("results/throughput.parquet"))
+    parser.add_argument("--run-id", default=None,
+                        help="the rows' run_id (default: the start time): one id for a run split over several "
+                             "commands, one model each, where one command may not run long enough for all")
     args = parser.parse_args(argv)
 
     from . import results
@@ -598,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         print(f"bf16 matmul rate: {peak:.0f} TFLOP/s ({'given' if args.peak_tflops else 'measured, 8192³'})")
     rows = []
-    run_id = time.strftime("%Y%m%dT%H%M%S")
+    run_id = args.run_id or time.strftime("%Y%m%dT%H%M%S")
     command = " ".join(["python -m lorafa.bench", *(sys.argv[1:] if argv is None else argv)])
     previous = signal.signal(signal.SIGTERM, _raise_stopped)  # `timeout` / a scheduler: keep the finished rounds
     try:

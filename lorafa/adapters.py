@@ -137,7 +137,7 @@ class _LoRAFAMergedFunction(torch.autograd.Function):
         Wₑ = W + s B A          d_out × d_in: one small matmul (K = r), weight-sized output, not kept
         y = x Wₑᵀ + b           one matmul
         h = s · x Aᵀ            (N × r, saved)
-        dx = dy Wₑ              one matmul, Wₑ formed again in backward (as Wᵀ + s Aᵀ Bᵀ, see there)
+        dx = dy Wₑ              one matmul, Wₑ formed again in backward (as W + (s B) A, see there)
         dB = dyᵀ h
 
     Against the other two layers it trades the activation-sized rank-r work (h Bᵀ added to y in the forward, the
@@ -166,12 +166,14 @@ class _LoRAFAMergedFunction(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             db = dy.reshape(-1, dy.shape[-1]).t() @ h.reshape(-1, h.shape[-1]).to(dy.dtype)
         if ctx.needs_input_grad[0]:
-            # formed as (W + s B A)ᵀ = Wᵀ + s Aᵀ Bᵀ: not the forward's expression, so torch.compile's common-
-            # subexpression pass cannot make the two one tensor, which it would then keep for backward (a weight-
-            # sized tensor per layer: +6 GB at llama-7b on the H200, commit daa7604)
+            # formed as W + (s B) A, not by the forward's expression (alpha = s): torch.compile's common-
+            # subexpression pass would make the two one tensor and keep it for backward (a weight-sized tensor per
+            # layer: +6 GB at llama-7b on the H200, commit daa7604). Not as Wᵀ + s Aᵀ Bᵀ either (commit f39aef8):
+            # addmm then copies the transposed W into its output, a strided pass over the weights (+0.65 ms a
+            # step at roberta-base, H200, commit fa46678). s B is rounded to the matmul dtype once, as B is.
             dt = dy.dtype
-            merged_t = torch.addmm(weight.t().to(dt), lora_a.t().to(dt), lora_b.t().to(dt), alpha=ctx.scaling)
-            dx = dy @ merged_t.t()
+            merged = torch.addmm(weight.to(dt), (lora_b * ctx.scaling).to(dt), lora_a.to(dt))
+            dx = dy @ merged
         return dx, None, None, None, db, None
 
 

@@ -130,13 +130,19 @@ class _LoRAFAStackedFunction(torch.autograd.Function):
         return dx, None, None, db, None, None
 
 
+_UNROLL_RANK = 32  # up to this r the compiled merge is one pointwise kernel of r multiply-adds an element
+
+
 def _merge(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float, dt: torch.dtype) -> torch.Tensor:
     """W + alpha·B·A in dtype `dt` (the merged LoRA-FA layer's Wₑ). Eager: addmm. Under torch.compile: the sum over
     r of the outer products B[:, k] A[k, :], which inductor fuses with the add and the cast into one pass over the
     weights (r is small: 8 multiply-adds an element), where addmm copies W into its output and then reads and
     writes it again in a GEMM whose K = r leaves the tensor cores idle."""
-    if torch.compiler.is_compiling():
-        return (weight.float() + alpha * (b.float()[:, :, None] * a.float()[None]).sum(1)).to(dt)
+    if torch.compiler.is_compiling() and b.shape[1] <= _UNROLL_RANK:
+        merged = weight.float()
+        for k in range(b.shape[1]):  # unrolled: a sum over r, as `.sum`, became a reduction kernel 20x slower
+            merged = merged + alpha * b[:, k:k + 1].float() * a[k:k + 1, :].float()
+        return merged.to(dt)
     return torch.addmm(weight.to(dt), b.to(dt), a.to(dt), alpha=alpha)
 
 

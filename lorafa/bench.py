@@ -363,12 +363,28 @@ def device_seconds(events) -> float:
     return sum(device_seconds_by_kind(events).values())
 
 
+def _settle(device: torch.device) -> int:
+    """Free what earlier settings left (their compiled code holds their models until dynamo is reset); the bytes
+    still allocated after."""
+    gc.collect()
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated(device)
+
+
 def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool,
                 profile_to: Path | None = None, scope: str = "blocks") -> dict:
     """Build, warm up, time `steps` optimizer steps, free. Returns step time, peak memory, (once) FLOPs, and
-    with `profile_to` the device-busy time per step (`profile_steps`, after the timed steps)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    with `profile_to` the device-busy time per step (`profile_steps`, after the timed steps).
+
+    `mem_peak_gib`: the most allocated during the timed steps (weights, optimizer state, activations, a graph's
+    pool), less what was allocated before the setting was built (`mem_held_gib`: what earlier settings left, ~0).
+    Not the process's peak: that also held the eager FLOP-count step and compilation, and whatever earlier
+    settings left — at commit 7892838 roberta-base full FT read 4.07 GiB interleaved against 3.12 run first."""
+    held = _settle(device)
     s = Setting(cfg, mode, device, scope)
     from torch._dynamo.utils import counters
 
@@ -381,13 +397,16 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     _sync(device)
     warmup_s = time.perf_counter() - t0  # compilation and CUDA-graph capture happen here
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         s.step()
     _sync(device)
     elapsed = (time.perf_counter() - t0) / steps
-    peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else float("nan")
-    out = {"step_time_s": elapsed, "tokens": s.tokens, "mem_peak_gib": peak, "flops": flops,
+    peak = (torch.cuda.max_memory_allocated(device) - held) / 1024**3 if device.type == "cuda" else float("nan")
+    out = {"step_time_s": elapsed, "tokens": s.tokens, "mem_peak_gib": peak,
+           "mem_held_gib": held / 1024**3 if device.type == "cuda" else float("nan"), "flops": flops,
            "trainable_params": s.trainable, "warmup_s": warmup_s, "compiled_graphs": graphs, "graph_breaks": breaks,
            "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
     if profile_to is not None:
@@ -455,6 +474,7 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                      "error": slot.get("error", stopped if status == "stopped" else ""),
                      "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),
                      "step_time_s": step, "step_time_all_s": t, "mem_peak_gib": slot.get("mem_peak_gib", float("nan")),
+                     "mem_held_gib": slot.get("mem_held_gib", float("nan")),
                      "step_flops": float(slot.get("flops") or float("nan")),
                      "device_busy_frac": slot.get("busy_s", float("nan")) / step if ok else float("nan"),
                      **{f"kernel_{k}_ms": slot.get("kernels_ms", {}).get(k, float("nan")) for k in KERNEL_KINDS},
@@ -500,8 +520,11 @@ def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup,
             times[key].append(res["step_time_s"])
             slot = info.setdefault(key, {})
             slot.setdefault("warmup_s", res["warmup_s"])  # the first round's: a cold compile
-            slot.update({k: v for k, v in res.items() if v is not None and k not in ("step_time_s", "warmup_s")})
-            slot["mem_peak_gib"] = max(slot.get("mem_peak_gib", 0.0), res["mem_peak_gib"])
+            mem = ("mem_peak_gib", "mem_held_gib")
+            slot.update({k: v for k, v in res.items() if v is not None and k not in ("step_time_s", "warmup_s", *mem)})
+            for k in mem:  # the most any round saw (NaN off CUDA)
+                if k not in slot or res[k] > slot[k]:
+                    slot[k] = res[k]
             log(f"  round {r + 1} {model} {name:17s} {mode:10s} {res['step_time_s'] * 1e3:8.2f} ms/step "
                 f"{res['tokens'] / res['step_time_s']:10.0f} tok/s")
             if res.get("kernels_ms"):

@@ -1,6 +1,8 @@
 """`python -m lorafa.bench`: the interleaved throughput benchmark (issue "Speed"). CPU smoke here; the numbers
 come from a GPU (results/throughput.parquet)."""
 
+import math
+
 import pandas as pd
 import pytest
 
@@ -146,6 +148,27 @@ def test_a_failing_setting_is_a_row_and_the_others_still_run(monkeypatch, capsys
     assert by["lora"]["status"] == "failed" and by["lora"]["error"] == "RuntimeError: capture invalidated"
     assert by["lorafa"]["status"] == "ok" and by["lorafa"]["tokens_per_s"] > 0
     assert "capture invalidated" in capsys.readouterr().err  # the traceback, for finding the cause
+
+
+def test_a_rows_memory_is_the_most_any_round_saw_and_nan_off_cuda(monkeypatch):
+    """Rounds run in alternating order, so what a setting sees can differ by round: the row keeps the largest
+    `mem_peak_gib` and `mem_held_gib` over its rounds, whichever round it came in; off CUDA both stay NaN."""
+    seen = {"lora": iter([(2.0, 0.1), (3.0, 0.0), (1.0, 0.2)]), "lorafa": iter([(5.0, 0.0), (4.0, 0.3), (4.5, 0.0)]),
+            "full": iter([(float("nan"), float("nan"))] * 3)}
+
+    def fake(cfg, mode, *a, **k):
+        peak, held = next(seen[cfg.method.name])
+        return {"step_time_s": 0.01, "tokens": 32, "mem_peak_gib": peak, "mem_held_gib": held, "flops": 1.0,
+                "warmup_s": 0.1, "final_loss": 1.0}
+
+    monkeypatch.setattr(bench, "run_setting", fake)
+    rows = bench.bench_model("tiny-llama", ["lora", "lorafa", "full"], ["eager"], shape=(2, 16),
+                             device=bench.torch.device("cpu"), warmup=1, steps=1, rounds=3, layers=["two_matmul"])
+    by = {r["method"]: r for r in rows}
+    assert (by["lora"]["mem_peak_gib"], by["lora"]["mem_held_gib"]) == (3.0, 0.2)
+    assert (by["lorafa"]["mem_peak_gib"], by["lorafa"]["mem_held_gib"]) == (5.0, 0.3)
+    assert math.isnan(by["full"]["mem_peak_gib"]) and math.isnan(by["full"]["mem_held_gib"])
+    assert all(r["rounds"] == 3 for r in rows)
 
 
 def test_inside_a_capture_transformers_takes_the_path_it_takes_outside(monkeypatch):

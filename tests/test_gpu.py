@@ -86,6 +86,8 @@ def test_bench_graph_modes_train_like_eager(tmp_path, model):
     table = pd.read_parquet(out)
     assert (table["status"] == "ok").all(), table[["method", "compile_mode", "error"]].to_string()
     assert (table["optimizer_steps"] == 10).all()
+    # each setting's peak is its own: nothing an earlier setting made stays allocated when the next is built
+    assert (table["mem_peak_gib"] > 0).all() and (table["mem_held_gib"] < 0.01).all(), table["mem_held_gib"]
     assert set(table.loc[table["method"] == "lorafa", "layer"]) == {"stacked", "two_matmul", "merged"}  # default
     for (method, layer), g in table.groupby(["method", "layer"]):
         losses = g.set_index("compile_mode")["final_loss"]

@@ -146,6 +146,8 @@ class Setting:
         # transformers takes the warm-up's path (`unseen_capture`), and a recompile raises at once, naming the guard
         stance = torch.compiler.set_stance("fail_on_recompile") if self.mode == "compile_graph" else nullcontext()
         pool, current = torch.cuda.graph_pool_handle(), torch.cuda.current_stream(self.device)
+        # the step's memory is what the capture allocates (activations, gradients: its pool); replays allocate nothing
+        _reset_peak_memory(self.device)
         try:
             # thread_local: the backward runs in autograd's device thread, which is part of this capture
             with stance, torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"), \
@@ -363,16 +365,30 @@ def device_seconds(events) -> float:
     return sum(device_seconds_by_kind(events).values())
 
 
-def _settle(device: torch.device) -> int:
+def _settle(device: torch.device) -> tuple[int, int]:
     """Free what earlier settings left (their compiled code holds their models until dynamo is reset); the bytes
-    still allocated after."""
+    still allocated and reserved after. cuBLAS keeps a workspace per (handle, stream), allocated from the caching
+    allocator and never freed: every setting's capture stream added 64 MiB (32 each for cuBLAS and cuBLASLt on an
+    H200; `mem_held_gib` grew by 0.0625 a setting at commit 6703f21), so they are dropped too."""
     gc.collect()
     torch._dynamo.reset()
     gc.collect()
     if device.type != "cuda":
-        return 0
+        return 0, 0
+    torch.cuda.synchronize(device)
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
     torch.cuda.empty_cache()
-    return torch.cuda.memory_allocated(device)
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a peak: give cached blocks back first, so that the reserved peak is what the steps after need."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool,
@@ -380,11 +396,17 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     """Build, warm up, time `steps` optimizer steps, free. Returns step time, peak memory, (once) FLOPs, and
     with `profile_to` the device-busy time per step (`profile_steps`, after the timed steps).
 
-    `mem_peak_gib`: the most allocated during the timed steps (weights, optimizer state, activations, a graph's
-    pool), less what was allocated before the setting was built (`mem_held_gib`: what earlier settings left, ~0).
-    Not the process's peak: that also held the eager FLOP-count step and compilation, and whatever earlier
-    settings left — at commit 7892838 roberta-base full FT read 4.07 GiB interleaved against 3.12 run first."""
-    held = _settle(device)
+    `mem_peak_gib`: the most allocated by one training step (weights, gradients, optimizer state, activations),
+    less what was allocated before the setting was built (`mem_held_gib`: what earlier settings left, ~0). Without
+    a CUDA graph that is the peak over the timed steps; with one it is the capture's peak, because a replay
+    allocates nothing and a graph's activations are free blocks of its private pool between replays (counting
+    only the timed replays, as commit 6703f21 did, left activations out: t5-large LoRA 1.57 GiB, weights alone).
+    `mem_reserved_gib`: the most the caching allocator reserved over the same span (a graph's whole pool, the
+    allocator's rounding and fragmentation), less what it reserved before the build: the device memory the
+    setting occupied, as `nvidia-smi` would show it without the CUDA context. Neither is the process's peak, which
+    also held the eager FLOP-count step, compilation and whatever earlier settings left — at commit 7892838
+    roberta-base full FT read 4.07 GiB interleaved against 3.12 run first."""
+    held, reserved = _settle(device)
     s = Setting(cfg, mode, device, scope)
     from torch._dynamo.utils import counters
 
@@ -397,16 +419,18 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     _sync(device)
     warmup_s = time.perf_counter() - t0  # compilation and CUDA-graph capture happen here
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if s.graph is None:  # a graph's peak was started before its capture
+        _reset_peak_memory(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         s.step()
     _sync(device)
     elapsed = (time.perf_counter() - t0) / steps
-    peak = (torch.cuda.max_memory_allocated(device) - held) / 1024**3 if device.type == "cuda" else float("nan")
-    out = {"step_time_s": elapsed, "tokens": s.tokens, "mem_peak_gib": peak,
-           "mem_held_gib": held / 1024**3 if device.type == "cuda" else float("nan"), "flops": flops,
+    cuda, gib = device.type == "cuda", 1024**3
+    out = {"step_time_s": elapsed, "tokens": s.tokens,
+           "mem_peak_gib": (torch.cuda.max_memory_allocated(device) - held) / gib if cuda else float("nan"),
+           "mem_reserved_gib": (torch.cuda.max_memory_reserved(device) - reserved) / gib if cuda else float("nan"),
+           "mem_held_gib": held / gib if cuda else float("nan"), "flops": flops,
            "trainable_params": s.trainable, "warmup_s": warmup_s, "compiled_graphs": graphs, "graph_breaks": breaks,
            "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
     if profile_to is not None:
@@ -474,6 +498,7 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                      "error": slot.get("error", stopped if status == "stopped" else ""),
                      "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),
                      "step_time_s": step, "step_time_all_s": t, "mem_peak_gib": slot.get("mem_peak_gib", float("nan")),
+                     "mem_reserved_gib": slot.get("mem_reserved_gib", float("nan")),
                      "mem_held_gib": slot.get("mem_held_gib", float("nan")),
                      "step_flops": float(slot.get("flops") or float("nan")),
                      "device_busy_frac": slot.get("busy_s", float("nan")) / step if ok else float("nan"),
@@ -498,6 +523,7 @@ def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup,
             name = method if layer in ("none", "two_matmul") else f"{method}_{layer}"
             held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             failed = False
+            started = time.perf_counter()
             try:
                 first = key not in info
                 res = run_setting(cfg, mode, device, warmup, steps, count_flops=first, scope=scope,
@@ -520,13 +546,14 @@ def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup,
             times[key].append(res["step_time_s"])
             slot = info.setdefault(key, {})
             slot.setdefault("warmup_s", res["warmup_s"])  # the first round's: a cold compile
-            mem = ("mem_peak_gib", "mem_held_gib")
+            mem = ("mem_peak_gib", "mem_reserved_gib", "mem_held_gib")
             slot.update({k: v for k, v in res.items() if v is not None and k not in ("step_time_s", "warmup_s", *mem)})
             for k in mem:  # the most any round saw (NaN off CUDA)
-                if k not in slot or res[k] > slot[k]:
+                if k in res and (k not in slot or res[k] > slot[k]):
                     slot[k] = res[k]
             log(f"  round {r + 1} {model} {name:17s} {mode:10s} {res['step_time_s'] * 1e3:8.2f} ms/step "
-                f"{res['tokens'] / res['step_time_s']:10.0f} tok/s")
+                f"{res['tokens'] / res['step_time_s']:10.0f} tok/s  {res.get('mem_peak_gib', float('nan')):6.2f} GiB  "
+                f"setting {time.perf_counter() - started:4.0f} s")
             if res.get("kernels_ms"):
                 log("    kernels, ms a step: " + ", ".join(f"{k} {v:.2f}" for k, v in res["kernels_ms"].items()))
 

@@ -159,13 +159,14 @@ def test_a_rows_memory_is_the_most_any_round_saw_and_nan_off_cuda(monkeypatch):
     def fake(cfg, mode, *a, **k):
         peak, held = next(seen[cfg.method.name])
         return {"step_time_s": 0.01, "tokens": 32, "mem_peak_gib": peak, "mem_held_gib": held, "flops": 1.0,
+                "mem_reserved_gib": peak + 1,
                 "warmup_s": 0.1, "final_loss": 1.0}
 
     monkeypatch.setattr(bench, "run_setting", fake)
     rows = bench.bench_model("tiny-llama", ["lora", "lorafa", "full"], ["eager"], shape=(2, 16),
                              device=bench.torch.device("cpu"), warmup=1, steps=1, rounds=3, layers=["two_matmul"])
     by = {r["method"]: r for r in rows}
-    assert (by["lora"]["mem_peak_gib"], by["lora"]["mem_held_gib"]) == (3.0, 0.2)
+    assert (by["lora"]["mem_peak_gib"], by["lora"]["mem_held_gib"], by["lora"]["mem_reserved_gib"]) == (3.0, 0.2, 4.0)
     assert (by["lorafa"]["mem_peak_gib"], by["lorafa"]["mem_held_gib"]) == (5.0, 0.3)
     assert math.isnan(by["full"]["mem_peak_gib"]) and math.isnan(by["full"]["mem_held_gib"])
     assert all(r["rounds"] == 3 for r in rows)

@@ -88,6 +88,10 @@ def test_bench_graph_modes_train_like_eager(tmp_path, model):
     assert (table["optimizer_steps"] == 10).all()
     # each setting's peak is its own: nothing an earlier setting made stays allocated when the next is built
     assert (table["mem_peak_gib"] > 0).all() and (table["mem_held_gib"] < 0.01).all(), table["mem_held_gib"]
+    assert (table["mem_reserved_gib"] >= 0.9 * table["mem_peak_gib"]).all()
+    # a whole-step graph's peak is its capture's, activations included; its replays allocate nothing
+    peaks = table.set_index(["method", "layer", "compile_mode"])["mem_peak_gib"].unstack()
+    assert (peaks["graph"] / peaks["eager"]).between(0.8, 1.25).all(), peaks.to_string()
     assert set(table.loc[table["method"] == "lorafa", "layer"]) == {"stacked", "two_matmul", "merged"}  # default
     for (method, layer), g in table.groupby(["method", "layer"]):
         losses = g.set_index("compile_mode")["final_loss"]

@@ -89,9 +89,6 @@ def test_bench_graph_modes_train_like_eager(tmp_path, model):
     # each setting's peak is its own: nothing an earlier setting made stays allocated when the next is built
     assert (table["mem_peak_gib"] > 0).all() and (table["mem_held_gib"] < 0.01).all(), table["mem_held_gib"]
     assert (table["mem_reserved_gib"] >= 0.9 * table["mem_peak_gib"]).all()
-    # a whole-step graph's peak is its capture's, activations included; its replays allocate nothing
-    peaks = table.set_index(["method", "layer", "compile_mode"])["mem_peak_gib"].unstack()
-    assert (peaks["graph"] / peaks["eager"]).between(0.8, 1.25).all(), peaks.to_string()
     assert set(table.loc[table["method"] == "lorafa", "layer"]) == {"stacked", "two_matmul", "merged"}  # default
     for (method, layer), g in table.groupby(["method", "layer"]):
         losses = g.set_index("compile_mode")["final_loss"]
@@ -167,3 +164,21 @@ def test_a_failed_capture_gives_its_pool_back_and_the_next_capture_works(monkeyp
         again.step()
     torch.cuda.synchronize()
     assert again.graph is not None and torch.isfinite(again.loss)
+
+
+def test_a_graphed_steps_peak_counts_its_activations():
+    """A whole-step CUDA graph's replays allocate nothing, and between replays its activations are free blocks of
+    its pool: `mem_peak_gib` is the capture's peak, so it holds the activations an eager step holds. At a shape
+    where activations dominate (tiny-llama, 128 × 512: fp32 logits alone 1 GiB, weights 3 MB), the timed replays' peak alone
+    (commit 6703f21) would be a small fraction of eager's. The graph side holds a second cuBLAS workspace (its
+    capture stream's, 64 MiB)."""
+    from lorafa import bench
+
+    device, peaks = torch.device("cuda"), {}
+    for mode in ("eager", "graph"):
+        cfg = bench.compose("tiny-llama", "lora", 128, 512, ["device=cuda"], layer="two_matmul")
+        res = bench.run_setting(cfg, mode, device, warmup=4, steps=2, count_flops=False)
+        peaks[mode] = res["mem_peak_gib"]
+        assert res["mem_held_gib"] < 0.01 and res["mem_reserved_gib"] >= 0.9 * res["mem_peak_gib"]
+    assert peaks["eager"] > 1.0, peaks
+    assert 0.9 * peaks["eager"] <= peaks["graph"] <= 1.1 * peaks["eager"] + 0.07, peaks

@@ -169,9 +169,9 @@ def test_a_failed_capture_gives_its_pool_back_and_the_next_capture_works(monkeyp
 def test_a_graphed_steps_peak_counts_its_activations():
     """A whole-step CUDA graph's replays allocate nothing, and between replays its activations are free blocks of
     its pool: `mem_peak_gib` is the capture's peak, so it holds the activations an eager step holds. At a shape
-    where activations dominate (tiny-llama, 128 × 512: fp32 logits alone 1 GiB, weights 3 MB), the timed replays' peak alone
-    (commit 6703f21) would be a small fraction of eager's. The graph side holds a second cuBLAS workspace (its
-    capture stream's, 64 MiB)."""
+    where activations dominate (tiny-llama, 128 × 512: fp32 logits alone 1 GiB, weights 3 MB), the timed replays'
+    peak alone (commit 6703f21) would be a small fraction of eager's. The graph side holds a second cuBLAS
+    workspace (its capture stream's, 64 MiB)."""
     from lorafa import bench
 
     device, peaks = torch.device("cuda"), {}

@@ -87,7 +87,8 @@ class Setting:
         self.trainable = applied.trainable_params
         self.model = net.model.train()
         self.optimizer = make_optimizer(self.model, cfg.train, fused=device.type == "cuda",
-                                        capturable=mode.endswith("graph"))
+                                        capturable=mode.endswith("graph"),
+                                        b_lr_ratio=float(cfg.method.get("b_lr_ratio", 1.0)))
         self.batch = _batch(net.family, int(cfg.train.batch_size), int(cfg.task.max_seq_len),
                             int(cfg.task.target_len), net.model.config.vocab_size, device)
         self.tokens = self.batch["input_ids"].numel() + (self.batch["labels"].numel()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-GROUPS = ("model", "method", "task", "experiments")  # chosen by conf/<group>/<option>.yaml (experiments/ beside conf/)
+GROUPS = ("model", "method", "task", "protocol", "experiments")  # chosen by conf/<group>/<option>.yaml (experiments/ beside conf/)
 INPUT_ERROR_FILE = "input_error.txt"  # in a sweep: the job directory of a job refused for bad input
 
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from . import adapters, checks, distributed, measure, memory, methods, mmlu, models, results, tasks
+from . import adapters, checks, distributed, measure, memory, methods, mmlu, models, protocols, results, tasks
 from .checks import BadInput
 from .distributed import SINGLE, Dist
-from .train import Diverged, EvalSet, autocast_dtype, fit, frozen_weight_dtype
+from .train import Diverged, EvalSet, autocast_dtype, evaluate, fit, frozen_weight_dtype
 
 log = logging.getLogger(__name__)
 TRACEBACK_FILE = "traceback.txt"
@@ -47,8 +47,11 @@ def identity(cfg: DictConfig, d: Dist = SINGLE) -> dict:
             "gradient_checkpointing": bool(cfg.method.get("gradient_checkpointing", False)),
             "recompute": str(cfg.method.get("recompute", "none")),
             "batch_size": int(cfg.train.batch_size), "grad_accum": int(cfg.train.grad_accum),
-            "seq_len": int(cfg.task.max_seq_len), "lr": float(cfg.train.lr), "init": cfg.model.init,
-            "precision": cfg.train.precision, "strategy": d.strategy, "world_size": d.world_size}
+            "seq_len": int(cfg.task.max_seq_len), "lr": protocols.lr_of(cfg), "init": cfg.model.init,
+            "b_lr_ratio": float(cfg.method.get("b_lr_ratio", 1.0)), "init_a": str(cfg.method.get("init_a", "kaiming")),
+            "precondition_b": bool(cfg.method.get("precondition_b", False)),
+            "precision": cfg.train.precision, "strategy": d.strategy, "world_size": d.world_size,
+            **protocols.columns(cfg)}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -111,6 +114,15 @@ def run(cfg: DictConfig) -> dict:
              row.get("mem_activations_gib", float("nan")), row.get("mem_peak_gib", float("nan")),
              row.get("tokens_per_s", float("nan")), out_dir / results.ROW_FILE)
     return row
+
+
+def _split_metric(cfg: DictConfig) -> str:
+    """The main metric without an eval split's suffix (MNLI's `accuracy_m` → `accuracy`): its name on one split."""
+    metric = str(cfg.task.main_metric)
+    for key in cfg.task.get("eval_splits") or {}:
+        if metric.endswith(f"_{key}"):
+            return metric[: -len(key) - 1]
+    return metric
 
 
 def _prediction(cfg: DictConfig, device: torch.device, net, num_labels: int, features: list[dict]) -> dict:
@@ -184,6 +196,18 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
         train_features = poser.encode(data.splits["train"])
         evalsets = [EvalSet(name, poser.encode(data.splits[name]), data.splits[name]["label"].to_numpy())
                     for name in cfg.task.eval_splits]
+    heldout = None
+    if tasks.HOLDOUT in data.splits:  # task.holdout: the slice of train a protocol selects on (scored after training)
+        frame = data.splits[tasks.HOLDOUT]
+        heldout = EvalSet(tasks.HOLDOUT, poser.encode(frame),
+                          frame["label"].to_numpy() if "label" in frame else None)
+        row.update(heldout_examples=len(frame), selection_split=f"{tasks.HOLDOUT}: {len(frame)} of "
+                   f"{len(frame) + len(data.splits['train'])} train examples (task.holdout={cfg.task.holdout})")
+    if data.kind in ("classification", "regression", "translation"):  # inputs (or targets) the eval could not see whole
+        row["eval_truncated"] = sum(poser.truncated(data.splits[name]) for name in cfg.task.eval_splits)
+        if row["eval_truncated"]:
+            log.warning("%d eval examples were cut to task.max_seq_len=%s (or target_len) tokens: eval_truncated",
+                        row["eval_truncated"], cfg.task.max_seq_len)
     if d.enabled:  # the prediction models one process holding the whole job
         row.update({**{f"pred_mem_{k}_gib": float("nan") for k in memory.PARTS},
                     "pred_error": f"not predicted under train.strategy={d.strategy}"})
@@ -199,6 +223,11 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
                                                     if cfg.model.init == "pretrained" else None,
                                                     modules_to_save=net.head_modules, write=d.is_main))
     final = {k: v for k, v in history.evals[-1].items() if k not in ("epoch", "step")}
+    if heldout is not None:  # every process (FSDP needs them all in each forward)
+        scored = evaluate(net.model, poser, heldout, list(cfg.task.get("metrics") or []),
+                          batch_size=int(cfg.train.eval_batch_size), device=device, pad_id=pad_id,
+                          amp=autocast_dtype(cfg.train.precision, device))
+        row.update(heldout_loss=scored["loss"], heldout_score=scored.get(_split_metric(cfg), float("nan")))
     if data.kind == "instruction":  # scored after training: MMLU k-shot through lm-eval on the model in memory
         scores = mmlu.evaluate(net.model, tokenizer, cfg.task, device, autocast_dtype(cfg.train.precision, device))
         side = Path(cfg.output_dir) / MMLU_FILE

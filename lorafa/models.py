@@ -125,6 +125,7 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
         config.num_labels = num_labels
         config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
     cls = model_class(family)
+    fresh: list[str] = []  # modules the checkpoint did not hold
     if mcfg.init == "random" or not weights:
         with torch.device(device):  # allocate and initialise on the GPU: seconds for 7B, not minutes on CPU
             model = cls.from_config(config, dtype=dtype)
@@ -132,18 +133,29 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
         ref = source_of(mcfg)
 
         def load(r):
-            return cls.from_pretrained(r, config=config, dtype=dtype)
+            return cls.from_pretrained(r, config=config, dtype=dtype, output_loading_info=True)
 
-        model = load(ref) if sources.is_local(ref) else sources.from_hub("model weights", load, ref)
+        model, info = load(ref) if sources.is_local(ref) else sources.from_hub("model weights", load, ref)
         model = model.to(device)
-
+        fresh = fresh_modules(model, info.get("missing_keys") or ())
     fuse_relative_position_bias(model)
     no_kv_cache(model)
     heads = []
     if family == "encoder":  # everything beside the pretrained body (e.g. `roberta`) is the fresh task head
         heads = [n for n, m in model.named_children()
                  if n != model.base_model_prefix and any(True for _ in m.parameters())]
+    # and any layer of the body the checkpoint did not hold (a BERT pooler that an export pruned): randomly
+    # initialised, it trains with the head rather than stay frozen at random
+    heads += [n for n in fresh if not any(n == h or n.startswith(f"{h}.") for h in heads)]
     return Network(model=model, family=family, alias=alias_of(mcfg), head_modules=heads)
+
+
+def fresh_modules(model, missing_keys) -> list[str]:
+    """The modules whose weights a checkpoint did not hold (`from_pretrained`'s missing keys), outermost first:
+    a tied or buffer-only key names no trainable module and is left out."""
+    params = dict(model.named_parameters())
+    names = sorted({k.rpartition(".")[0] for k in missing_keys if k in params})
+    return [n for n in names if n and not any(n.startswith(f"{o}.") for o in names if o != n)]
 
 
 def no_kv_cache(model) -> None:

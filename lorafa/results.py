@@ -145,8 +145,9 @@ def bad_inputs(sweep_dir: str | Path) -> dict[str, str]:
 
 
 def collect(sweep_dir: str | Path, *, write: bool = True) -> pd.DataFrame:
-    """Concatenate every job's row under `sweep_dir` into `sweep_dir/results.parquet`.
-    Unreadable row files are named in a warning and skipped, never silently dropped."""
+    """Concatenate every job's row under `sweep_dir` into `sweep_dir/results.parquet`; rows of a tuned protocol
+    get their selection columns (`lorafa.protocols.select`). Unreadable row files are named in a warning and
+    skipped, never silently dropped."""
     sweep_dir = Path(sweep_dir)
     frames = []
     for path in sorted(sweep_dir.rglob(ROW_FILE)):
@@ -155,6 +156,10 @@ def collect(sweep_dir: str | Path, *, write: bool = True) -> pd.DataFrame:
         except Exception as err:  # noqa: BLE001 - a corrupted or foreign file: say which, keep the rest
             warnings.warn(f"skipping unreadable result {path}: {type(err).__name__}: {err}", stacklevel=2)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if "protocol" in table and (table["protocol"] == "tuned").any():
+        from .protocols import select
+
+        table = select(table)
     if write:
         _atomic_write(table, sweep_dir / TABLE_FILE)
     return table
@@ -200,6 +205,12 @@ class CollectResults(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         table = collect(sweep_dir)
         print(f"\n{len(table)} result rows → {sweep_dir / TABLE_FILE}\n{summary(table)}", flush=True)
+        if "selected" in table and table["selected"].any():  # a tuned protocol: both views, side by side
+            from .protocols import compare
+
+            with pd.option_context("display.width", 200, "display.max_columns", None):
+                print(f"\neach method at its default lr and at the lr chosen on the held-out slice of train "
+                      f"(dev set, %):\n{compare(table).to_string(index=False)}", flush=True)
         refused = bad_inputs(sweep_dir)
         if refused:  # bad input is no row: say which jobs, and end the sweep non-zero
             lines = "\n".join(f"  {job}: {msg}" for job, msg in refused.items())

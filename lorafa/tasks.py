@@ -197,6 +197,7 @@ def load_data(tcfg: DictConfig) -> TaskData:
             frame = frame.iloc[: int(limit)]
         splits[key] = frame.reset_index(drop=True)
 
+    splits.update(holdout_split(splits.pop("train"), tcfg.get("holdout")))
     labels = list(tcfg.labels) if tcfg.get("labels") else None
     if kind == "classification":
         named = labels is not None
@@ -212,6 +213,33 @@ def load_data(tcfg: DictConfig) -> TaskData:
     else:
         raise ValueError(f"task.kind={kind!r}: expected classification, regression, translation or synthetic")
     return TaskData(tcfg.name, kind, splits, labels)
+
+
+HOLDOUT = "heldout"  # the split carved from train by `task.holdout`: where a protocol selects settings
+HOLDOUT_SEED = 20_231_800  # one fixed slice for every job of a sweep, whatever its `seed`
+
+
+def holdout_size(holdout, n_train: int) -> int:
+    """Examples `task.holdout` takes from a train split of `n_train`: a fraction in (0, 1) or a count ≥ 1; at least
+    one example must be left to train on."""
+    value = float(holdout)
+    n = int(round(value * n_train)) if value < 1 else int(value)
+    if not (value > 0 and (value < 1 or value == int(value))) or not 1 <= n < n_train:
+        raise BadInput(f"task.holdout={holdout}: expected a fraction in (0, 1) or a whole count that leaves train "
+                       f"examples on both sides (the train split has {n_train})")
+    return n
+
+
+def holdout_split(train: pd.DataFrame, holdout) -> dict[str, pd.DataFrame]:
+    """{"train": ..., "heldout": ...}: `task.holdout` of the train split set aside — a fixed random slice
+    (HOLDOUT_SEED, the same for every seed and setting of a sweep), the rest trains. A protocol chooses its settings
+    on this slice (`lorafa.protocols`), never on the dev set it reports. No holdout: train as it is."""
+    if not holdout:
+        return {"train": train}
+    n = holdout_size(holdout, len(train))
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(len(train))
+    return {"train": train.iloc[np.sort(order[n:])].reset_index(drop=True),
+            HOLDOUT: train.iloc[np.sort(order[:n])].reset_index(drop=True)}
 
 
 def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
@@ -242,7 +270,7 @@ def _load_instructions(tcfg: DictConfig) -> TaskData:
     inputs = frame[input_col] if input_col else [None] * len(frame)
     out = pd.DataFrame({"prompt": [alpaca_prompt(str(i), x) for i, x in zip(frame[instruction], inputs)],
                         "response": frame[response].astype(str).tolist()})
-    return TaskData(tcfg.name, "instruction", {"train": out.reset_index(drop=True)}, None)
+    return TaskData(tcfg.name, "instruction", holdout_split(out.reset_index(drop=True), tcfg.get("holdout")), None)
 
 
 def _label_set(values: pd.Series) -> list[str]:
@@ -307,6 +335,15 @@ class Poser:
     def encode(self, frame: pd.DataFrame) -> list[dict]:
         raise NotImplementedError
 
+    def truncated(self, frame: pd.DataFrame) -> int:
+        """How many of `frame`'s examples `encode` cuts (an input longer than `task.max_seq_len`, a translation
+        target longer than `task.target_len`, which generation cannot exceed): the row's `eval_truncated`."""
+        return 0
+
+    def _too_long(self, texts: list[str], limit: int, pairs: list | None = None, **kw) -> int:
+        lengths = self.tok(texts, pairs, truncation=False, verbose=False, **kw)["input_ids"] if texts else []
+        return int(sum(len(ids) > limit for ids in lengths))
+
     @torch.no_grad()
     def predict(self, model, batch) -> torch.Tensor:
         raise NotImplementedError
@@ -347,6 +384,10 @@ class EncoderPoser(Poser):
         enc = self.tok(frame["text"].tolist(), pairs, truncation=True, max_length=self.max_len)
         return [{"input_ids": ids, "labels": label} for ids, label in zip(enc["input_ids"], frame["label"].tolist())]
 
+    def truncated(self, frame):
+        pairs = frame["text_pair"].tolist() if "text_pair" in frame else None
+        return self._too_long(frame["text"].tolist(), self.max_len, pairs)
+
     @torch.no_grad()
     def predict(self, model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -370,6 +411,15 @@ class Seq2SeqPoser(Poser):
         else:
             targets = self.tok([self.verbalise(r["label"]) for r in rows])["input_ids"]
         return [{"input_ids": i, "labels": t} for i, t in zip(inputs, targets)]
+
+    def truncated(self, frame):
+        rows = frame.to_dict("records")
+        inputs = self.tok([self.prompt(r) for r in rows], truncation=False, verbose=False)["input_ids"]
+        cut = [len(ids) > self.max_len for ids in inputs]
+        if self.generates:
+            targets = self.tok([r["label"] for r in rows], truncation=False, verbose=False)["input_ids"]
+            cut = [c or len(t) > self.target_len for c, t in zip(cut, targets)]
+        return int(sum(cut))
 
     @torch.no_grad()
     def predict(self, model, batch):
@@ -409,12 +459,17 @@ class DecoderPoser(Poser):
         budget = self.max_len - answer_len
         features = []
         for ids, r in zip(prompts, rows):
-            if len(ids) > budget:  # cut the input text, keep the answer cue
+            if len(ids) > budget:  # cut the input text, keep the answer cue (counted by `truncated`)
                 ids = ids[: budget - self.cue_len] + ids[-self.cue_len:]
             answer = self.candidates[self.label_words().index(self.verbalise(r["label"]))]
             features.append({"input_ids": ids + answer, "labels": [-100] * len(ids) + answer,
                              "prompt_len": len(ids)})
         return features
+
+    def truncated(self, frame):
+        prompts = self.tok([self.prompt(r) + ANSWER_CUE for r in frame.to_dict("records")], verbose=False)["input_ids"]
+        budget = self.max_len - max(len(c) for c in self.candidates)
+        return int(sum(len(ids) > budget for ids in prompts))
 
     @torch.no_grad()
     def predict(self, model, batch):

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from . import distributed, measure
+from . import distributed, measure, protocols
 from .distributed import SINGLE, Dist
 from .tasks import Poser, collate, compute_metrics
 
@@ -79,23 +79,26 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False,
-                   capturable: bool = False) -> torch.optim.Optimizer | None:
+def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False, capturable: bool = False,
+                   b_lr_ratio: float = 1.0, lr: float | None = None) -> torch.optim.Optimizer | None:
     """AdamW over the trainable parameters; None when nothing trains (`method=frozen` on a model without a
     task head: backward runs, for its memory, and no step is taken). `fused`: torch's fused CUDA kernel (one
     launch for all parameters; `lorafa.bench` uses it for every method); `capturable`: its state on the device, so
-    that a step can be captured in a CUDA graph."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)  # biases and LayerNorm/RMSNorm weights: no decay
-    if not decay and not no_decay:
+    that a step can be captured in a CUDA graph. `b_lr_ratio` (`method.b_lr_ratio`): the adapters' B matrices
+    train at that multiple of `train.lr`, everything else (A where it trains, the task head, a trained base) at
+    `train.lr` itself — LoRA+'s per-matrix learning rate, the LoRA-FA recipe's one knob (docs/methods.md).
+    `lr`: the base learning rate, when not `train.lr` (a protocol's grid scales it: `lorafa.protocols.lr_of`)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # biases and LayerNorm/RMSNorm weights: no decay
+            groups.setdefault((p.ndim >= 2, name.rsplit(".", 1)[-1] == "lora_B"), []).append(p)
+    if not groups:
         return None
-    groups = [{"params": decay, "weight_decay": float(tcfg.weight_decay)},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(tcfg.lr),
-                             betas=tuple(tcfg.betas), eps=float(tcfg.eps), **({"fused": True} if fused else {}),
-                             **({"capturable": True} if capturable else {}))
+    lr, ratio = float(tcfg.lr if lr is None else lr), float(b_lr_ratio)
+    params = [{"params": ps, "weight_decay": float(tcfg.weight_decay) if decay else 0.0,
+               "lr": lr * ratio if is_b else lr} for (decay, is_b), ps in sorted(groups.items(), reverse=True)]
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
+                             **({"fused": True} if fused else {}), **({"capturable": True} if capturable else {}))
 
 
 def count_tokens(batch: dict, family: str) -> int:
@@ -238,7 +241,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     tcfg = cfg.train
     wrapped = model if wrapped is None else wrapped
     amp = autocast_dtype(tcfg.precision, device)
-    optimizer = make_optimizer(model, tcfg)
+    optimizer = make_optimizer(model, tcfg, b_lr_ratio=float(cfg.method.get("b_lr_ratio", 1.0)),
+                               lr=protocols.lr_of(cfg))
     steps = total_steps(len(train_features), tcfg, dist)
     warmup = int(tcfg.warmup_steps) if tcfg.get("warmup_steps") else math.ceil(float(tcfg.warmup_ratio) * steps)
     scheduler = linear_schedule(optimizer, warmup, steps) if optimizer else None

@@ -31,7 +31,13 @@ VARIANTS = {  # name: (method, extra overrides); the grid variants sweep protoco
     "lorafa_ratio": ("lorafa", ["method.b_lr_ratio=2,8", "protocol.lr_scale=1"]),
     "lorafa_before": ("lorafa", ["method.b_lr_ratio=1", "train.lr=5e-4", "protocol.lr_scale=1"]),
     "lorafa_v2": ("lorafa_v2", ["protocol.lr_scale=1"]),
+    # follow-ups: the recipe's neighbourhood only, and LoRA-FA at LoRA's trainable-parameter count (r = 16 for
+    # LoRA's 8: B is d_out × r where LoRA trains d_out × r + r × d_in) and beyond, s = α/r kept at 2
+    "lorafa_near": ("lorafa", ["protocol.lr_scale=0.5,1,2"]),
+    "lorafa_r16": ("lorafa", ["method.rank=16", "method.alpha=32", "protocol.lr_scale=0.5,1,2"]),
+    "lorafa_r32": ("lorafa", ["method.rank=32", "method.alpha=64", "protocol.lr_scale=1"]),
 }
+DEFAULT_VARIANTS = ("lora", "lorafa", "lorafa_ratio", "lorafa_before", "lorafa_v2")
 
 
 def task_args(data: Path, name: str) -> list[str]:
@@ -42,7 +48,7 @@ def task_args(data: Path, name: str) -> list[str]:
 
 
 def commands(model_path: Path, alias: str, data: Path, out: Path, datasets=DATASETS, seeds=(0, 1, 2),
-             python: str = "python", variants=tuple(VARIANTS)) -> list[str]:
+             python: str = "python", variants=DEFAULT_VARIANTS) -> list[str]:
     lines = []
     for seed in seeds:
         for name in datasets:
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--python", default="python")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args(argv)
     alias = args.alias or args.model_path.name
     print("\n".join(commands(args.model_path, alias, args.data, args.out, args.datasets, args.seeds, args.python,

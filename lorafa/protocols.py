@@ -132,11 +132,11 @@ def views(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([default, chosen], ignore_index=True)
 
 
-def variant_label(row, labels: dict) -> str:
-    """The printed name of a row's method with what sets it apart: B's lr ratio where B trains alone (LoRA-FA), an
-    orthogonal A: `LoRA-FA (B ×8)`."""
+def variant_label(row, labels: dict, with_rank: bool = False) -> str:
+    """The printed name of a row's method with what sets it apart: the rank (`with_rank`), B's lr ratio where B
+    trains alone (LoRA-FA), an orthogonal A: `LoRA-FA (r=16, B ×4)`."""
     name = labels.get(row["method"], row["method"])
-    extra = []
+    extra = [f"r={int(row['rank'])}"] if with_rank and row.get("rank", 0) else []
     ratio = row.get("b_lr_ratio", 1.0)
     if row["method"] in ("lorafa", "lorafa_v2") or (ratio is not None and not pd.isna(ratio) and ratio != 1.0):
         extra.append(f"B ×{1.0 if ratio is None or pd.isna(ratio) else ratio:g}")
@@ -153,8 +153,11 @@ def compare(table: pd.DataFrame, against: str = "lora", value: str = "score") ->
     frame = views(table)
     if frame.empty:
         return pd.DataFrame()
-    frame = frame.assign(method=frame.apply(lambda r: variant_label(r, METHOD_LABEL), axis=1))
-    against = METHOD_LABEL.get(against, against)
+    ranks = frame.loc[frame["rank"] > 0, "rank"].nunique() if "rank" in frame else 1
+    labels = frame.apply(lambda r: variant_label(r, METHOD_LABEL, with_rank=ranks > 1), axis=1)
+    base = sorted(set(labels[frame["method"] == against]))  # what the others are paired with: `against`'s rows
+    frame = frame.assign(method=labels)
+    against = base[0] if base else METHOD_LABEL.get(against, against)
     frame = frame.assign(points=frame[value] * (100.0 if frame["metric"].isin(["bleu", "chrf", "loss"]).sum() == 0
                                                 else 1.0))
     lines = []

@@ -170,6 +170,8 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
         mmlu.check_source(cfg.task)  # scored after training: refuse now if it could not be
     tokenizer = None if data.kind == "synthetic" else models.load_tokenizer(cfg.model)
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
+    if data.kind == "instruction" and cfg.task.get("mmlu_max_length"):
+        mmlu.check_max_length(cfg.task, tokenizer)  # an explicit length that would cut 0-shot prompts: refused now
     config = models.load_config(cfg.model)  # before building: a 7B model takes a while to refuse
     checks.check_positions(cfg, config, models.detect_family(config))
     net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype, tokenizer=tokenizer)
@@ -233,7 +235,11 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
         side = Path(cfg.output_dir) / MMLU_FILE
         if d.is_main:
             side.write_text(json.dumps(scores, indent=1, sort_keys=True))
-        row.update(mmlu_subjects_file=str(side), mmlu_examples=scores["mmlu_examples"])
+        row.update(mmlu_subjects_file=str(side), mmlu_examples=scores["mmlu_examples"],
+                   eval_truncated=scores["mmlu_truncated"], eval_max_length=scores["mmlu_max_length"])
+        if scores["mmlu_truncated"]:
+            log.warning("%d MMLU prompts were cut to %d tokens (eval_truncated)", scores["mmlu_truncated"],
+                        scores["mmlu_max_length"])
         final.update(mmlu_acc=scores["mmlu_acc"], loss=float("nan"))  # no held-out instruction data to score
     if "loss" not in final:  # several eval splits (MNLI m/mm): eval_loss is their example-weighted mean
         sizes = {ev.name: len(ev.features) for ev in evalsets}

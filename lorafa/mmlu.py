@@ -140,8 +140,11 @@ def evaluate(model, tokenizer, tcfg: DictConfig, device: torch.device, amp: torc
         extra = {}
         if amp and "mixed_precision_dtype" in inspect.signature(HFLM.__init__).parameters:
             extra["mixed_precision_dtype"] = amp  # HFLM wraps each forward in its own autocast (off unless told)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(tcfg.get("mmlu_batch_size") or 8),
-                  max_length=int(tcfg.get("mmlu_max_length") or tcfg.max_seq_len), device=str(device), **extra)
+        # the model's own context length unless told (lm-eval reads it from the config): training on shorter
+        # sequences to save memory must not cut the 5-shot prompts; cut prompts are counted, not only logged
+        lm = _counting(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=int(tcfg.get("mmlu_batch_size") or 8),
+                             max_length=int(tcfg.mmlu_max_length) if tcfg.get("mmlu_max_length") else None,
+                             device=str(device), **extra)
         with _as_one_process(), torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, task_manager=manager, log_samples=False,
                                   bootstrap_iters=0, limit=tcfg.get("mmlu_limit"), verbosity="WARNING")
@@ -158,4 +161,67 @@ def evaluate(model, tokenizer, tcfg: DictConfig, device: torch.device, amp: torc
         average = sum(per_subject[s] * sizes.get(s, 0) for s in per_subject) / max(total, 1)
     return {"mmlu_acc": average, "subjects": per_subject, "mmlu_examples": int(sum(sizes.get(s, 0)
                                                                                  for s in per_subject)),
-            "num_fewshot": shots, "subjects_evaluated": chosen or sorted(per_subject)}
+            "num_fewshot": shots, "subjects_evaluated": chosen or sorted(per_subject),
+            "mmlu_truncated": len(lm.truncated), "mmlu_max_length": int(lm.max_length)}
+
+
+def _counting(hflm_class):
+    """lm-eval's HFLM that also records which contexts its log-likelihood requests cut from the left (context +
+    continuation longer than max_length + 1 tokens: lm-eval only logs a warning for each)."""
+
+    class Counting(hflm_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.truncated: set[str] = set()
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            for (context, _), context_enc, continuation_enc in requests:
+                if len(context_enc) + len(continuation_enc) > self.max_length + 1:
+                    self.truncated.add(context)
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+
+    return Counting
+
+
+def zero_shot_prompts(tcfg: DictConfig) -> list[tuple[str, str]]:
+    """(prompt, longest answer) of every test question, 0-shot, as lm-eval poses them (the subject's description,
+    then the question in PROMPT's layout): from `task.mmlu_path`, else from cais/mmlu on the hub."""
+    from .tasks import read_table
+
+    if tcfg.get("mmlu_path"):
+        frame = read_table(str(_split_file(Path(str(tcfg.mmlu_path)).expanduser(), "test")))
+    else:
+        import datasets
+
+        frame = sources.from_hub("the MMLU test split of", lambda r: datasets.load_dataset(r, "all", split="test"),
+                                 "cais/mmlu").to_pandas()
+    subjects = set(tcfg.get("mmlu_subjects") or [])
+    out = []
+    for r in frame.to_dict("records"):
+        if subjects and r["subject"] not in subjects:
+            continue
+        choices = r["choices"]
+        if isinstance(choices, str):
+            import json
+
+            choices = json.loads(choices)
+        choices = list(choices)
+        description = (f"The following are multiple choice questions (with answers) about "
+                       f"{r['subject'].replace('_', ' ')}.\n\n")
+        body = (f"{str(r['question']).strip()}\nA. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\n"
+                f"D. {choices[3]}\nAnswer:")
+        out.append((description + body, " D"))
+    return out
+
+
+def check_max_length(tcfg: DictConfig, tokenizer) -> int:
+    """An explicit `task.mmlu_max_length` must hold the longest 0-shot prompt and its answer; else `BadInput`
+    before any training. Returns that longest length in tokens."""
+    prompts = zero_shot_prompts(tcfg)
+    longest = max((len(tokenizer(p + a)["input_ids"]) for p, a in prompts), default=0)
+    wanted = tcfg.get("mmlu_max_length")
+    if wanted and int(wanted) < longest:
+        raise BadInput(f"task.mmlu_max_length={wanted}: shorter than the longest 0-shot MMLU prompt ({longest} tokens "
+                       "with its answer), which lm-eval would cut from the left; expected ≥ {longest}, or null for the "
+                       "model's own context length".replace("{longest}", str(longest)))
+    return longest

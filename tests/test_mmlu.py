@@ -99,3 +99,37 @@ def test_the_sample_is_never_the_real_task():
                     for t in ("alpaca_mmlu", "alpaca_mmlu_sample"))
     assert sample["name"] != real["name"] and real["mmlu_path"] is None and real["data_files"]["train"] is None
     assert real["dataset"] == "tatsu-lab/alpaca" and real["max_seq_len"] == 2048 and real["num_fewshot"] == 5
+
+
+@pytest.mark.slow
+def test_mmlu_runs_at_the_model_context_and_counts_the_prompts_it_cuts(cfg_factory, offline):
+    """Trained on 128-token sequences, MMLU still reads whole 5-shot prompts (the model's 512 positions); an explicit
+    shorter mmlu_max_length cuts prompts, and the row counts them; one shorter than a 0-shot prompt is refused
+    before training."""
+    from lorafa.job import run
+
+    common = ("model=tiny-llama", "method=lorafa", "task=alpaca_mmlu_sample", "train.max_steps=1",
+              "task.max_seq_len=128")
+    row = run(cfg_factory(*common))
+    assert row["status"] == "ok" and row["eval_truncated"] == 0 and row["eval_max_length"] == 512
+    cfg = cfg_factory(*common)
+    tok = models.load_tokenizer(cfg.model)
+    dev, test = (pd.read_json(SAMPLE / f"{s}.jsonl", lines=True) for s in ("dev", "test"))
+
+    def body(r):
+        return f"{r.question.strip()}\n" + "".join(f"{x}. {c}\n" for x, c in zip("ABCD", r.choices)) + "Answer:"
+
+    lengths = []
+    for r in test.itertuples():  # lm-eval's 5-shot context: description, 5 answered dev questions, the question
+        shots = [f"{body(d)} {'ABCD'[d.answer]}" for d in dev[dev["subject"] == r.subject].head(5).itertuples()]
+        context = (f"The following are multiple choice questions (with answers) about "
+                   f"{r.subject.replace('_', ' ')}.\n\n" + "\n\n".join([*shots, body(r)]))
+        lengths.append(len(tok(context + " A")["input_ids"]))
+    cut = sorted(lengths)[len(lengths) // 2]  # about half the prompts longer than this
+    row = run(cfg_factory(*common, f"task.mmlu_max_length={cut - 1}"))
+    assert row["eval_max_length"] == cut - 1
+    assert row["eval_truncated"] == sum(n > cut for n in lengths) > 0
+    started = time.perf_counter()
+    with pytest.raises(BadInput, match="shorter than the longest 0-shot MMLU prompt"):
+        run(cfg_factory(*common, "task.mmlu_max_length=16"))
+    assert time.perf_counter() - started < 5

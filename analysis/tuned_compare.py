@@ -31,7 +31,7 @@ from lorafa import protocols, report
 
 P = report.params()
 EXPERIMENT = "tuned_compare"
-frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
+frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False, tuned="all")
 for col, default in (("protocol", "none"), ("lr_scale", 1.0), ("b_lr_ratio", 1.0), ("heldout_score", math.nan),
                      ("selection_group", "")):
     if col not in frame:

@@ -61,12 +61,19 @@ def load(paths: list[str] | None = None) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def rows(table: pd.DataFrame, experiment: str, *, ok_only: bool = True) -> pd.DataFrame:
+def rows(table: pd.DataFrame, experiment: str, *, ok_only: bool = True, tuned: str = "selected") -> pd.DataFrame:
     """The rows of one experiment (status ok unless asked otherwise), with every column a result row has (missing
-    ones as empty), so a notebook works the same on an older table or on none."""
+    ones as empty), so a notebook works the same on an older table or on none. Rows of a tuned protocol
+    (`protocol=tuned`: an lr grid per method) are its final runs — each method at the lr its held-out slice chose
+    (`lorafa.protocols.select`, over all the rows loaded) — unless `tuned="all"`."""
     from .results import REQUIRED_COLUMNS
 
     sel = table[table["experiment"] == experiment]
+    if tuned == "selected" and "protocol" in sel and (sel["protocol"] == "tuned").any():
+        from .protocols import SELECTION_COLUMNS, select
+
+        sel = select(sel.drop(columns=SELECTION_COLUMNS, errors="ignore"))
+        sel = sel[(sel["protocol"] != "tuned") | sel["selected"].astype(bool)]
     if ok_only and "status" in sel:
         sel = sel[sel["status"] == "ok"]
     expected = [*REQUIRED_COLUMNS, "experiment", "method", "rank", "lr", "init", "config", "loss_curve",

@@ -203,3 +203,34 @@ def test_eval_truncated_counts_the_eval_inputs_cut_to_max_seq_len(cfg_factory):
     row = run(cfg_factory("method=lora", "train.max_steps=1", "task.max_train_samples=32",
                           "task.max_eval_samples=200", "task.max_seq_len=128"))
     assert row["eval_truncated"] == 0
+
+
+@pytest.mark.parametrize("experiment", ["glue_roberta", "glue_t5", "llama_mmlu", "tuned_compare"])
+def test_paper_experiments_run_in_tuned_mode(experiment):
+    """`python run.py -m experiments=<paper table> protocol=tuned`: the table's sweep, each method over the lr grid
+    around its own (paper) lr, on a held-out slice of train; LoRA-FA keeps LoRA's lr with B at its ratio."""
+    from tests.test_experiments import compose_experiment, sweep_params
+
+    extra = () if experiment == "tuned_compare" else ("protocol=tuned",)
+    cfg = compose_experiment(experiment, *extra)
+    params = sweep_params(cfg)
+    assert params["protocol.lr_scale"] == ["0.25", "0.5", "1", "2", "4"] and len(params["seed"]) >= 3
+    assert cfg.protocol.name == "tuned" and cfg.task.holdout == 0.1
+    plain = sweep_params(compose_experiment(experiment)) if extra else {}
+    assert all(params[k] == v for k, v in plain.items() if k != "seed")  # the table's own sweep is kept
+    lrs = {}
+    for method in ("lora", "lorafa"):
+        job = compose_experiment(experiment, *extra, f"method={method}")
+        lrs[method] = (float(job.train.lr), float(job.method.b_lr_ratio))
+    assert lrs["lorafa"][0] == lrs["lora"][0] and lrs["lorafa"][1] > lrs["lora"][1] == 1.0
+
+
+def test_notebooks_read_the_final_runs_of_a_tuned_sweep():
+    from lorafa import report
+
+    lora = _grid_rows({1e-3: [0.80, 0.81], 2e-3: [0.85, 0.86]}, method="lora", group="l")
+    table = pd.concat([lora, _grid_rows({1e-3: [0.5]}, group="x").assign(protocol="none")], ignore_index=True)
+    table["experiment"] = "glue_roberta"
+    got = report.rows(table, "glue_roberta")
+    assert sorted(got["lr"]) == [1e-3, 2e-3, 2e-3]  # the untuned row, and the tuned grid's selected lr only
+    assert len(report.rows(table, "glue_roberta", tuned="all")) == 5

@@ -43,13 +43,13 @@ if len(full):
 lines = []
 for (model, data, method, rank), g in frame.groupby(["model", "data", "method", "rank"]) if len(frame) else []:
     lines.append({"model": model, "data": data, "method": report.method_label(method), "rank r": rank,
-                  "trainable params": f"{int(g['trainable_params'].iloc[0]):,}",
+                  "lr": report.lr_label(g), "trainable params": f"{int(g['trainable_params'].iloc[0]):,}",
                   "score": report.mean_std(g["paper_score"], 2), "seeds": g["seed"].nunique()})
 for (model, data), g in frame.groupby(["model", "data"]) if len(frame) else []:
     f = full[(full["model"] == model) & (full["data"] == data)] if len(full) else full
     if len(f):
         lines.append({"model": model, "data": data, "method": "full FT (reference)", "rank r": "—",
-                      "trainable params": f"{int(f['trainable_params'].iloc[0]):,}",
+                      "lr": report.lr_label(f), "trainable params": f"{int(f['trainable_params'].iloc[0]):,}",
                       "score": report.mean_std(f["paper_score"], 2), "seeds": f["seed"].nunique()})
 table = pd.DataFrame(lines)
 report.write_table(table, EXPERIMENT, title="Dev score vs trainable parameters (rank sweep)",
@@ -65,14 +65,15 @@ for (model, data), ax in zip(panels, axes[0]):
     for method in [m for m in report.METHOD_ORDER if m in set(g["method"])]:
         s = g[g["method"] == method].groupby("rank").agg(params=("trainable_params", "first"),
                                                         score=("paper_score", "mean")).sort_values("params")
-        ax.plot(s["params"], s["score"], marker="o", label=report.method_label(method))
+        ax.plot(s["params"], s["score"], marker="o",
+                label=f"{report.method_label(method)}, lr {report.lr_label(g[g['method'] == method])}")
         for rank, r in s.iterrows():
             ax.annotate(f"r={rank}", (r["params"], r["score"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     f = full[(full["model"] == model) & (full["data"] == data)] if len(full) else full
     if len(f):
         ax.axhline(f["paper_score"].mean(), color="k", ls="--", lw=1,
-                   label=f"full FT ({int(f['trainable_params'].iloc[0]):,} params)")
+                   label=f"full FT ({int(f['trainable_params'].iloc[0]):,} params), lr {report.lr_label(f)}")
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters", ylabel=f"dev {g['metric'].iloc[0]} (%)", title=f"{model} — {data}")
     ax.grid(alpha=0.3)

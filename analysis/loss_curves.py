@@ -43,12 +43,12 @@ def ema(values, alpha=0.05):
 
 # %%
 lines = []
-for r in frame.itertuples(index=False):
+for i, r in enumerate(frame.itertuples(index=False)):
     curve = np.asarray(r.loss_curve, dtype=float)
     tail = curve[-max(1, len(curve) // 10):]
     evals = json.loads(r.eval_history)
     lines.append({"model": r.model, "data": r.data, "method": report.method_label(r.method),
-                  "seed": r.seed, "steps": len(curve), "first loss": f"{curve[0]:.3f}",
+                  "lr": report.lr_label(frame.iloc[[i]]), "seed": r.seed, "steps": len(curve), "first loss": f"{curve[0]:.3f}",
                   "final loss (mean of last 10 %)": f"{tail.mean():.3f}",
                   f"dev {r.metric} per epoch": ", ".join(f"{e.get(r.metric, float('nan')):.3f}" for e in evals)})
 table = pd.DataFrame(lines)
@@ -64,7 +64,8 @@ for (model, data), row_axes in zip(panels, axes):
     g = frame[(frame["model"] == model) & (frame["data"] == data)]
     for m in [m for m in report.METHOD_ORDER if m in set(g["method"])]:
         for r in g[g["method"] == m].itertuples(index=False):
-            label = f"{report.method_label(m)}" + (f" seed {r.seed}" if g["seed"].nunique() > 1 else "")
+            lr = report.lr_label(pd.DataFrame([r._asdict()]))
+            label = f"{report.method_label(m)}, lr {lr}" + (f" seed {r.seed}" if g["seed"].nunique() > 1 else "")
             row_axes[0].plot(ema(np.asarray(r.loss_curve, dtype=float)), label=label, lw=1.2)
             evals = json.loads(r.eval_history)
             row_axes[1].plot([e["epoch"] for e in evals], [e.get(r.metric, np.nan) for e in evals], marker="o",

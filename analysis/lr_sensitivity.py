@@ -77,7 +77,9 @@ for (model, data), ax in zip(panels, axes[0]):
     g = frame[(frame["model"] == model) & (frame["data"] == data)]
     for method in [m for m in report.METHOD_ORDER if m in set(g["method"])]:
         s = g[g["method"] == method].groupby("lr")["paper_score"].agg(["mean", "std"]).fillna(0.0)
-        ax.errorbar(s.index, s["mean"], yerr=s["std"], marker="o", capsize=3, label=report.method_label(method))
+        ratio = report.lr_label(g[g["method"] == method]).partition("(")[2].rstrip(")")
+        ax.errorbar(s.index, s["mean"], yerr=s["std"], marker="o", capsize=3,
+                    label=report.method_label(method) + (f" ({ratio.replace('B ×', 'B at ')} × lr)" if ratio else ""))
     ax.set_xscale("log")
     rates = sorted(set(g["lr"]))
     ax.set_xticks(rates, [f"{r:g}" for r in rates])

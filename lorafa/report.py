@@ -286,6 +286,17 @@ def data_of(row) -> str:
     return str(row["task"])
 
 
+def lr_label(frame: pd.DataFrame) -> str:
+    """The learning rate(s) rows trained at, and B's multiple of it where that is not 1: `0.001 (B ×4)`."""
+    if frame.empty or "lr" not in frame or frame["lr"].isna().all():
+        return "—"
+    text = ", ".join(f"{lr:g}" for lr in sorted(frame["lr"].dropna().unique()))
+    ratios = sorted(frame["b_lr_ratio"].dropna().unique()) if "b_lr_ratio" in frame else []
+    if ratios and ratios != [1.0]:
+        text += f" (B ×{', '.join(f'{r:g}' for r in ratios)})"
+    return text
+
+
 def score_table(frame: pd.DataFrame, references: dict | None = None, ref_model: str | None = None,
                 ref_source: str = "", extra: dict[str, str] | None = None) -> pd.DataFrame:
     """One line per model × data × method: the paper-style score (%, or BLEU) as mean ± std over seeds, the number
@@ -308,7 +319,8 @@ def score_table(frame: pd.DataFrame, references: dict | None = None, ref_model: 
             mean = g["paper_score"].mean()
             lines.append({"model": k.model, "weights": k.weights, "data": k.data, "method": METHOD_LABEL.get(
                 k.method, k.method), "metric": PAPER_METRIC.get(k.task, k.metric).replace("accuracy_mnli",
-                "accuracy (m+mm)/2"), "ours": mean_std(g["paper_score"]), "seeds": int(g["seed"].nunique()),
+                "accuracy (m+mm)/2"), "lr": lr_label(g), "ours": mean_std(g["paper_score"]),
+                "seeds": int(g["seed"].nunique()),
                 "published": "—" if ref is None else f"{ref:.1f}",
                 "Δ ours − published": "—" if ref is None else f"{mean - ref:+.1f}",
                 **{label: mean_std(g[col]) if col in g else "—" for label, col in (extra or {}).items()}})
@@ -320,7 +332,7 @@ def score_table(frame: pd.DataFrame, references: dict | None = None, ref_model: 
             lines.append({"model": ref_model, "weights": "—", "data": task, "method": METHOD_LABEL.get(method, method),
                           "metric": PAPER_METRIC.get(task, "accuracy").replace("accuracy_mnli",
                                                                                     "accuracy (m+mm)/2"),
-                          "ours": "—", "seeds": 0, "published": f"{ref:.1f}", "Δ ours − published": "—"})
+                          "lr": "—", "ours": "—", "seeds": 0, "published": f"{ref:.1f}", "Δ ours − published": "—"})
     table = pd.DataFrame(lines)
     if ref_source and len(table):
         table["published"] = table["published"].where(table["published"] == "—", table["published"] + " ¹")

@@ -100,6 +100,31 @@ def test_local_checkpoint_directory(tmp_path):
     assert len(names) == 2 * 6 and not any("pooler" in n or "classifier" in n for n in names)
 
 
+def test_layers_the_checkpoint_lacks_train_with_the_head(tmp_path):
+    """A checkpoint without its pooler (an export that pruned it, as paraphrase-MiniLM-L3-v2's): the pooler is
+    randomly initialised, so it trains with the fresh head instead of staying frozen at random."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel
+
+    from lorafa import methods
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    BertModel(config).save_pretrained(tmp_path / "no-pooler")
+    weights = tmp_path / "no-pooler" / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if "pooler" not in k}, weights, metadata={"format": "pt"})
+    cfg = compose_cfg(["model=local", f"model.path={tmp_path / 'no-pooler'}", "method=lorafa"])
+    net = models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32)
+    assert net.head_modules == ["classifier", "bert.pooler.dense"]
+    methods.apply(net, cfg.method, cfg.model.target_modules)
+    trains = {n for n, p in net.model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trains == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    assert models.fresh_modules(net.model, ["bert.pooler.dense.weight", "bert.pooler.dense.bias",
+                                            "bert.embeddings.position_ids"]) == ["bert.pooler.dense"]
+
+
 def test_family_mismatch_is_an_error():
     mcfg = compose_cfg(["model=tiny-t5", "model.family=decoder"]).model
     with pytest.raises(ValueError, match="model.family='decoder' but the checkpoint's config says"):

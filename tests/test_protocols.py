@@ -234,3 +234,30 @@ def test_notebooks_read_the_final_runs_of_a_tuned_sweep():
     got = report.rows(table, "glue_roberta")
     assert sorted(got["lr"]) == [1e-3, 2e-3, 2e-3]  # the untuned row, and the tuned grid's selected lr only
     assert len(report.rows(table, "glue_roberta", tuned="all")) == 5
+
+
+@pytest.mark.parametrize("model,task", [("tiny-t5", "wmt16_en_ro_sample"), ("tiny-llama", "movie_polarity"),
+                                        ("tiny-t5", "movie_polarity")])
+def test_every_poser_counts_what_it_cuts(cfg_factory, model, task):
+    """T5 translation: inputs past max_seq_len or references past target_len (generation stops there); decoders:
+    prompts cut to fit the answer into max_seq_len; T5 label scoring: inputs past max_seq_len."""
+    from lorafa import models
+
+    cfg = cfg_factory(f"model={model}", f"task={task}", "task.max_seq_len=12", "++task.target_len=10")
+    data = tasks.load_data(cfg.task)
+    tok = models.load_tokenizer(cfg.model)
+    poser = tasks.poser_for(models.detect_family(models.load_config(cfg.model)), data, cfg.task, tok)
+    frame = data.splits["validation"].head(200)
+    rows = frame.to_dict("records")
+    if task == "wmt16_en_ro_sample":
+        ins = tok([poser.prompt(r) for r in rows])["input_ids"]
+        outs = tok([r["label"] for r in rows])["input_ids"]
+        expected = sum(len(i) > 12 or len(o) > 10 for i, o in zip(ins, outs))
+    elif model == "tiny-llama":
+        budget = 12 - max(len(c) for c in poser.candidates)
+        expected = sum(len(i) > budget for i in tok([poser.prompt(r) + tasks.ANSWER_CUE for r in rows])["input_ids"])
+        assert expected == sum(f["prompt_len"] < len(p) for f, p in zip(
+            poser.encode(frame), tok([poser.prompt(r) + tasks.ANSWER_CUE for r in rows])["input_ids"]))
+    else:
+        expected = sum(len(i) > 12 for i in tok([poser.prompt(r) for r in rows])["input_ids"])
+    assert poser.truncated(frame) == expected > 0

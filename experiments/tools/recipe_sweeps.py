@@ -36,6 +36,10 @@ VARIANTS = {  # name: (method, extra overrides); the grid variants sweep protoco
     "lorafa_near": ("lorafa", ["protocol.lr_scale=0.5,1,2"]),
     "lorafa_r16": ("lorafa", ["method.rank=16", "method.alpha=32", "protocol.lr_scale=0.5,1,2"]),
     "lorafa_r32": ("lorafa", ["method.rank=32", "method.alpha=64", "protocol.lr_scale=1"]),
+    # grid edges: one more step where a grid's best sat at its end
+    "lora_up": ("lora", ["protocol.lr_scale=8"]),
+    "lorafa_up": ("lorafa", ["protocol.lr_scale=8"]),
+    "lorafa_down": ("lorafa", ["protocol.lr_scale=0.25"]),
     # the shipped defaults alone (data that chose nothing: the recipe checked out of sample)
     "lora_default": ("lora", ["protocol.lr_scale=1"]),
     "lorafa_default": ("lorafa", ["protocol.lr_scale=1"]),

@@ -69,9 +69,11 @@ def check_config(cfg) -> None:
         need("method.rank", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
         need("method.alpha", positive, "a number > 0")
         need("method.dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        need("method.b_lr_ratio", positive, "a number > 0")
     need("train.batch_size", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
     need("train.grad_accum", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
     need("train.lr", positive, "a number > 0")
+    need("protocol.lr_scale", positive, "a number > 0")
     need("task.max_seq_len", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
     compile_ = str(cfg.train.get("compile", "none"))
     if compile_ not in ("none", "blocks"):

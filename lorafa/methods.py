@@ -4,8 +4,8 @@
 |-----------|------|------------|---------|----------------|---------------------------------------------|
 | full      | 0    | true       | –       | –              | every weight                                |
 | lora      | r    | false      | true    | false          | A and B of each adapted layer (+ task head) |
-| lorafa    | r    | false      | false   | false          | B of each adapted layer (+ task head)       |
-| lorafa_v2 | r    | false      | false   | true           | B, its gradient times (A Aᵀ)⁻¹ / s²         |
+| lorafa    | r    | false      | false   | false          | B of each adapted layer (+ task head), B at b_lr_ratio × lr (4: the recipe) |
+| lorafa_v2 | r    | false      | false   | true           | B, its gradient times (A Aᵀ)⁻¹ / s², B at 4 × lr |
 | frozen    | 0    | false      | –       | –              | only the task head; backward still runs through every block to the input embeddings (`input_grads`): the activation memory any adapter method must at least pay |
 
 Any method also takes `gradient_checkpointing: true` (recompute each block's activations in backward),

@@ -48,7 +48,8 @@ def name_of(cfg: DictConfig) -> str:
 
 def lr_scale_of(cfg: DictConfig) -> float:
     protocol = cfg.get("protocol")
-    return float(protocol.get("lr_scale") or 1.0) if protocol is not None else 1.0
+    value = protocol.get("lr_scale") if protocol is not None else None
+    return 1.0 if value is None else float(value)
 
 
 def lr_of(cfg: DictConfig) -> float:

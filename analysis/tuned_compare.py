@@ -39,12 +39,12 @@ for col, default in (("protocol", "none"), ("lr_scale", 1.0), ("b_lr_ratio", 1.0
 frame = protocols.select(frame.drop(columns=protocols.SELECTION_COLUMNS, errors="ignore")) if len(frame) else frame
 ok = frame[frame["status"] == "ok"] if len(frame) else frame
 device = ", ".join(sorted(set(ok["device"].dropna()))) if len(ok) else "—"
-NOTES = [f"Device: {device}; bf16 autocast, eager steps; batch 32; adapters on every linear layer of every block "
-         "(targets=all), α = 2r; AdamW, linear decay, 6 % warm-up; inputs ≤ task.max_seq_len tokens.",
-         "Selection: the lr with the best mean score over the seeds on task.holdout (10 %) of the TRAIN split; a "
-         "seed that diverged rules its lr out. The reported score is the dev set's, which chose nothing.",
-         "Command: python run.py -m experiments=tuned_compare model=... task=... (experiments/tools/recipe_sweeps.py "
-         "for these rows).", report.provenance(ok)]
+NOTES = [(f"Device: {device}; bf16 autocast, eager steps; batch 32; adapters on every linear layer of every block "
+          "(targets=all), α = 2r; AdamW, linear decay, 6 % warm-up; inputs ≤ task.max_seq_len tokens."),
+         ("Selection: the lr with the best mean score over the seeds on task.holdout (10 %) of the TRAIN split; a "
+          "seed that diverged rules its lr out. The reported score is the dev set's, which chose nothing."),
+         ("Command: python run.py -m experiments=tuned_compare model=... task=... (experiments/tools/recipe_sweeps.py "
+          "for these rows)."), report.provenance(ok)]
 
 # %%
 table = protocols.compare(ok) if len(ok) else pd.DataFrame()

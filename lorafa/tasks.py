@@ -223,7 +223,7 @@ def holdout_size(holdout, n_train: int) -> int:
     """Examples `task.holdout` takes from a train split of `n_train`: a fraction in (0, 1) or a count ≥ 1; at least
     one example must be left to train on."""
     value = float(holdout)
-    n = int(round(value * n_train)) if value < 1 else int(value)
+    n = round(value * n_train) if value < 1 else int(value)
     if not (value > 0 and (value < 1 or value == int(value))) or not 1 <= n < n_train:
         raise BadInput(f"task.holdout={holdout}: expected a fraction in (0, 1) or a whole count that leaves train "
                        f"examples on both sides (the train split has {n_train})")

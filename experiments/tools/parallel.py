@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         late = args.deadline is not None and time.monotonic() - started > args.deadline
         while todo and len(running) < args.workers and not late:
             i, cmd = todo.pop(0)
-            log = open(args.logs / f"{i}.log", "w")
+            log = open(args.logs / f"{i}.log", "w")  # noqa: SIM115 - closed when its command ends
             running[i] = (subprocess.Popen(shlex.split(cmd), stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True), log)
         for i, (proc, log) in list(running.items()):

@@ -86,7 +86,7 @@ def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False, capt
     launch for all parameters; `lorafa.bench` uses it for every method); `capturable`: its state on the device, so
     that a step can be captured in a CUDA graph. `b_lr_ratio` (`method.b_lr_ratio`): the adapters' B matrices
     train at that multiple of `train.lr`, everything else (A where it trains, the task head, a trained base) at
-    `train.lr` itself — LoRA+'s per-matrix learning rate, the LoRA-FA recipe's one knob (docs/methods.md).
+    `train.lr` itself — LoRA+'s per-matrix learning rate, the LoRA-FA recipe's one knob (docs/recipe.md).
     `lr`: the base learning rate, when not `train.lr` (a protocol's grid scales it: `lorafa.protocols.lr_of`)."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():

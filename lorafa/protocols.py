@@ -108,7 +108,7 @@ def select(table: pd.DataFrame) -> pd.DataFrame:
     tuned = out[out["protocol"] == TUNED]
     for _, group in tuned.groupby("selection_group"):
         values = group.apply(_selection_value, axis=1)
-        per_lr = values.groupby(group["lr"]).mean()  # −∞ wins over any finite mean; NaN is skipped
+        per_lr = values.groupby(group["lr"]).mean()  # a seed at −∞ makes its lr −∞: never chosen; NaN is skipped
         per_lr = per_lr.dropna()
         if per_lr.empty or not math.isfinite(per_lr.max()):
             continue

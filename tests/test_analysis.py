@@ -199,3 +199,33 @@ def test_analysis_without_rows_of_its_experiments_still_writes_every_output(tmp_
     assert len(made[".md"]) >= 6 and len(made[".png"]) >= 6
     assert "(no rows)" in (tmp_path / "out" / "memory.md").read_text()
     assert "38.4 ¹" in (tmp_path / "out" / "llama_mmlu.md").read_text()  # the published rows stay
+
+
+def test_readme_recipe_numbers_are_the_committed_rows():
+    """The README's before / after gaps of the LoRA-FA recipe, recomputed here from results/tuned_compare.parquet
+    by hand (paired by seed, LoRA at its shipped 1e-3): the text cannot drift from the rows."""
+    rows = pd.read_parquet(ROOT / "results" / "tuned_compare.parquet")
+    rows = rows[(rows["status"] == "ok") & (rows["rank"] == 8)]
+
+    def scores(model, task, method, lr, ratio):
+        g = rows[(rows["model"] == model) & (rows["task"] == task) & (rows["method"] == method)
+                 & ((rows["lr"] - lr).abs() < 1e-12) & (rows["b_lr_ratio"] == ratio)]
+        return g.set_index("seed")["score"] * 100
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    every_before, every_after = [], []
+    for model in sorted(rows["model"].unique()):
+        before, after = [], []
+        for task in sorted(rows.loc[rows["model"] == model, "task"].unique()):
+            lora = scores(model, task, "lora", 1e-3, 1.0)
+            before.append((scores(model, task, "lorafa", 5e-4, 1.0) - lora).mean())
+            after.append((scores(model, task, "lorafa", 1e-3, 4.0) - lora).mean())
+        assert len(after) == 6 and not any(map(math.isnan, before + after)), model
+        within = sum(round(a, 1) >= -1.0 for a in after)
+        claim = (f"**{model}{' (3 layers)' if 'L3' in model else ''}:** the mean gap went from "
+                 f"−{-sum(before) / 6:.1f} to −{-sum(after) / 6:.1f}, and {within} of 6 dataset")
+        assert claim in text, claim
+        every_before += before
+        every_after += after
+    assert (f"moved from −{-sum(every_before) / 12:.1f} points on average (old default: B at LoRA's 5e-4) to "
+            f"−{-sum(every_after) / 12:.1f}") in text

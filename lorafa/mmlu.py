@@ -220,8 +220,8 @@ def check_max_length(tcfg: DictConfig, tokenizer) -> int:
     prompts = zero_shot_prompts(tcfg)
     longest = max((len(tokenizer(p + a)["input_ids"]) for p, a in prompts), default=0)
     wanted = tcfg.get("mmlu_max_length")
-    if wanted and int(wanted) < longest:
+    if wanted and longest > int(wanted) + 1:  # lm-eval cuts context + answer beyond max_length + 1 tokens
         raise BadInput(f"task.mmlu_max_length={wanted}: shorter than the longest 0-shot MMLU prompt ({longest} tokens "
-                       "with its answer), which lm-eval would cut from the left; expected ≥ {longest}, or null for the "
-                       "model's own context length".replace("{longest}", str(longest)))
+                       f"with its answer), which lm-eval would cut from the left; expected ≥ {longest - 1}, or null "
+                       "for the model's own context length")
     return longest

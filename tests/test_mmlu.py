@@ -133,3 +133,17 @@ def test_mmlu_runs_at_the_model_context_and_counts_the_prompts_it_cuts(cfg_facto
     with pytest.raises(BadInput, match="shorter than the longest 0-shot MMLU prompt"):
         run(cfg_factory(*common, "task.mmlu_max_length=16"))
     assert time.perf_counter() - started < 5
+
+
+def test_an_explicit_mmlu_length_must_hold_every_zero_shot_prompt():
+    """lm-eval keeps max_length + 1 tokens of context and answer: the refusal starts exactly where it would cut."""
+    cfg = compose_cfg(["model=tiny-llama", "task=alpaca_mmlu_sample"])
+    tok = models.load_tokenizer(cfg.model)
+    longest = mmlu.check_max_length(cfg.task, tok)  # null: nothing to refuse
+    test = pd.read_json(SAMPLE / "test.jsonl", lines=True)
+    assert len(mmlu.zero_shot_prompts(cfg.task)) == len(test) and longest > 20
+    cfg.task.mmlu_max_length = longest - 1
+    assert mmlu.check_max_length(cfg.task, tok) == longest
+    cfg.task.mmlu_max_length = longest - 2
+    with pytest.raises(BadInput, match=f"expected ≥ {longest - 1}"):
+        mmlu.check_max_length(cfg.task, tok)

@@ -29,6 +29,11 @@ PROMPT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choic
 LOCAL_GROUP = "lorafa_mmlu_local"
 
 
+def description(subject: str) -> str:
+    """lm-eval's MMLU description of a subject, before the shots and the question."""
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
 def _split_file(root: Path, split: str) -> Path:
     found = sorted(p for p in root.glob(f"{split}.*") if p.suffix in (".json", ".jsonl", ".csv", ".parquet"))
     if not found:
@@ -88,8 +93,7 @@ def local_tasks(mmlu_path: str | Path, workdir: Path, subjects: list[str] | None
                 "test_split": "test", "fewshot_split": "dev", "fewshot_config": {"sampler": "first_n"},
                 "output_type": "multiple_choice", "doc_to_text": PROMPT, "doc_to_choice": ["A", "B", "C", "D"],
                 "doc_to_target": "answer",
-                "description": f"The following are multiple choice questions (with answers) about "
-                               f"{subject.replace('_', ' ')}.\n\n",
+                "description": description(subject),
                 "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
                 "metadata": {"version": 1.0}}
         (workdir / f"{subject}.yaml").write_text(yaml.safe_dump(task, allow_unicode=True))
@@ -206,11 +210,9 @@ def zero_shot_prompts(tcfg: DictConfig) -> list[tuple[str, str]]:
 
             choices = json.loads(choices)
         choices = list(choices)
-        description = (f"The following are multiple choice questions (with answers) about "
-                       f"{r['subject'].replace('_', ' ')}.\n\n")
         body = (f"{str(r['question']).strip()}\nA. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\n"
                 f"D. {choices[3]}\nAnswer:")
-        out.append((description + body, " D"))
+        out.append((description(r["subject"]) + body, " D"))
     return out
 
 

@@ -340,10 +340,6 @@ class Poser:
         target longer than `task.target_len`, which generation cannot exceed): the row's `eval_truncated`."""
         return 0
 
-    def _too_long(self, texts: list[str], limit: int, pairs: list | None = None, **kw) -> int:
-        lengths = self.tok(texts, pairs, truncation=False, verbose=False, **kw)["input_ids"] if texts else []
-        return int(sum(len(ids) > limit for ids in lengths))
-
     @torch.no_grad()
     def predict(self, model, batch) -> torch.Tensor:
         raise NotImplementedError
@@ -386,7 +382,8 @@ class EncoderPoser(Poser):
 
     def truncated(self, frame):
         pairs = frame["text_pair"].tolist() if "text_pair" in frame else None
-        return self._too_long(frame["text"].tolist(), self.max_len, pairs)
+        lengths = self.tok(frame["text"].tolist(), pairs, truncation=False, verbose=False)["input_ids"]
+        return int(sum(len(ids) > self.max_len for ids in lengths))
 
     @torch.no_grad()
     def predict(self, model, batch):

@@ -39,11 +39,15 @@ import signal
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
 import torch
+
+from .step import CAPTURE_WARMUP, unseen_capture  # the capture jobs share (`lorafa.step`)
+from .step import after_failed_capture as _after_failed_capture
+from .step import compile_limits as _compile_limits
 
 METHODS = ("full", "lora", "lorafa", "lorafa_v2")
 MODES = ("eager", "compile", "graph", "compile_graph", "cudagraphs")
@@ -178,95 +182,6 @@ class Setting:
             loss.backward()  # outside autocast, as in `step`
         self.model.zero_grad(set_to_none=True)
         return int(counter.get_total_flops())
-
-
-RECOMPILE_LIMIT = 64
-
-
-def _compile_limits() -> None:
-    """torch.compile may keep up to RECOMPILE_LIMIT variants of a function (a model's blocks differ: the first takes
-    the embeddings, T5's first computes the position bias; and the process's settings add theirs — a setting built
-    like an earlier one reuses its graphs), and a function that needs more fails the setting (a row) instead of
-    silently running eager for the rest, as torch.compile does by default past 8."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the newer name first
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
-            break
-    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, True)
-            break
-
-
-CAPTURE_WARMUP = 3  # eager (or compiling) steps on a side stream before a whole-step capture
-
-
-def _unpacked(position_ids) -> None:
-    """transformers' `find_packed_sequence_indices` for batches known to hold one sequence a row: none packed."""
-
-
-@contextmanager
-def unseen_capture():
-    """Inside a whole-step capture, let transformers see no capture (`torch.cuda.is_current_stream_capturing()`
-    says False), so that it takes the path it takes in the warm-up and in every other mode. While a stream is
-    captured, transformers 5.17 cannot look at a mask's values, so it builds a full attention mask even when none
-    was given — and SDPA, handed a mask (with dropout), ran its math kernel in fp32: on an H200 the profile of
-    roberta-base's graphed step (17 ms) shows 6 fp32 GEMMs a layer, 2.2 ms, plus their softmax and elementwise
-    passes, the same for every method (newer transformers leave the mask out when none is given).
-
-    Outside a capture, transformers also reads one tensor's values where no mask is given: decoders' position ids,
-    to find packed sequences (`find_packed_sequence_indices`; a host read, which a capture forbids: llama-7b's
-    graphed step failed on the H200, commit 4cd9f6a). The bench's batches carry no mask and one full-length
-    sequence a row, so that function's answer is known — none packed — and is given without the read. With both,
-    nothing in a captured step reads a tensor's value on the host (tested for the three families). torch's own
-    capture checks (the optimizer's) ask the stream, not this function."""
-    from transformers import masking_utils
-
-    real = torch.cuda.is_current_stream_capturing
-    packed = getattr(masking_utils, "find_packed_sequence_indices", None)
-    torch.cuda.is_current_stream_capturing = lambda: False
-    if packed is not None:
-        masking_utils.find_packed_sequence_indices = _unpacked
-    try:
-        yield
-    finally:
-        torch.cuda.is_current_stream_capturing = real
-        if packed is not None:
-            masking_utils.find_packed_sequence_indices = packed
-
-
-def _after_failed_capture(device: torch.device, graph, pool, stream) -> None:
-    """Put the process back as it was before a capture that failed. When the capture itself is invalid, torch's
-    `capture_end` raises before it stops routing the capture stream's allocations to the graph's private pool, the
-    graph never releases that pool, and `torch.cuda.graph` leaves the capture stream current: every later
-    allocation on that stream lands in a pool nothing frees (on the H200 a failed llama-7b capture kept 139.7 of
-    139.8 GiB, and every later setting was an out-of-memory row). So: the stream back, the pool's routing ended and
-    the pool released — only when the capture did not end, since a graph that ended its capture releases its
-    pool itself — and the CUDA generator reset."""
-    torch.cuda.set_stream(stream)
-    try:
-        graph.pool()  # raises unless the capture ended
-        ended = True
-    except RuntimeError:
-        ended = False
-    if not ended:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        for release in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
-            try:
-                getattr(torch._C, release)(index, pool)
-            except Exception as err:  # noqa: BLE001 - best effort: the failure itself is reported by the caller
-                print(f"after the failed capture, torch._C.{release}: {type(err).__name__}: {err}", file=sys.stderr)
-    _reset_cuda_rng(device)
-
-
-def _reset_cuda_rng(device: torch.device) -> None:
-    """A failed capture leaves the default CUDA generator marked as capturing, so every later random draw (the
-    next setting's dropout) would fail too: give it a fresh state, seeded as before."""
-    gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    fresh = torch.Generator(device=device)
-    fresh.manual_seed(gen.initial_seed())
-    gen.graphsafe_set_state(fresh.graphsafe_get_state())
 
 
 def _batch(family: str, batch: int, seq: int, target_len: int, vocab: int, device: torch.device) -> dict:

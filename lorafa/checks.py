@@ -75,12 +75,22 @@ def check_config(cfg) -> None:
     need("train.lr", positive, "a number > 0")
     need("protocol.lr_scale", positive, "a number > 0")
     need("task.max_seq_len", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
-    compile_ = str(cfg.train.get("compile", "none"))
-    if compile_ not in ("none", "blocks"):
-        raise BadInput(f"train.compile={compile_}: expected none or blocks")
-    if compile_ == "blocks" and str(cfg.train.get("strategy", "single")) == "fsdp":
-        raise BadInput("train.compile=blocks: not supported with train.strategy=fsdp yet (untested); "
+    compile_ = str(cfg.train.get("compile", "auto"))
+    if compile_ not in ("auto", "none", "blocks", "graph", "eager_graph"):
+        raise BadInput(f"train.compile={compile_}: expected auto, none, blocks, graph or eager_graph")
+    if compile_ in ("blocks", "graph", "eager_graph") and str(cfg.train.get("strategy", "single")) == "fsdp":
+        raise BadInput(f"train.compile={compile_}: not supported with train.strategy=fsdp yet (untested); "
                        "expected train.strategy=single or ddp")
+    bucket = cfg.train.get("bucket", "auto")
+    if str(bucket) != "auto" and not (isinstance(bucket, int) and not isinstance(bucket, bool) and bucket >= 0):
+        raise BadInput(f"train.bucket={bucket}: expected auto or an integer ≥ 0 (0: each batch padded to its longest)")
+    need("train.log_every", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
+    impl = str(cfg.train.get("optimizer_impl", "auto"))
+    if impl not in ("auto", "fused", "foreach"):
+        raise BadInput(f"train.optimizer_impl={impl}: expected auto, fused or foreach")
+    stacked = str(cfg.method.get("stacked", False)).lower()
+    if stacked not in ("auto", "false", "true", "merged"):
+        raise BadInput(f"method.stacked={cfg.method.stacked}: expected auto, false, true or merged")
     if cfg.model.get("path"):
         check_model_dir(str(cfg.model.path))
 

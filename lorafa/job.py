@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from . import adapters, checks, distributed, measure, memory, methods, mmlu, models, protocols, results, tasks
+from . import adapters, checks, distributed, measure, memory, methods, mmlu, models, protocols, results, step, tasks
 from .checks import BadInput
 from .distributed import SINGLE, Dist
-from .train import Diverged, EvalSet, autocast_dtype, evaluate, fit, frozen_weight_dtype
+from .train import Diverged, EvalSet, autocast_dtype, evaluate, fit, frozen_weight_dtype, total_steps
 
 log = logging.getLogger(__name__)
 TRACEBACK_FILE = "traceback.txt"
@@ -145,17 +145,32 @@ def _prediction(cfg: DictConfig, device: torch.device, net, num_labels: int, fea
                 "pred_error": f"{type(err).__name__}: {err}"}
 
 
-def compile_blocks(model: torch.nn.Module, tcfg: DictConfig) -> int:
-    """`train.compile=blocks`: torch.compile each transformer block in place (regional compilation: the identical
-    blocks share one compiled graph, so it takes seconds, not minutes; LoRA-FA's layers compile with no graph
-    break). Evaluation runs these blocks eager (`train.evaluate`): generation and changing shapes would
-    recompile them. Returns the number of blocks compiled."""
-    if str(tcfg.get("compile", "none")) != "blocks":
+def compile_blocks(model: torch.nn.Module, tcfg: DictConfig, mode: str) -> int:
+    """Compiled modes (`blocks`, `graph`: `lorafa.step`): torch.compile each transformer block in place (regional
+    compilation: the identical blocks share one compiled graph, so it takes seconds, not minutes; LoRA-FA's layers
+    compile with no graph break), one static variant per batch shape. Evaluation runs these blocks eager
+    (`train.evaluate`): generation and changing shapes would recompile them. Returns the number of blocks
+    compiled."""
+    if mode not in step.COMPILED:
         return 0
+    step.compile_limits()
     blocks = distributed.transformer_blocks(model)
     for block in blocks:
         block.compile(backend=str(tcfg.get("compile_backend", "inductor")))
     return len(blocks)
+
+
+def _layer(cfg: DictConfig, features: list[dict], config, mode: str, device: torch.device) -> str:
+    """`method.stacked`, with auto resolved (`lorafa.step.choose_layer`) from the job's typical step: batch_size
+    rows of the median bucketed training length."""
+    value = str(cfg.method.get("stacked", False)).lower()
+    if value != "auto":
+        return value
+    lengths = sorted(len(f["input_ids"]) for f in features) or [int(cfg.task.max_seq_len)]
+    max_len = int(cfg.task.max_seq_len)
+    typical = step.bucket_length(lengths[len(lengths) // 2], step.bucket_multiple(cfg.train, max_len, mode), max_len)
+    hidden = int(getattr(config, "hidden_size", None) or getattr(config, "d_model", 0) or 0)
+    return step.choose_layer(cfg.method, device, int(cfg.train.batch_size) * typical, hidden)
 
 
 def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memory, row: dict,
@@ -173,24 +188,11 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     if data.kind == "instruction" and cfg.task.get("mmlu_max_length"):
         mmlu.check_max_length(cfg.task, tokenizer)  # an explicit length that would cut 0-shot prompts: refused now
     config = models.load_config(cfg.model)  # before building: a 7B model takes a while to refuse
-    checks.check_positions(cfg, config, models.detect_family(config))
-    net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype, tokenizer=tokenizer)
-    frozen_dtype = frozen_weight_dtype(cfg.train, device)
-    applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype)
-    row.update(family=net.family, trainable_params=applied.trainable_params, total_params=applied.total_params,
-               adapted_layers=len(applied.targets),
-               frozen_dtype=str(frozen_dtype or dtype).removeprefix("torch.")
-               if applied.total_params > applied.trainable_params else "none")
-    compiled = compile_blocks(net.model, cfg.train)
-    row["compiled_blocks"] = compiled
-    wrapped = distributed.wrap(net.model, d, device)  # FSDP shards net.model in place
-    mem.weights = measure.weight_bytes(net.model)
-    if device.type == "cuda":
-        mem.allocator["build"] = torch.cuda.memory_allocated(device)
-
-    poser = tasks.poser_for(net.family, data, cfg.task, tokenizer, vocab_size=net.model.config.vocab_size,
+    family = models.detect_family(config)
+    checks.check_positions(cfg, config, family)
+    poser = tasks.poser_for(family, data, cfg.task, tokenizer, vocab_size=config.vocab_size,
                             seed=int(cfg.seed))
-    pad_id = tokenizer.pad_token_id if tokenizer is not None else (net.model.config.pad_token_id or 0)
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else (config.pad_token_id or 0)
     if data.kind == "synthetic":
         train_features = poser.make(int(cfg.task.num_train), offset=0)
         evalsets = [EvalSet("synthetic", poser.make(int(cfg.task.num_eval), offset=1), None)]
@@ -198,6 +200,27 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
         train_features = poser.encode(data.splits["train"])
         evalsets = [EvalSet(name, poser.encode(data.splits[name]), data.splits[name]["label"].to_numpy())
                     for name in cfg.task.eval_splits]
+    # train.compile: none | blocks | graph | eager_graph (auto: a graph where exact, compiled for long jobs)
+    mode, why = step.resolve_mode(cfg, device, total_steps(len(train_features), cfg.train, d))
+    row.update(compile_mode=mode, compile_reason=why)
+    layer = _layer(cfg, train_features, config, mode, device)
+    net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype, tokenizer=tokenizer)
+    frozen_dtype = frozen_weight_dtype(cfg.train, device)
+    applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype,
+                            stacked=layer)
+    row.update(family=net.family, trainable_params=applied.trainable_params, total_params=applied.total_params,
+               adapted_layers=len(applied.targets),
+               layer=step.LAYER_NAMES.get(layer, layer)
+               if applied.targets and not (cfg.method.train_a or cfg.method.train_base) else "none",
+               frozen_dtype=str(frozen_dtype or dtype).removeprefix("torch.")
+               if applied.total_params > applied.trainable_params else "none")
+    compiled = compile_blocks(net.model, cfg.train, mode)
+    row["compiled_blocks"] = compiled
+    wrapped = distributed.wrap(net.model, d, device)  # FSDP shards net.model in place
+    mem.weights = measure.weight_bytes(net.model)
+    if device.type == "cuda":
+        mem.allocator["build"] = torch.cuda.memory_allocated(device)
+
     heldout = None
     if tasks.HOLDOUT in data.splits:  # task.holdout: the slice of train a protocol selects on (scored after training)
         frame = data.splits[tasks.HOLDOUT]
@@ -216,8 +239,10 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     else:
         row.update(_prediction(cfg, device, net, data.num_labels, train_features))
     throughput = measure.Throughput(device, int(cfg.train.measure_warmup_steps))
+    info: dict = {}
     history = fit(net.model, poser, train_features, evalsets, cfg=cfg, device=device, pad_id=pad_id,
-                  memory=mem, throughput=throughput, dist=d, wrapped=wrapped)
+                  memory=mem, throughput=throughput, dist=d, wrapped=wrapped, mode=mode, info=info)
+    row.update(info)
 
     if cfg.train.get("save_adapter") and applied.targets:
         row["adapter_dir"] = str(adapters.save_peft(net.model, Path(cfg.output_dir) / "adapter", family=net.family,

@@ -143,28 +143,37 @@ def synchronize(device: torch.device) -> None:
 
 
 class Throughput:
-    """Tokens and samples per second over the steps after warm-up, synchronised at step boundaries."""
+    """Tokens and samples per second over the steps after warm-up, timed without a synchronisation per step: a
+    window opens at a point where the device is idle (`synced`, after a read of the step's accumulators) and
+    closes at the next one, and its steps' host-side token counts (`add`) are credited to it. Time spent outside
+    training (evaluation) is left out: `synced(..., resume=False)` closes a window without opening the next."""
 
     def __init__(self, device: torch.device, warmup_steps: int):
         self.device, self.warmup = device, warmup_steps
         self.steps = self.tokens = self.samples = 0
         self.seconds = 0.0
         self._t0 = None
-        self._seen = 0
+        self._open = [0, 0, 0]  # steps, tokens, samples in the open window
 
-    def start(self) -> None:
-        synchronize(self.device)
-        self._t0 = time.perf_counter()
+    def add(self, step: int, tokens: int, samples: int) -> None:
+        """A step was launched (0-based `step`); counted when past the warm-up."""
+        if step >= self.warmup:
+            self._open[0] += 1
+            self._open[1] += tokens
+            self._open[2] += samples
 
-    def stop(self, tokens: int, samples: int) -> None:
+    def synced(self, steps_done: int, resume: bool = True) -> None:
+        """The device has finished `steps_done` steps (the caller synchronised): close the open window and, with
+        `resume`, open the next if the warm-up is over."""
         synchronize(self.device)
-        elapsed = time.perf_counter() - self._t0
-        self._seen += 1
-        if self._seen > self.warmup:
-            self.steps += 1
-            self.seconds += elapsed
-            self.tokens += tokens
-            self.samples += samples
+        now = time.perf_counter()
+        if self._t0 is not None and self._open[0]:
+            self.seconds += now - self._t0
+            self.steps += self._open[0]
+            self.tokens += self._open[1]
+            self.samples += self._open[2]
+        self._open = [0, 0, 0]
+        self._t0 = now if resume and steps_done >= self.warmup else None
 
     def columns(self) -> dict[str, float]:
         if self.steps == 0:

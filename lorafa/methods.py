@@ -39,8 +39,10 @@ class Applied:
 
 
 def apply(net: Network, method: DictConfig, target_presets=None, *,
-          frozen_dtype: torch.dtype | None = None) -> Applied:
-    """Set what trains in `net.model` according to `method`, adding adapters where `method.rank > 0`."""
+          frozen_dtype: torch.dtype | None = None, stacked=None) -> Applied:
+    """Set what trains in `net.model` according to `method`, adding adapters where `method.rank > 0`. `stacked`:
+    LoRA-FA's layer when not `method.stacked` (a job resolves `auto`: `lorafa.step.choose_layer`); `auto` left
+    unresolved is the two-matmul layer (the same memory as the others: what `lorafa.memory` needs)."""
     model = net.model
     for p in model.parameters():
         p.requires_grad_(bool(method.train_base))
@@ -58,9 +60,10 @@ def apply(net: Network, method: DictConfig, target_presets=None, *,
         for p in model.parameters():
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(frozen_dtype)
-    stacked = method.get("stacked", False)
+    stacked = method.get("stacked", False) if stacked is None else stacked
+    stacked = {"auto": False, "false": False, "true": True, "merged": "merged"}.get(str(stacked).lower(), stacked)
     if stacked not in (False, True, "merged"):
-        raise ValueError(f"method.stacked={stacked!r}: expected false, true or merged")
+        raise ValueError(f"method.stacked={stacked!r}: expected auto, false, true or merged")
     if stacked:  # after the dtype change: the stack is made of the final frozen tensors
         for layer in adapters.lora_layers(model).values():
             layer.stack_frozen(merged=stacked == "merged")

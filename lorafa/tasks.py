@@ -297,10 +297,11 @@ def _label_ids(values: pd.Series, labels: list[str], where: str, ints_are_ids: b
 
 # ---------------------------------------------------------------------------------------------------- posing
 def collate(features: list[dict], pad_id: int, pad_to: int | None = None,
-            aligned_labels: bool = False) -> dict[str, torch.Tensor]:
+            aligned_labels: bool = False, pad_labels_to: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad `input_ids` (pad_id, with an attention mask) and list-valued `labels` (-100); stack the rest.
-    `pad_to` pads inputs to a fixed length (the measured steps use the task's max_seq_len); `aligned_labels`
-    (decoders) pads labels to the inputs' width, since they run along the same positions."""
+    `pad_to` pads inputs to a fixed length (the measured steps use the task's max_seq_len; other steps a length
+    bucket: `lorafa.step.bucket_length`); `aligned_labels` (decoders) pads labels to the inputs' width, since they
+    run along the same positions; `pad_labels_to`, labels that are not aligned (T5's targets) to a bucket."""
     width = max(max(len(f["input_ids"]) for f in features), pad_to or 0)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -315,7 +316,7 @@ def collate(features: list[dict], pad_id: int, pad_to: int | None = None,
         if not isinstance(values[0], list):
             batch[key] = torch.tensor(values)
             continue
-        label_width = width if aligned_labels else max(len(v) for v in values)
+        label_width = width if aligned_labels else max(max(len(v) for v in values), pad_labels_to or 0)
         t = torch.full((len(values), label_width), -100, dtype=torch.long)
         for i, v in enumerate(values):
             t[i, : len(v)] = torch.tensor(v)

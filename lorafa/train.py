@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import distributed, measure, protocols
+from . import step as step_mod
 from .distributed import SINGLE, Dist
 from .tasks import Poser, collate, compute_metrics
 
@@ -33,8 +34,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 CHECKPOINT = Path("checkpoint") / "state.pt"  # under the job's output_dir
 
 
-class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+Diverged = step_mod.Diverged  # the training loss (or the gradient norm) became NaN or infinite
 
 
 @dataclass
@@ -80,14 +80,17 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -
 
 
 def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False, capturable: bool = False,
-                   b_lr_ratio: float = 1.0, lr: float | None = None) -> torch.optim.Optimizer | None:
+                   b_lr_ratio: float = 1.0, lr: float | None = None,
+                   lr_device: torch.device | None = None) -> torch.optim.Optimizer | None:
     """AdamW over the trainable parameters; None when nothing trains (`method=frozen` on a model without a
     task head: backward runs, for its memory, and no step is taken). `fused`: torch's fused CUDA kernel (one
     launch for all parameters; `lorafa.bench` uses it for every method); `capturable`: its state on the device, so
     that a step can be captured in a CUDA graph. `b_lr_ratio` (`method.b_lr_ratio`): the adapters' B matrices
     train at that multiple of `train.lr`, everything else (A where it trains, the task head, a trained base) at
     `train.lr` itself — LoRA+'s per-matrix learning rate, the LoRA-FA recipe's one knob (docs/recipe.md).
-    `lr`: the base learning rate, when not `train.lr` (a protocol's grid scales it: `lorafa.protocols.lr_of`)."""
+    `lr`: the base learning rate, when not `train.lr` (a protocol's grid scales it: `lorafa.protocols.lr_of`).
+    `lr_device`: each group's lr a tensor there, which the schedule rewrites in place and a captured step reads
+    (a Python float would be frozen into the graph)."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:  # biases and LayerNorm/RMSNorm weights: no decay
@@ -97,6 +100,9 @@ def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False, capt
     lr, ratio = float(tcfg.lr if lr is None else lr), float(b_lr_ratio)
     params = [{"params": ps, "weight_decay": float(tcfg.weight_decay) if decay else 0.0,
                "lr": lr * ratio if is_b else lr} for (decay, is_b), ps in sorted(groups.items(), reverse=True)]
+    if lr_device is not None:
+        for group in params:
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=lr_device)
     return torch.optim.AdamW(params, lr=lr, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
                              **({"fused": True} if fused else {}), **({"capturable": True} if capturable else {}))
 
@@ -135,23 +141,30 @@ def evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str
 
 def _evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str], *, batch_size: int,
               device: torch.device, pad_id: int, amp: torch.dtype | None) -> dict[str, float]:
+    """Batches of similar length (the examples sorted by length, predictions put back in order), so that little
+    of the work is padding; the loss summed on the device and read once."""
     was_training = model.training
     model.eval()
-    loss_sum, n, preds = 0.0, 0, []
+    loss_sum, n, preds = None, 0, {}
     aligned = poser.family == "decoder"
-    for i in range(0, len(evalset.features), batch_size):
-        chunk = evalset.features[i: i + batch_size]
+    order = sorted(range(len(evalset.features)), key=lambda i: len(evalset.features[i]["input_ids"]))
+    for i in range(0, len(order), batch_size):
+        idx = order[i: i + batch_size]
+        chunk = [evalset.features[j] for j in idx]
         batch = _to(collate(chunk, pad_id, aligned_labels=aligned), device)
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-            loss_sum += float(model(**_inputs(batch)).loss) * len(chunk)
+            part = model(**_inputs(batch)).loss.detach().float() * len(chunk)
+            loss_sum = part if loss_sum is None else loss_sum + part
             if evalset.references is not None:  # label ids / scores (a tensor), or generated text
                 pred = poser.predict(model, batch)
-                preds.extend(pred.float().cpu().tolist() if torch.is_tensor(pred) else pred)
+                pred = pred.float().cpu().tolist() if torch.is_tensor(pred) else pred
+                preds.update(zip(idx, pred))
         n += len(chunk)
     model.train(was_training)
-    out = {"loss": loss_sum / max(n, 1)}
+    out = {"loss": float(loss_sum) / max(n, 1) if loss_sum is not None else float("nan")}
     if evalset.references is not None:
-        out.update(compute_metrics(metrics, evalset.references, np.asarray(preds)))
+        ordered = np.asarray([preds[j] for j in range(len(evalset.features))])
+        out.update(compute_metrics(metrics, evalset.references, ordered))
     return out
 
 
@@ -235,14 +248,21 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generato
 
 def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: list[EvalSet], *,
         cfg: DictConfig, device: torch.device, pad_id: int, memory: measure.Memory,
-        throughput: measure.Throughput, dist: Dist = SINGLE, wrapped: nn.Module | None = None) -> History:
+        throughput: measure.Throughput, dist: Dist = SINGLE, wrapped: nn.Module | None = None,
+        mode: str = "none", info: dict | None = None) -> History:
     """Train `model` (through `wrapped`, its DDP wrapper when there is one: `lorafa.distributed`), evaluating
-    after each epoch and at the end. Under several processes the logged loss, tokens and samples are the job's."""
+    after each epoch and at the end, each step run the `mode` way (`lorafa.step`: none, blocks, graph). Under
+    several processes the logged loss, tokens and samples are the job's. `info` receives the step's columns
+    (graphs, padding, layer of the run)."""
     tcfg = cfg.train
     wrapped = model if wrapped is None else wrapped
     amp = autocast_dtype(tcfg.precision, device)
-    optimizer = make_optimizer(model, tcfg, b_lr_ratio=float(cfg.method.get("b_lr_ratio", 1.0)),
-                               lr=protocols.lr_of(cfg))
+    # one process on CUDA: fused AdamW, which skips a non-finite step by itself, so nothing is read per step
+    device_checks = device.type == "cuda" and not dist.enabled if str(tcfg.get("optimizer_impl", "auto")) == "auto" \
+        else str(tcfg.optimizer_impl) == "fused"
+    optimizer = make_optimizer(model, tcfg, fused=device_checks, capturable=mode in step_mod.GRAPHED,
+                               b_lr_ratio=float(cfg.method.get("b_lr_ratio", 1.0)), lr=protocols.lr_of(cfg),
+                               lr_device=device if mode in step_mod.GRAPHED else None)
     steps = total_steps(len(train_features), tcfg, dist)
     warmup = int(tcfg.warmup_steps) if tcfg.get("warmup_steps") else math.ceil(float(tcfg.warmup_ratio) * steps)
     scheduler = linear_schedule(optimizer, warmup, steps) if optimizer else None
@@ -250,8 +270,11 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     history = History()
     aligned = poser.family == "decoder"
     max_len = int(cfg.task.max_seq_len)
+    multiple = step_mod.bucket_multiple(tcfg, max_len, mode)
+    label_cap = int(cfg.task.get("target_len") or max_len)
     bs, accum = int(tcfg.batch_size), int(tcfg.grad_accum)
     metric_list = list(cfg.task.get("metrics") or [])
+    log_every = max(1, int(tcfg.get("log_every") or 50))
 
     def run_evals(epoch: int):
         record = {"epoch": epoch, "step": history.steps}
@@ -268,83 +291,147 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     if tcfg.get("resume") and ckpt.is_file():
         order, start = load_checkpoint(ckpt, model, optimizer, scheduler, generator, history, memory,
                                        job_signature(cfg), dist)
+    acc = step_mod.Accumulators(steps, device, start=history.steps)
+    stepper = step_mod.TrainStep(model, optimizer, mode=mode, device=device, amp=amp,
+                                 max_grad_norm=tcfg.get("max_grad_norm"), accumulators=acc,
+                                 device_checks=device_checks, forward=wrapped)
     progress = _progress(steps, enabled=bool(tcfg.progress))
     progress.update(history.steps)
+    padding = {"real": 0, "computed": 0}
+
+    taken = history.steps  # steps taken; history.steps: those read back (the losses in the history)
+
+    def sync(resume_timing: bool = True) -> None:
+        """Read the device's accumulators (the only synchronisation): losses into the history, a non-finite step
+        raised, the progress bar and tokens/s brought up to date."""
+        losses, norms, first_bad = acc.read(taken)
+        throughput.synced(taken, resume=resume_timing)
+        if first_bad >= 0:
+            k = first_bad - history.steps
+            raise step_mod.diverged(losses[k], norms[k] if tcfg.get("max_grad_norm") else None, first_bad)
+        history.losses.extend(losses)
+        history.steps = taken
+        progress.update(len(losses))
+        if losses:
+            progress.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{throughput.columns()['tokens_per_s']:.0f}")
+
+    def batch_of(idx: list[int], measured: bool) -> tuple[dict, int, int]:
+        """A micro-batch collated on the host (padded to max_seq_len when measured, else to its length bucket),
+        pinned and copied without waiting; with its real and computed token counts."""
+        chunk = [train_features[i] for i in idx]
+        longest = max(len(f["input_ids"]) for f in chunk)
+        width = max_len if measured else step_mod.bucket_length(longest, multiple, max_len)
+        labels_to = None
+        if not aligned and multiple and not measured and isinstance(chunk[0].get("labels"), list):
+            labels_to = step_mod.bucket_length(max(len(f["labels"]) for f in chunk), multiple, label_cap)
+        host = collate(chunk, pad_id, pad_to=width, aligned_labels=aligned, pad_labels_to=labels_to)
+        real = count_tokens(host, poser.family)
+        computed = host["input_ids"].numel() + (host["labels"].numel() if poser.family == "encoder-decoder" else 0)
+        if mode != "none" and bool(host["attention_mask"].all()):
+            del host["attention_mask"]  # no padding: the maskless (flash) attention path, as eager takes it
+        if device.type == "cuda":
+            host = {k: v.pin_memory() for k, v in host.items()}
+        return _to(host, device), real, computed
+
     model.train()
-    while history.steps < steps:
-        if order is None:  # a new epoch (a resumed run continues the epoch it stopped in)
-            order, start = torch.randperm(len(train_features), generator=generator).tolist(), 0
-        micro = distributed.micro_batches(order, bs, dist)
-        g = start
-        for g in range(start, len(micro), accum):
-            step = history.steps
-            group = micro[g: g + accum]
-            measured = step < 2  # padded to max_seq_len: memory describes batch_size × max_seq_len
-            if device.type == "cuda" and measured:
-                torch.cuda.reset_peak_memory_stats(device)
-            throughput.start()
-            loss_sum, tokens, samples = 0.0, 0, 0
-            for j, global_idx in enumerate(group):
-                idx = distributed.shard(global_idx, dist)
-                share = len(idx) / len(global_idx)  # this process's part of the micro-batch's mean loss
-                batch = _to(collate([train_features[i] for i in idx], pad_id, pad_to=max_len if measured else None,
-                                    aligned_labels=aligned), device)
-                meter = measure.SavedTensorMeter(model) if step == 0 and j == 0 else nullcontext()
-                with distributed.sync_gradients(wrapped, dist, j == len(group) - 1):
-                    with meter, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
-                        loss = wrapped(**_inputs(batch)).loss
-                    if step == 0 and j == 0:
-                        memory.activations = meter.bytes
-                    # DDP/FSDP average over processes: × world_size × share gives the whole micro-batch's mean
-                    (loss * (share * dist.world_size / len(group))).backward()
-                loss_sum += float(loss.detach()) * share
-                tokens += count_tokens(batch, poser.family)
-                samples += len(idx)
-            loss_sum, tokens, samples = distributed.all_sum([loss_sum, tokens, samples], dist, device)
-            tokens, samples = int(tokens), int(samples)
-            if step == 0:
-                memory.grads = measure.grad_bytes(model)
-            if device.type == "cuda" and measured:
-                memory.allocator[f"fwd_bwd_peak_step{step}"] = torch.cuda.max_memory_allocated(device)
-            if not math.isfinite(loss_sum):
-                raise Diverged(f"training loss is {loss_sum} at step {step}")
-            if tcfg.get("max_grad_norm") and optimizer:
-                norm = distributed.full_norm(nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm))
-                if not math.isfinite(norm):  # a finite loss with non-finite gradients: stop before the update
-                    raise Diverged(f"gradient norm is {norm} at step {step} (loss {loss_sum:.4g})")
-            if optimizer:
-                optimizer.step()
-                scheduler.step()
-            if step == 0:
-                memory.optimizer = measure.optimizer_bytes(optimizer) if optimizer else 0
-                if device.type == "cuda":
-                    memory.allocator["after_step"] = torch.cuda.memory_allocated(device)
-            if device.type == "cuda" and measured:
-                memory.allocator[f"peak_step{step}"] = torch.cuda.max_memory_allocated(device)
-            model.zero_grad(set_to_none=True)
-            throughput.stop(tokens, samples)
-            history.losses.append(loss_sum / len(group))
-            history.steps += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{history.losses[-1]:.4f}",
-                                 tok_s=f"{throughput.columns()['tokens_per_s']:.0f}")
-            if every and history.steps % every == 0 and history.steps < steps:
-                rng_ranks = distributed.gather(_rng_state(), dist) if dist.enabled else None
-                if dist.is_main:
-                    save_checkpoint(ckpt, model, optimizer, scheduler, generator, order, g + accum, history,
-                                    memory, job_signature(cfg), rng_ranks)
-            if history.steps >= steps:
-                break
-        if g + accum >= len(micro):  # the whole epoch was seen
-            history.epochs_completed += 1
-            run_evals(history.epochs_completed)
-        order = None
+    with stepper.context():
+        throughput.synced(taken)
+        while taken < steps:
+            if order is None:  # a new epoch (a resumed run continues the epoch it stopped in)
+                order, start = torch.randperm(len(train_features), generator=generator).tolist(), 0
+            micro = distributed.micro_batches(order, bs, dist)
+            g = start
+            for g in range(start, len(micro), accum):
+                step = taken
+                group = micro[g: g + accum]
+                measured = step < 2  # padded to max_seq_len: memory describes batch_size × max_seq_len
+                if measured or dist.enabled or accum > 1 or not device_checks:
+                    tokens, samples, computed = _group_step(stepper, wrapped, model, group, step, measured=measured,
+                                                            memory=memory, device=device, dist=dist,
+                                                            batch_of=batch_of)
+                else:
+                    batch, tokens, computed = batch_of(group[0], measured=False)
+                    samples = len(group[0])
+                    stepper.run(batch, step, full=len(group[0]) == bs)
+                if scheduler is not None:
+                    scheduler.step()
+                taken += 1
+                throughput.add(step, tokens, samples)
+                if step >= throughput.warmup:
+                    padding["real"] += tokens
+                    padding["computed"] += computed
+                checkpoint = every and taken % every == 0 and taken < steps
+                if not device_checks or measured or taken == throughput.warmup or taken % log_every == 0 \
+                        or taken >= steps or checkpoint:
+                    sync()
+                if checkpoint:
+                    rng_ranks = distributed.gather(_rng_state(), dist) if dist.enabled else None
+                    if dist.is_main:
+                        save_checkpoint(ckpt, model, optimizer, scheduler, generator, order, g + accum, history,
+                                        memory, job_signature(cfg), rng_ranks)
+                if taken >= steps:
+                    break
+            if g + accum >= len(micro):  # the whole epoch was seen
+                history.epochs_completed += 1
+                sync(resume_timing=False)
+                run_evals(history.epochs_completed)
+                throughput.synced(taken)
+            order = None
+        sync(resume_timing=False)
     progress.close()
     if not history.evals or history.evals[-1]["step"] != history.steps:
         run_evals(history.epochs_completed)
     _summarise_allocator(memory)
+    if info is not None:
+        info.update(stepper.columns(), compile_mode=mode, bucket=multiple, measured_mode="eager",
+                    pad_frac=1 - padding["real"] / padding["computed"] if padding["computed"] else float("nan"),
+                    optimizer_impl="fused" if device_checks else "foreach", log_reads=acc.reads)
     return history
+
+
+def _group_step(stepper: step_mod.TrainStep, wrapped: nn.Module, model: nn.Module, group: list[list[int]], step: int,
+                *, measured: bool, memory: measure.Memory, device: torch.device, dist: Dist,
+                batch_of) -> tuple[int, int, int]:
+    """One optimizer step over `group`'s micro-batches, eager (a measured step, gradient accumulation, several
+    processes): the saved-tensor meter on step 0's first micro-batch, the allocator read on the measured steps.
+    Returns the step's (real tokens, samples, computed tokens), summed over processes."""
+    if device.type == "cuda" and measured:
+        torch.cuda.reset_peak_memory_stats(device)
+    loss_sum, tokens, samples, computed = None, 0, 0, 0
+    eager = torch.compiler.set_stance("force_eager") if measured and stepper.mode != "none" else nullcontext()
+    for j, global_idx in enumerate(group):
+        idx = distributed.shard(global_idx, dist)
+        share = len(idx) / len(global_idx)  # this process's part of the micro-batch's mean loss
+        batch, real, comp = batch_of(idx, measured)
+        meter = measure.SavedTensorMeter(model) if step == 0 and j == 0 else nullcontext()
+        with distributed.sync_gradients(wrapped, dist, j == len(group) - 1), eager:
+            with meter, stepper.autocast():
+                loss = wrapped(**batch).loss
+            if step == 0 and j == 0:
+                memory.activations = meter.bytes
+            # DDP/FSDP average over processes: × world_size × share gives the whole micro-batch's mean
+            (loss * (share * dist.world_size / len(group))).backward()
+        part = loss.detach().float() * share
+        loss_sum = part if loss_sum is None else loss_sum + part
+        tokens, samples, computed = tokens + real, samples + len(idx), computed + comp
+    loss_mean = loss_sum / len(group)
+    if dist.enabled:
+        total, tokens, samples, computed = distributed.all_sum([float(loss_mean), tokens, samples, computed], dist,
+                                                               device)
+        loss_mean = torch.tensor(total, dtype=torch.float32, device=device)
+    if step == 0:
+        memory.grads = measure.grad_bytes(model)
+    if device.type == "cuda" and measured:
+        memory.allocator[f"fwd_bwd_peak_step{step}"] = torch.cuda.max_memory_allocated(device)
+    stepper.finish(loss_mean, step)
+    if step == 0:
+        memory.optimizer = measure.optimizer_bytes(stepper.optimizer) if stepper.optimizer else 0
+        if device.type == "cuda":
+            memory.allocator["after_step"] = torch.cuda.memory_allocated(device)
+    if device.type == "cuda" and measured:
+        memory.allocator[f"peak_step{step}"] = torch.cuda.max_memory_allocated(device)
+    model.zero_grad(set_to_none=True)
+    return int(tokens), int(samples), int(computed)
 
 
 def _summarise_allocator(memory: measure.Memory) -> None:

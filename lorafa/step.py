@@ -1,0 +1,398 @@
+"""One training step, three ways — the step a job runs (`lorafa.train.fit`) and the bench measures (`lorafa.bench`).
+
+`train.compile` picks the way:
+  none    eager PyTorch
+  blocks  each transformer block compiled with torch.compile (regional: identical blocks share one graph)
+  graph   compiled blocks, and the whole step — forward, backward, gradient clipping, the fused capturable AdamW
+          step, the loss and divergence bookkeeping — captured as one CUDA graph per batch shape and replayed: no
+          Python, dispatch or kernel launches per step. The learning-rate schedule writes the optimizer's lr
+          tensors, which the graph reads.
+  eager_graph  the same whole-step CUDA graphs of eager kernels: nothing compiled, so a new batch shape costs one
+          capture (milliseconds), not a compilation (seconds)
+  auto    a graph where it is exact (`graph_blockers` lists what rules it out: CPU, several processes, gradient
+          accumulation, checkpointed or element-wise recomputed blocks, LoRA-FA adapter dropout — whose masks are
+          drawn from host-side seeds a graph would freeze), none otherwise: `graph` for jobs of at least
+          COMPILE_MIN_STEPS optimizer steps, where compiling pays for itself, `eager_graph` for shorter ones. The
+          default.
+
+No host synchronisation per step (one process): each step's loss and a "first non-finite step" mark stay on the
+device (`Accumulators`) and are read every `train.log_every` steps, at checkpoints, before evaluation and at the
+end. A step whose loss or gradient norm is not finite takes no update (fused AdamW's `found_inf`); the next read
+raises `Diverged` naming it, so a diverged job stops with the weights of the step before. Token counts come from
+the host-side batches, which are collated, pinned and copied without waiting for the device.
+
+Graph mode, per batch shape: two compiled steps run eager first (compilation happens there), the third is captured
+and replayed, and every later batch of that shape is copied into the graph's static inputs and replayed. All
+graphs share one memory pool (they run one at a time and keep nothing between replays but the weights, optimizer
+state and accumulators, which live outside it). A batch of another size (an epoch's last, partial batch) runs
+eager. The steps whose memory is measured (`lorafa.measure`) run eager too, so the memory split is the eager one
+(column `measured_mode`). A capture that fails (out of memory, an operation a graph cannot hold) leaves that
+shape eager and is counted in `graph_failures`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+MODES = ("auto", "none", "blocks", "graph", "eager_graph")
+GRAPHED = ("graph", "eager_graph")
+COMPILED = ("blocks", "graph")
+COMPILE_MIN_STEPS = 2000  # auto: compile the blocks under the graphs only for jobs this long (see `resolve_mode`)
+CAPTURE_WARMUP = 3  # the bench: eager (or compiling) steps on a side stream before a whole-step capture
+GRAPH_WARMUP = 2  # a job: compiled steps of a shape before it is captured (the first compiles)
+RECOMPILE_LIMIT = 64
+
+
+def graph_blockers(cfg, device: torch.device) -> list[str]:
+    """Why the whole step cannot be one CUDA graph for this job (empty: it can)."""
+    m, t = cfg.method, cfg.train
+    why = []
+    if device.type != "cuda":
+        why.append(f"device {device.type} (CUDA graphs need a CUDA device)")
+    if str(t.get("strategy", "single")) != "single":
+        why.append(f"train.strategy={t.strategy} (graphs are captured for one process)")
+    if int(t.get("grad_accum", 1)) != 1:
+        why.append(f"train.grad_accum={t.grad_accum} (one graph holds one micro-batch's step)")
+    if m.get("gradient_checkpointing", False):
+        why.append("method.gradient_checkpointing (its recomputation saves and restores host RNG state)")
+    if str(m.get("recompute", "none")) != "none":
+        why.append(f"method.recompute={m.recompute} (its dropout masks are drawn from host-side seeds)")
+    if not m.get("train_a", True) and float(m.get("dropout", 0.0)) > 0 and int(m.get("rank", 0)) > 0:
+        why.append(f"method.dropout={m.dropout} with A frozen (LoRA-FA redraws its mask from a host-side seed, "
+                   "which a graph would freeze)")
+    return why
+
+
+def resolve_mode(cfg, device: torch.device, steps: int) -> tuple[str, str]:
+    """(`none` | `blocks` | `graph` | `eager_graph`, why) for a job of `steps` optimizer steps: `train.compile=auto`
+    is a graph where `graph_blockers` finds nothing, compiled when the job is long enough to pay for compiling.
+    On an H200 (bf16, r = 8) compiling saved 18 % of a graphed roberta-base 32×128 step (10.1 → 8.3 ms) and 31 %
+    of a t5-large one, and cost seconds per block kind and batch shape: at a few hundred steps the compilation
+    takes longer than it saves."""
+    from .checks import BadInput
+
+    asked = str(cfg.train.get("compile", "auto"))
+    blockers = graph_blockers(cfg, device)
+    if asked == "auto":
+        if blockers:
+            return "none", "auto: eager, " + "; ".join(blockers)
+        if steps >= COMPILE_MIN_STEPS:
+            return "graph", f"auto: {steps} steps ≥ {COMPILE_MIN_STEPS}, compiled"
+        return "eager_graph", f"auto: {steps} steps < {COMPILE_MIN_STEPS}, not compiled"
+    if asked in GRAPHED and blockers:
+        raise BadInput("train.compile=graph: not possible here: " + "; ".join(blockers)
+                       + " (train.compile=auto picks eager then; blocks compiles without a graph)")
+    return asked, asked
+
+
+def bucket_multiple(tcfg, max_len: int, mode: str) -> int:
+    """`train.bucket`: every batch is padded to a multiple of this (at most the task's length), so that a job sees
+    a few shapes — one graph (and one compiled variant) each. auto: for compiled and graphed modes, a multiple of
+    32 giving at most 8 shapes (128 → 32, 512 → 64, 1024 → 128); 0 (each batch padded to its longest, as eager
+    PyTorch) in eager mode."""
+    value = tcfg.get("bucket", "auto")
+    if str(value) == "auto":
+        return 32 * math.ceil(max_len / (8 * 32)) if mode != "none" else 0
+    return int(value)
+
+
+def bucket_length(n: int, multiple: int, cap: int) -> int:
+    """A length of `n` tokens padded to the next multiple of `multiple`, never beyond `cap` (`multiple` 0: n)."""
+    if multiple <= 0 or n >= cap:
+        return n
+    return min(cap, multiple * math.ceil(n / multiple))
+
+
+def choose_layer(method, device: torch.device, tokens_per_batch: int, hidden: int) -> str:
+    """`method.stacked=auto`: LoRA-FA's layer for a job, by the rule the bench's measurements give (H200, bf16,
+    r = 8, results/throughput.parquet, each method's best mode): the merged layer (W + s·B·A formed once a step;
+    no rank-r passes over the N × d activations) wins where a step's tokens N outnumber the hidden width d —
+    roberta-base 32×128 (N/d = 5.3) by 18 % over two_matmul, t5-large (4.0) by 13 % — and loses where they do not
+    (llama-7b 4×512, N/d = 0.5: −10 %), where the stacked layer is as fast as any. With adapter dropout neither
+    stacked layer runs (the layer falls back to `_LoRAFAFunction`): two_matmul; off CUDA (not measured) too.
+    Returns the layer's `method.stacked` value: "merged", "true" or "false"."""
+    if method.get("train_a", True) or int(method.get("rank", 0)) <= 0 or device.type != "cuda":
+        return "false"
+    if float(method.get("dropout", 0.0)) > 0:
+        return "false"
+    return "merged" if tokens_per_batch >= hidden else "true"
+
+
+LAYER_NAMES = {"false": "two_matmul", "true": "stacked", "merged": "merged"}
+
+
+def compile_limits() -> None:
+    """torch.compile may keep up to RECOMPILE_LIMIT variants of a function (a model's blocks differ: the first takes
+    the embeddings, T5's first computes the position bias; every batch shape is one more), and a function that
+    needs more fails (a row) instead of silently running eager for the rest, as torch.compile does past 8.
+    Shapes stay static (one specialised variant per bucket, which is what a CUDA graph replays), not dynamic."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name first
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+            break
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, True)
+            break
+    if hasattr(cfg, "automatic_dynamic_shapes"):
+        cfg.automatic_dynamic_shapes = False
+
+
+def _unpacked(position_ids) -> None:
+    """transformers' `find_packed_sequence_indices` for batches known to hold one sequence a row: none packed."""
+
+
+@contextmanager
+def unseen_capture(hide: bool = True):
+    """Inside a whole-step capture, let transformers see no capture (`torch.cuda.is_current_stream_capturing()`
+    says False) when the batch has no attention mask (`hide`), so that it takes the path it takes in eager mode:
+    while a stream is captured, transformers 5.17 builds a full attention mask even when none was given, and SDPA,
+    handed a mask, left the flash kernel (on an H200 roberta-base's graphed step ran 6 fp32 GEMMs a layer). A batch
+    with padding keeps its mask and the capture stays visible, so that transformers builds the mask without reading
+    its values on the host.
+
+    Decoders: transformers reads their position ids on the host to find packed sequences
+    (`find_packed_sequence_indices`), which a capture forbids. A job's batches hold one sequence a row (position
+    ids are never passed), so the answer — none packed — is given without the read. With both, nothing in a
+    captured step reads a tensor's value on the host (tested for the three families). torch's own capture checks
+    (the optimizer's) ask the stream, not this function."""
+    from transformers import masking_utils
+
+    real = torch.cuda.is_current_stream_capturing
+    packed = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if hide:
+        torch.cuda.is_current_stream_capturing = lambda: False
+    if packed is not None:
+        masking_utils.find_packed_sequence_indices = _unpacked
+    try:
+        yield
+    finally:
+        torch.cuda.is_current_stream_capturing = real
+        if packed is not None:
+            masking_utils.find_packed_sequence_indices = packed
+
+
+def after_failed_capture(device: torch.device, graph, pool, stream) -> None:
+    """Put the process back as it was before a capture that failed. When the capture itself is invalid, torch's
+    `capture_end` raises before it stops routing the capture stream's allocations to the graph's private pool, the
+    graph never releases that pool, and `torch.cuda.graph` leaves the capture stream current: every later
+    allocation on that stream lands in a pool nothing frees (on the H200 a failed llama-7b capture kept 139.7 of
+    139.8 GiB, and every later setting was an out-of-memory row). So: the stream back, the pool's routing ended and
+    the pool released — only when the capture did not end, since a graph that ended its capture releases its
+    pool itself — and the CUDA generator reset."""
+    torch.cuda.set_stream(stream)
+    try:
+        graph.pool()  # raises unless the capture ended
+        ended = True
+    except RuntimeError:
+        ended = False
+    if not ended:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        for release in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+            try:
+                getattr(torch._C, release)(index, pool)
+            except Exception as err:  # noqa: BLE001 - best effort: the failure itself is reported by the caller
+                print(f"after the failed capture, torch._C.{release}: {type(err).__name__}: {err}", file=sys.stderr)
+    reset_cuda_rng(device)
+
+
+def reset_cuda_rng(device: torch.device) -> None:
+    """A failed capture leaves the default CUDA generator marked as capturing, so every later random draw (the
+    next setting's dropout) would fail too: give it a fresh state, seeded as before."""
+    gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    fresh = torch.Generator(device=device)
+    fresh.manual_seed(gen.initial_seed())
+    gen.graphsafe_set_state(fresh.graphsafe_get_state())
+
+
+class Diverged(RuntimeError):
+    """The training loss (or the gradient norm) became NaN or infinite."""
+
+
+def diverged(loss: float, norm: float | None, step: int) -> Diverged:
+    if not math.isfinite(loss):
+        return Diverged(f"training loss is {loss} at step {step}")
+    return Diverged(f"gradient norm is {norm} at step {step} (loss {loss:.4g})")
+
+
+class Accumulators:
+    """A job's per-step bookkeeping on the device: each step's loss (`losses[i]`), the index of the next step, and
+    the first step whose loss or gradient norm was not finite (-1: none). `read` brings what accumulated since the
+    last read to the host in one copy (the only synchronisation)."""
+
+    def __init__(self, steps: int, device: torch.device, start: int = 0):
+        self.losses = torch.zeros(max(steps, 1), dtype=torch.float32, device=device)
+        self.norms = torch.zeros(max(steps, 1), dtype=torch.float32, device=device)
+        self.index = torch.full((), start, dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.read_upto = start  # steps already read
+        self.reads = 0
+
+    def record(self, loss: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
+        """Device ops only (capturable): store the step's loss and norm, mark it if not finite; returns the
+        not-finite flag as a float (fused AdamW's `found_inf`)."""
+        bad = ~torch.isfinite(loss)
+        if norm is not None:
+            bad = bad | ~torch.isfinite(norm)
+            self.norms.index_copy_(0, self.index.view(1), norm.detach().float().view(1))
+        self.losses.index_copy_(0, self.index.view(1), loss.detach().float().view(1))
+        self.first_bad.copy_(torch.where((self.first_bad < 0) & bad, self.index, self.first_bad))
+        self.index.add_(1)
+        self.found_inf.copy_(bad.float())
+        return self.found_inf
+
+    def read(self, upto: int) -> tuple[list[float], list[float], int]:
+        """(losses, gradient norms of steps `read_upto`..`upto`-1, first non-finite step or -1): one host copy."""
+        start = self.read_upto
+        packed = torch.cat([self.losses[start:upto], self.norms[start:upto], self.first_bad.float().view(1)]).cpu()
+        self.read_upto = upto
+        self.reads += 1
+        n = upto - start
+        return packed[:n].tolist(), packed[n: 2 * n].tolist(), int(packed[-1])
+
+
+@dataclass
+class GraphStats:
+    captured: int = 0
+    replays: int = 0
+    eager_steps: int = 0
+    failures: int = 0
+    pool_bytes: int = 0  # reserved by the captures (their shared private pool), measured around each
+    errors: list[str] = field(default_factory=list)
+
+
+class TrainStep:
+    """A job's optimizer step over one micro-batch group (`run`), in the job's mode; see the module docstring.
+
+    `forward_backward(batch, scale)` returns the detached loss (device); the step adds clipping, the optimizer
+    and the accumulators. `device_checks`: divergence is kept on the device and the optimizer skips a non-finite
+    step by itself (fused AdamW); otherwise (foreach AdamW: CPU, several processes) the step reads the flag on
+    the host before updating, as eager training always did."""
+
+    def __init__(self, model: nn.Module, optimizer, *, mode: str, device: torch.device, amp: torch.dtype | None,
+                 max_grad_norm: float | None, accumulators: Accumulators, device_checks: bool,
+                 forward=None):
+        self.model, self.optimizer, self.mode, self.device, self.amp = model, optimizer, mode, device, amp
+        self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
+        self.acc, self.device_checks = accumulators, device_checks
+        self.forward = forward or model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.graphs: dict = {}  # shape key → (CUDAGraph, static inputs), or None: eager for good
+        self.seen: Counter = Counter()
+        self.stats = GraphStats()
+        self.pool = None
+        self.stream = torch.cuda.Stream(device) if mode in GRAPHED else None
+
+    def autocast(self):
+        # a captured step needs autocast's cast cache off (cached casts made during capture would be freed)
+        return torch.autocast(self.device.type, dtype=self.amp, cache_enabled=self.mode not in GRAPHED) \
+            if self.amp else nullcontext()
+
+    def context(self):
+        """Run the job's steps (and the rest of training) on the graphs' stream: warm-ups, captures and replays in
+        one order, and the data copies with them."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    def finish(self, loss: torch.Tensor, step: int) -> None:
+        """Clip, check, update, record — device ops only when `device_checks`; otherwise a non-finite loss or
+        gradient norm raises `Diverged` here, before the update."""
+        norm = None
+        if self.max_grad_norm and self.optimizer is not None:
+            norm = nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            if hasattr(norm, "full_tensor"):  # FSDP's DTensor norm
+                norm = norm.full_tensor()
+        found_inf = self.acc.record(loss, norm)
+        if not self.device_checks:
+            loss_v, norm_v = float(loss), (float(norm) if norm is not None else 0.0)
+            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+                raise diverged(loss_v, norm_v, step)
+        if self.optimizer is None:
+            return
+        if self.device_checks:
+            self.optimizer.found_inf = found_inf  # fused AdamW skips the whole update when it is 1
+        self.optimizer.step()
+
+    def eager(self, batch: dict, step: int, *, force_eager: bool = False) -> None:
+        """One micro-batch's forward, backward and the step's end (no gradient accumulation here)."""
+        stance = torch.compiler.set_stance("force_eager") if force_eager else nullcontext()
+        with stance:
+            with self.autocast():
+                loss = self.forward(**batch).loss
+            loss.backward()
+        self.finish(loss.detach().float(), step)
+        self.model.zero_grad(set_to_none=True)
+        self.stats.eager_steps += 1
+
+    def run(self, batch: dict, step: int, *, full: bool = True) -> None:
+        """One optimizer step on one (device) batch. Graph mode: a shape's first steps compiled and eager, then
+        captured and replayed from then on; a batch that is not `full` (an epoch's last) eager, uncompiled."""
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+        if self.mode not in GRAPHED or not full or self.graphs.get(key, ()) is None:
+            self.eager(batch, step, force_eager=not full and self.mode != "none")
+            return
+        if key in self.graphs:
+            graph, static = self.graphs[key]
+            for k, v in batch.items():
+                static[k].copy_(v, non_blocking=True)
+            graph.replay()
+            self.stats.replays += 1
+            return
+        self.seen[key] += 1
+        if self.seen[key] <= GRAPH_WARMUP:
+            self.eager(batch, step)
+            return
+        self._capture(key, batch, step)
+
+    def _capture(self, key, batch: dict, step: int) -> None:
+        from . import measure
+
+        static = {k: v.clone() for k, v in batch.items()}
+        self.model.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        pool = self.pool if self.pool is not None else torch.cuda.graph_pool_handle()
+        stream = torch.cuda.current_stream(self.device)
+        torch.cuda.synchronize(self.device)  # what `torch.cuda.graph` does on entry, first: the pool's growth alone
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device)
+        stance = torch.compiler.set_stance("fail_on_recompile") if self.mode == "graph" else nullcontext()
+        try:
+            with stance, torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"), \
+                    unseen_capture(hide="attention_mask" not in static):
+                with self.autocast():
+                    loss = self.forward(**static).loss
+                loss.backward()
+                self.finish(loss.detach().float(), step)
+        except Exception as err:  # noqa: BLE001 - this shape stays eager; the job goes on
+            after_failed_capture(self.device, graph, pool, stream)
+            self.model.zero_grad(set_to_none=True)
+            self.graphs[key] = None
+            self.stats.failures += 1
+            self.stats.errors.append(f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"[:300])
+            print(f"lorafa: capturing the step for shape {dict(key)} failed ({self.stats.errors[-1]}); "
+                  "that shape runs eager", file=sys.stderr)
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                measure.synchronize(self.device)
+                torch.cuda.empty_cache()
+            self.eager(batch, step, force_eager=True)
+            return
+        self.pool = pool
+        self.stats.pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - before)
+        self.model.zero_grad(set_to_none=True)  # the pool's gradients: read by the graph only
+        self.graphs[key] = (graph, static)
+        self.stats.captured += 1
+        graph.replay()  # the capture ran nothing: this batch's step
+        self.stats.replays += 1
+
+    def columns(self) -> dict:
+        return {"graph_shapes": self.stats.captured, "graph_replays": self.stats.replays,
+                "graph_failures": self.stats.failures, "graph_error": "; ".join(self.stats.errors)[:500],
+                "mem_graph_pool_gib": self.stats.pool_bytes / 1024**3 if self.mode in GRAPHED else float("nan")}

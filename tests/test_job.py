@@ -262,25 +262,25 @@ def test_a_killed_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(tmp_p
     assert straight["status"] == "ok" and straight["train_steps"] == 12
 
     calls = {"n": 0}
-    real_stop = measure.Throughput.stop
+    real_add = measure.Throughput.add  # called once a step
 
     def killed_at_step_9(self, *args):
         calls["n"] += 1
         if calls["n"] == 9:
             raise RuntimeError("killed")
-        return real_stop(self, *args)
+        return real_add(self, *args)
 
-    monkeypatch.setattr(measure.Throughput, "stop", killed_at_step_9)
+    monkeypatch.setattr(measure.Throughput, "add", killed_at_step_9)
     first = run(compose_cfg(common, tmp_path / "resumed"))
     assert first["status"] == "failed" and "killed" in first["error"]
     assert (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
 
     def counted(self, *args):
         calls["n"] += 1
-        return real_stop(self, *args)
+        return real_add(self, *args)
 
     calls["n"] = 0
-    monkeypatch.setattr(measure.Throughput, "stop", counted)
+    monkeypatch.setattr(measure.Throughput, "add", counted)
     resumed = run(compose_cfg([*common, "train.resume=true"], tmp_path / "resumed"))
     assert calls["n"] == 4  # steps 9–12 only: it continued, it did not start over
     assert resumed["status"] == "ok" and resumed["train_steps"] == 12 and resumed["epochs_completed"] == 2
@@ -333,7 +333,10 @@ def test_compiled_blocks_train_like_eager_and_keep_the_activation_accounting(cfg
 def test_train_compile_refuses_what_it_does_not_do(cfg_factory):
     from lorafa.checks import BadInput, check_config
 
-    with pytest.raises(BadInput, match=r"^train.compile=everything: expected none or blocks$"):
+    with pytest.raises(BadInput, match=r"^train.compile=everything: expected auto, none, blocks, graph or "
+                                       r"eager_graph$"):
         check_config(cfg_factory("train.compile=everything"))
     with pytest.raises(BadInput, match=r"train.strategy=fsdp"):
         check_config(cfg_factory("train.compile=blocks", "train.strategy=fsdp"))
+    with pytest.raises(BadInput, match=r"^train.compile=graph: not possible here: device cpu"):
+        run(cfg_factory("train.compile=graph", "train.max_steps=1"))  # refused before any row

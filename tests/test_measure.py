@@ -54,14 +54,27 @@ def test_memory_split_and_optimizer_state():
     assert cols["mem_peak_gib"] == 5 and cols["alloc_build_gib"] == 1 and cols["mem_source"] == "cuda_allocator"
 
 
-def test_throughput_leaves_out_warmup_steps():
+def test_throughput_leaves_out_warmup_steps_and_time_between_windows(monkeypatch):
+    """Steps are timed in windows between synchronisation points, not one by one: the warm-up steps' tokens and
+    the time before the warm-up ends, and time between a closed window and the next (evaluation), are left out."""
+    clock = iter([0.0, 5.0, 6.0, 8.0, 100.0, 103.0])
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
     t = measure.Throughput(torch.device("cpu"), warmup_steps=2)
-    for tokens in (1000, 1000, 10, 10):
-        t.start()
-        t.stop(tokens=tokens, samples=1)
+    t.synced(0)  # t=0: still in warm-up, no window opens
+    for step, tokens in enumerate((1000, 1000)):
+        t.add(step, tokens, 1)
+    t.synced(2)  # t=5: the warm-up is over: a window opens
+    for step in (2, 3):
+        t.add(step, 10, 1)
+    t.synced(4)  # t=6: 2 steps in 1 s
+    t.add(4, 10, 1)
+    t.synced(5, resume=False)  # t=8: 1 step in 2 s; evaluation follows
+    t.synced(5)  # t=100: the window reopens after it
+    t.add(5, 10, 1)
+    t.synced(6)  # t=103
     cols = t.columns()
-    assert cols["timed_steps"] == 2
-    assert cols["tokens_per_s"] == 20 / t.seconds and cols["samples_per_s"] == 2 / t.seconds
+    assert cols["timed_steps"] == 4 and t.seconds == 1 + 2 + 3
+    assert cols["tokens_per_s"] == 40 / 6 and cols["samples_per_s"] == 4 / 6
     assert measure.Throughput(torch.device("cpu"), 5).columns()["timed_steps"] == 0
 
 

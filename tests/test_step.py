@@ -1,0 +1,155 @@
+"""`lorafa.step` on CPU: which way a job steps, length buckets, the device-side accumulators and the sync-free loop.
+(That a graphed step trains like an eager one is the CUDA tier's: tests/test_gpu.py.)"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lorafa import step
+from lorafa.checks import BadInput
+from lorafa.job import run
+from lorafa.tasks import collate
+
+CUDA = torch.device("cuda")  # a device object only: nothing here touches a GPU
+CPU = torch.device("cpu")
+SMALL = ("task.max_train_samples=64", "task.max_eval_samples=32", "train.batch_size=8")
+
+
+def test_length_buckets():
+    assert [step.bucket_length(n, 32, 128) for n in (1, 31, 32, 33, 100, 127, 128)] == [32, 32, 32, 64, 128, 128, 128]
+    assert step.bucket_length(70, 64, 100) == 100  # never past the task's length
+    assert [step.bucket_length(n, 0, 128) for n in (1, 77)] == [1, 77]  # 0: each batch its longest
+    # auto: at most 8 shapes when compiled or graphed, a multiple of 32; 0 in eager mode
+    cfg = {"bucket": "auto"}
+    assert [step.bucket_multiple(cfg, n, "graph") for n in (64, 128, 512, 1024, 2048)] == [32, 32, 64, 128, 256]
+    assert step.bucket_multiple(cfg, 128, "eager_graph") == 32 and step.bucket_multiple(cfg, 128, "none") == 0
+    assert step.bucket_multiple({"bucket": 16}, 128, "none") == 16
+
+
+def test_collate_pads_inputs_and_unaligned_labels_to_their_buckets():
+    feats = [{"input_ids": [5, 6, 7], "labels": [1, 2]}, {"input_ids": [5], "labels": [3, 4, 5]}]
+    b = collate(feats, pad_id=0, pad_to=8, pad_labels_to=4)
+    assert b["input_ids"].shape == (2, 8) and b["labels"].shape == (2, 4)
+    assert b["attention_mask"].sum().item() == 4 and b["input_ids"][1, 1:].eq(0).all()
+    assert b["labels"][0].tolist() == [1, 2, -100, -100]
+    aligned = collate([{"input_ids": [5, 6], "labels": [5, 6]}], pad_id=0, pad_to=4, aligned_labels=True)
+    assert aligned["labels"].tolist() == [[5, 6, -100, -100]]
+
+
+def _cfg(cfg_factory, *overrides):
+    return cfg_factory(*overrides)
+
+
+def test_auto_is_a_graph_only_where_it_is_exact(cfg_factory):
+    plain = cfg_factory()
+    assert step.resolve_mode(plain, CPU, 10_000)[0] == "none"
+    assert step.resolve_mode(plain, CUDA, 100)[0] == "eager_graph"  # short: compiling would not pay
+    assert step.resolve_mode(plain, CUDA, step.COMPILE_MIN_STEPS)[0] == "graph"
+    blocked = {"train.grad_accum=2": "train.grad_accum=2", "method.gradient_checkpointing=true": "checkpointing",
+               "method.recompute=elementwise": "method.recompute=elementwise",
+               "method.dropout=0.1": "method.dropout=0.1 with A frozen"}
+    for override, why in blocked.items():
+        mode, reason = step.resolve_mode(cfg_factory(override), CUDA, 10_000)
+        assert mode == "none" and why in reason, (override, reason)
+        with pytest.raises(BadInput, match=r"^train.compile=graph: not possible here: .*" + why.split()[0]):
+            step.resolve_mode(cfg_factory(override, "train.compile=graph"), CUDA, 10_000)
+    # LoRA's dropout is nn.Dropout (graph-safe RNG): not a blocker
+    assert step.resolve_mode(cfg_factory("method=lora", "method.dropout=0.1"), CUDA, 10)[0] == "eager_graph"
+    assert step.resolve_mode(cfg_factory("train.compile=blocks"), CPU, 10) == ("blocks", "blocks")
+
+
+def test_the_lorafa_layer_rule():
+    fa = {"train_a": False, "rank": 8, "dropout": 0.0}
+    assert step.choose_layer(fa, CUDA, tokens_per_batch=32 * 128, hidden=768) == "merged"  # roberta-base 32×128
+    assert step.choose_layer(fa, CUDA, tokens_per_batch=4 * 512, hidden=4096) == "true"  # llama-7b 4×512: stacked
+    assert step.choose_layer({**fa, "dropout": 0.1}, CUDA, 4096, 768) == "false"  # stacked layers take no dropout
+    assert step.choose_layer(fa, CPU, 4096, 768) == "false"  # not measured off CUDA: as before
+    assert step.choose_layer({**fa, "train_a": True}, CUDA, 4096, 768) == "false"  # LoRA has no LoRA-FA layer
+
+
+def test_accumulators_keep_losses_and_the_first_non_finite_step_on_the_device():
+    acc = step.Accumulators(6, CPU)
+    for loss, norm in [(1.0, 0.5), (0.9, float("inf")), (float("nan"), 1.0), (0.7, 0.1)]:
+        flag = acc.record(torch.tensor(loss), torch.tensor(norm))
+        assert flag.item() == float(not (math.isfinite(loss) and math.isfinite(norm)))
+    losses, norms, first = acc.read(4)
+    assert losses[0] == 1.0 and math.isnan(losses[2]) and norms[1] == math.inf and first == 1
+    assert acc.read(4) == ([], [], 1) and acc.reads == 2  # nothing new; the first bad step stays the first
+    assert step.diverged(0.9, math.inf, 1).args[0] == "gradient norm is inf at step 1 (loss 0.9)"
+    assert step.diverged(math.nan, 1.0, 2).args[0] == "training loss is nan at step 2"
+
+
+def test_a_fused_job_reads_the_device_every_log_every_steps_and_trains_the_same(cfg_factory):
+    """The sync-free loop (fused AdamW: what a CUDA job runs, here on CPU): losses are read back every
+    `train.log_every` steps, not every step, and the history is the one read step by step."""
+    common = [*SMALL, "train.max_steps=14", "train.optimizer_impl=fused"]
+    every = run(cfg_factory(*common, "train.log_every=1"))
+    sparse = run(cfg_factory(*common, "train.log_every=5"))
+    assert every["status"] == sparse["status"] == "ok" and sparse["optimizer_impl"] == "fused"
+    assert list(sparse["loss_curve"]) == list(every["loss_curve"]) and len(sparse["loss_curve"]) == 14
+    assert sparse["score"] == every["score"]
+    # reads: 2 measured steps, the end of the warm-up (3), steps 5 and 10, the end of the epoch (8), the end (14),
+    # and once more before the last evaluation
+    assert sparse["log_reads"] <= 9 < every["log_reads"]
+    foreach = run(cfg_factory(*SMALL, "train.max_steps=14"))  # CPU's default: read and checked every step
+    assert foreach["optimizer_impl"] == "foreach" and foreach["log_reads"] >= 14
+    np.testing.assert_allclose(foreach["loss_curve"], every["loss_curve"], rtol=1e-4)
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_job_at_the_next_read(cfg_factory, monkeypatch):
+    """With fused AdamW the divergence check never stops the device: a NaN at step 7 takes no update (the weights
+    stay those of step 6) and the read after it raises, naming step 7, not the step of the read."""
+    real = step.TrainStep.finish
+    kept = {}
+
+    def poisoned(self, loss, at):
+        if at == 7:
+            kept["b"] = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            loss = loss * float("nan")
+        real(self, loss, at)
+        if at == 7:
+            kept["after"] = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    monkeypatch.setattr(step.TrainStep, "finish", poisoned)
+    row = run(cfg_factory(*SMALL, "train.max_steps=20", "train.optimizer_impl=fused", "train.log_every=5"))
+    assert row["status"] == "diverged" and row["error"] == "training loss is nan at step 7", row["error"]
+    for name, before in kept["b"].items():
+        assert torch.equal(before, kept["after"][name]), name  # found_inf: the update was skipped
+
+
+def test_eval_batched_by_length_scores_as_one_example_at_a_time(cfg_factory, monkeypatch):
+    """Evaluation sorts examples by length before batching (little padding); predictions go back in the examples'
+    order (checked with a prediction that is each example's own length), so the scores equal those of batches of
+    one."""
+    from lorafa import models, tasks, train
+    from lorafa.train import EvalSet, evaluate
+
+    cfg = cfg_factory("task.max_eval_samples=40")
+    data = tasks.load_data(cfg.task)
+    tok = models.load_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    net = models.build(cfg.model, num_labels=data.num_labels, device=CPU, dtype=torch.float32, tokenizer=tok)
+    poser = tasks.poser_for(net.family, data, cfg.task, tok)
+    frame = data.splits["validation"]
+    ev = EvalSet("validation", poser.encode(frame), frame["label"].to_numpy())
+    lengths = [len(f["input_ids"]) for f in ev.features]
+    assert len(set(lengths)) > 5 and lengths != sorted(lengths)  # lengths vary, and not in order
+    kw = {"device": CPU, "pad_id": tok.pad_token_id, "amp": None}
+    one = evaluate(net.model, poser, ev, ["accuracy"], batch_size=1, **kw)
+    batched = evaluate(net.model, poser, ev, ["accuracy"], batch_size=16, **kw)
+    assert batched["accuracy"] == one["accuracy"]
+    assert batched["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    seen = {}
+    monkeypatch.setattr(poser, "predict", lambda model, batch: batch["attention_mask"].sum(1).float())
+    monkeypatch.setattr(train, "compute_metrics", lambda metrics, refs, preds: seen.update(preds=preds) or {})
+    evaluate(net.model, poser, ev, ["accuracy"], batch_size=16, **kw)
+    assert seen["preds"].tolist() == lengths
+
+
+def test_job_rows_say_how_they_stepped(cfg_factory):
+    row = run(cfg_factory(*SMALL, "train.max_steps=4", "train.bucket=16"))
+    assert row["compile_mode"] == "none" and row["compile_reason"].startswith("auto: eager, device cpu")
+    assert row["bucket"] == 16 and row["measured_mode"] == "eager" and 0 < row["pad_frac"] < 1
+    assert row["layer"] == "two_matmul" and row["graph_shapes"] == 0

@@ -291,6 +291,9 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     if tcfg.get("resume") and ckpt.is_file():
         order, start = load_checkpoint(ckpt, model, optimizer, scheduler, generator, history, memory,
                                        job_signature(cfg), dist)
+    if optimizer is not None and mode in step_mod.GRAPHED:  # a checkpoint's lr values come back as CPU tensors
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
     acc = step_mod.Accumulators(steps, device, start=history.steps)
     stepper = step_mod.TrainStep(model, optimizer, mode=mode, device=device, amp=amp,
                                  max_grad_norm=tcfg.get("max_grad_norm"), accumulators=acc,
@@ -405,7 +408,7 @@ def _group_step(stepper: step_mod.TrainStep, wrapped: nn.Module, model: nn.Modul
         batch, real, comp = batch_of(idx, measured)
         meter = measure.SavedTensorMeter(model) if step == 0 and j == 0 else nullcontext()
         with distributed.sync_gradients(wrapped, dist, j == len(group) - 1), eager:
-            with meter, stepper.autocast():
+            with meter, (torch.autocast(device.type, dtype=stepper.amp) if stepper.amp else nullcontext()):
                 loss = wrapped(**batch).loss
             if step == 0 and j == 0:
                 memory.activations = meter.bytes

@@ -206,14 +206,16 @@ def test_a_graphed_job_trains_like_an_eager_one(cfg_factory, model, task):
     rows = {mode: run(cfg_factory(*common, f"train.compile={mode}")) for mode in ("none", "eager_graph", "graph")}
     eager = rows["none"]
     for mode, row in rows.items():
-        assert row["status"] == "ok" and row["compile_mode"] == mode, row["error"]
-        assert row["graph_failures"] == 0, row["graph_error"]
-        assert row["mem_activations_gib"] == eager["mem_activations_gib"]
-        assert row["optimizer_impl"] == "fused" and row["log_reads"] < 24
+        assert row["status"] == "ok" and row["compile_mode"] == mode, (mode, row["error"])
+        assert row["graph_failures"] == 0, (mode, row["graph_error"])
+        assert row["mem_activations_gib"] == eager["mem_activations_gib"], \
+            (mode, row["mem_activations_gib"], eager["mem_activations_gib"])
+        assert row["optimizer_impl"] == "fused" and row["log_reads"] < 24, (mode, row["log_reads"])
     for mode in step.GRAPHED:
         row = rows[mode]
-        assert row["graph_shapes"] >= 1 and row["graph_replays"] >= 24 - 2 - (step.GRAPH_WARMUP + 1) * 4 - 1, row
-        assert row["mem_graph_pool_gib"] > 0
+        assert row["graph_shapes"] >= 1 and row["graph_replays"] >= 24 - 2 - (step.GRAPH_WARMUP + 1) * 4 - 1, \
+            (mode, row["graph_shapes"], row["graph_replays"])
+        assert row["mem_graph_pool_gib"] > 0, (mode, row["mem_graph_pool_gib"])
         np.testing.assert_allclose(row["loss_curve"], eager["loss_curve"], rtol=3e-2, atol=3e-2, err_msg=mode)
     assert rows["graph"]["compiled_blocks"] > 0 and rows["eager_graph"]["compiled_blocks"] == 0
 

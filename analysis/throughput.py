@@ -66,10 +66,10 @@ for model, g in frame.groupby("model", sort=False):
 table = pd.DataFrame(lines)
 report.write_table(table, EXPERIMENT,
                    title="Training throughput of jobs (tokens/s after warm-up) and the benchmark's best setting",
-                   notes=["Command: python run.py -m experiments=throughput (jobs, mode graph: compiled blocks and "
-                          "the whole step as a CUDA graph); the bench: python -m lorafa.bench (results/README.md).",
-                          "Synthetic full-length batches, random-init weights, bf16 autocast, r = 8 on every "
-                          "linear layer; peak GiB: the allocator's steady-state peak of the measured (eager) steps.",
+                   notes=[("Command: python run.py -m experiments=throughput (jobs, mode graph: compiled blocks and "
+                          "the whole step as a CUDA graph); the bench: python -m lorafa.bench (results/README.md)."),
+                          ("Synthetic full-length batches, random-init weights, bf16 autocast, r = 8 on every "
+                          "linear layer; peak GiB: the allocator's steady-state peak of the measured (eager) steps."),
                           "Jobs: " + report.provenance(frame), "Bench: " + report.provenance(bench)])
 table
 
@@ -147,7 +147,7 @@ else:
 report.write_table(real, "throughput_real_data",
                    title="The MiniLM stand-in sweep (glue_roberta × movie_polarity): eager jobs against graphed",
                    notes=[f"Whole sweep, sum of job wall times: {total}.",
-                          "tokens/s counts real tokens; pad_frac: the share of the graphed batches' positions "
-                          "that were padding (length buckets of 32 up to 128).",
+                          ("tokens/s counts real tokens; pad_frac: the share of the graphed batches' positions "
+                          "that were padding (length buckets of 32 up to 128)."),
                           "Eager: " + report.provenance(eager_sweep), "Graphed: " + report.provenance(jobs)])
 real

@@ -213,6 +213,28 @@ def reset_cuda_rng(device: torch.device) -> None:
     gen.graphsafe_set_state(fresh.graphsafe_get_state())
 
 
+class DeviceLR:
+    """The optimizer's learning rates as device tensors that a captured step reads, kept current by the host-side
+    schedule. The optimizer and its scheduler are built with float rates (so the schedule's base rates stay
+    floats: a tensor base rate can be overwritten in place by the schedule's own updates), then each group's rate
+    becomes a tensor here; after every `scheduler.step()`, `refresh` copies the new rate into it — in place, so the
+    graphs see it — whether the scheduler wrote into the tensor or replaced it with a float."""
+
+    def __init__(self, optimizer, device: torch.device):
+        self.optimizer = optimizer
+        self.tensors = []
+        for group in optimizer.param_groups:
+            t = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            group["lr"] = t
+            self.tensors.append(t)
+
+    def refresh(self) -> None:
+        for t, group in zip(self.tensors, self.optimizer.param_groups):
+            if group["lr"] is not t:
+                t.fill_(float(group["lr"]))
+                group["lr"] = t
+
+
 class Diverged(RuntimeError):
     """The training loss (or the gradient norm) became NaN or infinite."""
 
@@ -271,12 +293,12 @@ class GraphStats:
 
 
 class TrainStep:
-    """A job's optimizer step over one micro-batch group (`run`), in the job's mode; see the module docstring.
-
-    `forward_backward(batch, scale)` returns the detached loss (device); the step adds clipping, the optimizer
-    and the accumulators. `device_checks`: divergence is kept on the device and the optimizer skips a non-finite
-    step by itself (fused AdamW); otherwise (foreach AdamW: CPU, several processes) the step reads the flag on
-    the host before updating, as eager training always did."""
+    """A job's optimizer step in the job's mode (see the module docstring): `run` takes one micro-batch through
+    the whole step (eager, or captured and replayed); `finish` ends a step whose forwards and backwards ran
+    elsewhere (`lorafa.train._group_step`: measured steps, gradient accumulation, several processes) with clipping,
+    the check, the update and the accumulators. `device_checks`: divergence is kept on the device and the
+    optimizer skips a non-finite step by itself (fused AdamW); otherwise (foreach AdamW: CPU, several processes)
+    the step reads the flag on the host before updating, as eager training always did."""
 
     def __init__(self, model: nn.Module, optimizer, *, mode: str, device: torch.device, amp: torch.dtype | None,
                  max_grad_norm: float | None, accumulators: Accumulators, device_checks: bool,
@@ -395,4 +417,4 @@ class TrainStep:
     def columns(self) -> dict:
         return {"graph_shapes": self.stats.captured, "graph_replays": self.stats.replays,
                 "graph_failures": self.stats.failures, "graph_error": "; ".join(self.stats.errors)[:500],
-                "mem_graph_pool_gib": self.stats.pool_bytes / 1024**3 if self.mode in GRAPHED else float("nan")}
+                "mem_graph_pool_gib": self.stats.pool_bytes / 1024**3}  # 0: no graph

@@ -80,8 +80,7 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -
 
 
 def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False, capturable: bool = False,
-                   b_lr_ratio: float = 1.0, lr: float | None = None,
-                   lr_device: torch.device | None = None) -> torch.optim.Optimizer | None:
+                   b_lr_ratio: float = 1.0, lr: float | None = None) -> torch.optim.Optimizer | None:
     """AdamW over the trainable parameters; None when nothing trains (`method=frozen` on a model without a
     task head: backward runs, for its memory, and no step is taken). `fused`: torch's fused CUDA kernel (one
     launch for all parameters; `lorafa.bench` uses it for every method); `capturable`: its state on the device, so
@@ -89,8 +88,8 @@ def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False, capt
     train at that multiple of `train.lr`, everything else (A where it trains, the task head, a trained base) at
     `train.lr` itself — LoRA+'s per-matrix learning rate, the LoRA-FA recipe's one knob (docs/recipe.md).
     `lr`: the base learning rate, when not `train.lr` (a protocol's grid scales it: `lorafa.protocols.lr_of`).
-    `lr_device`: each group's lr a tensor there, which the schedule rewrites in place and a captured step reads
-    (a Python float would be frozen into the graph)."""
+    A captured step reads the rates from device tensors (`lorafa.step.DeviceLR`): a float would be frozen into the
+    graph."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:  # biases and LayerNorm/RMSNorm weights: no decay
@@ -100,9 +99,6 @@ def make_optimizer(model: nn.Module, tcfg: DictConfig, fused: bool = False, capt
     lr, ratio = float(tcfg.lr if lr is None else lr), float(b_lr_ratio)
     params = [{"params": ps, "weight_decay": float(tcfg.weight_decay) if decay else 0.0,
                "lr": lr * ratio if is_b else lr} for (decay, is_b), ps in sorted(groups.items(), reverse=True)]
-    if lr_device is not None:
-        for group in params:
-            group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=lr_device)
     return torch.optim.AdamW(params, lr=lr, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
                              **({"fused": True} if fused else {}), **({"capturable": True} if capturable else {}))
 
@@ -261,8 +257,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     device_checks = device.type == "cuda" and not dist.enabled if str(tcfg.get("optimizer_impl", "auto")) == "auto" \
         else str(tcfg.optimizer_impl) == "fused"
     optimizer = make_optimizer(model, tcfg, fused=device_checks, capturable=mode in step_mod.GRAPHED,
-                               b_lr_ratio=float(cfg.method.get("b_lr_ratio", 1.0)), lr=protocols.lr_of(cfg),
-                               lr_device=device if mode in step_mod.GRAPHED else None)
+                               b_lr_ratio=float(cfg.method.get("b_lr_ratio", 1.0)), lr=protocols.lr_of(cfg))
     steps = total_steps(len(train_features), tcfg, dist)
     warmup = int(tcfg.warmup_steps) if tcfg.get("warmup_steps") else math.ceil(float(tcfg.warmup_ratio) * steps)
     scheduler = linear_schedule(optimizer, warmup, steps) if optimizer else None
@@ -291,9 +286,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     if tcfg.get("resume") and ckpt.is_file():
         order, start = load_checkpoint(ckpt, model, optimizer, scheduler, generator, history, memory,
                                        job_signature(cfg), dist)
-    if optimizer is not None and mode in step_mod.GRAPHED:  # a checkpoint's lr values come back as CPU tensors
-        for group in optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+    # graphs read the rates from device tensors (after a resume too: a checkpoint's come back as CPU tensors)
+    device_lr = step_mod.DeviceLR(optimizer, device) if optimizer is not None and mode in step_mod.GRAPHED else None
     acc = step_mod.Accumulators(steps, device, start=history.steps)
     stepper = step_mod.TrainStep(model, optimizer, mode=mode, device=device, amp=amp,
                                  max_grad_norm=tcfg.get("max_grad_norm"), accumulators=acc,
@@ -358,6 +352,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
                     stepper.run(batch, step, full=len(group[0]) == bs)
                 if scheduler is not None:
                     scheduler.step()
+                    if device_lr is not None:
+                        device_lr.refresh()
                 taken += 1
                 throughput.add(step, tokens, samples)
                 if step >= throughput.warmup:

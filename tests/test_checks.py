@@ -56,6 +56,12 @@ CASES = {
                                  "task.max_seq_len=4096: larger than the model's 512 positions"),
     "model.path missing": (["model=local", "model.path=/nonexistent/ckpt"],
                            "model.path=/nonexistent/ckpt: no such directory"),
+    "compile unknown": (["train.compile=fast"], "train.compile=fast: expected auto, none, blocks, graph or eager_graph"),
+    "graph on CPU": (["train.compile=graph"], "train.compile=graph: not possible here: device cpu"),
+    "bucket negative": (["train.bucket=-32"], "train.bucket=-32: expected auto or an integer ≥ 0"),
+    "log_every 0": (["train.log_every=0"], "train.log_every=0: expected an integer ≥ 1"),
+    "optimizer unknown": (["train.optimizer_impl=apex"], "train.optimizer_impl=apex: expected auto, fused or foreach"),
+    "LoRA-FA layer unknown": (["method.stacked=twice"], "method.stacked=twice: expected auto, false, true or merged"),
 }
 
 

@@ -249,15 +249,18 @@ def test_frozen_model_is_the_activation_lower_bound(cfg_factory, model):
     assert lora["mem_activations_gib"] > 1.1 * frozen["mem_activations_gib"]
 
 
-def test_a_killed_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_a_killed_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(tmp_path, monkeypatch, impl):
     """12 steps over 2 epochs, checkpoints every 4, killed during step 9: the resumed run (train.resume=true, same
     job dir) continues from step 8 — mid-epoch — and its loss curve and scores equal the uninterrupted run's
-    exactly (LoRA-FA with adapter dropout: the RNG and the data order are restored too)."""
+    exactly (LoRA-FA with adapter dropout: the RNG and the data order are restored too). `fused`: the loop of a CUDA
+    job, whose losses stay on the device between reads (`train.log_every`)."""
     from lorafa import measure
     from lorafa.job import run
 
     common = ["model=tiny-roberta", "method=lorafa", "task.max_train_samples=48", "task.max_eval_samples=32",
-              "train.batch_size=8", "train.epochs=2", "train.checkpoint_every=4", "method.dropout=0.1"]
+              "train.batch_size=8", "train.epochs=2", "train.checkpoint_every=4", "method.dropout=0.1",
+              f"train.optimizer_impl={impl}", "train.log_every=5"]
     straight = run(compose_cfg(common, tmp_path / "straight"))
     assert straight["status"] == "ok" and straight["train_steps"] == 12
 

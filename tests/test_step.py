@@ -153,3 +153,35 @@ def test_job_rows_say_how_they_stepped(cfg_factory):
     assert row["compile_mode"] == "none" and row["compile_reason"].startswith("auto: eager, device cpu")
     assert row["bucket"] == 16 and row["measured_mode"] == "eager" and 0 < row["pad_frac"] < 1
     assert row["layer"] == "two_matmul" and row["graph_shapes"] == 0
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_device_lr_tensors_follow_the_schedule_and_stay_the_same_tensors(in_place, monkeypatch):
+    """A captured step reads each group's lr from one device tensor for its whole life: the schedule must move
+    that tensor's value, step for step as with float rates — whether torch's scheduler writes into the tensor
+    (`in_place`) or replaces it with a float — and its base rates must stay the configured ones (a tensor base
+    rate would be overwritten by the in-place updates and compound the decay)."""
+    from lorafa.train import linear_schedule
+
+    def build():
+        w = torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.AdamW([{"params": [w], "lr": 1e-3}, {"params": [torch.nn.Parameter(torch.ones(2))],
+                                                                "lr": 4e-3}])
+        return opt, linear_schedule(opt, 2, 10)
+
+    ref_opt, ref = build()
+    opt, sched = build()
+    if not in_place:  # a torch whose scheduler assigns the new rate instead of filling the tensor
+        import torch.optim.lr_scheduler as lrs
+        monkeypatch.setattr(lrs, "_update_param_group_val", lambda group, key, val: group.__setitem__(key, float(val)))
+    device_lr = step.DeviceLR(opt, CPU)
+    captured = list(device_lr.tensors)
+    for _ in range(9):
+        ref_opt.step()  # no gradients: nothing moves; the schedule's order (optimizer, then scheduler) is kept
+        opt.step()
+        ref.step()
+        sched.step()
+        device_lr.refresh()
+        assert [g["lr"] for g in opt.param_groups] == captured  # the very tensors a graph would read
+        np.testing.assert_allclose([t.item() for t in captured], [g["lr"] for g in ref_opt.param_groups], rtol=1e-6)
+    assert captured[0].item() == pytest.approx(1e-3 * 1 / 8)  # step 9 of 10 after 2 warm-up: (10 - 9) / 8

@@ -1,4 +1,5 @@
-"""One training step, three ways — the step a job runs (`lorafa.train.fit`) and the bench measures (`lorafa.bench`).
+"""A job's training step (`lorafa.train.fit`), run the way the bench's fastest mode runs its step (`lorafa.bench`,
+which shares the capture code here).
 
 `train.compile` picks the way:
   none    eager PyTorch
@@ -6,7 +7,7 @@
   graph   compiled blocks, and the whole step — forward, backward, gradient clipping, the fused capturable AdamW
           step, the loss and divergence bookkeeping — captured as one CUDA graph per batch shape and replayed: no
           Python, dispatch or kernel launches per step. The learning-rate schedule writes the optimizer's lr
-          tensors, which the graph reads.
+          tensors (`DeviceLR`), which the graph reads.
   eager_graph  the same whole-step CUDA graphs of eager kernels: nothing compiled, so a new batch shape costs one
           capture (milliseconds), not a compilation (seconds)
   auto    a graph where it is exact (`graph_blockers` lists what rules it out: CPU, several processes, gradient

@@ -214,6 +214,42 @@ def reset_cuda_rng(device: torch.device) -> None:
     gen.graphsafe_set_state(fresh.graphsafe_get_state())
 
 
+def capture(body, *, device: torch.device, pool, hide: bool, strict: bool):
+    """`body` (one whole training step) captured as a CUDA graph on the current stream, in `pool` (a new one when
+    None); returns (graph, pool). The capture runs nothing: the step runs at each `replay()`. `strict`: compiled
+    code must not recompile inside the capture (compiling launches work that invalidates it; a recompile raises at
+    once, naming its guard). `hide`: transformers is not told of the capture (`unseen_capture`). A failed capture
+    is cleaned up (`after_failed_capture`) and re-raised. (Tests put a stand-in here to run the graph logic on
+    CPU.)"""
+    graph = torch.cuda.CUDAGraph()
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    stream = torch.cuda.current_stream(device)
+    stance = torch.compiler.set_stance("fail_on_recompile") if strict else nullcontext()
+    try:
+        # thread_local: the backward runs in autograd's device thread, which is part of this capture
+        with stance, torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"), \
+                unseen_capture(hide=hide):
+            body()
+    except Exception:
+        after_failed_capture(device, graph, pool, stream)
+        raise
+    return graph, pool
+
+
+def _reserved(device: torch.device) -> int:
+    return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+
+
+def _reserved_after_release(device: torch.device) -> int:
+    """Bytes the caching allocator reserves once the device is idle and cached blocks are given back (what
+    `torch.cuda.graph` does on entry, first: a capture's pool growth is then its own)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved(device)
+
+
 class DeviceLR:
     """The optimizer's learning rates as device tensors that a captured step reads, kept current by the host-side
     schedule. The optimizer and its scheduler are built with float rates (so the schedule's base rates stay
@@ -313,7 +349,7 @@ class TrainStep:
         self.seen: Counter = Counter()
         self.stats = GraphStats()
         self.pool = None
-        self.stream = torch.cuda.Stream(device) if mode in GRAPHED else None
+        self.stream = torch.cuda.Stream(device) if mode in GRAPHED and device.type == "cuda" else None
 
     def autocast(self):
         # a captured step needs autocast's cast cache off (cached casts made during capture would be freed)
@@ -376,26 +412,20 @@ class TrainStep:
         self._capture(key, batch, step)
 
     def _capture(self, key, batch: dict, step: int) -> None:
-        from . import measure
-
         static = {k: v.clone() for k, v in batch.items()}
         self.model.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
-        graph = torch.cuda.CUDAGraph()
-        pool = self.pool if self.pool is not None else torch.cuda.graph_pool_handle()
-        stream = torch.cuda.current_stream(self.device)
-        torch.cuda.synchronize(self.device)  # what `torch.cuda.graph` does on entry, first: the pool's growth alone
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved(self.device)
-        stance = torch.compiler.set_stance("fail_on_recompile") if self.mode == "graph" else nullcontext()
+
+        def body():
+            with self.autocast():
+                loss = self.forward(**static).loss
+            loss.backward()
+            self.finish(loss.detach().float(), step)
+
+        before = _reserved_after_release(self.device)
         try:
-            with stance, torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"), \
-                    unseen_capture(hide="attention_mask" not in static):
-                with self.autocast():
-                    loss = self.forward(**static).loss
-                loss.backward()
-                self.finish(loss.detach().float(), step)
+            graph, self.pool = capture(body, device=self.device, pool=self.pool,
+                                       hide="attention_mask" not in static, strict=self.mode == "graph")
         except Exception as err:  # noqa: BLE001 - this shape stays eager; the job goes on
-            after_failed_capture(self.device, graph, pool, stream)
             self.model.zero_grad(set_to_none=True)
             self.graphs[key] = None
             self.stats.failures += 1
@@ -403,12 +433,10 @@ class TrainStep:
             print(f"lorafa: capturing the step for shape {dict(key)} failed ({self.stats.errors[-1]}); "
                   "that shape runs eager", file=sys.stderr)
             if isinstance(err, torch.cuda.OutOfMemoryError):
-                measure.synchronize(self.device)
-                torch.cuda.empty_cache()
+                _reserved_after_release(self.device)
             self.eager(batch, step, force_eager=True)
             return
-        self.pool = pool
-        self.stats.pool_bytes += max(0, torch.cuda.memory_reserved(self.device) - before)
+        self.stats.pool_bytes += max(0, _reserved(self.device) - before)
         self.model.zero_grad(set_to_none=True)  # the pool's gradients: read by the graph only
         self.graphs[key] = (graph, static)
         self.stats.captured += 1

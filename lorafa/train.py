@@ -256,7 +256,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     # one process on CUDA: fused AdamW, which skips a non-finite step by itself, so nothing is read per step
     device_checks = device.type == "cuda" and not dist.enabled if str(tcfg.get("optimizer_impl", "auto")) == "auto" \
         else str(tcfg.optimizer_impl) == "fused"
-    optimizer = make_optimizer(model, tcfg, fused=device_checks, capturable=mode in step_mod.GRAPHED,
+    optimizer = make_optimizer(model, tcfg, fused=device_checks,
+                               capturable=mode in step_mod.GRAPHED and device.type == "cuda",
                                b_lr_ratio=float(cfg.method.get("b_lr_ratio", 1.0)), lr=protocols.lr_of(cfg))
     steps = total_steps(len(train_features), tcfg, dist)
     warmup = int(tcfg.warmup_steps) if tcfg.get("warmup_steps") else math.ceil(float(tcfg.warmup_ratio) * steps)

@@ -185,3 +185,53 @@ def test_device_lr_tensors_follow_the_schedule_and_stay_the_same_tensors(in_plac
         assert [g["lr"] for g in opt.param_groups] == captured  # the very tensors a graph would read
         np.testing.assert_allclose([t.item() for t in captured], [g["lr"] for g in ref_opt.param_groups], rtol=1e-6)
     assert captured[0].item() == pytest.approx(1e-3 * 1 / 8)  # step 9 of 10 after 2 warm-up: (10 - 9) / 8
+
+
+class FakeGraph:
+    """A stand-in for a captured CUDA graph on CPU: capturing runs nothing, each replay runs the captured step on
+    the graph's static inputs — as a real graph does — and leaves the gradients' Python attributes as a replay
+    does (untouched: None)."""
+
+    def __init__(self, body):
+        self.body = body
+        owner = next(c.cell_contents for c in body.__closure__ if isinstance(c.cell_contents, step.TrainStep))
+        self.params = list(owner.model.parameters())
+        self.replays = 0
+
+    def replay(self):
+        self.body()
+        self.replays += 1
+        for p in self.params:
+            p.grad = None
+
+
+def test_the_graph_modes_logic_on_cpu_trains_exactly_as_eager(cfg_factory, monkeypatch):
+    """The graph modes' bookkeeping, run on CPU with a stand-in capture (`FakeGraph`): per-shape warm-up, capture
+    and replays from static inputs refilled each step, several length buckets sharing the run, an epoch's partial
+    batch eager, a failed capture leaving its shape eager — the loss curve and scores equal eager's (to float32
+    rounding)."""
+    captures = []
+
+    def fake_capture(body, *, device, pool, hide, strict):
+        static = next(c.cell_contents for c in body.__closure__ if isinstance(c.cell_contents, dict))
+        key = tuple(t.shape[1] for t in static.values() if t.ndim == 2)
+        captures.append(key)
+        if len(captures) == 2:  # the second shape's capture fails: that shape runs eager from then on
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return FakeGraph(body), "pool"
+
+    common = [*SMALL, "task.max_train_samples=90", "train.batch_size=4", "task.max_seq_len=64", "train.bucket=16",
+              "train.epochs=2", "train.optimizer_impl=fused", "train.log_every=4"]
+    eager = run(cfg_factory(*common, "train.compile=none"))
+    monkeypatch.setattr(step, "graph_blockers", lambda cfg, device: [])
+    monkeypatch.setattr(step, "capture", fake_capture)
+    graphed = run(cfg_factory(*common, "train.compile=eager_graph"))
+    assert eager["status"] == graphed["status"] == "ok", graphed["error"]
+    assert graphed["compile_mode"] == "eager_graph" and graphed["bucket"] == 16
+    assert len(set(captures)) == len(captures) >= 2  # one capture a shape, at least two shapes met
+    assert graphed["graph_shapes"] == len(captures) - 1 and graphed["graph_failures"] == 1
+    assert "operation not permitted" in graphed["graph_error"]
+    assert graphed["graph_replays"] >= 5
+    # equal up to float32 rounding: graphs read lr from float32 tensors, eager from Python floats
+    np.testing.assert_allclose(graphed["loss_curve"], eager["loss_curve"], rtol=1e-5)
+    assert graphed["score"] == eager["score"] and graphed["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-5)

@@ -322,7 +322,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
         labels_to = None
         if not aligned and multiple and not measured and isinstance(chunk[0].get("labels"), list):
             labels_to = step_mod.bucket_length(max(len(f["labels"]) for f in chunk), multiple, label_cap)
-        host = collate(chunk, pad_id, pad_to=width, aligned_labels=aligned, pad_labels_to=labels_to)
+        host = _inputs(collate(chunk, pad_id, pad_to=width, aligned_labels=aligned, pad_labels_to=labels_to))
         real = count_tokens(host, poser.family)
         computed = host["input_ids"].numel() + (host["labels"].numel() if poser.family == "encoder-decoder" else 0)
         if mode != "none" and bool(host["attention_mask"].all()):

@@ -45,9 +45,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .step import CAPTURE_WARMUP, unseen_capture  # the capture jobs share (`lorafa.step`)
 from .step import after_failed_capture as _after_failed_capture
 from .step import compile_limits as _compile_limits
+from .step import unseen_capture  # the capture code jobs share (`lorafa.step`)
 
 METHODS = ("full", "lora", "lorafa", "lorafa_v2")
 MODES = ("eager", "compile", "graph", "compile_graph", "cudagraphs")
@@ -56,6 +56,7 @@ DEFAULT_CUDA_MODES = ("eager", "compile", "graph", "compile_graph")
 SHAPES = {"roberta-base": (32, 128), "roberta-large": (32, 128), "t5-large": (32, 128), "t5-base": (32, 128),
           "llama-7b": (4, 512), "llama-13b": (4, 512)}
 DEFAULT_SHAPE = (4, 32)  # tiny models (smoke runs)
+CAPTURE_WARMUP = 3  # eager (or compiling) steps on a side stream before a whole-step capture
 TARGET_LEN = 128  # T5's target length (the issue's 32 × 128 + 128 targets)
 
 

@@ -42,11 +42,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-MODES = ("auto", "none", "blocks", "graph", "eager_graph")
 GRAPHED = ("graph", "eager_graph")
 COMPILED = ("blocks", "graph")
 COMPILE_MIN_STEPS = 2000  # auto: compile the blocks under the graphs only for jobs this long (see `resolve_mode`)
-CAPTURE_WARMUP = 3  # the bench: eager (or compiling) steps on a side stream before a whole-step capture
 GRAPH_WARMUP = 2  # a job: compiled steps of a shape before it is captured (the first compiles)
 RECOMPILE_LIMIT = 64
 
@@ -323,7 +321,6 @@ class Accumulators:
 class GraphStats:
     captured: int = 0
     replays: int = 0
-    eager_steps: int = 0
     failures: int = 0
     pool_bytes: int = 0  # reserved by the captures (their shared private pool), measured around each
     errors: list[str] = field(default_factory=list)
@@ -380,16 +377,18 @@ class TrainStep:
             self.optimizer.found_inf = found_inf  # fused AdamW skips the whole update when it is 1
         self.optimizer.step()
 
-    def eager(self, batch: dict, step: int, *, force_eager: bool = False) -> None:
-        """One micro-batch's forward, backward and the step's end (no gradient accumulation here)."""
-        stance = torch.compiler.set_stance("force_eager") if force_eager else nullcontext()
-        with stance:
-            with self.autocast():
-                loss = self.forward(**batch).loss
-            loss.backward()
+    def _whole(self, batch: dict, step: int) -> None:
+        """One micro-batch's forward, backward and the step's end: what a graph captures, or eager runs."""
+        with self.autocast():
+            loss = self.forward(**batch).loss
+        loss.backward()
         self.finish(loss.detach().float(), step)
+
+    def eager(self, batch: dict, step: int, *, force_eager: bool = False) -> None:
+        """The whole step, run eagerly (compiled blocks stay compiled unless `force_eager`)."""
+        with torch.compiler.set_stance("force_eager") if force_eager else nullcontext():
+            self._whole(batch, step)
         self.model.zero_grad(set_to_none=True)
-        self.stats.eager_steps += 1
 
     def run(self, batch: dict, step: int, *, full: bool = True) -> None:
         """One optimizer step on one (device) batch. Graph mode: a shape's first steps compiled and eager, then
@@ -416,10 +415,7 @@ class TrainStep:
         self.model.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
 
         def body():
-            with self.autocast():
-                loss = self.forward(**static).loss
-            loss.backward()
-            self.finish(loss.detach().float(), step)
+            self._whole(static, step)
 
         before = _reserved_after_release(self.device)
         try:

@@ -137,7 +137,6 @@ class Setting:
         whole-network capture recipe: 3 warm-up steps on a side stream (compiles what is compiled), then the
         capture with gradients unset, so backward allocates them in the graph's pool and every replay rewrites
         them. No CPU work is left per step: no Python, no dispatch, no kernel launches."""
-        assert "attention_mask" not in self.batch, "`unseen_capture` needs batches without a mask"
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):

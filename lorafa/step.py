@@ -149,32 +149,49 @@ def _unpacked(position_ids) -> None:
     """transformers' `find_packed_sequence_indices` for batches known to hold one sequence a row: none packed."""
 
 
-@contextmanager
-def unseen_capture(hide: bool = True):
-    """Inside a whole-step capture, let transformers see no capture (`torch.cuda.is_current_stream_capturing()`
-    says False) when the batch has no attention mask (`hide`), so that it takes the path it takes in eager mode:
-    while a stream is captured, transformers 5.17 builds a full attention mask even when none was given, and SDPA,
-    handed a mask, left the flash kernel (on an H200 roberta-base's graphed step ran 6 fp32 GEMMs a layer). A batch
-    with padding keeps its mask and the capture stays visible, so that transformers builds the mask without reading
-    its values on the host.
+def _mask_traced(real):
+    """transformers' `is_tracing` for masking_utils inside a capture: a padding mask counts as traced (its values are
+    not read to decide whether it may be skipped); everything else gets the real answer."""
 
-    Decoders: transformers reads their position ids on the host to find packed sequences
-    (`find_packed_sequence_indices`), which a capture forbids. A job's batches hold one sequence a row (position
-    ids are never passed), so the answer — none packed — is given without the read. With both, nothing in a
-    captured step reads a tensor's value on the host (tested for the three families). torch's own capture checks
-    (the optimizer's) ask the stream, not this function."""
+    def is_tracing(tensor=None) -> bool:
+        return tensor is not None or real(tensor)
+
+    return is_tracing
+
+
+@contextmanager
+def unseen_capture():
+    """Inside a whole-step capture, transformers takes the path it takes in an eager step of the same batch and
+    reads no tensor value on the host:
+
+    - `torch.cuda.is_current_stream_capturing()` says False. Told of a capture, transformers 5.17 builds full
+      attention masks even where none is needed (no padding mask; a decoder's causal mask, which eager leaves to
+      SDPA's `is_causal`): SDPA, handed a mask, leaves the flash kernel (on an H200 roberta-base's graphed step ran 6
+      fp32 GEMMs a layer), and compiled blocks warmed up eagerly meet a mask they were not compiled for and must
+      recompile inside the capture (T5's decoder on padded batches did).
+    - masking_utils takes a padding mask as traced: it builds the mask without reading the values to see whether
+      the mask could be skipped. Eager decides the same for every batch a graph captures, since a job drops a mask
+      without padding before the step.
+    - Decoders: transformers reads their position ids on the host to find packed sequences
+      (`find_packed_sequence_indices`). A job's batches hold one sequence a row (position ids are never passed), so
+      the answer — none packed — is given without the read.
+
+    With these, nothing in a captured step reads a tensor's value on the host (tested for the three families, with
+    and without padding). torch's own capture checks (the optimizer's) ask the stream, not this function."""
     from transformers import masking_utils
 
     real = torch.cuda.is_current_stream_capturing
     packed = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if hide:
-        torch.cuda.is_current_stream_capturing = lambda: False
+    tracing = masking_utils.is_tracing
+    torch.cuda.is_current_stream_capturing = lambda: False
+    masking_utils.is_tracing = _mask_traced(tracing)
     if packed is not None:
         masking_utils.find_packed_sequence_indices = _unpacked
     try:
         yield
     finally:
         torch.cuda.is_current_stream_capturing = real
+        masking_utils.is_tracing = tracing
         if packed is not None:
             masking_utils.find_packed_sequence_indices = packed
 
@@ -212,11 +229,11 @@ def reset_cuda_rng(device: torch.device) -> None:
     gen.graphsafe_set_state(fresh.graphsafe_get_state())
 
 
-def capture(body, *, device: torch.device, pool, hide: bool, strict: bool):
+def capture(body, *, device: torch.device, pool, strict: bool):
     """`body` (one whole training step) captured as a CUDA graph on the current stream, in `pool` (a new one when
     None); returns (graph, pool). The capture runs nothing: the step runs at each `replay()`. `strict`: compiled
     code must not recompile inside the capture (compiling launches work that invalidates it; a recompile raises at
-    once, naming its guard). `hide`: transformers is not told of the capture (`unseen_capture`). A failed capture
+    once, naming its guard). transformers is not told of the capture (`unseen_capture`). A failed capture
     is cleaned up (`after_failed_capture`) and re-raised. (Tests put a stand-in here to run the graph logic on
     CPU.)"""
     graph = torch.cuda.CUDAGraph()
@@ -226,7 +243,7 @@ def capture(body, *, device: torch.device, pool, hide: bool, strict: bool):
     try:
         # thread_local: the backward runs in autograd's device thread, which is part of this capture
         with stance, torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"), \
-                unseen_capture(hide=hide):
+                unseen_capture():
             body()
     except Exception:
         after_failed_capture(device, graph, pool, stream)
@@ -419,8 +436,7 @@ class TrainStep:
 
         before = _reserved_after_release(self.device)
         try:
-            graph, self.pool = capture(body, device=self.device, pool=self.pool,
-                                       hide="attention_mask" not in static, strict=self.mode == "graph")
+            graph, self.pool = capture(body, device=self.device, pool=self.pool, strict=self.mode == "graph")
         except Exception as err:  # noqa: BLE001 - this shape stays eager; the job goes on
             self.model.zero_grad(set_to_none=True)
             self.graphs[key] = None

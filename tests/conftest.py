@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorafa  # noqa: F401  (registers the ${asset:} resolver)
 
@@ -48,3 +50,19 @@ def offline(monkeypatch):
     sources.hub_reachable.cache_clear()
     yield
     sources.hub_reachable.cache_clear()
+
+
+class HostReads(TorchDispatchMode):
+    """Every host read of a tensor's value (`.item()`, `bool(t)`, `float(t)`) met while active, with where it came
+    from: each goes through one operator, `aten._local_scalar_dense`. A CUDA graph capture fails at the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            import traceback
+
+            self.reads.append("".join(traceback.format_stack(limit=6)[:-1]))
+        return func(*args, **(kwargs or {}))

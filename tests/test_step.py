@@ -212,7 +212,7 @@ def test_the_graph_modes_logic_on_cpu_trains_exactly_as_eager(cfg_factory, monke
     rounding)."""
     captures = []
 
-    def fake_capture(body, *, device, pool, hide, strict):
+    def fake_capture(body, *, device, pool, strict):
         static = next(c.cell_contents for c in body.__closure__ if isinstance(c.cell_contents, dict))
         key = tuple(t.shape[1] for t in static.values() if t.ndim == 2)
         captures.append(key)

@@ -149,5 +149,39 @@ report.write_table(real, "throughput_real_data",
                    notes=[f"Whole sweep, sum of job wall times: {total}.",
                           ("tokens/s counts real tokens; pad_frac: the share of the graphed batches' positions "
                           "that were padding (length buckets of 32 up to 128)."),
-                          "Eager: " + report.provenance(eager_sweep), "Graphed: " + report.provenance(jobs)])
+                          "Eager: " + report.provenance(eager_sweep),
+                          "Graphed: " + report.provenance(pd.concat([auto, par]) if len(real) else jobs)])
 real
+
+# %% [markdown]
+# ## Jobs at paper scale on real data
+# roberta-base and t5-large (random-init weights, all-MiniLM-L6-v2's tokenizer) on the shipped movie_polarity
+# data, batch 32, length ≤ 128, 400 steps of which 50 warm-up, length buckets of 32: tokens/s of real tokens,
+# LoRA-FA against full fine-tuning and LoRA in the same mode and run.
+
+# %%
+RUNS = ["roberta_base_movie_polarity_400", "t5_large_movie_polarity_400", "t5_large_movie_polarity_graph_400"]
+scale = jobs[jobs["run"].isin(RUNS)] if len(jobs) and "run" in jobs else jobs
+lines = []
+for (run_name, model, mode), g in (scale.groupby(["run", "model", "compile_mode"], sort=False) if len(scale) else []):
+    by = g.set_index("method")
+    tok = by["tokens_per_s"]
+    row = {"model": model, "job mode": mode, "pad_frac": f"{g['pad_frac'].mean():.2f}",
+           "graph shapes": int(g["graph_shapes"].max()), "graph failures": int(g["graph_failures"].sum())}
+    for method in [m for m in report.METHOD_ORDER if m in tok.index]:
+        row[f"{report.method_label(method)} tokens/s"] = f"{tok[method]:,.0f}"
+    if {"lorafa", "full", "lora"} <= set(tok.index):
+        row["LoRA-FA ÷ full FT"] = f"{tok['lorafa'] / tok['full']:.2f}"
+        row["LoRA-FA ÷ LoRA"] = f"{tok['lorafa'] / tok['lora']:.2f}"
+    lines.append(row)
+at_scale = pd.DataFrame(lines)
+report.write_table(at_scale, "throughput_real_data_models",
+                   title="Jobs on real data at paper scale: movie_polarity, batch 32, length ≤ 128, 400 steps, "
+                         "random-init weights",
+                   notes=[("python run.py -m model=<m> model.init=random model.tokenizer=<all-MiniLM-L6-v2> "
+                          "task=movie_polarity task.max_seq_len=128 method=full,lora,lorafa train.compile=<mode> "
+                          "train.max_steps=400 train.measure_warmup_steps=50 (results/README.md)."),
+                          ("tokens/s counts real tokens (t5-large: inputs and targets); pad_frac: the share of "
+                          "computed positions that were padding; bf16 autocast, r = 8 on every linear layer."),
+                          report.provenance(scale)])
+at_scale

@@ -85,6 +85,8 @@ def check_config(cfg) -> None:
     if str(bucket) != "auto" and not (isinstance(bucket, int) and not isinstance(bucket, bool) and bucket >= 0):
         raise BadInput(f"train.bucket={bucket}: expected auto or an integer ≥ 0 (0: each batch padded to its longest)")
     need("train.log_every", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
+    if not isinstance(cfg.train.get("group_by_length", False), bool):
+        raise BadInput(f"train.group_by_length={cfg.train.group_by_length}: expected true or false")
     impl = str(cfg.train.get("optimizer_impl", "auto"))
     if impl not in ("auto", "fused", "foreach"):
         raise BadInput(f"train.optimizer_impl={impl}: expected auto, fused or foreach")

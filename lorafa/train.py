@@ -110,6 +110,28 @@ def count_tokens(batch: dict, family: str) -> int:
     return tokens
 
 
+GROUP_MEGABATCH = 50  # group_by_length: examples are sorted by length within runs of this many micro-batches
+
+
+def epoch_order(lengths: list[int], size: int, generator: torch.Generator, group: bool) -> list[int]:
+    """One epoch's order of the training examples: a random permutation; with `group` (`train.group_by_length`),
+    as transformers' `LengthGroupedSampler` does: the permutation cut into runs of GROUP_MEGABATCH micro-batches of
+    `size` examples, each run sorted by length and cut into micro-batches, the full micro-batches then shuffled (the
+    epoch's partial last one stays last), so that a micro-batch holds examples of similar length: less padding,
+    the same examples each epoch, still random batches."""
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group or size <= 1:
+        return perm
+    run = size * GROUP_MEGABATCH
+    batches = []
+    for i in range(0, len(perm), run):
+        chunk = sorted(perm[i: i + run], key=lambda j: -lengths[j])
+        batches += [chunk[k: k + size] for k in range(0, len(chunk), size)]
+    partial = [batches.pop()] if batches and len(batches[-1]) < size else []
+    shuffled = [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()] + partial
+    return [i for b in shuffled for i in b]
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -271,6 +293,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     bs, accum = int(tcfg.batch_size), int(tcfg.grad_accum)
     metric_list = list(cfg.task.get("metrics") or [])
     log_every = max(1, int(tcfg.get("log_every") or 50))
+    by_length = bool(tcfg.get("group_by_length", False))
+    lengths = [len(f["input_ids"]) for f in train_features]
 
     def run_evals(epoch: int):
         record = {"epoch": epoch, "step": history.steps}
@@ -336,7 +360,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
         throughput.synced(taken)
         while taken < steps:
             if order is None:  # a new epoch (a resumed run continues the epoch it stopped in)
-                order, start = torch.randperm(len(train_features), generator=generator).tolist(), 0
+                order, start = epoch_order(lengths, bs * dist.world_size, generator, by_length), 0
             micro = distributed.micro_batches(order, bs, dist)
             g = start
             for g in range(start, len(micro), accum):
@@ -385,7 +409,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     if info is not None:
         info.update(stepper.columns(), compile_mode=mode, bucket=multiple, measured_mode="eager",
                     pad_frac=1 - padding["real"] / padding["computed"] if padding["computed"] else float("nan"),
-                    optimizer_impl="fused" if device_checks else "foreach", log_reads=acc.reads)
+                    optimizer_impl="fused" if device_checks else "foreach", log_reads=acc.reads,
+                    group_by_length=by_length)
     return history
 
 

@@ -61,6 +61,8 @@ CASES = {
     "bucket negative": (["train.bucket=-32"], "train.bucket=-32: expected auto or an integer ≥ 0"),
     "log_every 0": (["train.log_every=0"], "train.log_every=0: expected an integer ≥ 1"),
     "optimizer unknown": (["train.optimizer_impl=apex"], "train.optimizer_impl=apex: expected auto, fused or foreach"),
+    "group_by_length not a bool": (["train.group_by_length=sometimes"],
+                                   "train.group_by_length=sometimes: expected true or false"),
     "LoRA-FA layer unknown": (["method.stacked=twice"], "method.stacked=twice: expected auto, false, true or merged"),
 }
 

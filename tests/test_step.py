@@ -2,6 +2,7 @@
 (That a graphed step trains like an eager one is the CUDA tier's: tests/test_gpu.py.)"""
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def test_length_grouped_epochs_batch_similar_lengths_in_random_order():
     assert waste < 0.1 * pad(plain, 16)[0]
     assert len(batches[-1]) == 1000 % 16 and all(len(b) == 16 for b in batches[:-1])
     longest = [max(lengths[j] for j in b) for b in batches[:-1]]
-    falling = sum(a >= b for a, b in zip(longest, longest[1:])) / (len(longest) - 1)
+    falling = sum(a >= b for a, b in pairwise(longest)) / (len(longest) - 1)
     assert falling < 0.8, falling  # shuffled: not longest first within each run (that order gives ≥ 0.98 here)
     assert GROUP_MEGABATCH * 16 < 1000  # several runs sorted separately: the test sees the cut
     assert epoch_order(lengths, 1, torch.Generator().manual_seed(0), group=True) == plain

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,7 +297,10 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     by_length = bool(tcfg.get("group_by_length", False))
     lengths = [len(f["input_ids"]) for f in train_features]
 
+    eval_time = [0.0]
+
     def run_evals(epoch: int):
+        started = time.perf_counter()
         record = {"epoch": epoch, "step": history.steps}
         for ev in evalsets:
             result = evaluate(model, poser, ev, metric_list, batch_size=int(tcfg.eval_batch_size), device=device,
@@ -304,6 +308,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
             suffix = "" if len(evalsets) == 1 else f"_{ev.name}"
             record.update({f"{k}{suffix}": v for k, v in result.items()})
         history.evals.append(record)
+        eval_time[0] += time.perf_counter() - started
 
     every = int(tcfg.get("checkpoint_every") or 0)
     ckpt = Path(cfg.output_dir) / CHECKPOINT
@@ -410,7 +415,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
         info.update(stepper.columns(), compile_mode=mode, bucket=multiple, measured_mode="eager",
                     pad_frac=1 - padding["real"] / padding["computed"] if padding["computed"] else float("nan"),
                     optimizer_impl="fused" if device_checks else "foreach", log_reads=acc.reads,
-                    group_by_length=by_length)
+                    group_by_length=by_length, eval_time_s=eval_time[0])
     return history
 
 

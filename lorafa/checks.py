@@ -90,6 +90,12 @@ def check_config(cfg) -> None:
     impl = str(cfg.train.get("optimizer_impl", "auto"))
     if impl not in ("auto", "fused", "foreach"):
         raise BadInput(f"train.optimizer_impl={impl}: expected auto, fused or foreach")
+    from . import plans  # the plan's own checks (block indices past the model's last are checked when applied)
+
+    plans.parse(cfg.method.get("gradient_checkpointing", False))
+    policy = str(cfg.method.get("checkpoint_policy", "full"))
+    if policy not in plans.POLICIES:
+        raise BadInput(f"method.checkpoint_policy={policy}: expected one of {', '.join(plans.POLICIES)}")
     stacked = str(cfg.method.get("stacked", False)).lower()
     if stacked not in ("auto", "false", "true", "merged"):
         raise BadInput(f"method.stacked={cfg.method.stacked}: expected auto, false, true or merged")

@@ -21,7 +21,21 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from . import adapters, checks, distributed, measure, memory, methods, mmlu, models, protocols, results, step, tasks
+from . import (
+    adapters,
+    checks,
+    distributed,
+    measure,
+    memory,
+    methods,
+    mmlu,
+    models,
+    plans,
+    protocols,
+    results,
+    step,
+    tasks,
+)
 from .checks import BadInput
 from .distributed import SINGLE, Dist
 from .train import Diverged, EvalSet, autocast_dtype, evaluate, fit, frozen_weight_dtype, total_steps
@@ -44,7 +58,8 @@ def identity(cfg: DictConfig, d: Dist = SINGLE) -> dict:
             "metric": str(cfg.task.main_metric),
             "seed": int(cfg.seed), "rank": int(cfg.method.rank),
             "alpha": float(cfg.method.alpha), "dropout": float(cfg.method.dropout),
-            "gradient_checkpointing": bool(cfg.method.get("gradient_checkpointing", False)),
+            "gradient_checkpointing": plans.parse(cfg.method.get("gradient_checkpointing", False))[0] != "none",
+            "plan": plans.describe(cfg.method),
             "recompute": str(cfg.method.get("recompute", "none")),
             "batch_size": int(cfg.train.batch_size), "grad_accum": int(cfg.train.grad_accum),
             "seq_len": int(cfg.task.max_seq_len), "lr": protocols.lr_of(cfg), "init": cfg.model.init,
@@ -209,7 +224,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype,
                             stacked=layer)
     row.update(family=net.family, trainable_params=applied.trainable_params, total_params=applied.total_params,
-               adapted_layers=len(applied.targets),
+               adapted_layers=len(applied.targets), checkpointed_blocks=applied.checkpointed_blocks,
                layer=step.LAYER_NAMES.get(layer, layer)
                if applied.targets and not (cfg.method.train_a or cfg.method.train_base) else "none",
                frozen_dtype=str(frozen_dtype or dtype).removeprefix("torch.")

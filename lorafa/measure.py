@@ -24,6 +24,7 @@ with tokens counted from the attention masks (padding excluded) and, for encoder
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,33 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     return tensor_bytes(v for state in optimizer.state.values() for v in state.values())
 
 
+_COUNTERS: list = []  # the pack functions of the saved-tensor counts running now (measurement, prediction)
+
+
+@contextmanager
+def counting(pack):
+    """While active, `pack` also receives every tensor kept for backward outside autograd's saved-tensor hooks
+    (`note_saved`)."""
+    _COUNTERS.append(pack)
+    try:
+        yield
+    finally:
+        _COUNTERS.remove(pack)
+
+
+def counting_saved() -> bool:
+    return bool(_COUNTERS)
+
+
+def note_saved(tensors) -> None:
+    """Tensors kept for backward by something other than autograd's saved-tensor hooks — a selective checkpoint's
+    cache (`lorafa.plans`) — counted by every running count as if saved."""
+    tensors = list(tensors)
+    for pack in _COUNTERS:
+        for t in tensors:
+            pack(t)
+
+
 class SavedTensorMeter:
     """Context manager counting the bytes autograd saves for backward (see the module docstring).
 
@@ -96,10 +124,13 @@ class SavedTensorMeter:
         self._weights = {storage_key(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
         self.storages.clear()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._counting = counting(self._pack)
         self._hooks.__enter__()
+        self._counting.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._counting.__exit__(*exc)
         self._hooks.__exit__(*exc)
         return False
 

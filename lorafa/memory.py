@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import methods, models
+from . import measure, methods, models
 from .measure import GIB
 
 PARTS = ("weights", "grads", "optimizer", "activations", "peak")
@@ -152,7 +152,8 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
         for step in range(2 if device.type == "cuda" else 1):
             tracker.reset_peak()
             hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else nullcontext()
-            with hooks, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
+            kept = measure.counting(pack) if step == 0 else nullcontext()  # a selective checkpoint's cache
+            with hooks, kept, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
                 loss = model(**batch).loss
             loss.backward()
             del loss

@@ -8,7 +8,8 @@
 | lorafa_v2 | r    | false      | false   | true           | B, its gradient times (A Aᵀ)⁻¹ / s², B at 4 × lr |
 | frozen    | 0    | false      | –       | –              | only the task head; backward still runs through every block to the input embeddings (`input_grads`): the activation memory any adapter method must at least pay |
 
-Any method also takes `gradient_checkpointing: true` (recompute each block's activations in backward),
+Any method also takes `gradient_checkpointing` (true, every:K, first:N or a list of blocks: recompute those blocks'
+activations in backward, keeping what `checkpoint_policy` says; `lorafa.plans`),
 `recompute: elementwise` (recompute dropout masks, norms and activation functions only; `lorafa.recompute`) and
 `init_a: kaiming | orthogonal` and `stacked: true` (LoRA-FA: W and A held as one frozen matrix, so the forward
 and the input gradient each take one matmul; same numbers, same memory) or `stacked: merged` (that, with the
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from . import adapters
+from . import adapters, plans
 from . import recompute as recomputed
 from .models import Network, count_params, resolve_targets
 
@@ -36,6 +37,7 @@ class Applied:
     targets: list[str]  # adapted module names (empty for full fine-tuning)
     trainable_params: int
     total_params: int
+    checkpointed_blocks: int = 0  # blocks that recompute their activations in backward (`lorafa.plans`)
 
 
 def apply(net: Network, method: DictConfig, target_presets=None, *,
@@ -74,8 +76,6 @@ def apply(net: Network, method: DictConfig, target_presets=None, *,
         recomputed.enable(model)
     elif recompute != "none":
         raise ValueError(f"method.recompute={recompute!r}: expected none or elementwise")
-    if method.get("gradient_checkpointing", False):
-        # non-reentrant: works with frozen inputs and keeps the random state for dropout and LoRA-FA's masks
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = plans.apply(model, method)  # which blocks recompute in backward, and what they keep
     trainable, total = count_params(model)
-    return Applied(targets=names, trainable_params=trainable, total_params=total)
+    return Applied(targets=names, trainable_params=trainable, total_params=total, checkpointed_blocks=checkpointed)

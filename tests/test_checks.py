@@ -64,6 +64,12 @@ CASES = {
     "group_by_length not a bool": (["train.group_by_length=sometimes"],
                                    "train.group_by_length=sometimes: expected true or false"),
     "LoRA-FA layer unknown": (["method.stacked=twice"], "method.stacked=twice: expected auto, false, true or merged"),
+    "checkpoint plan unknown": (["method.gradient_checkpointing=last:2"],
+                                "method.gradient_checkpointing=last:2: expected true, false, every:K, first:N"),
+    "checkpoint block missing": (["method.gradient_checkpointing=[0,5]"],
+                                 "block 5 does not exist; the model has 2 blocks (0…1)"),
+    "checkpoint policy unknown": (["method.checkpoint_policy=some"],
+                                  "method.checkpoint_policy=some: expected one of full, matmuls, matmuls_attention"),
 }
 
 

@@ -1,0 +1,127 @@
+"""Memory plans (`lorafa.plans`): which blocks checkpoint, what a checkpointed block keeps — same gradients as the
+plain step, the blocks named really recompute, and what a policy keeps is counted as saved activations."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lorafa import bench, measure, methods, models, plans
+from lorafa.checks import BadInput
+from lorafa.job import run
+
+NO_DROPOUT = {"tiny-roberta": ["model.arch.hidden_dropout_prob=0", "model.arch.attention_probs_dropout_prob=0"],
+              "tiny-t5": ["model.arch.dropout_rate=0"], "tiny-llama": []}
+
+
+def test_which_blocks_a_plan_names():
+    assert plans.selected(False, 6) == [] and plans.selected(True, 6) == [0, 1, 2, 3, 4, 5]
+    assert plans.selected("every:2", 6) == [0, 2, 4] and plans.selected("every:4", 6) == [0, 4]
+    assert plans.selected("first:2", 6) == [0, 1] and plans.selected("first:9", 6) == list(range(6))
+    assert plans.selected([4, 1, 1], 6) == [1, 4]
+    for bad in ("every:0", "last:2", "every", "2", [1, -1], [1.5]):
+        with pytest.raises(BadInput, match="expected true, false, every:K, first:N"):
+            plans.parse(bad)
+    with pytest.raises(BadInput, match="block 7 does not exist; the model has 6 blocks"):
+        plans.selected([1, 7], 6)
+
+
+def _net(model: str, **method):
+    cfg = bench.compose(model, "lorafa", 2, 16, ["device=cpu", *NO_DROPOUT[model]], layer="two_matmul")
+    for k, v in method.items():
+        cfg.method[k] = v
+    torch.manual_seed(0)  # the same weights and adapters for every plan
+    net = models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32)
+    applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"))
+    with torch.no_grad():  # B away from 0, so that every gradient is non-trivial
+        for name, p in net.model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    batch = bench._batch(net.family, 2, 16, 8, net.model.config.vocab_size, torch.device("cpu"))
+    return net, applied, batch
+
+
+class _MatmulOutputs(TorchDispatchMode):
+    """Bytes of the matmul outputs made inside the blocks (each storage once, all held: a freed one's address
+    could come back): what the `matmuls` policy keeps."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops, self.inside, self.storages, self.held = ops, 0, {}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.inside and func in self.ops:
+            for t in tree_flatten(out)[0]:
+                self.held.append(t)
+                self.storages[measure.storage_key(t)] = t.untyped_storage().nbytes()
+        return out
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5", "tiny-roberta"])
+@pytest.mark.parametrize("spec, policy", [("every:2", "full"), ("first:1", "full"), ([1], "matmuls"),
+                                          (True, "matmuls"), (True, "matmuls_attention")])
+def test_a_plan_gives_the_plain_gradients_and_recomputes_the_blocks_it_names(model, spec, policy):
+    plain, _, batch = _net(model)
+    planned, applied, _ = _net(model, gradient_checkpointing=spec, checkpoint_policy=policy)
+    layers = plans.checkpoint_layers(planned.model)
+    chosen = plans.selected(spec, len(layers))
+    assert applied.checkpointed_blocks == len(chosen) > 0 and len(layers) >= 2
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):  # a norm's hook runs in the recompute too (the block's own may not)
+        first = next(m for m in layer.modules() if "Norm" in type(m).__name__)
+        first.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    grads = {}
+    for name, net in (("plain", plain), ("planned", planned)):
+        with measure.SavedTensorMeter(net.model) as meter:
+            loss = net.model.train()(**batch).loss
+        loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in net.model.named_parameters() if p.grad is not None}
+        grads[name + "_saved"] = meter.bytes
+    # the blocks named ran twice (forward and the recompute in backward), the others once
+    assert calls == [2 if i in chosen else 1 for i in range(len(layers))]
+    assert grads["plain"].keys() == grads["planned"].keys() and grads["plain"]
+    for n, g in grads["plain"].items():
+        torch.testing.assert_close(grads["planned"][n], g, rtol=1e-5, atol=1e-6, msg=n)
+    if policy == "full":  # a kept matmul output may be one the plain step does not save (an adapter's output)
+        assert grads["planned_saved"] < grads["plain_saved"]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5"])
+def test_what_a_policy_keeps_is_counted_as_saved_activations(model):
+    """`matmuls` saves what full checkpointing saves plus every matmul output made inside the blocks' forward —
+    counted independently here, by watching the blocks' matmuls in the full-checkpointing forward (the same ops:
+    T5 under checkpointing takes SDPA's math path in cross-attention) — and the predictor agrees."""
+    from lorafa import memory
+
+    saved, kept = {}, None
+    for policy in ("full", "matmuls"):
+        net, _, batch = _net(model, gradient_checkpointing=True, checkpoint_policy=policy)
+        watch = _MatmulOutputs(plans._ops(plans.MATMULS))
+        for layer in plans.checkpoint_layers(net.model):
+            layer.register_forward_pre_hook(lambda m, a, w=watch: setattr(w, "inside", w.inside + 1))
+            layer.register_forward_hook(lambda m, a, o, w=watch: setattr(w, "inside", w.inside - 1))
+        with measure.SavedTensorMeter(net.model) as meter:
+            with watch:  # the forward only: the recompute in backward makes them again
+                loss = net.model.train()(**batch).loss
+            loss.backward()
+        saved[policy] = meter.bytes
+        kept = sum(watch.storages.values()) if policy == "full" else kept
+    assert kept > 0 and saved["matmuls"] == saved["full"] + kept, (saved, kept)
+    cfg = bench.compose(model, "lorafa", 2, 16, ["device=cpu", *NO_DROPOUT[model]], layer="two_matmul")
+    cfg.method.gradient_checkpointing, cfg.method.checkpoint_policy = True, "matmuls"
+    pred = memory.predict(cfg.model, cfg.method, batch_size=2, seq_len=16, target_len=8, device="cpu")
+    assert pred.activations == saved["matmuls"]
+
+
+def test_a_job_row_names_its_plan(cfg_factory):
+    row = run(cfg_factory("task.max_train_samples=32", "task.max_eval_samples=16", "train.batch_size=8",
+                          "train.max_steps=2", "method.gradient_checkpointing=every:2",
+                          "method.checkpoint_policy=matmuls"))
+    assert row["status"] == "ok", row["error"]
+    assert row["plan"] == "checkpoint every:2 blocks (keep matmuls)" and row["gradient_checkpointing"]
+    assert row["checkpointed_blocks"] == 1  # tiny-roberta: 2 blocks
+    assert abs(row["pred_mem_activations_gib"] / row["mem_activations_gib"] - 1) < 0.05
+    plain = run(cfg_factory("task.max_train_samples=32", "task.max_eval_samples=16", "train.batch_size=8",
+                            "train.max_steps=2"))
+    assert plain["plan"] == "none" and plain["checkpointed_blocks"] == 0 and not plain["gradient_checkpointing"]

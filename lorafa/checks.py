@@ -96,6 +96,12 @@ def check_config(cfg) -> None:
     policy = str(cfg.method.get("checkpoint_policy", "full"))
     if policy not in plans.POLICIES:
         raise BadInput(f"method.checkpoint_policy={policy}: expected one of {', '.join(plans.POLICIES)}")
+    if not isinstance(cfg.method.get("offload", False), bool):
+        raise BadInput(f"method.offload={cfg.method.offload}: expected true or false")
+    if cfg.method.get("offload", False) and compile_ == "blocks":
+        raise BadInput("train.compile=blocks: not with method.offload=true (its saved-tensor hooks run outside "
+                       "compiled code); expected train.compile=auto or none")
+    need("method.offload_min_kib", lambda v: v >= 0, "a number ≥ 0")
     stacked = str(cfg.method.get("stacked", False)).lower()
     if stacked not in ("auto", "false", "true", "merged"):
         raise BadInput(f"method.stacked={cfg.method.stacked}: expected auto, false, true or merged")

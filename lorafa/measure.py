@@ -147,6 +147,7 @@ class Memory:
     grads: int | None = None
     optimizer: int | None = None
     activations: int | None = None
+    host_offload: int = 0  # bytes the measured forward put in host memory (`method.offload`)
     allocator: dict[str, int] = field(default_factory=dict)  # build, after_step, fwd_bwd_peak, peak (CUDA only)
 
     @property
@@ -163,6 +164,7 @@ class Memory:
 
         cols = {f"mem_{k}_gib": gib(getattr(self, k)) for k in ("weights", "grads", "optimizer", "activations",
                                                                  "peak")}
+        cols["host_offload_gib"] = self.host_offload / GIB
         cols["mem_source"] = "cuda_allocator" if "peak" in self.allocator else "tensor_accounting"
         cols.update({f"alloc_{k}_gib": v / GIB for k, v in self.allocator.items()})
         return cols

@@ -52,9 +52,11 @@ class Prediction:
     optimizer: int
     activations: int
     peak: int
+    host_offload: int = 0  # bytes the forward puts in host memory (`method.offload`): not on the device
 
     def columns(self) -> dict[str, float]:
-        return {f"pred_mem_{k}_gib": getattr(self, k) / GIB for k in PARTS}
+        return {**{f"pred_mem_{k}_gib": getattr(self, k) / GIB for k in PARTS},
+                "pred_host_offload_gib": self.host_offload / GIB}
 
 
 def _key(t: torch.Tensor) -> int:
@@ -62,10 +64,12 @@ def _key(t: torch.Tensor) -> int:
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Bytes of the storages alive at once (each created storage counted until it is freed) and their peak."""
+    """Bytes of the storages alive at once on one kind of device (each created storage counted until it is freed)
+    and their peak: host copies (`method.offload`) leave the device."""
 
-    def __init__(self):
+    def __init__(self, device_type: str = "cuda"):
         super().__init__()
+        self.device_type = device_type
         self.live = self.peak = 0
         self._sizes: dict[int, int] = {}
 
@@ -77,6 +81,8 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
     def _track(self, t: torch.Tensor) -> None:
+        if t.device.type != self.device_type:
+            return
         storage = t.untyped_storage()
         key = storage._cdata
         if key in self._sizes:
@@ -126,7 +132,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = torch.device(device)
-    tracker = _LiveBytes()
+    tracker = _LiveBytes(device.type)
     with FakeTensorMode(allow_non_fake_inputs=True), tracker:
         net = models.build(model_cfg, num_labels=num_labels, device=device, dtype=param_dtype, weights=False)
         methods.apply(net, method_cfg, model_cfg.get("target_modules"), frozen_dtype=frozen_dtype)
@@ -145,7 +151,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
                 saved.setdefault(_key(t), t.untyped_storage().nbytes())
             return t
 
-        grads = opt_bytes = 0
+        grads = opt_bytes = host = 0
         peaks = []
         # CPU: the peak is the sum of the four counts, all known after one step; CUDA: the allocator's peak of a
         # steady-state step (the second, once optimizer state exists)
@@ -159,6 +165,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
             del loss
             if step == 0:
                 grads = _distinct_bytes(p.grad for p in trainable if p.grad is not None)
+                host = getattr(getattr(model, "lorafa_offload", None), "host_bytes", 0)
             if optimizer is not None:
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
@@ -172,7 +179,8 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
         peak = max(peaks) + cuda_workspace
     else:
         peak = weights + grads + opt_bytes + activations
-    return Prediction(weights=weights, grads=grads, optimizer=opt_bytes, activations=activations, peak=peak)
+    return Prediction(weights=weights, grads=grads, optimizer=opt_bytes, activations=activations, peak=peak,
+                      host_offload=host)
 
 
 def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, target_len: int | None = None,

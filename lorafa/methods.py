@@ -38,6 +38,7 @@ class Applied:
     trainable_params: int
     total_params: int
     checkpointed_blocks: int = 0  # blocks that recompute their activations in backward (`lorafa.plans`)
+    offload: object = None  # `lorafa.plans.Offload` when the blocks' saved tensors go to the host
 
 
 def apply(net: Network, method: DictConfig, target_presets=None, *,
@@ -77,5 +78,7 @@ def apply(net: Network, method: DictConfig, target_presets=None, *,
     elif recompute != "none":
         raise ValueError(f"method.recompute={recompute!r}: expected none or elementwise")
     checkpointed = plans.apply(model, method)  # which blocks recompute in backward, and what they keep
+    offloaded = plans.offload(model, method)  # what the blocks save, held on the host
     trainable, total = count_params(model)
-    return Applied(targets=names, trainable_params=trainable, total_params=total, checkpointed_blocks=checkpointed)
+    return Applied(targets=names, trainable_params=trainable, total_params=total, checkpointed_blocks=checkpointed,
+                   offload=offloaded)

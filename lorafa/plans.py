@@ -27,6 +27,7 @@ and `lorafa.memory.predict` see it as saved activations.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import ExitStack, contextmanager
 from functools import partial
 
@@ -149,8 +150,8 @@ def apply(model: nn.Module, method) -> int:
 
 
 def describe(method) -> str:
-    """The plan in one line, for the row's `plan` column: checkpointing (which blocks, what they keep) and
-    element-wise recomputation; `none` when the step saves everything."""
+    """The plan in one line, for the row's `plan` column: checkpointing (which blocks, what they keep),
+    element-wise recomputation and offloading; `none` when the step saves everything on the device."""
     parts = []
     kind, arg = parse(method.get("gradient_checkpointing", False))
     if kind != "none":
@@ -159,4 +160,111 @@ def describe(method) -> str:
         parts.append(f"checkpoint {which} (keep {method.get('checkpoint_policy', 'full')})")
     if str(method.get("recompute", "none")) != "none":
         parts.append(f"recompute {method.recompute}")
+    if method.get("offload", False):
+        parts.append(f"offload saved tensors ≥ {float(method.get('offload_min_kib', 1024)):g} KiB to the host")
     return "; ".join(parts) or "none"
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata  # the StorageImpl: shared by views, unique while alive, fake tensors too
+
+
+class Offload:
+    """`method.offload`: the tensors the transformer blocks save for backward (a checkpointed block's input
+    included; the final norm, output projection and loss excluded) held in host memory between forward and
+    backward. On CUDA each goes to pinned host memory on a side stream, overlapping the forward's compute (the
+    device copy is held until its copy is done), and comes back on that stream when backward needs it; the compute
+    stream waits only for the copy it needs. Tensors under `min_bytes` (`method.offload_min_kib`) and the model's
+    own parameters stay. What stays is told to `lorafa.measure` as saved (these hooks are the innermost during the
+    forward: a measurement's own hooks do not see it); `host_bytes` is what the last forward put on the host."""
+
+    def __init__(self, model: nn.Module, min_bytes: int):
+        self.model, self.min_bytes = model, int(min_bytes)
+        self.layers = checkpoint_layers(model)
+        self.weights: set = set()
+        self.host_bytes = 0
+        self._hooks = None
+        self._past_blocks = False
+        self._pending: list = []  # (device tensor, copy event) until its host copy is done
+        self._seen: dict = {}  # this forward's packed tensors by id (with a weak reference): one copy each
+        self.stream = None
+        model.lorafa_offload = self  # the measured step reads host_bytes
+        model.register_forward_pre_hook(self._enter)
+        model.register_forward_hook(self._exit, always_call=True)
+        if self.layers:
+            self.layers[-1].register_forward_hook(self._last_block_done)
+
+    def _enter(self, module, args):
+        if not (module.training and torch.is_grad_enabled()) or self._hooks is not None:
+            return
+        self.weights = {_storage(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
+        self.host_bytes, self._past_blocks, self._seen = 0, False, {}
+        self._release_done()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+
+    def _exit(self, module, args, output):
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+
+    def _last_block_done(self, module, args, output):
+        self._past_blocks = True
+
+    def _release_done(self) -> None:
+        self._pending = [(t, e) for t, e in self._pending if not e.query()]
+
+    def _pack(self, t: torch.Tensor):
+        if (self._past_blocks or not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter)
+                or t.device.type == "meta" or _storage(t) in self.weights
+                or t.untyped_storage().nbytes() < self.min_bytes):
+            if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+                measure.note_saved([t])  # stays on the device: a saved activation like any other
+            return t
+        seen = self._seen.get(id(t))  # the same tensor saved again (one input of several matmuls): one copy
+        if seen is not None and seen[0]() is t:  # (a dead tensor's id can come back: the weak reference says)
+            return seen[1]
+        self.host_bytes += t.numel() * t.element_size()
+        if t.device.type != "cuda":  # CPU runs take the same path (a host copy) without streams
+            packed = (t.device, t.detach().clone(), None)
+            self._seen[id(t)] = (weakref.ref(t), packed)
+            return packed
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(t.device)
+        self._release_done()
+        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self._pending.append((t, done))
+        packed = (t.device, host, done)
+        self._seen[id(t)] = (weakref.ref(t), packed)
+        return packed
+
+    def _unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host, done = packed
+        if done is None:
+            return host.to(device)
+        for t, e in self._pending:  # still on the device: no copy back
+            if e is done:
+                return t
+        current = torch.cuda.current_stream(device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            back = host.to(device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        current.wait_event(ready)
+        back.record_stream(current)  # the allocator: used on the compute stream from here
+        return back
+
+
+def offload(model: nn.Module, method) -> Offload | None:
+    """`method.offload=true`: an `Offload` on the model (None when off)."""
+    if not method.get("offload", False):
+        return None
+    return Offload(model, int(float(method.get("offload_min_kib", 1024)) * 1024))

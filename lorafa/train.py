@@ -415,7 +415,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
         info.update(stepper.columns(), compile_mode=mode, bucket=multiple, measured_mode="eager",
                     pad_frac=1 - padding["real"] / padding["computed"] if padding["computed"] else float("nan"),
                     optimizer_impl="fused" if device_checks else "foreach", log_reads=acc.reads,
-                    group_by_length=by_length, eval_time_s=eval_time[0])
+                    group_by_length=by_length, time_eval_s=eval_time[0])
     return history
 
 
@@ -439,6 +439,8 @@ def _group_step(stepper: step_mod.TrainStep, wrapped: nn.Module, model: nn.Modul
                 loss = wrapped(**batch).loss
             if step == 0 and j == 0:
                 memory.activations = meter.bytes
+                offloaded = getattr(model, "lorafa_offload", None)
+                memory.host_offload = offloaded.host_bytes if offloaded is not None else 0
             # DDP/FSDP average over processes: × world_size × share gives the whole micro-batch's mean
             (loss * (share * dist.world_size / len(group))).backward()
         part = loss.detach().float() * share

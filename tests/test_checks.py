@@ -68,6 +68,9 @@ CASES = {
                                 "method.gradient_checkpointing=last:2: expected true, false, every:K, first:N"),
     "checkpoint block missing": (["method.gradient_checkpointing=[0,5]"],
                                  "block 5 does not exist; the model has 2 blocks (0…1)"),
+    "offload not a bool": (["method.offload=some"], "method.offload=some: expected true or false"),
+    "offload with compiled blocks": (["method.offload=true", "train.compile=blocks"],
+                                     "train.compile=blocks: not with method.offload=true"),
     "checkpoint policy unknown": (["method.checkpoint_policy=some"],
                                   "method.checkpoint_policy=some: expected one of full, matmuls, matmuls_attention"),
 }

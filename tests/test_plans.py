@@ -117,11 +117,50 @@ def test_what_a_policy_keeps_is_counted_as_saved_activations(model):
 def test_a_job_row_names_its_plan(cfg_factory):
     row = run(cfg_factory("task.max_train_samples=32", "task.max_eval_samples=16", "train.batch_size=8",
                           "train.max_steps=2", "method.gradient_checkpointing=every:2",
-                          "method.checkpoint_policy=matmuls"))
+                          "method.checkpoint_policy=matmuls", "method.offload=true", "method.offload_min_kib=0"))
     assert row["status"] == "ok", row["error"]
-    assert row["plan"] == "checkpoint every:2 blocks (keep matmuls)" and row["gradient_checkpointing"]
-    assert row["checkpointed_blocks"] == 1  # tiny-roberta: 2 blocks
+    assert row["plan"] == ("checkpoint every:2 blocks (keep matmuls); offload saved tensors ≥ 0 KiB to the host")
+    assert row["gradient_checkpointing"] and row["checkpointed_blocks"] == 1  # tiny-roberta: 2 blocks
     assert abs(row["pred_mem_activations_gib"] / row["mem_activations_gib"] - 1) < 0.05
+    assert row["host_offload_gib"] > 0 and row["pred_host_offload_gib"] == pytest.approx(row["host_offload_gib"], rel=0.02)
     plain = run(cfg_factory("task.max_train_samples=32", "task.max_eval_samples=16", "train.batch_size=8",
                             "train.max_steps=2"))
     assert plain["plan"] == "none" and plain["checkpointed_blocks"] == 0 and not plain["gradient_checkpointing"]
+    assert plain["host_offload_gib"] == 0
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5", "tiny-roberta"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_offloading_gives_the_plain_gradients_and_moves_the_blocks_saved_bytes_off_the_device(model, checkpointing):
+    """`method.offload`: the blocks' saved tensors go to host copies (CPU here: the same path without streams) and
+    come back for backward — the plain gradients; what went is off the measured activations and in `host_bytes`;
+    what stays (the head and loss, and tensors under the size threshold) still counts; the predictor agrees."""
+    from lorafa import memory
+
+    extra = {"gradient_checkpointing": checkpointing}
+    plain, _, batch = _net(model, **extra)
+    moved, applied, _ = _net(model, offload=True, offload_min_kib=0, **extra)
+    small, _, _ = _net(model, offload=True, offload_min_kib=1e6, **extra)  # nothing is that big: nothing moves
+    assert applied.offload is not None and moved.model.lorafa_offload is applied.offload
+    out = {}
+    for name, net in (("plain", plain), ("moved", moved), ("small", small)):
+        with measure.SavedTensorMeter(net.model) as meter:
+            loss = net.model.train()(**batch).loss
+        loss.backward()
+        out[name] = (meter.bytes, getattr(getattr(net.model, "lorafa_offload", None), "host_bytes", 0),
+                     {n: p.grad.clone() for n, p in net.model.named_parameters() if p.grad is not None})
+    for name in ("moved", "small"):
+        assert out[name][2].keys() == out["plain"][2].keys()
+        for n, g in out["plain"][2].items():
+            torch.testing.assert_close(out[name][2][n], g, rtol=1e-5, atol=1e-6, msg=f"{name} {n}")
+    (plain_saved, _, _), (moved_saved, host, _), (small_saved, small_host, _) = out["plain"], out["moved"], out["small"]
+    assert small_host == 0 and small_saved == plain_saved
+    assert host > 0 and moved_saved < plain_saved
+    # each saved storage either stayed or went (views of one storage may go as separate copies)
+    assert moved_saved + host >= plain_saved
+    cfg = bench.compose(model, "lorafa", 2, 16, ["device=cpu", *NO_DROPOUT[model]], layer="two_matmul")
+    cfg.method.offload, cfg.method.offload_min_kib, cfg.method.gradient_checkpointing = True, 0, checkpointing
+    pred = memory.predict(cfg.model, cfg.method, batch_size=2, seq_len=16, target_len=8, device="cpu")
+    # host bytes within 1 %: built from fake tensors, transformers makes a decoder's full causal mask where the real
+    # run leaves causality to SDPA (tiny-llama: two 2 KiB masks more in the prediction)
+    assert pred.activations == moved_saved and pred.host_offload == pytest.approx(host, rel=0.01)

@@ -243,3 +243,20 @@ def test_a_step_that_diverges_inside_a_graph_stops_the_job_at_that_step(cfg_fact
     row = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=32",
                           "train.batch_size=8", "train.max_steps=30", "train.log_every=7", "train.compile=graph"))
     assert row["status"] == "diverged" and row["error"] == "training loss is nan at step 9", row["error"]
+
+
+def test_an_offloaded_step_peaks_lower_by_the_bytes_it_offloaded(cfg_factory):
+    """`method.offload`: the blocks' saved tensors wait in pinned host memory, so the measured step's peak is the
+    plain step's less what went to the host (within 5 %), with the same loss (the plain step's numbers)."""
+    common = ["model=tiny-llama", "model.arch.hidden_size=1024", "model.arch.intermediate_size=2752",
+              "model.arch.num_hidden_layers=8", "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=8",
+              "method=lorafa", "task=synthetic", "task.max_seq_len=1024", "train.batch_size=8", "train.max_steps=3"]
+    plain = run(cfg_factory(*common))
+    moved = run(cfg_factory(*common, "method.offload=true"))
+    assert plain["status"] == moved["status"] == "ok", moved["error"]
+    assert moved["compile_mode"] == "none" and "method.offload" in moved["compile_reason"]
+    saved = plain["mem_peak_gib"] - moved["mem_peak_gib"]
+    assert moved["host_offload_gib"] > 1.0, moved["host_offload_gib"]
+    assert abs(saved / moved["host_offload_gib"] - 1) < 0.05, (saved, moved["host_offload_gib"])
+    assert moved["pred_mem_peak_gib"] == pytest.approx(moved["mem_peak_gib"], rel=0.05)
+    assert moved["loss_curve"][0] == pytest.approx(plain["loss_curve"][0], rel=1e-3)

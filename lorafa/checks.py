@@ -96,6 +96,8 @@ def check_config(cfg) -> None:
     policy = str(cfg.method.get("checkpoint_policy", "full"))
     if policy not in plans.POLICIES:
         raise BadInput(f"method.checkpoint_policy={policy}: expected one of {', '.join(plans.POLICIES)}")
+    if cfg.train.get("memory_budget_gib") is not None:
+        need("train.memory_budget_gib", positive, "a number > 0 (GiB) or null")
     if not isinstance(cfg.method.get("offload", False), bool):
         raise BadInput(f"method.offload={cfg.method.offload}: expected true or false")
     if cfg.method.get("offload", False) and compile_ == "blocks":

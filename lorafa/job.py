@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import (
     adapters,
@@ -140,19 +140,56 @@ def _split_metric(cfg: DictConfig) -> str:
     return metric
 
 
-def _prediction(cfg: DictConfig, device: torch.device, net, num_labels: int, features: list[dict]) -> dict:
-    """`lorafa.memory.predict` for this job (pred_mem_*_gib), made before training starts. T5 targets: the longest
-    training target (the measured steps use shorter ones when the batch has no longest target). A failed
-    prediction is NaN columns and `pred_error`, never a failed job."""
+def _predict(cfg: DictConfig, device: torch.device, family: str, num_labels: int,
+             features: list[dict]) -> memory.Prediction:
+    """`lorafa.memory.predict` for this job. T5 targets: the longest training target (the measured steps use
+    shorter ones when the batch has no longest target)."""
     target_len = None
-    if net.family == "encoder-decoder":
+    if family == "encoder-decoder":
         target_len = int(cfg.task.get("target_len") or 0) if cfg.task.get("kind") == "synthetic" else 0
         target_len = target_len or max(len(f["labels"]) for f in features)
     amp = autocast_dtype(cfg.train.precision, device)
-    try:  # the dry run draws dropout seeds: leave the job's random stream as it was
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            pred = memory.predict_job(cfg, device, num_labels=num_labels, target_len=target_len, amp=amp,
-                                      frozen_dtype=frozen_weight_dtype(cfg.train, device))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the dry run draws seeds
+        return memory.predict_job(cfg, device, num_labels=num_labels, target_len=target_len, amp=amp,
+                                  frozen_dtype=frozen_weight_dtype(cfg.train, device))
+
+
+def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str, num_labels: int,
+                     features: list[dict], row: dict, d: Dist) -> DictConfig:
+    """`train.memory_budget_gib`: the job's config with the plan (`lorafa.plans`) that is fastest by the step-time
+    model among those whose predicted peak fits the budget — chosen before anything is built, logged, and named in
+    the row (`plan`, `budget_gib`, `plans_considered`, `plans_fitting`, `pred_step_s`)."""
+    budget = float(cfg.train.memory_budget_gib)
+    label = f"train.memory_budget_gib={cfg.train.memory_budget_gib}"
+    if d.enabled:
+        raise BadInput(f"{label}: plans are chosen for one process; expected train.strategy=single")
+    n_blocks = (int(config.num_layers) + int(config.num_decoder_layers) if family == "encoder-decoder"
+                else int(config.num_hidden_layers))
+    rates = plans.measure_rates(device)
+    options = []
+    for plan in plans.candidates(n_blocks):
+        trial = OmegaConf.merge(cfg, {"method": plan.keys()})
+        try:
+            options.append((plan, _predict(trial, device, family, num_labels, features)))
+        except Exception as err:  # noqa: BLE001 - a plan this model cannot take is not a candidate
+            log.info("plan %s: not predicted (%s: %s)", plans.describe(trial.method), type(err).__name__, err)
+            options.append((plan, None))
+    plan, pred, seconds = plans.choose(options, budget * measure.GIB, rates, label)
+    chosen = OmegaConf.merge(cfg, {"method": plan.keys()})
+    fitting = sum(p is not None and p.peak <= budget * measure.GIB for _, p in options)
+    log.info("%s: plan '%s' — predicted peak %.2f GiB, modelled step %.3g s (%d plans considered, %d fit)",
+             label, plans.describe(chosen.method), pred.peak / measure.GIB, seconds, len(options), fitting)
+    row.update(plan=plans.describe(chosen.method), gradient_checkpointing=plan.gradient_checkpointing is not False,
+               recompute=plan.recompute, budget_gib=budget, plans_considered=len(options), plans_fitting=fitting,
+               pred_step_s=seconds)
+    return chosen
+
+
+def _prediction(cfg: DictConfig, device: torch.device, net, num_labels: int, features: list[dict]) -> dict:
+    """`lorafa.memory.predict` for this job (pred_mem_*_gib), made before training starts. A failed prediction is
+    NaN columns and `pred_error`, never a failed job."""
+    try:
+        pred = _predict(cfg, device, net.family, num_labels, features)
         return {**pred.columns(), "pred_error": ""}
     except Exception as err:  # noqa: BLE001 - a prediction is a side product: the job goes on
         log.warning("memory prediction failed: %s: %s", type(err).__name__, err)
@@ -215,6 +252,8 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
         train_features = poser.encode(data.splits["train"])
         evalsets = [EvalSet(name, poser.encode(data.splits[name]), data.splits[name]["label"].to_numpy())
                     for name in cfg.task.eval_splits]
+    if cfg.train.get("memory_budget_gib") is not None:  # the plan is chosen now; the user's config keeps its hash
+        cfg = _plan_for_budget(cfg, device, config, family, data.num_labels, train_features, row, d)
     # train.compile: none | blocks | graph | eager_graph (auto: a graph where exact, compiled for long jobs)
     mode, why = step.resolve_mode(cfg, device, total_steps(len(train_features), cfg.train, d))
     row.update(compile_mode=mode, compile_reason=why)

@@ -53,6 +53,7 @@ class Prediction:
     activations: int
     peak: int
     host_offload: int = 0  # bytes the forward puts in host memory (`method.offload`): not on the device
+    flops: int = 0  # one step's forward and backward (recomputation included), counted by torch's FLOP counter
 
     def columns(self) -> dict[str, float]:
         return {**{f"pred_mem_{k}_gib": getattr(self, k) / GIB for k in PARTS},
@@ -98,6 +99,24 @@ class _LiveBytes(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = self.live
+
+
+class _Flops(TorchDispatchMode):
+    """FLOPs of the ops run while active, by torch's FLOP formulas (`torch.utils.flop_counter`), without its module
+    tracking (whose backward hooks element-wise recomputation's `autograd.grad` cannot run under)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry, self.total = flop_registry, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        formula = self.registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **(kwargs or {}), out_val=out)
+        return out
 
 
 def _distinct_bytes(tensors) -> int:
@@ -151,7 +170,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
                 saved.setdefault(_key(t), t.untyped_storage().nbytes())
             return t
 
-        grads = opt_bytes = host = 0
+        grads = opt_bytes = host = flops = 0
         peaks = []
         # CPU: the peak is the sum of the four counts, all known after one step; CUDA: the allocator's peak of a
         # steady-state step (the second, once optimizer state exists)
@@ -159,10 +178,14 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
             tracker.reset_peak()
             hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else nullcontext()
             kept = measure.counting(pack) if step == 0 else nullcontext()  # a selective checkpoint's cache
-            with hooks, kept, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
-                loss = model(**batch).loss
-            loss.backward()
+            counter = _Flops() if step == 0 else nullcontext()
+            with counter:
+                with hooks, kept, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
+                    loss = model(**batch).loss
+                loss.backward()
             del loss
+            if step == 0:
+                flops = counter.total
             if step == 0:
                 grads = _distinct_bytes(p.grad for p in trainable if p.grad is not None)
                 host = getattr(getattr(model, "lorafa_offload", None), "host_bytes", 0)
@@ -180,7 +203,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
     else:
         peak = weights + grads + opt_bytes + activations
     return Prediction(weights=weights, grads=grads, optimizer=opt_bytes, activations=activations, peak=peak,
-                      host_offload=host)
+                      host_offload=host, flops=flops)
 
 
 def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, target_len: int | None = None,

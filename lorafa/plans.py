@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -159,7 +160,7 @@ def describe(method) -> str:
                  else f"the first {arg} blocks" if kind == "first" else "blocks " + ", ".join(map(str, arg)))
         parts.append(f"checkpoint {which} (keep {method.get('checkpoint_policy', 'full')})")
     if str(method.get("recompute", "none")) != "none":
-        parts.append(f"recompute {method.recompute}")
+        parts.append(f"recompute {method.get('recompute')}")
     if method.get("offload", False):
         parts.append(f"offload saved tensors ≥ {float(method.get('offload_min_kib', 1024)):g} KiB to the host")
     return "; ".join(parts) or "none"
@@ -249,6 +250,7 @@ class Offload:
         device, host, done = packed
         if done is None:
             return host.to(device)
+        self._release_done()  # device copies whose host copy is done are let go during backward too
         for t, e in self._pending:  # still on the device: no copy back
             if e is done:
                 return t
@@ -268,3 +270,92 @@ def offload(model: nn.Module, method) -> Offload | None:
     if not method.get("offload", False):
         return None
     return Offload(model, int(float(method.get("offload_min_kib", 1024)) * 1024))
+
+
+# ---- choosing a plan for a memory budget (`train.memory_budget_gib`) ----
+
+PLAN_KEYS = ("gradient_checkpointing", "checkpoint_policy", "offload", "recompute")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The method keys a plan sets; everything else of the job stays as configured."""
+
+    gradient_checkpointing: object = False
+    checkpoint_policy: str = "full"
+    offload: bool = False
+    recompute: str = "none"
+
+    def keys(self) -> dict:
+        value = list(self.gradient_checkpointing) if isinstance(self.gradient_checkpointing, tuple) \
+            else self.gradient_checkpointing
+        return {"gradient_checkpointing": value, "checkpoint_policy": self.checkpoint_policy,
+                "offload": self.offload, "recompute": self.recompute}
+
+
+def candidates(n_blocks: int) -> list[Plan]:
+    """The plans a budget chooses among, from saving everything to recomputing every block with its input on the
+    host: checkpointing none, every 4th / 3rd / 2nd block or all, each with and without element-wise recomputation
+    and with and without offloading; and every block with the `matmuls` policy."""
+    every = [f"every:{k}" for k in (4, 3, 2) if k < n_blocks]
+    out = [Plan(ckpt, "full", offload, recompute)
+           for ckpt in (False, *every, True) for recompute in ("none", "elementwise") for offload in (False, True)]
+    return [*out, Plan(True, "matmuls")]
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The device's measured rates the step-time model uses: matmul FLOP/s and host↔device copy bytes/s."""
+
+    matmul_flops: float
+    copy_bytes: float
+
+
+def measure_rates(device: torch.device, n: int = 2048, copy_mib: int = 64) -> Rates:
+    """A short profile of the device in hand: a bf16 (CUDA) or fp32 (CPU) n³ matmul, and a pinned host → device
+    and back copy of `copy_mib` MiB (CPU: a memory copy); each the best of 3 after a warm-up."""
+    import time
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    host = torch.empty(copy_mib * 2**20, dtype=torch.uint8, pin_memory=cuda)
+    dev = torch.empty_like(host, device=device)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            measure.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            measure.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    mm = best(lambda: a @ a)
+    copy = best(lambda: (dev.copy_(host, non_blocking=cuda), host.copy_(dev, non_blocking=cuda)))
+    return Rates(matmul_flops=2 * n**3 / mm, copy_bytes=2 * host.numel() / copy)
+
+
+def step_seconds(pred, rates: Rates) -> float:
+    """A plan's step time, modelled: its forward and backward FLOPs (recomputation included) at the matmul rate,
+    plus its offloaded bytes out and back at the copy rate, as if no copy overlapped compute (an upper bound)."""
+    return pred.flops / rates.matmul_flops + 2 * pred.host_offload / rates.copy_bytes
+
+
+def choose(options: list, budget_bytes: float, rates: Rates, budget_label: str):
+    """The fastest modelled plan whose predicted peak fits the budget (ties: the one listed first — `candidates`
+    lists the less intrusive first; the model counts element-wise recomputation as free), from `options`:
+    (plan, prediction) pairs, a prediction None where it failed. Returns (plan, prediction, seconds). None fits:
+    bad input naming the smallest predicted peak and its plan."""
+    scored = [(step_seconds(p, rates), i, p.peak, plan, p) for i, (plan, p) in enumerate(options) if p is not None]
+    fits = [s for s in scored if s[2] <= budget_bytes]
+    if not fits:
+        if not scored:
+            raise BadInput(f"{budget_label}: no plan could be predicted")
+        smallest = min(scored, key=lambda s: s[2])
+        raise BadInput(f"{budget_label}: no plan fits; the smallest predicted peak is "
+                       f"{smallest[2] / measure.GIB:.3g} GiB ({describe(smallest[3].keys())})")
+    seconds, _, _, plan, pred = min(fits)
+    return plan, pred, seconds

@@ -71,6 +71,8 @@ CASES = {
     "offload not a bool": (["method.offload=some"], "method.offload=some: expected true or false"),
     "offload with compiled blocks": (["method.offload=true", "train.compile=blocks"],
                                      "train.compile=blocks: not with method.offload=true"),
+    "memory budget not positive": (["train.memory_budget_gib=0"],
+                                   "train.memory_budget_gib=0: expected a number > 0 (GiB) or null"),
     "checkpoint policy unknown": (["method.checkpoint_policy=some"],
                                   "method.checkpoint_policy=some: expected one of full, matmuls, matmuls_attention"),
 }

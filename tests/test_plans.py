@@ -164,3 +164,43 @@ def test_offloading_gives_the_plain_gradients_and_moves_the_blocks_saved_bytes_o
     # host bytes within 1 %: built from fake tensors, transformers makes a decoder's full causal mask where the real
     # run leaves causality to SDPA (tiny-llama: two 2 KiB masks more in the prediction)
     assert pred.activations == moved_saved and pred.host_offload == pytest.approx(host, rel=0.01)
+
+
+def test_a_budget_takes_the_fastest_plan_predicted_to_fit():
+    from lorafa.memory import Prediction
+
+    def pred(peak_gib, tflop, host_gib=0.0):
+        return Prediction(weights=0, grads=0, optimizer=0, activations=0, peak=int(peak_gib * measure.GIB),
+                          host_offload=int(host_gib * measure.GIB), flops=int(tflop * 1e12))
+
+    rates = plans.Rates(matmul_flops=100e12, copy_bytes=50 * measure.GIB)
+    plain, every2, full, off = (plans.Plan(), plans.Plan("every:2"), plans.Plan(True), plans.Plan(True, offload=True))
+    options = [(plain, pred(48, 10)), (every2, pred(30, 11)), (full, pred(18, 13)), (off, pred(12, 13, 10)),
+               (plans.Plan("every:4"), None)]  # a plan that could not be predicted is no candidate
+    assert plans.step_seconds(options[3][1], rates) == pytest.approx(0.13 + 2 * 10 / 50)
+    pick = lambda gib: plans.choose(options, gib * measure.GIB, rates, "b")[0]
+    assert pick(64) == plain and pick(40) == every2 and pick(20) == full and pick(15) == off
+    with pytest.raises(BadInput, match=r"b: no plan fits; the smallest predicted peak is 12 GiB \(checkpoint all"):
+        pick(10)
+    # a tie in modelled time goes to the plan listed first (the less intrusive)
+    assert plans.choose([(plain, pred(30, 10)), (every2, pred(20, 10))], 40 * measure.GIB, rates, "b")[0] == plain
+    assert plans.choose([(plain, pred(30, 10)), (every2, pred(20, 10))], 25 * measure.GIB, rates, "b")[0] == every2
+    assert len(plans.candidates(24)) == 21 and plans.Plan(True, "matmuls") in plans.candidates(24)
+    assert all(p.gradient_checkpointing != "every:4" for p in plans.candidates(4))  # every:K only with K < blocks
+
+
+def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory):
+    common = ["model=tiny-llama", "task=synthetic", "task.max_seq_len=64", "train.batch_size=8",
+              "train.max_steps=2", "task.num_train=32", "task.num_eval=8"]
+    plain = run(cfg_factory(*common))
+    roomy = run(cfg_factory(*common, "train.memory_budget_gib=100"))
+    n = len(plans.candidates(2))  # tiny-llama: 2 blocks (no every:K)
+    assert roomy["plan"] == "none" and roomy["budget_gib"] == 100 and roomy["plans_considered"] == n == 9
+    assert roomy["plans_fitting"] == n and roomy["config_hash"] != plain["config_hash"]
+    budget = 0.9 * plain["pred_mem_peak_gib"]  # below the plain step's peak and element-wise recomputation's
+    tight = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
+    assert tight["status"] == "ok" and tight["plan"] != "none", tight["plan"]
+    assert tight["pred_mem_peak_gib"] <= budget and tight["mem_peak_gib"] <= budget * 1.05
+    assert 0 < tight["plans_fitting"] < n and tight["pred_step_s"] > roomy["pred_step_s"]
+    with pytest.raises(BadInput, match="train.memory_budget_gib=1e-06: no plan fits; the smallest predicted peak"):
+        run(cfg_factory(*common, "train.memory_budget_gib=1e-6"))

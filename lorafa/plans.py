@@ -311,12 +311,13 @@ class Rates:
     copy_bytes: float
 
 
-def measure_rates(device: torch.device, n: int = 2048, copy_mib: int = 64) -> Rates:
-    """A short profile of the device in hand: a bf16 (CUDA) or fp32 (CPU) n³ matmul, and a pinned host → device
-    and back copy of `copy_mib` MiB (CPU: a memory copy); each the best of 3 after a warm-up."""
+def measure_rates(device: torch.device) -> Rates:
+    """A short profile of the device in hand: a bf16 8192³ matmul and a pinned 256 MiB host → device → host copy on
+    CUDA (an fp32 1024³ matmul and a 64 MiB memory copy on CPU); each the best of 3 after a warm-up."""
     import time
 
     cuda = device.type == "cuda"
+    n, copy_mib = (8192, 256) if cuda else (1024, 64)
     dtype = torch.bfloat16 if cuda else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     host = torch.empty(copy_mib * 2**20, dtype=torch.uint8, pin_memory=cuda)

@@ -57,7 +57,7 @@ class Prediction:
 
     def columns(self) -> dict[str, float]:
         return {**{f"pred_mem_{k}_gib": getattr(self, k) / GIB for k in PARTS},
-                "pred_host_offload_gib": self.host_offload / GIB}
+                "pred_host_offload_gib": self.host_offload / GIB, "pred_step_tflop": self.flops / 1e12}
 
 
 def _key(t: torch.Tensor) -> int:

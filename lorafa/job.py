@@ -167,7 +167,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                 else int(config.num_hidden_layers))
     rates = plans.measure_rates(device)
     options = []
-    for plan in plans.candidates(n_blocks):
+    for plan in plans.candidates(n_blocks, offload=device.type == "cuda"):  # on CPU the host is the device
         trial = OmegaConf.merge(cfg, {"method": plan.keys()})
         try:
             options.append((plan, _predict(trial, device, family, num_labels, features)))

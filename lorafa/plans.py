@@ -293,13 +293,14 @@ class Plan:
                 "offload": self.offload, "recompute": self.recompute}
 
 
-def candidates(n_blocks: int) -> list[Plan]:
+def candidates(n_blocks: int, offload: bool = True) -> list[Plan]:
     """The plans a budget chooses among, from saving everything to recomputing every block with its input on the
     host: checkpointing none, every 4th / 3rd / 2nd block or all, each with and without element-wise recomputation
-    and with and without offloading; and every block with the `matmuls` policy."""
+    and with and without offloading (only where the device is not the host: `offload`); and every block with the
+    `matmuls` policy."""
     every = [f"every:{k}" for k in (4, 3, 2) if k < n_blocks]
-    out = [Plan(ckpt, "full", offload, recompute)
-           for ckpt in (False, *every, True) for recompute in ("none", "elementwise") for offload in (False, True)]
+    out = [Plan(ckpt, "full", off, recompute) for ckpt in (False, *every, True)
+           for recompute in ("none", "elementwise") for off in ((False, True) if offload else (False,))]
     return [*out, Plan(True, "matmuls")]
 
 

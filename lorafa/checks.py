@@ -90,12 +90,9 @@ def check_config(cfg) -> None:
     impl = str(cfg.train.get("optimizer_impl", "auto"))
     if impl not in ("auto", "fused", "foreach"):
         raise BadInput(f"train.optimizer_impl={impl}: expected auto, fused or foreach")
-    from . import plans  # the plan's own checks (block indices past the model's last are checked when applied)
+    from . import plans  # (plans imports this module)
 
-    plans.parse(cfg.method.get("gradient_checkpointing", False))
-    policy = str(cfg.method.get("checkpoint_policy", "full"))
-    if policy not in plans.POLICIES:
-        raise BadInput(f"method.checkpoint_policy={policy}: expected one of {', '.join(plans.POLICIES)}")
+    plans.check(cfg.method)
     if cfg.train.get("memory_budget_gib") is not None:
         need("train.memory_budget_gib", positive, "a number > 0 (GiB) or null")
     if not isinstance(cfg.method.get("offload", False), bool):

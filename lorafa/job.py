@@ -179,9 +179,9 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     fitting = sum(p is not None and p.peak <= budget * measure.GIB for _, p in options)
     log.info("%s: plan '%s' — predicted peak %.2f GiB, modelled step %.3g s (%d plans considered, %d fit)",
              label, plans.describe(chosen.method), pred.peak / measure.GIB, seconds, len(options), fitting)
-    row.update(plan=plans.describe(chosen.method), gradient_checkpointing=plan.gradient_checkpointing is not False,
-               recompute=plan.recompute, budget_gib=budget, plans_considered=len(options), plans_fitting=fitting,
-               pred_step_s=seconds)
+    planned = identity(chosen, d)  # the identity columns the plan changes, derived as for any job
+    row.update({k: planned[k] for k in ("plan", "gradient_checkpointing", "recompute")}, budget_gib=budget,
+               plans_considered=len(options), plans_fitting=fitting, pred_step_s=seconds)
     return chosen
 
 

@@ -39,6 +39,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def storage_id(t: torch.Tensor) -> int:
+    """The tensor's StorageImpl: shared by its views, unique while it lives; fake tensors have one too (unlike a
+    data pointer)."""
+    return t.untyped_storage()._cdata
+
+
 def storage_key(t: torch.Tensor):
     t = _local(t)
     s = t.untyped_storage()

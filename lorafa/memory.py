@@ -60,10 +60,6 @@ class Prediction:
                 "pred_host_offload_gib": self.host_offload / GIB, "pred_step_tflop": self.flops / 1e12}
 
 
-def _key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata  # the StorageImpl: the same for every view, unique while it lives
-
-
 class _LiveBytes(TorchDispatchMode):
     """Bytes of the storages alive at once on one kind of device (each created storage counted until it is freed)
     and their peak: host copies (`method.offload`) leave the device."""
@@ -123,7 +119,7 @@ def _distinct_bytes(tensors) -> int:
     seen = {}
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            seen[_key(t)] = t.untyped_storage().nbytes()
+            seen[measure.storage_id(t)] = t.untyped_storage().nbytes()
     return sum(seen.values())
 
 
@@ -162,12 +158,12 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
         # the optimizer the job builds (AdamW, foreach where the device has the kernels, as torch's default)
         optimizer = torch.optim.AdamW(trainable, lr=lr, foreach=device.type == "cuda") if trainable else None
         batch = _batch(net.family, batch_size, seq_len, target_len, num_labels, device)
-        excluded = {_key(t) for t in list(model.parameters()) + list(model.buffers())}
+        excluded = {measure.storage_id(t) for t in list(model.parameters()) + list(model.buffers())}
         saved: dict[int, int] = {}
 
         def pack(t):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and _key(t) not in excluded:
-                saved.setdefault(_key(t), t.untyped_storage().nbytes())
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and measure.storage_id(t) not in excluded:
+                saved.setdefault(measure.storage_id(t), t.untyped_storage().nbytes())
             return t
 
         grads = opt_bytes = host = flops = 0

@@ -76,6 +76,17 @@ def parse(spec) -> tuple[str, object]:
                      "or a list of block indices ≥ 0")
 
 
+def check(method) -> tuple[object, str]:
+    """A method's checkpointing keys, checked (bad input otherwise): (`gradient_checkpointing`, `checkpoint_policy`).
+    Block indices past the model's last are checked when applied."""
+    spec = method.get("gradient_checkpointing", False)
+    parse(spec)
+    policy = str(method.get("checkpoint_policy", "full"))
+    if policy not in POLICIES:
+        raise BadInput(f"method.checkpoint_policy={policy}: expected one of {', '.join(POLICIES)}")
+    return spec, policy
+
+
 def selected(spec, n_blocks: int) -> list[int]:
     """Indices of the blocks `spec` checkpoints among `n_blocks` (a list naming a block past the last: bad input)."""
     kind, arg = parse(spec)
@@ -132,10 +143,7 @@ def apply(model: nn.Module, method) -> int:
     """Checkpoint the blocks `method.gradient_checkpointing` names, keeping what `method.checkpoint_policy` says;
     returns how many blocks recompute. Non-reentrant checkpointing: it works with frozen inputs and restores the
     random state, so dropout masks (the model's and LoRA-FA's) are redrawn the same in the recompute."""
-    spec = method.get("gradient_checkpointing", False)
-    policy = str(method.get("checkpoint_policy", "full"))
-    if policy not in POLICIES:
-        raise BadInput(f"method.checkpoint_policy={policy}: expected one of {', '.join(POLICIES)}")
+    spec, policy = check(method)
     layers = checkpoint_layers(model)
     chosen = selected(spec, len(layers))
     if not chosen:
@@ -166,10 +174,6 @@ def describe(method) -> str:
     return "; ".join(parts) or "none"
 
 
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata  # the StorageImpl: shared by views, unique while alive, fake tensors too
-
-
 class Offload:
     """`method.offload`: the tensors the transformer blocks save for backward (a checkpointed block's input
     included; the final norm, output projection and loss excluded) held in host memory between forward and
@@ -198,7 +202,7 @@ class Offload:
     def _enter(self, module, args):
         if not (module.training and torch.is_grad_enabled()) or self._hooks is not None:
             return
-        self.weights = {_storage(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
+        self.weights = {measure.storage_id(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
         self.host_bytes, self._past_blocks, self._seen = 0, False, {}
         self._release_done()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -217,7 +221,7 @@ class Offload:
 
     def _pack(self, t: torch.Tensor):
         if (self._past_blocks or not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter)
-                or t.device.type == "meta" or _storage(t) in self.weights
+                or t.device.type == "meta" or measure.storage_id(t) in self.weights
                 or t.untyped_storage().nbytes() < self.min_bytes):
             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
                 measure.note_saved([t])  # stays on the device: a saved activation like any other

@@ -297,9 +297,10 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     by_length = bool(tcfg.get("group_by_length", False))
     lengths = [len(f["input_ids"]) for f in train_features]
 
-    eval_time = [0.0]
+    eval_time = 0.0
 
     def run_evals(epoch: int):
+        nonlocal eval_time
         started = time.perf_counter()
         record = {"epoch": epoch, "step": history.steps}
         for ev in evalsets:
@@ -308,7 +309,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
             suffix = "" if len(evalsets) == 1 else f"_{ev.name}"
             record.update({f"{k}{suffix}": v for k, v in result.items()})
         history.evals.append(record)
-        eval_time[0] += time.perf_counter() - started
+        eval_time += time.perf_counter() - started
 
     every = int(tcfg.get("checkpoint_every") or 0)
     ckpt = Path(cfg.output_dir) / CHECKPOINT
@@ -415,7 +416,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
         info.update(stepper.columns(), compile_mode=mode, bucket=multiple, measured_mode="eager",
                     pad_frac=1 - padding["real"] / padding["computed"] if padding["computed"] else float("nan"),
                     optimizer_impl="fused" if device_checks else "foreach", log_reads=acc.reads,
-                    group_by_length=by_length, time_eval_s=eval_time[0])
+                    group_by_length=by_length, time_eval_s=eval_time)
     return history
 
 

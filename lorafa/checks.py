@@ -95,12 +95,14 @@ def check_config(cfg) -> None:
     plans.check(cfg.method)
     if cfg.train.get("memory_budget_gib") is not None:
         need("train.memory_budget_gib", positive, "a number > 0 (GiB) or null")
-    if not isinstance(cfg.method.get("offload", False), bool):
-        raise BadInput(f"method.offload={cfg.method.offload}: expected true or false")
-    if cfg.method.get("offload", False) and compile_ == "blocks":
-        raise BadInput("train.compile=blocks: not with method.offload=true (its saved-tensor hooks run outside "
+        if cfg.train.get("plan"):
+            raise BadInput(f"train.plan={cfg.train.plan}: not with train.memory_budget_gib (the budget chooses the "
+                             "plan); expected one of them")
+    if plans.parse(cfg.method.get("offload", False), "method.offload")[0] != "none" and compile_ == "blocks":
+        raise BadInput("train.compile=blocks: not with method.offload (its saved-tensor hooks run outside "
                        "compiled code); expected train.compile=auto or none")
     need("method.offload_min_kib", lambda v: v >= 0, "a number ≥ 0")
+    need("method.offload_inflight_mib", lambda v: v > 0, "a number > 0")
     stacked = str(cfg.method.get("stacked", False)).lower()
     if stacked not in ("auto", "false", "true", "merged"):
         raise BadInput(f"method.stacked={cfg.method.stacked}: expected auto, false, true or merged")

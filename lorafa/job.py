@@ -154,20 +154,32 @@ def _predict(cfg: DictConfig, device: torch.device, family: str, num_labels: int
                                   frozen_dtype=frozen_weight_dtype(cfg.train, device))
 
 
+def _n_blocks(config, family: str) -> int:
+    return (int(config.num_layers) + int(config.num_decoder_layers) if family == "encoder-decoder"
+            else int(config.num_hidden_layers))
+
+
+def _named_plan(cfg: DictConfig, device: torch.device, config, family: str, row: dict, d: Dist) -> DictConfig:
+    """`train.plan=NAME`: the job's config with that plan's method keys (`lorafa.plans.candidates`)."""
+    plan = plans.named(str(cfg.train.plan), _n_blocks(config, family), offload=device.type == "cuda")
+    chosen = OmegaConf.merge(cfg, {"method": plan.keys()})
+    planned = identity(chosen, d)
+    row.update({k: planned[k] for k in ("plan", "gradient_checkpointing", "recompute")}, plan_name=plan.name)
+    return chosen
+
+
 def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str, num_labels: int,
                      features: list[dict], row: dict, d: Dist) -> DictConfig:
     """`train.memory_budget_gib`: the job's config with the plan (`lorafa.plans`) that is fastest by the step-time
     model among those whose predicted peak fits the budget — chosen before anything is built, logged, and named in
-    the row (`plan`, `budget_gib`, `plans_considered`, `plans_fitting`, `pred_step_s`)."""
+    the row (`plan`, `plan_name`, `budget_gib`, `plans_considered`, `plans_fitting`, `pred_step_s`)."""
     budget = float(cfg.train.memory_budget_gib)
     label = f"train.memory_budget_gib={cfg.train.memory_budget_gib}"
     if d.enabled:
         raise BadInput(f"{label}: plans are chosen for one process; expected train.strategy=single")
-    n_blocks = (int(config.num_layers) + int(config.num_decoder_layers) if family == "encoder-decoder"
-                else int(config.num_hidden_layers))
     rates = plans.measure_rates(device)
     options = []
-    for plan in plans.candidates(n_blocks, offload=device.type == "cuda"):  # on CPU the host is the device
+    for plan in plans.candidates(_n_blocks(config, family), offload=device.type == "cuda"):  # CPU: host = device
         trial = OmegaConf.merge(cfg, {"method": plan.keys()})
         try:
             options.append((plan, _predict(trial, device, family, num_labels, features)))
@@ -177,11 +189,12 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     plan, pred, seconds = plans.choose(options, budget * measure.GIB, rates, label)
     chosen = OmegaConf.merge(cfg, {"method": plan.keys()})
     fitting = sum(p is not None and p.peak <= budget * measure.GIB for _, p in options)
-    log.info("%s: plan '%s' — predicted peak %.2f GiB, modelled step %.3g s (%d plans considered, %d fit)",
-             label, plans.describe(chosen.method), pred.peak / measure.GIB, seconds, len(options), fitting)
+    log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit)",
+             label, plan.name, plans.describe(chosen.method), pred.peak / measure.GIB, seconds, len(options), fitting)
     planned = identity(chosen, d)  # the identity columns the plan changes, derived as for any job
-    row.update({k: planned[k] for k in ("plan", "gradient_checkpointing", "recompute")}, budget_gib=budget,
-               plans_considered=len(options), plans_fitting=fitting, pred_step_s=seconds)
+    row.update({k: planned[k] for k in ("plan", "gradient_checkpointing", "recompute")}, plan_name=plan.name,
+               budget_gib=budget, plans_considered=len(options), plans_fitting=fitting, pred_step_s=seconds,
+               copy_gib_per_s=rates.copy_bytes / measure.GIB, matmul_tflop_per_s=rates.matmul_flops / 1e12)
     return chosen
 
 
@@ -254,6 +267,8 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
                     for name in cfg.task.eval_splits]
     if cfg.train.get("memory_budget_gib") is not None:  # the plan is chosen now; the user's config keeps its hash
         cfg = _plan_for_budget(cfg, device, config, family, data.num_labels, train_features, row, d)
+    elif cfg.train.get("plan"):  # a named plan: its method keys
+        cfg = _named_plan(cfg, device, config, family, row, d)
     # train.compile: none | blocks | graph | eager_graph (auto: a graph where exact, compiled for long jobs)
     mode, why = step.resolve_mode(cfg, device, total_steps(len(train_features), cfg.train, d))
     row.update(compile_mode=mode, compile_reason=why)

@@ -54,10 +54,12 @@ class Prediction:
     peak: int
     host_offload: int = 0  # bytes the forward puts in host memory (`method.offload`): not on the device
     flops: int = 0  # one step's forward and backward (recomputation included), counted by torch's FLOP counter
+    flops_forward: int = 0  # of which the forward's
 
     def columns(self) -> dict[str, float]:
         return {**{f"pred_mem_{k}_gib": getattr(self, k) / GIB for k in PARTS},
-                "pred_host_offload_gib": self.host_offload / GIB, "pred_step_tflop": self.flops / 1e12}
+                "pred_host_offload_gib": self.host_offload / GIB, "pred_step_tflop": self.flops / 1e12,
+                "pred_forward_tflop": self.flops_forward / 1e12}
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -166,7 +168,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
                 saved.setdefault(measure.storage_id(t), t.untyped_storage().nbytes())
             return t
 
-        grads = opt_bytes = host = flops = 0
+        grads = opt_bytes = host = flops = flops_forward = 0
         peaks = []
         # CPU: the peak is the sum of the four counts, all known after one step; CUDA: the allocator's peak of a
         # steady-state step (the second, once optimizer state exists)
@@ -178,6 +180,8 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
             with counter:
                 with hooks, kept, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
                     loss = model(**batch).loss
+                if step == 0:
+                    flops_forward = counter.total
                 loss.backward()
             del loss
             if step == 0:
@@ -199,13 +203,28 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
     else:
         peak = weights + grads + opt_bytes + activations
     return Prediction(weights=weights, grads=grads, optimizer=opt_bytes, activations=activations, peak=peak,
-                      host_offload=host, flops=flops)
+                      host_offload=host, flops=flops, flops_forward=flops_forward)
+
+
+_CACHE: dict = {}  # predictions made in this process (a sweep's jobs, a budget's plans): by everything they read
+_CACHE_SIZE = 256
 
 
 def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, target_len: int | None = None,
                 amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None) -> Prediction:
-    """`predict` for a composed job config: its model, method, batch size and `task.max_seq_len`."""
+    """`predict` for a composed job config: its model, method, batch size and `task.max_seq_len`. A prediction
+    this process already made for the same inputs is reused (a budget's job and the sweep's hand-set plans)."""
+    from omegaconf import OmegaConf
+
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
-    return predict(cfg.model, cfg.method, batch_size=int(cfg.train.batch_size), seq_len=int(cfg.task.max_seq_len),
-                   target_len=target_len, num_labels=num_labels, device=device, amp=amp, frozen_dtype=frozen_dtype,
-                   param_dtype=dtype, lr=float(cfg.train.lr), max_grad_norm=cfg.train.get("max_grad_norm"))
+    kwargs = {"batch_size": int(cfg.train.batch_size), "seq_len": int(cfg.task.max_seq_len),
+              "target_len": target_len, "num_labels": num_labels, "device": torch.device(device), "amp": amp,
+              "frozen_dtype": frozen_dtype, "param_dtype": dtype, "lr": float(cfg.train.lr),
+              "max_grad_norm": cfg.train.get("max_grad_norm")}
+    key = (OmegaConf.to_yaml(cfg.model, resolve=True), OmegaConf.to_yaml(cfg.method, resolve=True),
+           repr(sorted(kwargs.items())), CUDA_WORKSPACE_BYTES)
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = predict(cfg.model, cfg.method, **kwargs)
+    return _CACHE[key]

@@ -9,6 +9,7 @@ T5's encoder blocks, then its decoder blocks) whose activations are recomputed i
 | `true` | all |
 | `every:k` | blocks 0, k, 2k, … (torchtune's per-layer checkpointing) |
 | `first:n` | the first n blocks |
+| `last:n` | the last n blocks |
 | `[i, j, …]` | those blocks (0-based) |
 
 `method.checkpoint_policy` says what a checkpointed block still keeps, through PyTorch's selective checkpointing
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -57,9 +58,10 @@ def checkpoint_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def parse(spec) -> tuple[str, object]:
-    """`method.gradient_checkpointing` → (kind, argument): ("none", None), ("all", None), ("every", k),
-    ("first", n) or ("list", [i, …]); anything else is bad input naming what is accepted."""
+def parse(spec, key: str = "method.gradient_checkpointing") -> tuple[str, object]:
+    """A set of blocks (`method.gradient_checkpointing`, `method.offload`) → (kind, argument): ("none", None),
+    ("all", None), ("every", k), ("first", n), ("last", n) or ("list", [i, …]); anything else is bad input naming
+    what is accepted."""
     if spec is None or spec is False:
         return "none", None
     if spec is True:
@@ -70,26 +72,27 @@ def parse(spec) -> tuple[str, object]:
             return "list", sorted(set(items))
     elif isinstance(spec, str) and ":" in spec:
         kind, _, arg = spec.partition(":")
-        if kind in ("every", "first") and arg.isdigit() and int(arg) >= 1:
+        if kind in ("every", "first", "last") and arg.isdigit() and int(arg) >= 1:
             return kind, int(arg)
-    raise BadInput(f"method.gradient_checkpointing={spec}: expected true, false, every:K, first:N (K, N ≥ 1) "
-                     "or a list of block indices ≥ 0")
+    raise BadInput(f"{key}={spec}: expected true, false, every:K, first:N, last:N (K, N ≥ 1) or a list of block "
+                     "indices ≥ 0")
 
 
 def check(method) -> tuple[object, str]:
-    """A method's checkpointing keys, checked (bad input otherwise): (`gradient_checkpointing`, `checkpoint_policy`).
-    Block indices past the model's last are checked when applied."""
+    """A method's plan keys, checked (bad input otherwise); returns (`gradient_checkpointing`,
+    `checkpoint_policy`). Block indices past the model's last are checked when applied."""
     spec = method.get("gradient_checkpointing", False)
     parse(spec)
+    parse(method.get("offload", False), "method.offload")
     policy = str(method.get("checkpoint_policy", "full"))
     if policy not in POLICIES:
         raise BadInput(f"method.checkpoint_policy={policy}: expected one of {', '.join(POLICIES)}")
     return spec, policy
 
 
-def selected(spec, n_blocks: int) -> list[int]:
-    """Indices of the blocks `spec` checkpoints among `n_blocks` (a list naming a block past the last: bad input)."""
-    kind, arg = parse(spec)
+def selected(spec, n_blocks: int, key: str = "method.gradient_checkpointing") -> list[int]:
+    """Indices of the blocks `spec` names among `n_blocks` (a list naming a block past the last: bad input)."""
+    kind, arg = parse(spec, key)
     if kind == "none":
         return []
     if kind == "all":
@@ -98,8 +101,10 @@ def selected(spec, n_blocks: int) -> list[int]:
         return list(range(0, n_blocks, arg))
     if kind == "first":
         return list(range(min(arg, n_blocks)))
+    if kind == "last":
+        return list(range(max(0, n_blocks - arg), n_blocks))
     if arg and arg[-1] >= n_blocks:
-        raise BadInput(f"method.gradient_checkpointing={arg}: block {arg[-1]} does not exist; the model has "
+        raise BadInput(f"{key}={arg}: block {arg[-1]} does not exist; the model has "
                          f"{n_blocks} blocks (0…{n_blocks - 1})")
     return arg
 
@@ -158,53 +163,100 @@ def apply(model: nn.Module, method) -> int:
     return len(chosen)
 
 
+def _blocks(kind: str, arg) -> str:
+    if kind in ("first", "last"):
+        return f"the {kind} block" if arg == 1 else f"the {kind} {arg} blocks"
+    return ("all blocks" if kind == "all" else f"every:{arg} blocks" if kind == "every"
+            else "blocks " + ", ".join(map(str, arg)))
+
+
 def describe(method) -> str:
     """The plan in one line, for the row's `plan` column: checkpointing (which blocks, what they keep),
     element-wise recomputation and offloading; `none` when the step saves everything on the device."""
     parts = []
     kind, arg = parse(method.get("gradient_checkpointing", False))
     if kind != "none":
-        which = ("all blocks" if kind == "all" else f"every:{arg} blocks" if kind == "every"
-                 else f"the first {arg} blocks" if kind == "first" else "blocks " + ", ".join(map(str, arg)))
-        parts.append(f"checkpoint {which} (keep {method.get('checkpoint_policy', 'full')})")
+        parts.append(f"checkpoint {_blocks(kind, arg)} (keep {method.get('checkpoint_policy', 'full')})")
     if str(method.get("recompute", "none")) != "none":
         parts.append(f"recompute {method.get('recompute')}")
-    if method.get("offload", False):
-        parts.append(f"offload saved tensors ≥ {float(method.get('offload_min_kib', 1024)):g} KiB to the host")
+    kind, arg = parse(method.get("offload", False), "method.offload")
+    if kind != "none":
+        parts.append(f"offload {_blocks(kind, arg)} (saved tensors ≥ {float(method.get('offload_min_kib', 1024)):g}"
+                     " KiB) to the host")
     return "; ".join(parts) or "none"
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+class _Held:
+    """One saved tensor on its way to the host and back."""
+
+    __slots__ = ("copied", "dev", "device", "fetched", "host", "nbytes", "ready", "uses")
+
+    def __init__(self, device, host, nbytes):
+        self.device, self.host, self.nbytes = device, host, nbytes
+        self.uses = 1  # times autograd saved it (a tensor saved by several ops is one copy)
+        self.copied = None  # CUDA event: the host copy is done
+        self.dev = None  # the device tensor, held until its host copy is done
+        self.fetched = None  # the copy back on the device, until autograd has used it `uses` times
+        self.ready = None  # CUDA event: the copy back is done
+
+
 class Offload:
-    """`method.offload`: the tensors the transformer blocks save for backward (a checkpointed block's input
-    included; the final norm, output projection and loss excluded) held in host memory between forward and
-    backward. On CUDA each goes to pinned host memory on a side stream, overlapping the forward's compute (the
-    device copy is held until its copy is done), and comes back on that stream when backward needs it; the compute
+    """`method.offload`: what the named transformer blocks save for backward (tensors saved while one of those
+    blocks runs its forward; the embeddings, final norm, output projection and loss stay) held in host memory
+    between forward and backward.
+
+    On CUDA each tensor goes to pinned host memory on a side stream, overlapping the forward's compute; its device
+    copy is held until the host copy is done, and at most `inflight_bytes` of such copies are in flight (past that
+    the forward waits for the oldest), so the device never holds more than that on the offload's account. When
+    backward starts, the copies still in flight are waited for; then the tensors come back in the reverse of the
+    order they left, prefetched on the side stream up to `inflight_bytes` ahead of their use, and the compute
     stream waits only for the copy it needs. Tensors under `min_bytes` (`method.offload_min_kib`) and the model's
     own parameters stay. What stays is told to `lorafa.measure` as saved (these hooks are the innermost during the
-    forward: a measurement's own hooks do not see it); `host_bytes` is what the last forward put on the host."""
+    forward: a measurement's own hooks do not see it); `host_bytes` is what the last forward put on the host.
 
-    def __init__(self, model: nn.Module, min_bytes: int):
-        self.model, self.min_bytes = model, int(min_bytes)
+    The same bookkeeping runs without streams on CPU and on fake tensors (`lorafa.memory.predict`), where no copy
+    is ever done early: the prediction holds the worst case, `inflight_bytes` in flight, which is what a forward
+    whose copies are slower than its compute meets."""
+
+    def __init__(self, model: nn.Module, blocks: list[int], min_bytes: int, inflight_bytes: int):
+        self.model, self.min_bytes, self.inflight = model, int(min_bytes), int(inflight_bytes)
         self.layers = checkpoint_layers(model)
+        self.blocks = sorted(blocks)
         self.weights: set = set()
         self.host_bytes = 0
-        self._hooks = None
-        self._past_blocks = False
-        self._pending: list = []  # (device tensor, copy event) until its host copy is done
-        self._seen: dict = {}  # this forward's packed tensors by id (with a weak reference): one copy each
         self.stream = None
+        self._hooks = None
+        self._block = None  # the offloaded block whose forward runs now
+        self._reset()
         model.lorafa_offload = self  # the measured step reads host_bytes
         model.register_forward_pre_hook(self._enter)
         model.register_forward_hook(self._exit, always_call=True)
-        if self.layers:
-            self.layers[-1].register_forward_hook(self._last_block_done)
+        for i in self.blocks:
+            self.layers[i].register_forward_pre_hook(partial(self._into, i))
+            self.layers[i].register_forward_hook(partial(self._out_of, i), always_call=True)
+
+    def _reset(self):
+        self._pending: list[_Held] = []  # host copies in flight, oldest first
+        self._pending_bytes = 0
+        self._order: list[_Held] = []  # this forward's tensors in the order they left
+        self._next = -1  # the next to prefetch, walking `_order` backwards
+        self._ahead = 0  # bytes fetched back and not yet used
+        self._backward = False
+        self._seen: dict = {}  # this forward's packed tensors by id (with a weak reference): one copy each
 
     def _enter(self, module, args):
         if not (module.training and torch.is_grad_enabled()) or self._hooks is not None:
             return
         self.weights = {measure.storage_id(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
-        self.host_bytes, self._past_blocks, self._seen = 0, False, {}
-        self._release_done()
+        self.host_bytes = 0
+        self._drain(0)
+        self._reset()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
 
@@ -213,14 +265,32 @@ class Offload:
             self._hooks.__exit__(None, None, None)
             self._hooks = None
 
-    def _last_block_done(self, module, args, output):
-        self._past_blocks = True
+    def _into(self, i, module, args):
+        self._block = i
 
-    def _release_done(self) -> None:
-        self._pending = [(t, e) for t, e in self._pending if not e.query()]
+    def _out_of(self, i, module, args, output):
+        self._block = None
+
+    def _drain(self, limit: int) -> None:
+        """Let go of the device copies whose host copy is done; wait for the oldest while more than `limit` bytes
+        are in flight. Nothing is done early on CPU or fake tensors (the worst case)."""
+        keep = []
+        for held in self._pending:
+            if held.copied is not None and held.copied.query():
+                self._pending_bytes -= held.nbytes
+                held.dev = None
+            else:
+                keep.append(held)
+        self._pending = keep
+        while self._pending and self._pending_bytes > limit:
+            held = self._pending.pop(0)
+            if held.copied is not None:
+                held.copied.synchronize()
+            self._pending_bytes -= held.nbytes
+            held.dev = None
 
     def _pack(self, t: torch.Tensor):
-        if (self._past_blocks or not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter)
+        if (self._block is None or not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter)
                 or t.device.type == "meta" or measure.storage_id(t) in self.weights
                 or t.untyped_storage().nbytes() < self.min_bytes):
             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
@@ -228,52 +298,84 @@ class Offload:
             return t
         seen = self._seen.get(id(t))  # the same tensor saved again (one input of several matmuls): one copy
         if seen is not None and seen[0]() is t:  # (a dead tensor's id can come back: the weak reference says)
+            seen[1].uses += 1
             return seen[1]
-        self.host_bytes += t.numel() * t.element_size()
-        if t.device.type != "cuda":  # CPU runs take the same path (a host copy) without streams
-            packed = (t.device, t.detach().clone(), None)
-            self._seen[id(t)] = (weakref.ref(t), packed)
-            return packed
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(t.device)
-        self._release_done()
-        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
-        self.stream.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(self.stream):
-            host.copy_(t, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        self._pending.append((t, done))
-        packed = (t.device, host, done)
-        self._seen[id(t)] = (weakref.ref(t), packed)
-        return packed
+        nbytes = t.numel() * t.element_size()
+        streams = t.device.type == "cuda" and not _is_fake(t)
+        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, device="cpu", pin_memory=streams)
+        held = _Held(t.device, host, nbytes)
+        if streams:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(t.device)
+            self.stream.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(self.stream):
+                host.copy_(t, non_blocking=True)
+                held.copied = torch.cuda.Event()
+                held.copied.record(self.stream)
+        else:
+            host.copy_(t)
+        held.dev = t
+        self._pending.append(held)
+        self._pending_bytes += nbytes
+        self._order.append(held)
+        self.host_bytes += nbytes
+        self._seen[id(t)] = (weakref.ref(t), held)
+        self._drain(self.inflight)
+        return held
+
+    def _fetch(self, held: _Held) -> None:
+        if held.copied is None:  # CPU, fake tensors
+            held.fetched = held.host.to(held.device)
+        else:
+            with torch.cuda.stream(self.stream):
+                held.fetched = held.host.to(held.device, non_blocking=True)
+                held.ready = torch.cuda.Event()
+                held.ready.record(self.stream)
+        self._ahead += held.nbytes
+
+    def _prefetch(self) -> None:
+        """Fetch the tensors backward will want next (the reverse of the order they left) while under
+        `inflight_bytes` ahead of their use."""
+        while self._next >= 0:
+            held = self._order[self._next]
+            if held.fetched is None and held.uses > 0:
+                if self._ahead and self._ahead + held.nbytes > self.inflight:
+                    return
+                self._fetch(held)
+            self._next -= 1
 
     def _unpack(self, packed):
-        if isinstance(packed, torch.Tensor):
+        if not self._backward:  # backward starts: every copy to the host finishes first
+            self._backward = True
+            self._drain(0)
+            self._next = len(self._order) - 1
+        if not isinstance(packed, _Held):
+            self._prefetch()
             return packed
-        device, host, done = packed
-        if done is None:
-            return host.to(device)
-        self._release_done()  # device copies whose host copy is done are let go during backward too
-        for t, e in self._pending:  # still on the device: no copy back
-            if e is done:
-                return t
-        current = torch.cuda.current_stream(device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            back = host.to(device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-        current.wait_event(ready)
-        back.record_stream(current)  # the allocator: used on the compute stream from here
-        return back
+        held = packed
+        if held.fetched is None:  # not prefetched (backward's order differed): fetched now
+            self._fetch(held)
+        out = held.fetched
+        if held.ready is not None:
+            current = torch.cuda.current_stream(held.device)
+            current.wait_event(held.ready)
+            out.record_stream(current)  # the allocator: used on the compute stream from here
+        held.uses -= 1
+        if held.uses == 0:  # autograd holds it now; the next unpack of this tensor (none expected) fetches again
+            held.fetched, held.ready = None, None
+            self._ahead -= held.nbytes
+        self._prefetch()
+        return out
 
 
 def offload(model: nn.Module, method) -> Offload | None:
-    """`method.offload=true`: an `Offload` on the model (None when off)."""
-    if not method.get("offload", False):
+    """`method.offload` (a set of blocks, as `method.gradient_checkpointing`): an `Offload` on the model (None when
+    no block is named)."""
+    blocks = selected(method.get("offload", False), len(checkpoint_layers(model)), "method.offload")
+    if not blocks:
         return None
-    return Offload(model, int(float(method.get("offload_min_kib", 1024)) * 1024))
+    return Offload(model, blocks, int(float(method.get("offload_min_kib", 1024)) * 1024),
+                   int(float(method.get("offload_inflight_mib", 512)) * 2**20))
 
 
 # ---- choosing a plan for a memory budget (`train.memory_budget_gib`) ----
@@ -283,12 +385,14 @@ PLAN_KEYS = ("gradient_checkpointing", "checkpoint_policy", "offload", "recomput
 
 @dataclass(frozen=True)
 class Plan:
-    """The method keys a plan sets; everything else of the job stays as configured."""
+    """The method keys a plan sets; everything else of the job stays as configured. `name`: its name among the
+    candidates (`train.plan`)."""
 
     gradient_checkpointing: object = False
     checkpoint_policy: str = "full"
-    offload: bool = False
+    offload: object = False
     recompute: str = "none"
+    name: str = field(default="", compare=False)
 
     def keys(self) -> dict:
         value = list(self.gradient_checkpointing) if isinstance(self.gradient_checkpointing, tuple) \
@@ -298,19 +402,40 @@ class Plan:
 
 
 def candidates(n_blocks: int, offload: bool = True) -> list[Plan]:
-    """The plans a budget chooses among, from saving everything to recomputing every block with its input on the
-    host: checkpointing none, every 4th / 3rd / 2nd block or all, each with and without element-wise recomputation
-    and with and without offloading (only where the device is not the host: `offload`); and every block with the
-    `matmuls` policy."""
-    every = [f"every:{k}" for k in (4, 3, 2) if k < n_blocks]
-    out = [Plan(ckpt, "full", off, recompute) for ckpt in (False, *every, True)
-           for recompute in ("none", "elementwise") for off in ((False, True) if offload else (False,))]
-    return [*out, Plan(True, "matmuls")]
+    """The plans a budget chooses among (each by its name, `train.plan`), from saving everything to recomputing
+    every block, less intrusive first: checkpointing none, every 4th / 2nd block or all, each with and without
+    element-wise recomputation; every block with the `matmuls` policy; and, only where the device is not the
+    host (`offload`), the first quarter or half of the blocks offloaded and the rest checkpointed (recomputing a
+    block's forward is often cheaper than moving what it saves: only copies that hide under compute pay), and
+    every block offloaded."""
+    levels = [("none", False), *((f"every{k}", f"every:{k}") for k in (4, 2) if k < n_blocks), ("all", True)]
+    out = []
+    for name, ckpt in levels:
+        out.append(Plan(ckpt, name=name))
+        out.append(Plan(ckpt, recompute="elementwise", name="elementwise" if name == "none" else f"{name}_elementwise"))
+    out.append(Plan(True, "matmuls", name="all_matmuls"))
+    if offload:
+        for part, n in (("quarter", max(1, n_blocks // 4)), ("half", max(1, n_blocks // 2))):
+            plan = Plan(f"last:{n_blocks - n}", "full", f"first:{n}", name=f"offload_{part}")
+            if n < n_blocks and plan not in out:
+                out.append(plan)
+        out.append(Plan(False, "full", True, name="offload_all"))
+    return out
+
+
+def named(name: str, n_blocks: int, offload: bool = True) -> Plan:
+    """`train.plan=NAME`: the candidate of that name for a model of `n_blocks` blocks (bad input naming those
+    there are otherwise)."""
+    plans = {p.name: p for p in candidates(n_blocks, offload)}
+    if name not in plans:
+        raise BadInput(f"train.plan={name}: expected one of {', '.join(plans)} (this model and device)")
+    return plans[name]
 
 
 @dataclass(frozen=True)
 class Rates:
-    """The device's measured rates the step-time model uses: matmul FLOP/s and host↔device copy bytes/s."""
+    """The device's measured rates the step-time model uses: matmul FLOP/s and host↔device copy bytes/s (one
+    way, the mean of the two directions)."""
 
     matmul_flops: float
     copy_bytes: float
@@ -345,9 +470,13 @@ def measure_rates(device: torch.device) -> Rates:
 
 
 def step_seconds(pred, rates: Rates) -> float:
-    """A plan's step time, modelled: its forward and backward FLOPs (recomputation included) at the matmul rate,
-    plus its offloaded bytes out and back at the copy rate, as if no copy overlapped compute (an upper bound)."""
-    return pred.flops / rates.matmul_flops + 2 * pred.host_offload / rates.copy_bytes
+    """A plan's step time, modelled: its forward and its backward FLOPs (recomputation included) at the matmul
+    rate, each overlapped with its offloaded bytes' one-way copy at the copy rate (copies out during forward, back
+    during backward): max(forward, copy) + max(backward, copy)."""
+    copy = pred.host_offload / rates.copy_bytes
+    forward = pred.flops_forward / rates.matmul_flops
+    backward = (pred.flops - pred.flops_forward) / rates.matmul_flops
+    return max(forward, copy) + max(backward, copy)
 
 
 def choose(options: list, budget_bytes: float, rates: Rates, budget_label: str):

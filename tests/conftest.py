@@ -20,6 +20,17 @@ def compose_cfg(overrides: list[str] | tuple = (), output_dir: Path | str = "/tm
         return compose("config", overrides=[*overrides, f"output_dir={output_dir}", "train.progress=false"])
 
 
+@pytest.fixture(autouse=True)
+def _fresh_predictions():
+    """Each test predicts anew: a prediction cached by an earlier test (`lorafa.memory.predict_job`) would hide a
+    change the test makes to the predictor."""
+    from lorafa import memory
+
+    memory._CACHE.clear()
+    yield
+    memory._CACHE.clear()
+
+
 @pytest.fixture
 def cfg_factory(tmp_path):
     """cfg_factory(*overrides) → a composed config writing into a fresh temporary directory."""

@@ -18,10 +18,13 @@ def test_which_blocks_a_plan_names():
     assert plans.selected(False, 6) == [] and plans.selected(True, 6) == [0, 1, 2, 3, 4, 5]
     assert plans.selected("every:2", 6) == [0, 2, 4] and plans.selected("every:4", 6) == [0, 4]
     assert plans.selected("first:2", 6) == [0, 1] and plans.selected("first:9", 6) == list(range(6))
+    assert plans.selected("last:2", 6) == [4, 5] and plans.selected("last:9", 6) == list(range(6))
     assert plans.selected([4, 1, 1], 6) == [1, 4]
-    for bad in ("every:0", "last:2", "every", "2", [1, -1], [1.5]):
-        with pytest.raises(BadInput, match="expected true, false, every:K, first:N"):
+    for bad in ("every:0", "last:0", "middle:2", "every", "2", [1, -1], [1.5]):
+        with pytest.raises(BadInput, match="expected true, false, every:K, first:N, last:N"):
             plans.parse(bad)
+    with pytest.raises(BadInput, match="method.offload=first:x: expected"):
+        plans.check({"offload": "first:x"})
     with pytest.raises(BadInput, match="block 7 does not exist; the model has 6 blocks"):
         plans.selected([1, 7], 6)
 
@@ -117,9 +120,10 @@ def test_what_a_policy_keeps_is_counted_as_saved_activations(model):
 def test_a_job_row_names_its_plan(cfg_factory):
     row = run(cfg_factory("task.max_train_samples=32", "task.max_eval_samples=16", "train.batch_size=8",
                           "train.max_steps=2", "method.gradient_checkpointing=every:2",
-                          "method.checkpoint_policy=matmuls", "method.offload=true", "method.offload_min_kib=0"))
+                          "method.checkpoint_policy=matmuls", "method.offload=last:1", "method.offload_min_kib=0"))
     assert row["status"] == "ok", row["error"]
-    assert row["plan"] == ("checkpoint every:2 blocks (keep matmuls); offload saved tensors ≥ 0 KiB to the host")
+    assert row["plan"] == ("checkpoint every:2 blocks (keep matmuls); offload the last block (saved tensors ≥ 0 KiB) "
+                           "to the host")
     assert row["gradient_checkpointing"] and row["checkpointed_blocks"] == 1  # tiny-roberta: 2 blocks
     assert abs(row["pred_mem_activations_gib"] / row["mem_activations_gib"] - 1) < 0.05
     assert row["host_offload_gib"] > 0 and row["pred_host_offload_gib"] == pytest.approx(row["host_offload_gib"], rel=0.02)
@@ -127,6 +131,15 @@ def test_a_job_row_names_its_plan(cfg_factory):
                             "train.max_steps=2"))
     assert plain["plan"] == "none" and plain["checkpointed_blocks"] == 0 and not plain["gradient_checkpointing"]
     assert plain["host_offload_gib"] == 0
+    named = run(cfg_factory("task.max_train_samples=32", "task.max_eval_samples=16", "train.batch_size=8",
+                            "train.max_steps=2", "train.plan=all_elementwise"))
+    assert named["status"] == "ok" and named["plan_name"] == "all_elementwise" and named["checkpointed_blocks"] == 2
+    assert named["plan"] == "checkpoint all blocks (keep full); recompute elementwise" and named["gradient_checkpointing"]
+    with pytest.raises(BadInput, match=r"train.plan=every3: expected one of none, elementwise, all, all_elementwise, "
+                                       r"all_matmuls \(this model and device\)"):  # 2 blocks, CPU: no every:K, no offload
+        run(cfg_factory("train.max_steps=2", "train.plan=every3"))
+    with pytest.raises(BadInput, match="train.plan=all: not with train.memory_budget_gib"):
+        run(cfg_factory("train.max_steps=2", "train.plan=all", "train.memory_budget_gib=4"))
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5", "tiny-roberta"])
@@ -166,28 +179,83 @@ def test_offloading_gives_the_plain_gradients_and_moves_the_blocks_saved_bytes_o
     assert pred.activations == moved_saved and pred.host_offload == pytest.approx(host, rel=0.01)
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5"])
+def test_offloading_named_blocks_keeps_its_copies_in_flight_bounded_and_prefetches_in_backward_order(model):
+    """`method.offload` names blocks: the first block's saved tensors go, the rest stay; with an in-flight bound
+    smaller than a tensor the forward lets each copy go before the next (never more than the bound in flight),
+    backward brings them back ahead of their use (prefetched, at most the bound ahead), and the gradients are
+    the plain step's."""
+    plain, _, batch = _net(model)
+    both, _, _ = _net(model, offload=True, offload_min_kib=0)
+    first, applied, _ = _net(model, offload="first:1", offload_min_kib=0, offload_inflight_mib=0.004)  # 4 KiB
+    off = applied.offload
+    assert off.blocks == [0] and off.inflight == 4194
+    seen = {"pending": [], "ahead": [], "prefetched": 0, "unpacked": 0}
+    pack, unpack = off._pack, off._unpack
+
+    def packed(t):
+        out = pack(t)
+        seen["pending"].append(off._pending_bytes)
+        return out
+
+    def unpacked(p):
+        if isinstance(p, plans._Held):
+            seen["unpacked"] += 1
+            seen["prefetched"] += p.fetched is not None
+        out = unpack(p)
+        seen["ahead"].append(off._ahead)
+        return out
+
+    off._pack, off._unpack = packed, unpacked
+    grads, host = {}, {}
+    for name, net in (("plain", plain), ("both", both), ("first", first)):
+        net.model.train()(**batch).loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in net.model.named_parameters() if p.grad is not None}
+        host[name] = getattr(getattr(net.model, "lorafa_offload", None), "host_bytes", 0)
+    for name in ("both", "first"):
+        for n, g in grads["plain"].items():
+            torch.testing.assert_close(grads[name][n], g, rtol=1e-5, atol=1e-6, msg=f"{name} {n}")
+    assert 0 < host["first"] < host["both"]
+    largest = max(h.nbytes for h in off._order)
+    assert largest > off.inflight and max(seen["pending"]) <= off.inflight
+    assert seen["unpacked"] >= len(off._order) and seen["prefetched"] >= seen["unpacked"] // 2
+    assert max(seen["ahead"]) <= largest and off._ahead == 0
+
+
 def test_a_budget_takes_the_fastest_plan_predicted_to_fit():
     from lorafa.memory import Prediction
 
-    def pred(peak_gib, tflop, host_gib=0.0):
+    def pred(peak_gib, tflop, host_gib=0.0):  # a third of a step's FLOPs in forward, as a transformer's
         return Prediction(weights=0, grads=0, optimizer=0, activations=0, peak=int(peak_gib * measure.GIB),
-                          host_offload=int(host_gib * measure.GIB), flops=int(tflop * 1e12))
+                          host_offload=int(host_gib * measure.GIB), flops=int(tflop * 1e12),
+                          flops_forward=int(tflop * 1e12 / 3))
 
     rates = plans.Rates(matmul_flops=100e12, copy_bytes=50 * measure.GIB)
-    plain, every2, full, off = (plans.Plan(), plans.Plan("every:2"), plans.Plan(True), plans.Plan(True, offload=True))
+    plain, every2, full = plans.Plan(), plans.Plan("every:2"), plans.Plan(True)
+    off, hidden = plans.Plan(True, offload=True), plans.Plan("last:2", offload="first:2")
+    # copies overlap compute: forward max(0.04, 10/50) + backward max(0.08, 10/50); hidden under compute: 0.12
+    assert plans.step_seconds(pred(12, 12, 10), rates) == pytest.approx(0.2 + 0.2)
+    assert plans.step_seconds(pred(12, 12, 1), rates) == pytest.approx(0.04 + 0.08)
+    assert plans.step_seconds(pred(12, 12, 3), rates) == pytest.approx(0.06 + 0.08)
     options = [(plain, pred(48, 10)), (every2, pred(30, 11)), (full, pred(18, 13)), (off, pred(12, 13, 10)),
-               (plans.Plan("every:4"), None)]  # a plan that could not be predicted is no candidate
-    assert plans.step_seconds(options[3][1], rates) == pytest.approx(0.13 + 2 * 10 / 50)
+               (hidden, pred(22, 11.5, 2)), (plans.Plan("every:4"), None)]  # a plan not predicted is no candidate
     pick = lambda gib: plans.choose(options, gib * measure.GIB, rates, "b")[0]
-    assert pick(64) == plain and pick(40) == every2 and pick(20) == full and pick(15) == off
+    assert pick(64) == plain and pick(40) == every2 and pick(25) == hidden and pick(20) == full and pick(15) == off
     with pytest.raises(BadInput, match=r"b: no plan fits; the smallest predicted peak is 12 GiB \(checkpoint all"):
         pick(10)
     # a tie in modelled time goes to the plan listed first (the less intrusive)
     assert plans.choose([(plain, pred(30, 10)), (every2, pred(20, 10))], 40 * measure.GIB, rates, "b")[0] == plain
     assert plans.choose([(plain, pred(30, 10)), (every2, pred(20, 10))], 25 * measure.GIB, rates, "b")[0] == every2
-    assert len(plans.candidates(24)) == 21 and plans.Plan(True, "matmuls") in plans.candidates(24)
+    got = plans.candidates(24)
+    assert len(got) == 12 and len(set(got)) == 12 and plans.Plan(True, "matmuls") in got
+    assert [p.name for p in got] == ["none", "elementwise", "every4", "every4_elementwise", "every2",
+                                     "every2_elementwise", "all", "all_elementwise", "all_matmuls", "offload_quarter",
+                                     "offload_half", "offload_all"]
+    assert plans.named("offload_quarter", 24) == plans.Plan("last:18", "full", "first:6")
+    assert plans.Plan("last:18", "full", "first:6") in got and plans.Plan("last:12", "full", "first:12") in got
     assert all(p.gradient_checkpointing != "every:4" for p in plans.candidates(4))  # every:K only with K < blocks
-    assert not any(p.offload for p in plans.candidates(24, offload=False)) and len(plans.candidates(24, False)) == 11
+    assert not any(p.offload for p in plans.candidates(24, offload=False)) and len(plans.candidates(24, False)) == 9
+    assert len(plans.candidates(2)) == 7  # 2 blocks: none / all × recompute, matmuls, first:1 offloaded, all
 
 
 def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory):
@@ -200,6 +268,9 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory):
     assert roomy["plans_fitting"] == n and roomy["config_hash"] != plain["config_hash"]
     budget = 0.9 * plain["pred_mem_peak_gib"]  # below the plain step's peak and element-wise recomputation's
     tight = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
+    from lorafa import memory  # every prediction above made once: the plain job's, the budgets' plans (reused)
+
+    assert len(memory._CACHE) == n
     assert tight["status"] == "ok" and tight["plan"] != "none", tight["plan"]
     assert tight["pred_mem_peak_gib"] <= budget and tight["mem_peak_gib"] <= budget * 1.05
     # recomputing costs FLOPs (modelled seconds come from rates each job measures: not comparable across jobs)

@@ -141,9 +141,10 @@ def _split_metric(cfg: DictConfig) -> str:
 
 
 def _predict(cfg: DictConfig, device: torch.device, family: str, num_labels: int,
-             features: list[dict]) -> memory.Prediction:
-    """`lorafa.memory.predict` for this job. T5 targets: the longest training target (the measured steps use
-    shorter ones when the batch has no longest target)."""
+             features: list[dict], layer) -> memory.Prediction:
+    """`lorafa.memory.predict` for this job, with the LoRA-FA layer it runs (`layer`: what a selective
+    checkpoint keeps depends on it). T5 targets: the longest training target (the measured steps use shorter ones
+    when the batch has no longest target)."""
     target_len = None
     if family == "encoder-decoder":
         target_len = int(cfg.task.get("target_len") or 0) if cfg.task.get("kind") == "synthetic" else 0
@@ -151,7 +152,7 @@ def _predict(cfg: DictConfig, device: torch.device, family: str, num_labels: int
     amp = autocast_dtype(cfg.train.precision, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the dry run draws seeds
         return memory.predict_job(cfg, device, num_labels=num_labels, target_len=target_len, amp=amp,
-                                  frozen_dtype=frozen_weight_dtype(cfg.train, device))
+                                  frozen_dtype=frozen_weight_dtype(cfg.train, device), stacked=layer)
 
 
 def _n_blocks(config, family: str) -> int:
@@ -179,10 +180,12 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         raise BadInput(f"{label}: plans are chosen for one process; expected train.strategy=single")
     rates = plans.measure_rates(device)
     options = []
+    steps = total_steps(len(features), cfg.train, d)
     for plan in plans.candidates(_n_blocks(config, family), offload=device.type == "cuda"):  # CPU: host = device
         trial = OmegaConf.merge(cfg, {"method": plan.keys()})
         try:
-            options.append((plan, _predict(trial, device, family, num_labels, features)))
+            layer = _layer(trial, features, config, step.resolve_mode(trial, device, steps)[0], device)
+            options.append((plan, _predict(trial, device, family, num_labels, features, layer)))
         except Exception as err:  # noqa: BLE001 - a plan this model cannot take is not a candidate
             log.info("plan %s: not predicted (%s: %s)", plans.describe(trial.method), type(err).__name__, err)
             options.append((plan, None))
@@ -198,11 +201,12 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     return chosen
 
 
-def _prediction(cfg: DictConfig, device: torch.device, net, num_labels: int, features: list[dict]) -> dict:
+def _prediction(cfg: DictConfig, device: torch.device, net, num_labels: int, features: list[dict],
+                layer) -> dict:
     """`lorafa.memory.predict` for this job (pred_mem_*_gib), made before training starts. A failed prediction is
     NaN columns and `pred_error`, never a failed job."""
     try:
-        pred = _predict(cfg, device, net.family, num_labels, features)
+        pred = _predict(cfg, device, net.family, num_labels, features, layer)
         return {**pred.columns(), "pred_error": ""}
     except Exception as err:  # noqa: BLE001 - a prediction is a side product: the job goes on
         log.warning("memory prediction failed: %s: %s", type(err).__name__, err)
@@ -306,7 +310,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
         row.update({**{f"pred_mem_{k}_gib": float("nan") for k in memory.PARTS},
                     "pred_error": f"not predicted under train.strategy={d.strategy}"})
     else:
-        row.update(_prediction(cfg, device, net, data.num_labels, train_features))
+        row.update(_prediction(cfg, device, net, data.num_labels, train_features, layer))
     throughput = measure.Throughput(device, int(cfg.train.measure_warmup_steps))
     info: dict = {}
     history = fit(net.model, poser, train_features, evalsets, cfg=cfg, device=device, pad_id=pad_id,

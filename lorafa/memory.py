@@ -143,16 +143,18 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
             target_len: int | None = None, num_labels: int = 2, device: str | torch.device = "cpu",
             amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None,
             param_dtype: torch.dtype = torch.float32, lr: float = 1e-4, max_grad_norm: float | None = 1.0,
-            cuda_workspace: int = CUDA_WORKSPACE_BYTES) -> Prediction:
+            cuda_workspace: int = CUDA_WORKSPACE_BYTES, stacked=None) -> Prediction:
     """Memory of a training job with this model config (`conf/model/*`), method (`conf/method/*`), batch and
-    sequence length, autocast dtype (`amp`) and frozen-weight dtype; see the module docstring."""
+    sequence length, autocast dtype (`amp`) and frozen-weight dtype; see the module docstring. `stacked`: the
+    LoRA-FA layer the job runs, as `lorafa.methods.apply` takes it (None: `method.stacked`; what a selective
+    checkpoint keeps depends on it)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = torch.device(device)
     tracker = _LiveBytes(device.type)
     with FakeTensorMode(allow_non_fake_inputs=True), tracker:
         net = models.build(model_cfg, num_labels=num_labels, device=device, dtype=param_dtype, weights=False)
-        methods.apply(net, method_cfg, model_cfg.get("target_modules"), frozen_dtype=frozen_dtype)
+        methods.apply(net, method_cfg, model_cfg.get("target_modules"), frozen_dtype=frozen_dtype, stacked=stacked)
         model = net.model
         model.train()
         weights = _distinct_bytes(list(model.parameters()) + list(model.buffers()))
@@ -211,7 +213,7 @@ _CACHE_SIZE = 256
 
 
 def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, target_len: int | None = None,
-                amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None) -> Prediction:
+                amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None, stacked=None) -> Prediction:
     """`predict` for a composed job config: its model, method, batch size and `task.max_seq_len`. A prediction
     this process already made for the same inputs is reused (a budget's job and the sweep's hand-set plans)."""
     from omegaconf import OmegaConf
@@ -220,7 +222,7 @@ def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, targe
     kwargs = {"batch_size": int(cfg.train.batch_size), "seq_len": int(cfg.task.max_seq_len),
               "target_len": target_len, "num_labels": num_labels, "device": torch.device(device), "amp": amp,
               "frozen_dtype": frozen_dtype, "param_dtype": dtype, "lr": float(cfg.train.lr),
-              "max_grad_norm": cfg.train.get("max_grad_norm")}
+              "max_grad_norm": cfg.train.get("max_grad_norm"), "stacked": stacked}
     key = (OmegaConf.to_yaml(cfg.model, resolve=True), OmegaConf.to_yaml(cfg.method, resolve=True),
            repr(sorted(kwargs.items())), CUDA_WORKSPACE_BYTES)
     if key not in _CACHE:

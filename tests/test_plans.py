@@ -117,6 +117,22 @@ def test_what_a_policy_keeps_is_counted_as_saved_activations(model):
     assert pred.activations == saved["matmuls"]
 
 
+@pytest.mark.parametrize("layer", ["false", "merged"])
+def test_a_jobs_prediction_of_a_policy_uses_the_layer_the_job_runs(cfg_factory, monkeypatch, layer):
+    """What the `matmuls` policy keeps depends on LoRA-FA's layer (the merged layer makes one matmul output where
+    the two-matmul layer makes two): with `method.stacked=auto` (the device picks the layer; here made to pick
+    `layer`) the prediction builds the layer the job runs and counts what it keeps."""
+    from lorafa import step
+
+    monkeypatch.setattr(step, "choose_layer", lambda *a, **k: layer)
+    row = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=64",
+                          "train.batch_size=4", "train.max_steps=2", "task.num_train=16", "task.num_eval=4",
+                          "method.gradient_checkpointing=true", "method.checkpoint_policy=matmuls",
+                          "method.stacked=auto"))
+    assert row["status"] == "ok" and row["layer"] == {"false": "two_matmul", "merged": "merged"}[layer], row["layer"]
+    assert row["pred_mem_activations_gib"] == pytest.approx(row["mem_activations_gib"], rel=1e-6)
+
+
 def test_a_job_row_names_its_plan(cfg_factory):
     row = run(cfg_factory("task.max_train_samples=32", "task.max_eval_samples=16", "train.batch_size=8",
                           "train.max_steps=2", "method.gradient_checkpointing=every:2",

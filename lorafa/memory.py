@@ -27,7 +27,7 @@ the attention kernel choice queries the device, so predictions for CUDA are made
 from __future__ import annotations
 
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +117,28 @@ class _Flops(TorchDispatchMode):
         return out
 
 
+@contextmanager
+def _masks_as_in_a_real_step():
+    """transformers' masking_utils takes a fake tensor for a traced one (`is_tracing`) and then builds the full
+    attention mask — a decoder's causal mask — that a real step of the same batch leaves to SDPA's `is_causal`:
+    SDPA, handed a mask, leaves the flash kernel and saves a mask-sized tensor per block (16 MiB a block at
+    llama-7b 8 × 1024). The predictor's batches carry no padding mask and one sequence a row, so masking_utils is
+    told that nothing is traced and that nothing is packed: the real step's path."""
+    from transformers import masking_utils
+
+    tracing = masking_utils.is_tracing
+    packed = getattr(masking_utils, "find_packed_sequence_indices", None)
+    masking_utils.is_tracing = lambda tensor=None: tracing(None)
+    if packed is not None:
+        masking_utils.find_packed_sequence_indices = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing = tracing
+        if packed is not None:
+            masking_utils.find_packed_sequence_indices = packed
+
+
 def _distinct_bytes(tensors) -> int:
     seen = {}
     for t in tensors:
@@ -152,7 +174,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
 
     device = torch.device(device)
     tracker = _LiveBytes(device.type)
-    with FakeTensorMode(allow_non_fake_inputs=True), tracker:
+    with FakeTensorMode(allow_non_fake_inputs=True), tracker, _masks_as_in_a_real_step():
         net = models.build(model_cfg, num_labels=num_labels, device=device, dtype=param_dtype, weights=False)
         methods.apply(net, method_cfg, model_cfg.get("target_modules"), frozen_dtype=frozen_dtype, stacked=stacked)
         model = net.model

@@ -252,7 +252,7 @@ def test_an_offloaded_step_peaks_lower_by_the_bytes_it_offloaded(cfg_factory):
     2 %. Named blocks: the first half offloaded, the rest checkpointed, predicted within 2 % too."""
     common = ["model=tiny-llama", "model.arch.hidden_size=1024", "model.arch.intermediate_size=2752",
               "model.arch.num_hidden_layers=16", "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=8",
-              "method=lorafa", "task=synthetic", "task.max_seq_len=1024", "train.batch_size=8", "train.max_steps=3",
+              "model.arch.max_position_embeddings=1024", "method=lorafa", "task=synthetic", "task.max_seq_len=1024", "train.batch_size=8", "train.max_steps=3",
               "method.offload_inflight_mib=48"]
     plain = run(cfg_factory(*common))
     moved = run(cfg_factory(*common, "method.offload=true"))

@@ -159,7 +159,7 @@ def test_a_job_row_names_its_plan(cfg_factory):
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5", "tiny-roberta"])
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, "every:2"])  # a checkpointed block saves nothing to move
 def test_offloading_gives_the_plain_gradients_and_moves_the_blocks_saved_bytes_off_the_device(model, checkpointing):
     """`method.offload`: the blocks' saved tensors go to host copies (CPU here: the same path without streams) and
     come back for backward — the plain gradients; what went is off the measured activations and in `host_bytes`;
@@ -190,9 +190,7 @@ def test_offloading_gives_the_plain_gradients_and_moves_the_blocks_saved_bytes_o
     cfg = bench.compose(model, "lorafa", 2, 16, ["device=cpu", *NO_DROPOUT[model]], layer="two_matmul")
     cfg.method.offload, cfg.method.offload_min_kib, cfg.method.gradient_checkpointing = True, 0, checkpointing
     pred = memory.predict(cfg.model, cfg.method, batch_size=2, seq_len=16, target_len=8, device="cpu")
-    # host bytes within 1 %: built from fake tensors, transformers makes a decoder's full causal mask where the real
-    # run leaves causality to SDPA (tiny-llama: two 2 KiB masks more in the prediction)
-    assert pred.activations == moved_saved and pred.host_offload == pytest.approx(host, rel=0.01)
+    assert pred.activations == moved_saved and pred.host_offload == host
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5"])

@@ -311,6 +311,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
                     "pred_error": f"not predicted under train.strategy={d.strategy}"})
     else:
         row.update(_prediction(cfg, device, net, data.num_labels, train_features, layer))
+        gc.collect()  # the dry run's garbage, collected now rather than inside a timed step
     throughput = measure.Throughput(device, int(cfg.train.measure_warmup_steps))
     info: dict = {}
     history = fit(net.model, poser, train_features, evalsets, cfg=cfg, device=device, pad_id=pad_id,

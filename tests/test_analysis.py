@@ -157,7 +157,8 @@ def test_analysis_on_the_committed_results(tmp_path):
     for model in PAPER_MODELS:  # the memory table comes from committed GPU rows of the paper's models
         assert f"| {model} " in memory, model
     assert "H200" in memory
-    for name in ("memory_vs_batch", "memory_vs_seq", "memory_vs_rank", "throughput"):
+    for name in ("memory_vs_batch", "memory_vs_seq", "memory_vs_rank", "throughput", "memory_budget",
+                 "memory_budget_choices"):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name
 

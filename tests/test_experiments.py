@@ -170,3 +170,23 @@ def test_smoke_lines_run_their_own_experiment():
 
 def test_lorafa_root_points_at_the_checkout():
     assert Path(lorafa.sources.experiments_root()) == ROOT
+
+
+def test_memory_budget_sweeps_every_plan_a_budget_considers_and_each_budget():
+    """experiments/memory_budget.yaml: its variants are the planner's candidates (by name, for a model whose blocks
+    allow every one of them, on a GPU) and the four budgets; each resolves to a named plan or a budget, not both."""
+    from lorafa import plans
+
+    cfg = compose_experiment("memory_budget")
+    names = [p.name for p in plans.candidates(32, offload=True)]
+    assert list(cfg.plans) == names and all(cfg.plans[n] == n for n in names)
+    swept = str(cfg.hydra.sweeper.params["variant"]).split(",")
+    assert swept == [*names, "budget1", "budget2", "budget3", "budget4"]
+    for model, budgets in (("llama-7b", [20, 24, 32, 40]), ("roberta-large", [1.75, 2.5, 3.25, 4.5])):
+        for variant in swept:
+            job = resolved(compose_experiment("memory_budget", f"model={model}", f"variant={variant}"))
+            if variant.startswith("budget"):
+                assert job["train"]["plan"] is None
+                assert job["train"]["memory_budget_gib"] == budgets[int(variant[-1]) - 1]
+            else:
+                assert job["train"]["plan"] == variant and job["train"]["memory_budget_gib"] is None

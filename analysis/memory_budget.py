@@ -1,0 +1,127 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Memory plans: what each costs, and what a budget chooses
+# Rows of `experiments/memory_budget.yaml` (`python run.py -m experiments=memory_budget [model=roberta-large]`):
+# every plan a budget chooses among (`train.plan`: checkpointing none / every 4th / every 2nd / all blocks, with and
+# without element-wise recomputation, all blocks keeping matmul outputs, a quarter / half / all of the blocks
+# offloaded to host memory) and the plan each budget chose (`train.memory_budget_gib`), for LoRA and LoRA-FA:
+# measured peak beside the predicted one, host memory, tokens/s (every step eager). Checks per budget: the chosen
+# plan fits and is within 5 % of the fastest measured plan that fits.
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from lorafa import report
+
+P = report.params()
+EXPERIMENT = "memory_budget"
+frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
+for col in ("budget_gib", "plan_name", "host_offload_gib"):
+    if col not in frame:
+        frame[col] = float("nan") if col != "plan_name" else ""
+hand = frame[frame["budget_gib"].isna() & (frame["status"] == "ok")]
+budgets = frame[frame["budget_gib"].notna()]
+
+
+def shape(g) -> str:
+    r = g.iloc[0]
+    return f"{r['batch_size']} × {r['seq_len']}"
+
+
+# %%
+lines = []
+for (model, method), g in hand.groupby(["model", "method"], sort=False):
+    base = g[g["plan_name"] == "all"]["tokens_per_s"]
+    base = float(base.iloc[0]) if len(base) else float("nan")
+    for r in g.sort_values("mem_peak_gib", ascending=False).itertuples(index=False):
+        err = 100 * (r.pred_mem_peak_gib / r.mem_peak_gib - 1)
+        lines.append({"model": model, "batch × seq": shape(g), "method": report.method_label(method),
+                      "plan": r.plan_name, "peak GiB": f"{r.mem_peak_gib:.2f}",
+                      "predicted GiB": f"{r.pred_mem_peak_gib:.2f} ({err:+.1f} %)",
+                      "host GiB": f"{r.host_offload_gib:.1f}" if r.host_offload_gib else "—",
+                      "tokens/s": f"{r.tokens_per_s:,.0f}", "÷ all checkpointed": f"{r.tokens_per_s / base:.2f}"})
+report.write_table(pd.DataFrame(lines), EXPERIMENT, title="Memory plans: peak (measured, predicted), host memory "
+                   "and tokens/s per plan — eager steps, random-init weights, synthetic full-length batches, "
+                   "bf16 autocast, r = 8 on every linear layer",
+                   notes=[report.provenance(frame),
+                          "plan: the names of `train.plan` (lorafa/plans.py); `all` = every block checkpointed.",
+                          "Command: python run.py -m experiments=memory_budget [model=roberta-large]."])
+
+# %%
+checks = []
+for r in budgets.itertuples(index=False):
+    same = hand[(hand["model"] == r.model) & (hand["method"] == r.method)]
+    fits = same[same["mem_peak_gib"] <= r.budget_gib]
+    fastest = fits.loc[fits["tokens_per_s"].idxmax()] if len(fits) else None
+    ok = r.status == "ok"
+    checks.append({"model": r.model, "method": report.method_label(r.method), "budget GiB": f"{r.budget_gib:g}",
+                   "chosen": r.plan_name if ok else r.status, "peak GiB": f"{r.mem_peak_gib:.2f}" if ok else "—",
+                   "fits": "yes" if ok and r.mem_peak_gib <= r.budget_gib else "no",
+                   "tokens/s": f"{r.tokens_per_s:,.0f}" if ok else "—",
+                   "fastest fitting (measured)": "—" if fastest is None else
+                   f"{fastest['plan_name']} ({fastest['tokens_per_s']:,.0f})",
+                   "chosen ÷ fastest": "—" if fastest is None or not ok else
+                   f"{r.tokens_per_s / fastest['tokens_per_s']:.3f}",
+                   "modelled step s": f"{r.pred_step_s:.3f}" if ok else "—",
+                   "measured step s": f"{r.step_time_s:.3f}" if ok else "—"})
+report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
+                   title="What each memory budget chose, against the fastest measured plan that fits",
+                   notes=[report.provenance(budgets),
+                          ("The chosen plan's tokens/s is that of its own job; the fastest fitting plan's, of the "
+                          "hand-set job of that plan in the same sweep. Modelled step: the planner's step-time model "
+                          "(FLOPs at the measured matmul rate, copies overlapped), a ranking, not a forecast.")])
+
+# %%
+models = list(hand["model"].unique())
+fig, axes = plt.subplots(1, max(1, len(models)), figsize=(6.5 * max(1, len(models)), 4.6), squeeze=False)
+if not models:
+    axes[0][0].text(0.5, 0.5, "(no rows)", ha="center", va="center")
+    report.save_figure(fig, EXPERIMENT)
+else:
+    for ax, model in zip(axes[0], models):
+        g = hand[hand["model"] == model]
+        for method, marker in (("lora", "o"), ("lorafa", "s")):
+            m = g[g["method"] == method].sort_values("mem_peak_gib")
+            if m.empty:
+                continue
+            front, best = [], -1.0
+            for r in m.itertuples(index=False):  # the Pareto front: faster than every smaller plan
+                if r.tokens_per_s > best:
+                    front.append(r)
+                    best = r.tokens_per_s
+            pts = ax.scatter(m["mem_peak_gib"], m["tokens_per_s"], marker=marker, alpha=0.6,
+                             label=report.method_label(method))
+            ax.step([r.mem_peak_gib for r in front], [r.tokens_per_s for r in front], where="post",
+                    color=pts.get_facecolor()[0], alpha=0.8)
+            for r in m.itertuples(index=False):
+                ax.annotate(r.plan_name, (r.mem_peak_gib, r.tokens_per_s), fontsize=6, alpha=0.7,
+                            xytext=(3, 2), textcoords="offset points")
+            chosen = budgets[(budgets["model"] == model) & (budgets["method"] == method) & (budgets["status"] == "ok")]
+            ax.scatter(chosen["mem_peak_gib"], chosen["tokens_per_s"], marker="*", s=160, facecolors="none",
+                       edgecolors=pts.get_facecolor()[0], linewidths=1.2,
+                       label=f"{report.method_label(method)}: chosen by a budget")
+        for b in sorted(budgets[budgets["model"] == model]["budget_gib"].unique()):
+            ax.axvline(b, color="grey", ls="--", lw=0.8)
+            ax.text(b, ax.get_ylim()[0], f" {b:g} GiB", fontsize=7, color="grey", rotation=90, va="bottom")
+        device = ", ".join(sorted(g["device"].dropna().astype(str).unique()))
+        ax.set_title(f"{model}, {shape(g)}, eager, random-init weights\n{device}", fontsize=9)
+        ax.set_xlabel("measured peak GiB")
+        ax.set_ylabel("tokens/s")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Memory plans: peak vs tokens/s (the step line: each method's Pareto front; stars: chosen by a "
+                 "budget, dashed: the budgets)", fontsize=10)
+    fig.tight_layout()
+    report.save_figure(fig, EXPERIMENT)

@@ -84,6 +84,9 @@ def check(method) -> tuple[object, str]:
     spec = method.get("gradient_checkpointing", False)
     parse(spec)
     parse(method.get("offload", False), "method.offload")
+    ops = str(method.get("offload_ops", "all"))
+    if ops not in ("all", "linear_outputs"):
+        raise BadInput(f"method.offload_ops={ops}: expected all or linear_outputs")
     policy = str(method.get("checkpoint_policy", "full"))
     if policy not in POLICIES:
         raise BadInput(f"method.checkpoint_policy={policy}: expected one of {', '.join(POLICIES)}")
@@ -181,7 +184,9 @@ def describe(method) -> str:
         parts.append(f"recompute {method.get('recompute')}")
     kind, arg = parse(method.get("offload", False), "method.offload")
     if kind != "none":
-        parts.append(f"offload {_blocks(kind, arg)} (saved tensors ≥ {float(method.get('offload_min_kib', 1024)):g}"
+        ops = str(method.get("offload_ops", "all"))
+        what = "saved tensors" if ops == "all" else "saved linear-layer outputs"
+        parts.append(f"offload {_blocks(kind, arg)} ({what} ≥ {float(method.get('offload_min_kib', 1024)):g}"
                      " KiB) to the host")
     return "; ".join(parts) or "none"
 
@@ -224,8 +229,11 @@ class Offload:
     is ever done early: the prediction holds the worst case, `inflight_bytes` in flight, which is what a forward
     whose copies are slower than its compute meets."""
 
-    def __init__(self, model: nn.Module, blocks: list[int], min_bytes: int, inflight_bytes: int):
+    def __init__(self, model: nn.Module, blocks: list[int], min_bytes: int, inflight_bytes: int,
+                 linear_outputs: bool = False):
         self.model, self.min_bytes, self.inflight = model, int(min_bytes), int(inflight_bytes)
+        self.linear_outputs = linear_outputs  # only what the blocks' linear layers output (`offload_ops`)
+        self._made: dict = {}  # storage id → a weak reference to a linear layer's output (ids of freed ones recur)
         self.layers = checkpoint_layers(model)
         self.blocks = sorted(blocks)
         self.weights: set = set()
@@ -240,6 +248,12 @@ class Offload:
         for i in self.blocks:
             self.layers[i].register_forward_pre_hook(partial(self._into, i))
             self.layers[i].register_forward_hook(partial(self._out_of, i), always_call=True)
+            if linear_outputs:
+                from .adapters import LoRALinear
+
+                for m in self.layers[i].modules():
+                    if isinstance(m, (nn.Linear, LoRALinear)):
+                        m.register_forward_hook(self._linear_output)
 
     def _reset(self):
         self._pending: list[_Held] = []  # host copies in flight, oldest first
@@ -249,6 +263,7 @@ class Offload:
         self._ahead = 0  # bytes fetched back and not yet used
         self._backward = False
         self._seen: dict = {}  # this forward's packed tensors by id (with a weak reference): one copy each
+        self._made = {}
 
     def _enter(self, module, args):
         if not (module.training and torch.is_grad_enabled()) or self._hooks is not None:
@@ -266,10 +281,20 @@ class Offload:
             self._hooks = None
 
     def _into(self, i, module, args):
-        self._block = i
+        if self._hooks is not None:  # a training forward (not evaluation, not a checkpoint's recompute in backward)
+            self._block = i
 
     def _out_of(self, i, module, args, output):
         self._block = None
+
+    def _linear_output(self, module, args, output):
+        if self._block is not None and isinstance(output, torch.Tensor):
+            self._made[measure.storage_id(output)] = weakref.ref(output)
+
+    def _is_linear_output(self, t: torch.Tensor) -> bool:
+        ref = self._made.get(measure.storage_id(t))
+        made = ref() if ref is not None else None
+        return made is not None and measure.storage_id(made) == measure.storage_id(t)
 
     def _drain(self, limit: int) -> None:
         """Let go of the device copies whose host copy is done; wait for the oldest while more than `limit` bytes
@@ -292,7 +317,8 @@ class Offload:
     def _pack(self, t: torch.Tensor):
         if (self._block is None or not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter)
                 or t.device.type == "meta" or measure.storage_id(t) in self.weights
-                or t.untyped_storage().nbytes() < self.min_bytes):
+                or t.untyped_storage().nbytes() < self.min_bytes
+                or (self.linear_outputs and not self._is_linear_output(t))):
             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
                 measure.note_saved([t])  # stays on the device: a saved activation like any other
             return t
@@ -375,7 +401,8 @@ def offload(model: nn.Module, method) -> Offload | None:
     if not blocks:
         return None
     return Offload(model, blocks, int(float(method.get("offload_min_kib", 1024)) * 1024),
-                   int(float(method.get("offload_inflight_mib", 512)) * 2**20))
+                   int(float(method.get("offload_inflight_mib", 512)) * 2**20),
+                   linear_outputs=str(method.get("offload_ops", "all")) == "linear_outputs")
 
 
 # ---- choosing a plan for a memory budget (`train.memory_budget_gib`) ----

@@ -71,6 +71,7 @@ CASES = {
     "offload not a block set": (["method.offload=some"], "method.offload=some: expected true, false, every:K"),
     "offload with compiled blocks": (["method.offload=true", "train.compile=blocks"],
                                      "train.compile=blocks: not with method.offload"),
+    "offload ops unknown": (["method.offload_ops=norms"], "method.offload_ops=norms: expected all or linear_outputs"),
     "offload in flight not positive": (["method.offload_inflight_mib=0"], "method.offload_inflight_mib=0"),
     "plan unknown": (["train.plan=fastest"], "train.plan=fastest: expected one of none, elementwise"),
     "plan with a budget": (["train.plan=all", "train.memory_budget_gib=4"],

@@ -236,6 +236,46 @@ def test_offloading_named_blocks_keeps_its_copies_in_flight_bounded_and_prefetch
     assert max(seen["ahead"]) <= largest and off._ahead == 0
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-roberta", "tiny-t5"])
+def test_offloading_linear_outputs_moves_only_those(model):
+    """`method.offload_ops=linear_outputs`: of what the offloaded blocks save, only the outputs of their linear
+    layers (adapted or not) go to the host — every tensor that went is one (watched independently), some went,
+    less than with `all` — and the gradients are the plain step's; the predictor moves the same bytes."""
+    from lorafa import adapters, memory
+
+    plain, _, batch = _net(model)
+    every, _, _ = _net(model, offload=True, offload_min_kib=0)
+    some, applied, _ = _net(model, offload=True, offload_min_kib=0, offload_ops="linear_outputs")
+    went, outputs = [], {}
+    pack = applied.offload._pack
+
+    def packed(t):
+        out = pack(t)
+        if isinstance(out, plans._Held) and out.uses == 1:
+            went.append(measure.storage_key(t))
+        return out
+
+    applied.offload._pack = packed
+    for layer in plans.checkpoint_layers(some.model):
+        for m in layer.modules():
+            if isinstance(m, (torch.nn.Linear, adapters.LoRALinear)):  # held: no storage address comes back
+                m.register_forward_hook(lambda m, a, o: outputs.setdefault(measure.storage_key(o), o))
+    grads, host = {}, {}
+    for name, net in (("plain", plain), ("every", every), ("some", some)):
+        net.model.train()(**batch).loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in net.model.named_parameters() if p.grad is not None}
+        host[name] = getattr(getattr(net.model, "lorafa_offload", None), "host_bytes", 0)
+    for n, g in grads["plain"].items():
+        torch.testing.assert_close(grads["some"][n], g, rtol=1e-5, atol=1e-6, msg=n)
+    assert went and set(went) <= set(outputs), "a tensor no linear layer output went to the host"
+    assert 0 < host["some"] < host["every"]
+    cfg = bench.compose(model, "lorafa", 2, 16, ["device=cpu", *NO_DROPOUT[model]], layer="two_matmul")
+    cfg.method.offload, cfg.method.offload_min_kib, cfg.method.offload_ops = True, 0, "linear_outputs"
+    pred = memory.predict(cfg.model, cfg.method, batch_size=2, seq_len=16, target_len=8, device="cpu")
+    assert pred.host_offload == host["some"]
+    assert plans.describe(cfg.method) == "offload all blocks (saved linear-layer outputs ≥ 0 KiB) to the host"
+
+
 def test_a_budget_takes_the_fastest_plan_predicted_to_fit():
     from lorafa.memory import Prediction
 

@@ -159,7 +159,11 @@ def apply(model: nn.Module, method) -> int:
     kwargs = {"use_reentrant": False}
     if POLICIES[policy]:
         kwargs["context_fn"] = partial(_policy_contexts, _ops(POLICIES[policy]))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.2x; the old name warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     keep = set(chosen)
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in keep

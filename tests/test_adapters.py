@@ -174,6 +174,33 @@ def test_saved_bytes_lorafa_exactly_n_r_lora_full_width(p):
         assert lora_extra in (n * d_in, n * d_in * 4)
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_lorafa_dropout_keeps_each_input_with_probability_1_minus_p_scaled_by_its_inverse(stacked):
+    """The mask a LoRA-FA layer applies, read back from the layer itself (not from the code that draws it): with W
+    and b zero, dx = m ⊙ g where g = s·(dy B)A is known, so m = dx / g. Every entry is 0 or 1/(1−p), the kept
+    share is 1−p within 4 standard errors, the forward used the same mask, and backward redrew that mask."""
+    p, n, d_in = 0.3, 256, 128
+    layer = _layer(train_a=False, dropout=p, d_in=d_in, d_out=24, rank=4)
+    with torch.no_grad():
+        layer.base.weight.zero_()
+        layer.base.bias.zero_()
+        layer.lora_B.normal_()
+    assert layer.stack_frozen() if stacked else True
+    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(n, 24, dtype=torch.float64)
+    y = layer(x)
+    y.backward(dy)
+    g = layer.scaling * (dy @ layer.lora_B.detach()) @ layer.lora_A.detach()
+    assert bool((g.abs() > 1e-9).all())
+    m = x.grad / g
+    keep = 1 / (1 - p)
+    assert bool(((m.abs() < 1e-9) | ((m - keep).abs() < 1e-9)).all()), "mask entries other than 0 and 1/(1-p)"
+    kept = float((m > 0.5).double().mean())
+    assert abs(kept - (1 - p)) < 4 * ((p * (1 - p)) / m.numel()) ** 0.5, kept
+    expected = layer.scaling * ((x.detach() * m) @ layer.lora_A.detach().T) @ layer.lora_B.detach().T
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-10, atol=1e-10)
+
+
 def test_lorafa_dropout_mask_is_fresh_each_step_and_off_in_eval():
     layer = _layer(train_a=False, dropout=0.5)
     with torch.no_grad():

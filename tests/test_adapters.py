@@ -278,6 +278,31 @@ def test_lorafa_v2_matches_peft_lorafa_optimizer_step_for_step(monkeypatch):
             torch.testing.assert_close(layer.lora_B, theirs, rtol=1e-5, atol=1e-7, msg=f"{name} step {step}")
 
 
+def test_lorafa_v2_gradient_is_the_plain_gradient_times_inverse_a_at_over_s_squared():
+    """The preconditioned gradient itself (which AdamW's scale invariance would hide): B's gradient under
+    `precondition_b` equals the plain gradient times (A Aᵀ)⁻¹ / s², computed here in float64 (PEFT's formula,
+    s = α/r = 2 so that 1/s and 1/s² differ), and one SGD step moves B by exactly lr times it."""
+    grads = {}
+    for pre in (False, True):
+        torch.manual_seed(0)
+        base = nn.Linear(16, 12, dtype=torch.float64).requires_grad_(False)
+        layer = adapters.LoRALinear(base, rank=4, alpha=8, train_a=False, precondition_b=pre)
+        with torch.no_grad():
+            layer.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+        x = torch.randn(32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        before = layer.lora_B.detach().clone()
+        layer(x).pow(2).mean().backward()
+        grads[pre] = layer.lora_B.grad.clone()
+        if pre:
+            torch.optim.SGD([layer.lora_B], lr=0.1).step()
+            stepped = before - layer.lora_B.detach()
+    a = layer.lora_A.detach()
+    assert layer.scaling == 2.0
+    expected = grads[False] @ torch.linalg.inv(a @ a.T) / layer.scaling**2
+    torch.testing.assert_close(grads[True], expected, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(stepped, 0.1 * expected, rtol=1e-5, atol=1e-9)
+
+
 def _clone(module):
     import copy
 

@@ -242,6 +242,14 @@ def _layer(cfg: DictConfig, features: list[dict], config, mode: str, device: tor
     return step.choose_layer(cfg.method, device, int(cfg.train.batch_size) * typical, hidden)
 
 
+def _layer_ran(model: torch.nn.Module) -> str:
+    """The LoRA-FA layer the adapted layers really run (`two_matmul`, `stacked`, `merged`, or `mixed` where they
+    differ), read from the layers themselves rather than from the config that asked for it."""
+    kinds = {"merged" if layer._merged else "stacked" if layer._stack_ok else "two_matmul"
+             for layer in adapters.lora_layers(model).values()}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memory, row: dict,
                         d: Dist = SINGLE) -> dict:
     """Returns the result columns; fills `mem` and `row` as facts become known, so a failure keeps them."""
@@ -283,8 +291,8 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
                             stacked=layer)
     row.update(family=net.family, trainable_params=applied.trainable_params, total_params=applied.total_params,
                adapted_layers=len(applied.targets), checkpointed_blocks=applied.checkpointed_blocks,
-               layer=step.LAYER_NAMES.get(layer, layer)
-               if applied.targets and not (cfg.method.train_a or cfg.method.train_base) else "none",
+               layer=_layer_ran(net.model) if applied.targets and not (cfg.method.train_a or cfg.method.train_base)
+               else "none",
                frozen_dtype=str(frozen_dtype or dtype).removeprefix("torch.")
                if applied.total_params > applied.trainable_params else "none")
     compiled = compile_blocks(net.model, cfg.train, mode)

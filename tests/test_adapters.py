@@ -426,8 +426,10 @@ def test_stacked_method_trains_the_same_model(cfg_factory, stacked):
 
     common = ["model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=32", "train.batch_size=4",
               "train.max_steps=4"]
+    kind = {"true": "stacked", "merged": "merged"}[stacked]
     plain, stacked = run(cfg_factory(*common)), run(cfg_factory(*common, f"method.stacked={stacked}"))
     assert plain["status"] == stacked["status"] == "ok"
+    assert plain["layer"] == "two_matmul" and stacked["layer"] == kind, (plain["layer"], stacked["layer"])
     torch.testing.assert_close(torch.tensor(stacked["loss_curve"]), torch.tensor(plain["loss_curve"]),
                                rtol=1e-5, atol=1e-6)
     assert stacked["mem_weights_gib"] == plain["mem_weights_gib"]
@@ -443,10 +445,13 @@ def test_lorafa_layers_under_bf16_autocast_stay_within_bf16s_own_error(cfg_facto
 
     common = ["model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=32", "train.batch_size=4",
               "train.max_steps=8", "train.lr=1e-2", "task.num_train=4"]  # one batch, learnt by heart
-    curve = {name: torch.tensor(run(cfg_factory(*common, *extra))["loss_curve"])
-             for name, extra in {"fp32": [], "bf16": ["train.precision=bf16"],
-                                 "stacked": ["train.precision=bf16", "method.stacked=true"],
-                                 "merged": ["train.precision=bf16", "method.stacked=merged"]}.items()}
+    rows = {name: run(cfg_factory(*common, *extra))
+            for name, extra in {"fp32": [], "bf16": ["train.precision=bf16"],
+                                "stacked": ["train.precision=bf16", "method.stacked=true"],
+                                "merged": ["train.precision=bf16", "method.stacked=merged"]}.items()}
+    assert {name: row["layer"] for name, row in rows.items()} == {  # the layer each curve came from really ran
+        "fp32": "two_matmul", "bf16": "two_matmul", "stacked": "stacked", "merged": "merged"}
+    curve = {name: torch.tensor(row["loss_curve"]) for name, row in rows.items()}
     bf16_error = (curve["bf16"] - curve["fp32"]).abs().max().item()
     assert 0 < bf16_error < 0.05 * curve["fp32"].abs().max().item()  # bf16 does change the curve, a little
     assert curve["fp32"][-1] < curve["fp32"][0] - 0.1  # and it is a curve: B moved far enough for ΔW to matter

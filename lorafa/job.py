@@ -160,13 +160,20 @@ def _n_blocks(config, family: str) -> int:
             else int(config.num_hidden_layers))
 
 
+def _with_plan(cfg: DictConfig, plan: plans.Plan, row: dict, d: Dist, **columns) -> DictConfig:
+    """The job's config with `plan`'s method keys; the row's identity columns the plan changes derived as for any
+    job, its name and `columns` added."""
+    chosen = OmegaConf.merge(cfg, {"method": plan.keys()})
+    planned = identity(chosen, d)
+    row.update({k: planned[k] for k in ("plan", "gradient_checkpointing", "recompute")}, plan_name=plan.name,
+               **columns)
+    return chosen
+
+
 def _named_plan(cfg: DictConfig, device: torch.device, config, family: str, row: dict, d: Dist) -> DictConfig:
     """`train.plan=NAME`: the job's config with that plan's method keys (`lorafa.plans.candidates`)."""
     plan = plans.named(str(cfg.train.plan), _n_blocks(config, family), offload=device.type == "cuda")
-    chosen = OmegaConf.merge(cfg, {"method": plan.keys()})
-    planned = identity(chosen, d)
-    row.update({k: planned[k] for k in ("plan", "gradient_checkpointing", "recompute")}, plan_name=plan.name)
-    return chosen
+    return _with_plan(cfg, plan, row, d)
 
 
 def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str, num_labels: int,
@@ -190,14 +197,12 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
             log.info("plan %s: not predicted (%s: %s)", plans.describe(trial.method), type(err).__name__, err)
             options.append((plan, None))
     plan, pred, seconds = plans.choose(options, budget * measure.GIB, rates, label)
-    chosen = OmegaConf.merge(cfg, {"method": plan.keys()})
     fitting = sum(p is not None and p.peak <= budget * measure.GIB for _, p in options)
+    chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options), plans_fitting=fitting,
+                        pred_step_s=seconds, copy_gib_per_s=rates.copy_bytes / measure.GIB,
+                        matmul_tflop_per_s=rates.matmul_flops / 1e12)
     log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit)",
-             label, plan.name, plans.describe(chosen.method), pred.peak / measure.GIB, seconds, len(options), fitting)
-    planned = identity(chosen, d)  # the identity columns the plan changes, derived as for any job
-    row.update({k: planned[k] for k in ("plan", "gradient_checkpointing", "recompute")}, plan_name=plan.name,
-               budget_gib=budget, plans_considered=len(options), plans_fitting=fitting, pred_step_s=seconds,
-               copy_gib_per_s=rates.copy_bytes / measure.GIB, matmul_tflop_per_s=rates.matmul_flops / 1e12)
+             label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), fitting)
     return chosen
 
 

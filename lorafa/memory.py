@@ -27,7 +27,7 @@ the attention kernel choice queries the device, so predictions for CUDA are made
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import measure, methods, models
 from .measure import GIB
+from .step import masking_as
 
 PARTS = ("weights", "grads", "optimizer", "activations", "peak")
 # The CUDA peak also holds cuBLAS / cuBLASLt workspaces, which no tensor op creates: 66 MiB measured on an H200
@@ -117,26 +118,16 @@ class _Flops(TorchDispatchMode):
         return out
 
 
-@contextmanager
-def _masks_as_in_a_real_step():
-    """transformers' masking_utils takes a fake tensor for a traced one (`is_tracing`) and then builds the full
-    attention mask — a decoder's causal mask — that a real step of the same batch leaves to SDPA's `is_causal`:
-    SDPA, handed a mask, leaves the flash kernel and saves a mask-sized tensor per block (16 MiB a block at
-    llama-7b 8 × 1024). The predictor's batches carry no padding mask and one sequence a row, so masking_utils is
-    told that nothing is traced and that nothing is packed: the real step's path."""
-    from transformers import masking_utils
+def _never_traced(real):
+    """transformers' `is_tracing` for masking_utils in the predictor: a fake tensor is not taken for a traced one.
+    Taken for one, masking_utils builds the full attention mask — a decoder's causal mask — that a real step of the
+    same batch leaves to SDPA's `is_causal`: SDPA, handed a mask, leaves the flash kernel and saves a mask-sized
+    tensor per block (16 MiB a block at llama-7b 8 × 1024). The predictor's batches carry no padding mask."""
 
-    tracing = masking_utils.is_tracing
-    packed = getattr(masking_utils, "find_packed_sequence_indices", None)
-    masking_utils.is_tracing = lambda tensor=None: tracing(None)
-    if packed is not None:
-        masking_utils.find_packed_sequence_indices = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        masking_utils.is_tracing = tracing
-        if packed is not None:
-            masking_utils.find_packed_sequence_indices = packed
+    def is_tracing(tensor=None) -> bool:
+        return real(None)
+
+    return is_tracing
 
 
 def _distinct_bytes(tensors) -> int:
@@ -174,7 +165,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
 
     device = torch.device(device)
     tracker = _LiveBytes(device.type)
-    with FakeTensorMode(allow_non_fake_inputs=True), tracker, _masks_as_in_a_real_step():
+    with FakeTensorMode(allow_non_fake_inputs=True), tracker, masking_as(_never_traced):
         net = models.build(model_cfg, num_labels=num_labels, device=device, dtype=param_dtype, weights=False)
         methods.apply(net, method_cfg, model_cfg.get("target_modules"), frozen_dtype=frozen_dtype, stacked=stacked)
         model = net.model

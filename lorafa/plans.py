@@ -237,7 +237,6 @@ class Offload:
                  linear_outputs: bool = False):
         self.model, self.min_bytes, self.inflight = model, int(min_bytes), int(inflight_bytes)
         self.linear_outputs = linear_outputs  # only what the blocks' linear layers output (`offload_ops`)
-        self._made: dict = {}  # storage id → a weak reference to a linear layer's output (ids of freed ones recur)
         self.layers = checkpoint_layers(model)
         self.blocks = sorted(blocks)
         self.weights: set = set()
@@ -267,7 +266,7 @@ class Offload:
         self._ahead = 0  # bytes fetched back and not yet used
         self._backward = False
         self._seen: dict = {}  # this forward's packed tensors by id (with a weak reference): one copy each
-        self._made = {}
+        self._made: dict = {}  # storage id → a weak reference to a linear layer's output (ids of freed ones recur)
 
     def _enter(self, module, args):
         if not (module.training and torch.is_grad_enabled()) or self._hooks is not None:

@@ -126,9 +126,6 @@ def choose_layer(method, device: torch.device, tokens_per_batch: int, hidden: in
     return "merged" if tokens_per_batch >= hidden else "true"
 
 
-LAYER_NAMES = {"false": "two_matmul", "true": "stacked", "merged": "merged"}
-
-
 def compile_limits() -> None:
     """torch.compile may keep up to RECOMPILE_LIMIT variants of a function (a model's blocks differ: the first takes
     the embeddings, T5's first computes the position bias; every batch shape is one more), and a function that
@@ -162,6 +159,26 @@ def _mask_traced(real):
 
 
 @contextmanager
+def masking_as(is_tracing):
+    """transformers' masking_utils with `is_tracing` replaced by `is_tracing(real_is_tracing)` and packed-sequence
+    detection answered without a read (`_unpacked`: a job's batches hold one sequence a row). Used inside a
+    captured step (`unseen_capture`) and in the predictor's fake-tensor run (`lorafa.memory`)."""
+    from transformers import masking_utils
+
+    tracing = masking_utils.is_tracing
+    packed = getattr(masking_utils, "find_packed_sequence_indices", None)
+    masking_utils.is_tracing = is_tracing(tracing)
+    if packed is not None:
+        masking_utils.find_packed_sequence_indices = _unpacked
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing = tracing
+        if packed is not None:
+            masking_utils.find_packed_sequence_indices = packed
+
+
+@contextmanager
 def unseen_capture():
     """Inside a whole-step capture, transformers takes the path it takes in an eager step of the same batch and
     reads no tensor value on the host:
@@ -180,22 +197,13 @@ def unseen_capture():
 
     With these, nothing in a captured step reads a tensor's value on the host (tested for the three families, with
     and without padding). torch's own capture checks (the optimizer's) ask the stream, not this function."""
-    from transformers import masking_utils
-
     real = torch.cuda.is_current_stream_capturing
-    packed = getattr(masking_utils, "find_packed_sequence_indices", None)
-    tracing = masking_utils.is_tracing
     torch.cuda.is_current_stream_capturing = lambda: False
-    masking_utils.is_tracing = _mask_traced(tracing)
-    if packed is not None:
-        masking_utils.find_packed_sequence_indices = _unpacked
     try:
-        yield
+        with masking_as(_mask_traced):
+            yield
     finally:
         torch.cuda.is_current_stream_capturing = real
-        masking_utils.is_tracing = tracing
-        if packed is not None:
-            masking_utils.find_packed_sequence_indices = packed
 
 
 def after_failed_capture(device: torch.device, graph, pool, stream) -> None:

@@ -355,9 +355,14 @@ class Offload:
     def _fetch(self, held: _Held) -> None:
         if held.copied is None:  # CPU, fake tensors
             held.fetched = held.host.to(held.device)
-        else:
+        else:  # allocated on the compute stream (its memory free there as of now), filled on the side stream:
+            # freed by autograd after its use, it goes straight back to the compute stream's pool; `record_stream`
+            # would keep it counted until the device caught up with the host
+            current = torch.cuda.current_stream(held.device)
+            held.fetched = torch.empty(held.host.size(), dtype=held.host.dtype, device=held.device)
+            self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):
-                held.fetched = held.host.to(held.device, non_blocking=True)
+                held.fetched.copy_(held.host, non_blocking=True)
                 held.ready = torch.cuda.Event()
                 held.ready.record(self.stream)
         self._ahead += held.nbytes
@@ -388,7 +393,6 @@ class Offload:
         if held.ready is not None:
             current = torch.cuda.current_stream(held.device)
             current.wait_event(held.ready)
-            out.record_stream(current)  # the allocator: used on the compute stream from here
         held.uses -= 1
         if held.uses == 0:  # autograd holds it now; the next unpack of this tensor (none expected) fetches again
             held.fetched, held.ready = None, None

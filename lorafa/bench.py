@@ -45,6 +45,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import measure
 from .step import after_failed_capture as _after_failed_capture
 from .step import compile_limits as _compile_limits
 from .step import unseen_capture  # the capture code jobs share (`lorafa.step`)
@@ -281,24 +282,6 @@ def device_seconds(events) -> float:
     return sum(device_seconds_by_kind(events).values())
 
 
-def _settle(device: torch.device) -> tuple[int, int]:
-    """Free what earlier settings left (their compiled code holds their models until dynamo is reset); the bytes
-    still allocated and reserved after. cuBLAS keeps a workspace per (handle, stream), allocated from the caching
-    allocator and never freed: every setting's capture stream added 64 MiB (32 each for cuBLAS and cuBLASLt on an
-    H200; `mem_held_gib` grew by 0.0625 a setting at commit 6703f21), so they are dropped too."""
-    gc.collect()
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type != "cuda":
-        return 0, 0
-    torch.cuda.synchronize(device)
-    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear_workspaces is not None:
-        clear_workspaces()
-    torch.cuda.empty_cache()
-    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
-
-
 def _reset_peak_memory(device: torch.device) -> None:
     """Start a peak: give cached blocks back first, so that the reserved peak is what the steps after need."""
     if device.type == "cuda":
@@ -322,7 +305,7 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     setting occupied, as `nvidia-smi` would show it without the CUDA context. Neither is the process's peak, which
     also held the eager FLOP-count step, compilation and whatever earlier settings left — at commit 7892838
     roberta-base full FT read 4.07 GiB interleaved against 3.12 run first."""
-    held, reserved = _settle(device)
+    held, reserved = measure.settle(device)
     s = Setting(cfg, mode, device, scope)
     from torch._dynamo.utils import counters
 
@@ -385,7 +368,7 @@ def layer_variants(method: str, layers=LAYERS) -> list[str]:
 
 def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tuple[int, int], device: torch.device,
                 warmup: int, steps: int, rounds: int, layers=LAYERS, scope: str = "blocks",
-                profile_dir: Path | None = None, log=print) -> list[dict]:
+                profile_dir: Path | None = None, overrides: list[str] = (), log=print) -> list[dict]:
     batch, seq = shape
     settings = [(m, mode, lay) for m in methods for mode in modes for lay in layer_variants(m, layers)]
     times: dict[tuple, list[float]] = {s: [] for s in settings}
@@ -393,7 +376,7 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
     at = {"round": 0}
     try:
         _run_rounds(model, settings, times, info, at, device=device, batch=batch, seq=seq, warmup=warmup,
-                    steps=steps, rounds=rounds, scope=scope, profile_dir=profile_dir, log=log)
+                    steps=steps, rounds=rounds, scope=scope, profile_dir=profile_dir, overrides=overrides, log=log)
         stopped = ""
     except (Stopped, KeyboardInterrupt) as why:
         stopped = f"stopped by {why or type(why).__name__} in round {at['round']} of {rounds}"
@@ -429,13 +412,13 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
 
 
 def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup, steps, rounds, scope, profile_dir,
-                log):
+                overrides=(), log=print):
     for r in range(rounds):
         at["round"] = r + 1
         order = settings if r % 2 == 0 else settings[::-1]
         for key in order:
             method, mode, layer = key
-            cfg = compose(model, method, batch, seq, [f"device={device.type}"], layer=layer)
+            cfg = compose(model, method, batch, seq, [f"device={device.type}", *overrides], layer=layer)
             name = method if layer in ("none", "two_matmul") else f"{method}_{layer}"
             held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             failed = False
@@ -549,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="profile 3 more steps of each setting (first round): DIR/<setting>.txt, and the "
                              "device_busy_frac column (kernel time ÷ step time)")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every setting (e.g. model.arch.hidden_dropout_prob=0)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul rate (default: measured)")
     parser.add_argument("--out", type=Path, default=Path("results/throughput.parquet"))
     parser.add_argument("--run-id", default=None,
@@ -578,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model} {shape[0]}×{shape[1]}: {', '.join(args.methods)} × {', '.join(modes)}", flush=True)
             rows += bench_model(model, args.methods, modes, shape=shape, device=device, warmup=args.warmup,
                                 steps=args.steps, rounds=args.rounds, layers=args.layers, scope=args.compile_scope,
-                                profile_dir=args.profile, log=lambda s: print(s, flush=True))
+                                profile_dir=args.profile, overrides=args.override,
+                                log=lambda s: print(s, flush=True))
             table = _finish(pd.DataFrame(rows), peak, device, run_id, command)
             # after each model (an interrupted run keeps what it measured), append-only (`results.append_rows`):
             # earlier runs' rows stay; the same setting by the same commit on the same device is not added twice

@@ -88,6 +88,7 @@ def run(cfg: DictConfig) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / TRACEBACK_FILE).unlink(missing_ok=True)  # a rerun of a failed job starts clean
     row = {**identity(cfg, d), "status": "ok", "error": ""}
+    measure.settle(device)  # what ran before in this process (an earlier job, a bench) leaves nothing allocated
     memory_split = measure.Memory()
     try:
         row.update(_train_and_evaluate(cfg, device, memory_split, row, d))
@@ -119,9 +120,7 @@ def run(cfg: DictConfig) -> dict:
         results.write_row(row, out_dir)
     # every process: the next job of a sweep runs in this process, so hand back what this one held (the model's
     # reference cycles included); a process that kept it would report it as the next job's memory
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    measure.settle(device)
     if not d.is_main:
         return row
     log.info("%s × %s × %s: %s %s=%.4g | activations %.3f GiB, peak %.3f GiB | %.0f tokens/s | %s",

@@ -176,6 +176,27 @@ class Memory:
         return cols
 
 
+def settle(device: torch.device) -> tuple[int, int]:
+    """Free what earlier jobs or bench settings left in this process (their compiled code holds their models until
+    dynamo is reset); the bytes still allocated and reserved after. cuBLAS keeps a workspace per (handle, stream),
+    allocated from the caching allocator and never freed: 32 MiB each for cuBLAS and cuBLASLt on an H200, per thread
+    and stream that ran a matmul (a graph's capture stream adds its own), so they are dropped too. A job's peak
+    then holds its own workspaces, as a fresh process's would, not every earlier job's."""
+    import gc
+
+    gc.collect()
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type != "cuda":
+        return 0, 0
+    torch.cuda.synchronize(device)
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -19,6 +19,8 @@ def test_cuda_rows_carry_the_allocator_phases(cfg_factory, model):
         assert row["mem_source"] == "cuda_allocator" and row["device"] == torch.cuda.get_device_name()
         # the allocator holds at least the tensors counted, and its phases are ordered
         assert row["alloc_build_gib"] >= row["mem_weights_gib"] * 0.99
+        # and no more: what the job before left (cuBLAS workspaces of its streams: 128 MiB) is not this job's
+        assert row["alloc_build_gib"] <= row["mem_weights_gib"] + 0.005, (row["alloc_build_gib"], row["mem_weights_gib"])
         assert row["alloc_after_step_gib"] >= row["alloc_build_gib"]
         assert row["mem_peak_gib"] == row["alloc_peak_gib"] >= row["alloc_fwd_bwd_peak_gib"]
         assert row["mem_peak_gib"] >= row["mem_weights_gib"] + row["mem_activations_gib"]
@@ -69,11 +71,15 @@ def test_torchrun_on_two_gpus_matches_one_gpu(tmp_path):
     assert table.iloc[1]["mem_weights_gib"] == pytest.approx(single["mem_weights_gib"] / 2, rel=0.05)
 
 
+NO_DROPOUT = {"tiny-roberta": ["model.arch.hidden_dropout_prob=0", "model.arch.attention_probs_dropout_prob=0"],
+              "tiny-t5": ["model.arch.dropout_rate=0"], "tiny-llama": []}  # the models' dropout off (LLaMA has none)
+
+
 @pytest.mark.parametrize("model", ["tiny-roberta", "tiny-t5", "tiny-llama"])
 def test_bench_graph_modes_train_like_eager(tmp_path, model):
     """`lorafa.bench`'s whole-step CUDA graph (and compiled) settings run full FT, LoRA and every LoRA-FA layer and
-    train like eager: the same number of optimizer steps from the same start ends at nearly the same loss (dropout
-    draws differ)."""
+    train like eager: the same number of optimizer steps from the same start ends at the same loss within bf16's
+    tolerance (the models' dropout off: compiled code draws other masks, which moved a loss by 5 %)."""
     import pandas as pd
 
     from lorafa import bench
@@ -82,7 +88,7 @@ def test_bench_graph_modes_train_like_eager(tmp_path, model):
     # lorafa_v2 is lorafa plus a gradient hook: left out to keep the test in minutes (15 settings, 3 modes)
     assert bench.main(["--models", model, "--methods", "full", "lora", "lorafa", "--modes", "eager", "graph",
                        "compile_graph", "--warmup", "4", "--steps", "6", "--rounds", "1", "--peak-tflops", "100",
-                       "--out", str(out)]) == 0
+                       "--out", str(out), *(["--override", *NO_DROPOUT[model]] if NO_DROPOUT[model] else [])]) == 0
     table = pd.read_parquet(out)
     assert (table["status"] == "ok").all(), table[["method", "compile_mode", "error"]].to_string()
     assert (table["optimizer_steps"] == 10).all()
@@ -94,7 +100,7 @@ def test_bench_graph_modes_train_like_eager(tmp_path, model):
         losses = g.set_index("compile_mode")["final_loss"]
         assert losses.notna().all() and len(losses) == 3
         for mode in ("graph", "compile_graph"):
-            assert losses[mode] == pytest.approx(losses["eager"], rel=0.05), (method, layer, mode, losses.to_dict())
+            assert losses[mode] == pytest.approx(losses["eager"], rel=0.02), (method, layer, mode, losses.to_dict())
 
 
 @pytest.mark.parametrize("stacked", [False, True, "merged"])
@@ -182,10 +188,6 @@ def test_a_graphed_steps_peak_counts_its_activations():
         assert res["mem_held_gib"] < 0.01 and res["mem_reserved_gib"] >= 0.9 * res["mem_peak_gib"]
     assert peaks["eager"] > 1.0, peaks
     assert 0.9 * peaks["eager"] <= peaks["graph"] <= 1.1 * peaks["eager"] + 0.07, peaks
-
-
-NO_DROPOUT = {"tiny-roberta": ["model.arch.hidden_dropout_prob=0", "model.arch.attention_probs_dropout_prob=0"],
-              "tiny-t5": ["model.arch.dropout_rate=0"], "tiny-llama": []}
 
 
 @pytest.mark.parametrize("model, task", [("tiny-roberta", "synthetic"), ("tiny-t5", "synthetic"),

@@ -309,9 +309,25 @@ def _clone(module):
     return copy.deepcopy(module)
 
 
+def _cxx_missing() -> str:
+    """Why inductor cannot generate CPU code here ('' when it can): it compiles C++ with the compiler it finds."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return ""
+    except Exception as err:  # noqa: BLE001 (any failure to find one is the reason shown)
+        return f"inductor on CPU needs a C++ compiler: {type(err).__name__}: {err}"
+
+
+NEEDS_CXX = pytest.mark.skipif(bool(_cxx_missing()), reason=_cxx_missing() or "-")
+
+
 @pytest.mark.slow
+@NEEDS_CXX
 @pytest.mark.parametrize("p, stacked", [(0.0, False), (0.2, False), (0.0, True), (0.0, "merged")])
 def test_torch_compile_gives_the_eager_result(p, stacked):
+    """Inductor (CPU code generation) on the LoRA-FA layers: the eager layers' output and gradients."""
     def make():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).requires_grad_(False)
@@ -321,7 +337,7 @@ def test_torch_compile_gives_the_eager_result(p, stacked):
         return m
 
     eager, compiled = make(), make()
-    run_compiled = torch.compile(compiled)
+    run_compiled = torch.compile(compiled, backend="inductor")
     x = torch.randn(8, 32, requires_grad=True)
     xc = x.detach().clone().requires_grad_(True)
     torch.manual_seed(5)
@@ -335,11 +351,13 @@ def test_torch_compile_gives_the_eager_result(p, stacked):
                                    **tol)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=NEEDS_CXX)])
 @pytest.mark.parametrize("stacked", [False, True, "merged"])
-def test_compiled_lorafa_layers_keep_only_h_for_backward(stacked):
-    """Under torch.compile a LoRA-FA layer keeps what it keeps in eager: h (N × r), nothing full-width and nothing
-    weight-sized. (The merged layer once formed W + s·B·A by the same expression in forward and backward; the
-    compiler's common-subexpression pass made them one tensor and kept it for backward: +6 GB at llama-7b.)"""
+def test_compiled_lorafa_layers_keep_only_h_for_backward(stacked, backend):
+    """Under torch.compile (graph capture and autograd alone, and inductor's CPU code) a LoRA-FA layer keeps what
+    it keeps in eager: h (N × r), nothing full-width and nothing weight-sized. (The merged layer once formed
+    W + s·B·A by the same expression in forward and backward; the compiler's common-subexpression pass made them
+    one tensor and kept it for backward: +6 GB at llama-7b.)"""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)).requires_grad_(False)
     for layer in adapters.inject(m, ["0", "2"], rank=4, alpha=8, dropout=0.0, train_a=False).values():
@@ -347,15 +365,15 @@ def test_compiled_lorafa_layers_keep_only_h_for_backward(stacked):
         assert layer.stack_frozen(merged=stacked == "merged") if stacked else True
     x = torch.randn(64, 32, requires_grad=True)
     saved = {}
-    for backend in ("eager", "aot_eager"):
+    for mode in ("eager", backend):
         torch._dynamo.reset()
-        run = m if backend == "eager" else torch.compile(m, backend=backend)
+        run = m if mode == "eager" else torch.compile(m, backend=backend)
         with measure.SavedTensorMeter(m) as meter:
             y = run(x)
         y.sum().backward()
-        saved[backend] = sorted(meter.storages.values())
+        saved[mode] = sorted(meter.storages.values())
     # two h (64 × 4 fp32) and the GELU's input (64 × 48); x itself is the caller's, no layer keeps it
-    assert saved["eager"] == saved["aot_eager"] == [64 * 4 * 4, 64 * 4 * 4, 64 * 48 * 4]
+    assert saved["eager"] == saved[backend] == [64 * 4 * 4, 64 * 4 * 4, 64 * 48 * 4]
 
 
 @pytest.mark.parametrize("merged", [False, True])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lorafa import memory
+from lorafa import measure, memory
 from lorafa.job import run
 from tests.conftest import compose_cfg
 
@@ -29,6 +29,53 @@ def test_prediction_scales_with_the_batch_and_allocates_nothing():
     big = compose_cfg(["model=llama-7b", "model.init=random", "method=lorafa", *SYNTH])
     p = memory.predict(big.model, big.method, batch_size=1, seq_len=64, device="cpu")
     assert p.weights > 6.7e9 * 4 * 0.99  # fp32 parameters (frozen weights stay fp32 on CPU)
+
+
+def test_one_llama_block_keeps_what_a_count_by_hand_says(cfg_factory):
+    """An independent check of the predictor and the measurement (both count saved tensors with hooks; on CPU a
+    row's peak is the sum of its parts, so the hooks are all the CPU tests compare): one LLaMA block (d = 128,
+    f = 344, r = 8 on its 7 linears), N = 2 × 16 tokens, fp32, counted by hand from what each method's backward
+    needs, relative to the frozen network (nothing trains; backward to the embeddings, the speed bound):
+    - LoRA − LoRA-FA = N (2d + f) floats: LoRA's A needs its layer's input — q/k/v's one normed input, gate/up's,
+      down's (N × f) — which LoRA-FA does not keep; o_proj's input is the attention output, which SDPA keeps
+      for its own backward anyway.
+    - LoRA-FA − frozen = 7 N r (each layer's h = x Aᵀ) − N (d + 1): the frozen network's backward reaches the
+      embeddings, so the first RMSNorm keeps its input and 1/rms; below LoRA-FA's lowest adapter nothing needs
+      a gradient.
+    - full − frozen = N (3d + d + 2d + f) floats + N int64: the three RMSNorms' normalised inputs (for their
+      weights), the output projection's input, the linears' inputs as for LoRA, and the embedding's token ids.
+    Weights, gradients and AdamW state: the parameter counts (2 moments and a 4-byte step per trained tensor)."""
+    N, d, f, r, vocab = 2 * 16, 128, 344, 8, 4096
+    adapted = [(d, d)] * 4 + [(d, f)] * 2 + [(f, d)]  # (d_in, d_out): q, k, v, o, gate, up, down
+    a_params, b_params = sum(r * i for i, _ in adapted), sum(o * r for _, o in adapted)
+    base = 2 * vocab * d + 4 * d * d + 3 * d * f + 3 * d  # embeddings, output projection, block, three norms
+    common = ["model=tiny-llama", "model.arch.num_hidden_layers=1", "task=synthetic", "task.max_seq_len=16",
+              "train.batch_size=2", "train.max_steps=1", "train.measure_warmup_steps=0"]
+    methods_ = {"frozen": [], "lora": ["method.rank=8"], "lorafa": ["method.rank=8", "method.stacked=false"],
+                "lorafa_stacked": ["method=lorafa", "method.stacked=true"], "full": []}
+    rows, preds = {}, {}
+    for name, extra in methods_.items():
+        cfg = cfg_factory(*common, f"method={name.split('_')[0]}", *extra)
+        preds[name] = memory.predict(cfg.model, cfg.method, batch_size=2, seq_len=16, device="cpu")
+        rows[name] = run(cfg)
+        assert rows[name]["status"] == "ok", rows[name]["error"]
+    fl = 4  # bytes per fp32 value
+    by_hand = {"lora": N * (2 * d + f) * fl + 7 * N * r * fl - N * (d + 1) * fl,
+               "lorafa": 7 * N * r * fl - N * (d + 1) * fl,
+               "lorafa_stacked": 7 * N * r * fl - N * (d + 1) * fl,
+               "full": N * (6 * d + f) * fl + N * 8}
+    trained = {"lora": (a_params + b_params, 14), "lorafa": (b_params, 7), "lorafa_stacked": (b_params, 7),
+               "full": (base, 12)}
+    for name, expected in by_hand.items():
+        for got, frozen, source in ((preds[name].activations, preds["frozen"].activations, "predicted"),
+                                    (rows[name]["mem_activations_gib"] * measure.GIB,
+                                     rows["frozen"]["mem_activations_gib"] * measure.GIB, "measured")):
+            assert got - frozen == pytest.approx(expected, abs=0.5), (name, source)
+        params, tensors = trained[name]
+        assert preds[name].grads == params * fl == pytest.approx(rows[name]["mem_grads_gib"] * measure.GIB), name
+        assert preds[name].optimizer == 2 * params * fl + 4 * tensors == pytest.approx(
+            rows[name]["mem_optimizer_gib"] * measure.GIB), name
+    assert preds["frozen"].grads == preds["frozen"].optimizer == 0
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ FSDP's units, and a real 2-process torchrun run on CPU (gloo) that must equal th
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -144,25 +145,80 @@ def test_torchrun_fsdp_instruction_tuning_scores_mmlu_once(tmp_path):
     assert (jobs[0] / "mmlu_subjects.json").is_file()
 
 
+# run.py as torchrun launches it, with `measure.Throughput.add` (called once an optimizer step, with its 0-based
+# index) wrapped: every process appends the step's index to <STEP_LOG>.rank<RANK>, and at step KILL_AT it kills
+# itself (SIGKILL: nothing caught, nothing written, as a preempted job dies). A test hook from outside, so the
+# production code carries none.
+WRAPPED_RUN = """\
+import os, runpy, signal, sys
+
+sys.path.insert(0, {root!r})  # where run.py, launched directly, would find lorafa
+from lorafa import measure
+
+real_add = measure.Throughput.add
+log = os.environ["STEP_LOG"] + ".rank" + os.environ["RANK"]
+kill_at = int(os.environ.get("KILL_AT", "-1"))
+
+
+def add(self, step, *args):
+    with open(log, "a") as f:
+        f.write(f"{{step}}\\n")
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_add(self, step, *args)
+
+
+measure.Throughput.add = add
+sys.argv[0] = {run_py!r}
+runpy.run_path({run_py!r}, run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_resume_continues_the_same_run(tmp_path):
-    """DDP checkpoint (process 0 writes it, with every process's RNG state) and resume: the resumed job's steps
-    4-6 and scores equal the uninterrupted job's. Dropout on: the two processes' dropout streams differ."""
+    """DDP checkpoint (process 0 writes it, with every process's RNG state) and resume: a job killed (SIGKILL, both
+    processes) during step 5, after its step-3 checkpoint, and resumed (train.resume=true, same job dir) takes steps
+    4-6 only, and its loss curve and scores equal the uninterrupted job's. Dropout on: the two processes' dropout
+    streams differ."""
+    wrapper = tmp_path / "wrapped_run.py"
+    wrapper.write_text(WRAPPED_RUN.format(root=str(ROOT), run_py=str(ROOT / "run.py")))
     args = ["model=tiny-roberta", "method=lorafa", "task=movie_polarity", "task.max_train_samples=60",
             "task.max_eval_samples=16", "train.max_steps=6", "train.batch_size=4", "train.strategy=ddp",
-            "train.checkpoint_every=3", "train.progress=false", f"hydra.run.dir={tmp_path / 'job'}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    rows = []
-    for extra in ([], ["train.resume=true"]):  # the second run starts from the step-3 checkpoint of the first
+            "train.checkpoint_every=3", "train.progress=false"]
+
+    def torchrun(launch: str, job_dir: str, *extra: str, kill_at: int = -1):
+        """One 2-process launch into `job_dir`: (the process, the step indices each process took)."""
+        log = tmp_path / f"steps-{launch}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "STEP_LOG": str(log),
+               "KILL_AT": str(kill_at)}
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                               "2", str(ROOT / "run.py"), *args, *extra], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=300, check=False)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        rows.append(pd.read_parquet(tmp_path / "job" / "result.parquet").iloc[0])
-    whole, resumed = rows
-    assert whole["status"] == resumed["status"] == "ok"
-    np.testing.assert_array_equal(resumed["loss_curve"], whole["loss_curve"])
-    assert resumed["eval_loss"] == whole["eval_loss"] and resumed["score"] == whole["score"]
+                               "2", str(wrapper), *args, f"hydra.run.dir={tmp_path / job_dir}", *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+        steps = [[int(x) for x in Path(f"{log}.rank{r}").read_text().split()]
+                 if Path(f"{log}.rank{r}").is_file() else [] for r in range(2)]
+        return proc, steps
+
+    proc, steps = torchrun("whole", "whole")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert steps == [list(range(6))] * 2, steps
+    whole = pd.read_parquet(tmp_path / "whole" / "result.parquet").iloc[0]
+    assert whole["status"] == "ok", whole["error"]
+
+    proc, steps = torchrun("killed", "job", kill_at=4)  # killed during step 5 (index 4), before its loss is read
+    assert proc.returncode != 0, "the killed job finished"
+    # process 0 took steps 0-4 and died; process 1 too, or was stopped by torchrun just before its step-4 record
+    assert steps[0] == list(range(5)) and steps[1] in (list(range(4)), list(range(5))), (steps, proc.stderr[-4000:])
+    assert not (tmp_path / "job" / "result.parquet").exists()  # it died: no row
     state = torch.load(tmp_path / "job" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["history"]["steps"] == 3, state["history"]  # the step-3 checkpoint, the only one it wrote
+    assert state["history"]["losses"] == list(whole["loss_curve"][:3])
     assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0]["torch"],
                                                             state["rng_ranks"][1]["torch"])
+
+    proc, steps = torchrun("resumed", "job", "train.resume=true")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert steps == [[3, 4, 5]] * 2, f"the resumed job took steps {steps}, not 3-5: it did not continue at step 4"
+    resumed = pd.read_parquet(tmp_path / "job" / "result.parquet").iloc[0]
+    assert resumed["status"] == "ok" and resumed["train_steps"] == 6, resumed["error"]
+    np.testing.assert_array_equal(resumed["loss_curve"], whole["loss_curve"])
+    assert resumed["eval_loss"] == whole["eval_loss"] and resumed["score"] == whole["score"]

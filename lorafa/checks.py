@@ -72,6 +72,8 @@ def check_config(cfg) -> None:
         need("method.b_lr_ratio", positive, "a number > 0")
     need("train.batch_size", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
     need("train.grad_accum", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")
+    if not (cfg.train.get("max_steps") or 0) > 0:  # epochs decide the length: none would train nothing
+        need("train.epochs", lambda v: v >= 1 and v == int(v), "an integer ≥ 1 (or train.max_steps > 0)")
     need("train.lr", positive, "a number > 0")
     need("protocol.lr_scale", positive, "a number > 0")
     need("task.max_seq_len", lambda v: v >= 1 and v == int(v), "an integer ≥ 1")

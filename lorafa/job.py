@@ -262,6 +262,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
                          "(its optimizer state is sharded); use train.strategy=ddp, or run without checkpoints")
     seed_everything(int(cfg.seed))
     data = tasks.load_data(cfg.task)
+    row["dropped_rows"] = data.dropped_rows  # empty texts or labels left out of the data files (a warning said so)
     if data.kind == "instruction":
         mmlu.check_source(cfg.task)  # scored after training: refuse now if it could not be
     tokenizer = None if data.kind == "synthetic" else models.load_tokenizer(cfg.model)

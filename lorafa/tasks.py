@@ -19,6 +19,7 @@ corpus BLEU (sacrebleu). `synthetic` makes random token batches of an exact size
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import sources
 from .checks import BadInput
+
+log = logging.getLogger(__name__)
 
 ANSWER_CUE = "\nAnswer:"  # decoders read the prompt, then this, then the label word
 # Stanford Alpaca's prompt templates (github.com/tatsu-lab/stanford_alpaca, train.py), with and without an input
@@ -103,6 +106,7 @@ class TaskData:
     kind: str  # classification | regression | translation | instruction | synthetic
     splits: dict[str, pd.DataFrame]  # "train" and the eval splits, keyed by eval name
     labels: list[str] | None  # class names in index order (classification)
+    dropped_rows: int = 0  # rows with an empty text or label left out (`drop_empty_rows`), over every split
 
     @property
     def num_labels(self) -> int:
@@ -181,7 +185,7 @@ def load_data(tcfg: DictConfig) -> TaskData:
     eval_splits = OmegaConf.to_container(tcfg.eval_splits, resolve=True)
     wanted = {"train": "train", **eval_splits}
     files = {k: str(v) for k, v in (tcfg.get("data_files") or {}).items() if v}  # any local file: all local
-    splits = {}
+    splits, dropped = {}, 0
     for key, split in wanted.items():
         if files:
             if split not in files:
@@ -192,6 +196,8 @@ def load_data(tcfg: DictConfig) -> TaskData:
         else:
             raise BadInput(f"task {tcfg.name}: set task.data_files.train=FILE task.data_files.validation=FILE")
         frame = _normalise(frame, tcfg, where)
+        frame, n_dropped = drop_empty_rows(frame, where)
+        dropped += n_dropped
         limit = tcfg.get("max_train_samples" if key == "train" else "max_eval_samples")
         if limit:
             frame = frame.iloc[: int(limit)]
@@ -202,6 +208,10 @@ def load_data(tcfg: DictConfig) -> TaskData:
     if kind == "classification":
         named = labels is not None
         labels = labels or _label_set(splits["train"]["label"])
+        classes = splits["train"]["label"].astype(str).unique().tolist()
+        if len(classes) < 2:
+            raise BadInput(f"{files.get('train') or tcfg.get('dataset') or tcfg.name}: the training data has one label "
+                           f"class ({classes[:1]}); expected at least 2 (accuracy would be 1.0 by construction)")
         for key, frame in splits.items():
             frame["label"] = _label_ids(frame["label"], labels, f"{tcfg.name}:{key}", ints_are_ids=named)
     elif kind == "regression":
@@ -212,7 +222,31 @@ def load_data(tcfg: DictConfig) -> TaskData:
             frame["label"] = frame["label"].astype(str)
     else:
         raise ValueError(f"task.kind={kind!r}: expected classification, regression, translation or synthetic")
-    return TaskData(tcfg.name, kind, splits, labels)
+    return TaskData(tcfg.name, kind, splits, labels, dropped)
+
+
+BAD_ROWS_MAX_FRAC = 0.1  # above this share of empty rows a file is refused, not cleaned
+
+
+def _empty(values: pd.Series) -> pd.Series:
+    return values.isna() | values.astype(str).str.strip().eq("")
+
+
+def drop_empty_rows(frame: pd.DataFrame, where: str) -> tuple[pd.DataFrame, int]:
+    """Rows whose text or label is empty (missing, or only whitespace) mean nothing: an empty label would become a
+    class of its own, an empty text an input of special tokens alone. A few (at most `BAD_ROWS_MAX_FRAC` of the
+    file) are dropped with a one-line warning naming how many and which; more, or all, and the file is refused."""
+    bad = _empty(frame["text"]) | _empty(frame["label"])
+    n = int(bad.sum())
+    if not n:
+        return frame, 0
+    rows = [int(i) + 2 for i in np.flatnonzero(bad.to_numpy())[:5]]  # file line numbers of a csv with a header
+    what = "every row has" if n == len(frame) else f"{n} of {len(frame)} rows have"
+    if n > BAD_ROWS_MAX_FRAC * len(frame):
+        raise BadInput(f"{where}: {what} an empty text or label (first at lines {rows}); expected a text and a label "
+                       f"in every row (up to {BAD_ROWS_MAX_FRAC:.0%} of rows may be empty: they are then dropped)")
+    log.warning("%s: dropped %d of %d rows with an empty text or label (first at lines %s)", where, n, len(frame), rows)
+    return frame[~bad].reset_index(drop=True), n
 
 
 HOLDOUT = "heldout"  # the split carved from train by `task.holdout`: where a protocol selects settings

@@ -45,6 +45,11 @@ CASES = {
     "dropout 1": (["method.dropout=1.0"], "method.dropout=1.0: expected a number in [0, 1)"),
     "dropout negative": (["method.dropout=-0.1"], "method.dropout=-0.1: expected a number in [0, 1)"),
     "batch size 0": (["train.batch_size=0"], "train.batch_size=0: expected an integer ≥ 1"),
+    "grad accum 0": (["train.grad_accum=0"], "train.grad_accum=0: expected an integer ≥ 1"),
+    "grad accum negative": (["train.grad_accum=-2"], "train.grad_accum=-2: expected an integer ≥ 1"),
+    "seq len 0": (["task.max_seq_len=0"], "task.max_seq_len=0: expected an integer ≥ 1"),
+    "epochs 0 without max_steps": (["train.max_steps=0", "train.epochs=0"],
+                                   "train.epochs=0: expected an integer ≥ 1 (or train.max_steps > 0)"),
     "lr 0": (["train.lr=0"], "train.lr=0: expected a number > 0"),
     "B lr ratio 0": (["method.b_lr_ratio=0"], "method.b_lr_ratio=0: expected a number > 0"),
     "lr scale 0": (["protocol.lr_scale=0"], "protocol.lr_scale=0: expected a number > 0"),
@@ -117,12 +122,34 @@ def test_bad_data_files_are_refused_in_one_line_with_no_row(cfg_factory, tmp_pat
     refused(_files(tmp_path, GOOD.iloc[:0], "empty.csv"), "empty.csv: the file has no rows")
     refused(_files(tmp_path, GOOD.rename(columns={"text": "review"}), "cols.csv"),
             "no column 'text' (or 'text'); columns are ['review', 'label']")
+    # rows that mean nothing: refused when more than a few (a few are dropped: the next test)
+    empty_labels = GOOD.assign(label=["pos", "neg", "", "neg", None, "neg", "pos", "neg"])
+    refused(_files(tmp_path, empty_labels, "nolabel.csv"),
+            "nolabel.csv: 2 of 8 rows have an empty text or label (first at lines [4, 6])")
+    refused(_files(tmp_path, GOOD.assign(text=["  ", "a dull film"] * 4), "notext.csv"),
+            "notext.csv: 4 of 8 rows have an empty text or label")
+    refused(_files(tmp_path, GOOD.assign(text=[""] * 8), "alltext.csv"),
+            "alltext.csv: every row has an empty text or label")
+    refused(_files(tmp_path, GOOD.assign(label="pos"), "oneclass.csv"),
+            "oneclass.csv: the training data has one label class (['pos']); expected at least 2")
     refused([*_files(tmp_path, GOOD, "labels.csv"), "task.labels=[neg,neutral]"],
             "labels ['pos'] are not in the task's label set ['neg', 'neutral']")
     (tmp_path / "notamodel").mkdir()
     (tmp_path / "notamodel" / "weights.bin").write_bytes(b"")
     refused(["model=local", f"model.path={tmp_path / 'notamodel'}"],
             "notamodel: not a model directory (no config.json; it holds ['weights.bin'])")
+
+
+def test_a_few_empty_rows_are_dropped_with_a_warning_and_counted(cfg_factory, tmp_path, caplog):
+    """One empty label and one empty text in 40 rows (5 %): dropped, a one-line warning, `dropped_rows` in the row
+    (both splits read the same file here: 4 dropped); the empty label did not become a class."""
+    frame = pd.concat([GOOD] * 5, ignore_index=True)
+    frame.loc[3, "label"], frame.loc[10, "text"] = None, ""
+    with caplog.at_level("WARNING"):
+        row = run(cfg_factory(*SMALL, *_files(tmp_path, frame)))
+    assert row["status"] == "ok" and row["dropped_rows"] == 4
+    warned = [r.getMessage() for r in caplog.records if "dropped 2 of 40 rows" in r.getMessage()]
+    assert warned and "first at lines [5, 12]" in warned[0] and "\n" not in warned[0]
 
 
 def test_hub_unreachable_is_refused_with_the_local_path_hint(cfg_factory, offline):

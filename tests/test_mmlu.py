@@ -71,6 +71,136 @@ def test_lm_eval_score_equals_a_direct_zero_shot_computation():
     assert got["mmlu_examples"] == len(test) == 14 and got["num_fewshot"] == 0
 
 
+def _body(r) -> str:
+    return f"{r.question.strip()}\n" + "".join(f"{x}. {c}\n" for x, c in zip("ABCD", r.choices)) + "Answer:"
+
+
+def _header(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def _context(r, shots, header: str, answer=lambda d: " " + "ABCD"[d.answer]) -> str:
+    """MMLU's k-shot prompt, written out: the subject header, each shot as its question + " " + its answer letter
+    + a blank line, then the question itself up to "Answer:"."""
+    return header + "".join(f"{_body(d)}{answer(d)}\n\n" for d in shots) + _body(r)
+
+
+def _more_mmlu(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """MMLU-format dev and test files in `root`: the shipped sample, 2 more dev questions of each of its subjects
+    after its 5 (the shots are the first 5, not any 5), and a generated third subject (7 dev, 10 test questions):
+    24 test questions in all."""
+    columns = ["question", "subject", "choices", "answer"]
+    dev, test = (pd.read_json(SAMPLE / f"{split}.jsonl", lines=True)[columns] for split in ("dev", "test"))
+    extra = pd.DataFrame([("What is 4 + 4?", "elementary_mathematics", ["6", "7", "8", "9"], 2),
+                          ("What is 3 × 5?", "elementary_mathematics", ["15", "12", "18", "10"], 0),
+                          ("Which river flows through Cairo?", "high_school_geography",
+                           ["Congo", "Nile", "Niger", "Zambezi"], 1),
+                          ("Which country has the largest area?", "high_school_geography",
+                           ["Canada", "China", "Russia", "Brazil"], 2)], columns=columns)
+    rows = []
+    for i in range(17):
+        a, b = 3 + 2 * i, 11 + 3 * i
+        choices = [str(a * b + d) for d in (0, 2, -2, 10)]
+        choices[0], choices[i % 4] = choices[i % 4], choices[0]
+        rows.append((f"What is {a} × {b}?", "college_mathematics", choices, i % 4))
+    generated = pd.DataFrame(rows, columns=columns)
+    dev = pd.concat([dev, extra, generated.head(7)], ignore_index=True)
+    test = pd.concat([test, generated.tail(10)], ignore_index=True)
+    for split, frame in (("dev", dev), ("test", test)):
+        frame.to_json(root / f"{split}.jsonl", orient="records", lines=True, force_ascii=False)
+    return dev, test
+
+
+@pytest.mark.slow
+def test_lm_eval_five_shot_predictions_equal_a_direct_five_shot_computation(tmp_path, monkeypatch, offline):
+    """At the jobs' k (5-shot), on a random-init tiny LLaMA with weights large enough that its answer depends on
+    the whole prompt: every question's prediction through `mmlu.evaluate` (lm-eval) equals the likeliest of
+    " A" … " D" after MMLU's 5-shot prompt written out here (subject header, the subject's first 5 dev questions in
+    order, each answered " <letter>"), and so do the accuracies. The model is shown to tell prompts apart: 0 shots,
+    other shots, another order, another header or other answer formatting change some of its answers."""
+    import lm_eval
+
+    dev, test = _more_mmlu(tmp_path)
+    cfg = compose_cfg(["model=tiny-llama", "task=alpaca_mmlu_sample", f"task.mmlu_path={tmp_path}"])
+    assert cfg.task.num_fewshot == compose_cfg(["task=alpaca_mmlu"]).task.num_fewshot == 5  # the jobs' k
+    net = models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32)
+    tok = models.load_tokenizer(cfg.model)
+    model = net.model.eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # init std 0.02 answers "D" to every prompt; std 0.3 reads the prompt
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3, generator=generator)
+
+    real, logged = lm_eval.simple_evaluate, {}
+
+    def keep_samples(*args, **kwargs):  # the same call, its per-question results kept
+        logged.update(real(*args, **{**kwargs, "log_samples": True}))
+        return logged
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", keep_samples)
+    got = mmlu.evaluate(model, tok, cfg.task, torch.device("cpu"))
+
+    def scores(context: str) -> list[float]:  # log P(" A" | context) … log P(" D" | context)
+        ctx = tok(context)["input_ids"]
+        out = []
+        for letter in "ABCD":
+            whole = tok(f"{context} {letter}")["input_ids"]
+            assert whole[:len(ctx)] == ctx
+            logp = model(torch.tensor([whole])).logits[0, len(ctx) - 1:-1].log_softmax(-1)
+            out.append(sum(float(logp[i, t]) for i, t in enumerate(whole[len(ctx):])))
+        return out
+
+    def predict(context: str) -> int:  # the likeliest letter, in one forward (each letter is one token here)
+        ctx = tok(context)["input_ids"]
+        wholes = [tok(f"{context} {letter}")["input_ids"] for letter in "ABCD"]
+        assert all(w[:-1] == ctx for w in wholes)
+        return int(model(torch.tensor([ctx])).logits[0, -1, [w[-1] for w in wholes]].argmax())
+
+    shots = {s: list(dev[dev["subject"] == s].itertuples()) for s in set(test["subject"])}
+    prompts, ours, theirs, hits = [], [], [], {}
+    with torch.no_grad():
+        for subject, questions in test.groupby("subject", sort=False):
+            samples = sorted(logged["samples"][f"{mmlu.LOCAL_GROUP}_{subject}"], key=lambda x: x["doc_id"])
+            assert len(samples) == len(questions)
+            for r, sample in zip(questions.itertuples(), samples):
+                assert sample["doc"]["question"] == r.question
+                prompts.append((r, _context(r, shots[subject][:5], _header(subject))))
+                s = scores(prompts[-1][1])
+                ours.append((r.question, max(range(4), key=s.__getitem__), s))
+                lls = [float(ll) for ll, _ in sample["filtered_resps"]]
+                theirs.append((r.question, max(range(4), key=lls.__getitem__), lls, sample["arguments"]))
+                hits.setdefault(subject, []).append(int(ours[-1][1] == r.answer))
+    assert len(ours) == len(test) == 24
+    assert [(q, p) for q, p, _ in ours] == [(q, p) for q, p, _, _ in theirs]  # every question's answer
+    for subject, h in hits.items():
+        assert got["subjects"][subject] == pytest.approx(sum(h) / len(h)), subject
+    assert got["mmlu_acc"] == pytest.approx(sum(map(sum, hits.values())) / len(test))
+    assert got["mmlu_examples"] == 24 and got["num_fewshot"] == 5 and got["mmlu_truncated"] == 0
+    for (_, _, s), (_, _, lls, _) in zip(ours, theirs):  # the same numbers, from the same prompt
+        assert lls == pytest.approx(s, abs=1e-3)
+    for (_, context), (_, _, _, arguments) in zip(prompts, theirs):
+        assert [tuple(a) for a in arguments] == [(context, f" {x}") for x in "ABCD"]
+
+    # the model reads the prompt: its answers vary, and each way of getting the prompt wrong changes some
+    predicted = [p for _, p, _ in ours]
+    assert len(set(predicted)) >= 3, predicted
+    wrong = {"0-shot": lambda r, k: _context(r, [], _header(r.subject)),
+             "shots reversed": lambda r, k: _context(r, k[:5][::-1], _header(r.subject)),
+             "dev questions 3-7": lambda r, k: _context(r, k[2:7], _header(r.subject)),
+             "no subject header": lambda r, k: _context(r, k[:5], ""),
+             "header with underscores": lambda r, k: _context(r, k[:5], _header(r.subject).replace(
+                 r.subject.replace("_", " "), r.subject)),
+             "answers with no space": lambda r, k: _context(r, k[:5], _header(r.subject),
+                                                            lambda d: "ABCD"[d.answer]),
+             "answers as the choice text": lambda r, k: _context(r, k[:5], _header(r.subject),
+                                                                 lambda d: f" {d.choices[d.answer]}")}
+    with torch.no_grad():
+        for name, make in wrong.items():
+            changed = sum(predict(make(r, shots[r.subject])) != p for (r, _), p in zip(prompts, predicted))
+            assert changed > 0, name
+
+
 @pytest.mark.slow
 def test_instruction_tuning_then_mmlu_end_to_end_offline(cfg_factory, offline):
     """`python run.py model=tiny-llama method=lorafa task=alpaca_mmlu_sample`, as run(cfg): an ok row scored by

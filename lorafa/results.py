@@ -97,13 +97,22 @@ def provenance(cfg: DictConfig, device) -> dict:
 
 
 def _atomic_write(frame: pd.DataFrame, path: Path) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
+    """Write to a temporary file in the same directory, then rename: readers never see half a file, and a write
+    that fails (a full disk) or is killed leaves the file as it was. A kill (SIGKILL) can leave its hidden
+    temporary file (`.<name>.*.tmp`) behind; the next write of the same file removes it — its callers are the
+    file's only writer at a time (one job per directory, `collect` per sweep, `append_rows` under a lock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, f"{path} not written: {err.strerror or err} (the file as it was is intact)") \
+            from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -165,20 +174,29 @@ def collect(sweep_dir: str | Path, *, write: bool = True) -> pd.DataFrame:
     return table
 
 
+LOCK_TIMEOUT_S = 600  # waiting longer for another writer of the same table is an error
+
+
 def append_rows(new: pd.DataFrame, path: str | Path) -> tuple[pd.DataFrame, int]:
     """Append `new` to the table at `path` (created if absent): existing rows are kept as they are, rows whose
     `config_hash` the table already holds (or that repeat one within `new`) are left out. Returns (table, rows
     added). Rows must carry `config_hash` and `schema_version`."""
+    from filelock import FileLock
+
     path = Path(path)
     for col in ("config_hash", "schema_version"):
         if col not in new.columns or new[col].isna().any():
             raise ValueError(f"rows to append to {path} must all carry {col}")
-    old = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["config_hash"])
-    held = set(old["config_hash"].dropna()) if "config_hash" in old else set()  # older tables may lack it
-    fresh = new[~new["config_hash"].isin(held)].drop_duplicates("config_hash")
-    table = pd.concat([old, fresh], ignore_index=True) if len(old) else fresh.reset_index(drop=True)
-    if len(fresh):
-        _atomic_write(table, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # several writers (a bench and a sweep, SLURM array jobs) append to one table: each reads, adds and writes
+    # it holding the table's lock file, so that no writer's rows are lost to another's write
+    with FileLock(str(path.with_name(f".{path.name}.lock")), timeout=LOCK_TIMEOUT_S):
+        old = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["config_hash"])
+        held = set(old["config_hash"].dropna()) if "config_hash" in old else set()  # older tables may lack it
+        fresh = new[~new["config_hash"].isin(held)].drop_duplicates("config_hash")
+        table = pd.concat([old, fresh], ignore_index=True) if len(old) else fresh.reset_index(drop=True)
+        if len(fresh):
+            _atomic_write(table, path)
     return table, len(fresh)
 
 
@@ -211,10 +229,21 @@ class CollectResults(Callback):
             with pd.option_context("display.width", 200, "display.max_columns", None):
                 print(f"\neach method at its default lr and at the lr chosen on the held-out slice of train "
                       f"(dev set, %):\n{compare(table).to_string(index=False)}", flush=True)
+        # the sweep's exit code: 0 when every job ended in a final row (ok, and the expected failures oom and
+        # diverged, which are results); non-zero when a job was refused for bad input (no row) or failed (an
+        # unexpected exception: its row says which, traceback.txt beside it; a rerun runs it again)
+        problems = []
         refused = bad_inputs(sweep_dir)
-        if refused:  # bad input is no row: say which jobs, and end the sweep non-zero
+        if refused:
             lines = "\n".join(f"  {job}: {msg}" for job, msg in refused.items())
-            sys.exit(f"{len(refused)} job(s) refused for bad input (no row):\n{lines}")
+            problems.append(f"{len(refused)} job(s) refused for bad input (no row):\n{lines}")
+        failed = table[table["status"] == "failed"] if "status" in table else table.iloc[:0]
+        if len(failed):
+            lines = "\n".join(f"  {row['job_dir']}: {row['error']}" for _, row in failed.iterrows())
+            problems.append(f"{len(failed)} job(s) failed (status failed, traceback.txt in the job directory; "
+                            f"rerunning the sweep runs them again):\n{lines}")
+        if problems:
+            sys.exit("\n".join(problems))
 
 
 def main(argv: list[str] | None = None) -> int:

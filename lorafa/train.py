@@ -28,6 +28,7 @@ from torch import nn
 
 from . import distributed, measure, protocols
 from . import step as step_mod
+from .checks import BadInput
 from .distributed import SINGLE, Dist
 from .tasks import Poser, collate, compute_metrics
 
@@ -228,22 +229,33 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generato
                         "allocator": dict(memory.allocator)}, "signature": signature}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:  # a full disk, a kill: the previous checkpoint stays, no half-written one
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"{path} not written: {err.strerror or err} (the previous checkpoint is "
+                                     "intact)") from err
+        raise
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
                     history: History, memory: measure.Memory, signature: str = "",
                     dist: Dist = SINGLE) -> tuple[list[int], int]:
     """Restore a checkpoint into the live objects; returns (this epoch's order, the next micro-batch group)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    ranks = state.get("rng_ranks") or []
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        ranks = state.get("rng_ranks") or []
+    except Exception as err:  # truncated, corrupted, not a checkpoint: refused, left as it is
+        raise BadInput(f"train.resume=true: {path} is unreadable ({type(err).__name__}: {err}); expected a "
+                       "checkpoint this job wrote (delete it to start afresh)") from err
     if (len(ranks) > 1 or dist.enabled) and len(ranks) != dist.world_size:
-        raise ValueError(f"{path} was written by a job on {max(len(ranks), 1)} processes; this one has "
-                         f"{dist.world_size} (resume with the same number)")
+        raise BadInput(f"train.resume=true: {path} was written by a job on {max(len(ranks), 1)} processes; this one "
+                       f"has {dist.world_size} (resume with the same number)")
     if signature and state.get("signature") and state["signature"] != signature:
-        raise ValueError(f"{path} was written by a job with another config; train.resume=true continues only the "
-                         "same job (delete the checkpoint to start afresh)")
+        raise BadInput(f"train.resume=true: {path} was written by a job with another config; it continues only "
+                       "the same job (delete the checkpoint to start afresh)")
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(state["trainable"]) != trainable:

@@ -291,8 +291,12 @@ def test_a_killed_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(tmp_p
     assert resumed["score"] == straight["score"] and resumed["eval_loss"] == straight["eval_loss"]
     assert resumed["eval_history"] == straight["eval_history"]
     assert resumed["mem_activations_gib"] == straight["mem_activations_gib"]  # measured at step 0, kept
-    other = run(compose_cfg([*common, "train.resume=true", "train.lr=3e-3"], tmp_path / "resumed"))
-    assert other["status"] == "failed" and "another config" in other["error"]  # never continues a different job
+    from lorafa.checks import BadInput
+
+    state = (tmp_path / "resumed" / "checkpoint" / "state.pt").read_bytes()
+    with pytest.raises(BadInput, match="written by a job with another config"):  # never continues another job
+        run(compose_cfg([*common, "train.resume=true", "train.lr=3e-3"], tmp_path / "resumed"))
+    assert (tmp_path / "resumed" / "checkpoint" / "state.pt").read_bytes() == state  # refused, nothing touched
 
 
 def test_linear_schedule_is_transformers_linear_schedule_with_warmup():

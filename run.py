@@ -7,8 +7,9 @@
 Each job writes one row to <job dir>/result.parquet; a sweep gathers them into <sweep dir>/results.parquet.
 Bad input (lorafa.checks) is one line on stderr and a non-zero exit, with no row: at once for a single job; in a
 sweep the other jobs still run, the refused job's line goes to <job dir>/input_error.txt, and the sweep exits
-non-zero at the end. Rerunning a sweep with the same command and hydra.sweep.dir skips the jobs that already
-have their row.
+non-zero at the end. A single job exits non-zero unless its row is ok; a sweep exits 0 when every job ended in a
+final row (ok, oom, diverged: results) and non-zero when a job was refused or failed. Rerunning a sweep with the
+same command and hydra.sweep.dir skips the jobs that already have a final row (a failed job runs again).
 """
 
 import sys

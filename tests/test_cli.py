@@ -112,6 +112,57 @@ def test_a_single_job_that_faults_exits_non_zero_and_keeps_its_row(tmp_path):
     assert pd.read_parquet(row_file).iloc[0]["status"] == "diverged"
 
 
+# run.py with `lorafa.job.fit` wrapped: seed 1 runs out of memory, seed 2 (while FAULTY=1) raises; others train
+FAULTY_RUN = """\
+import os, runpy, sys
+
+import torch
+
+sys.path.insert(0, {root!r})
+from lorafa import job
+
+real_fit = job.fit
+
+
+def fit(*args, cfg, **kwargs):
+    if int(cfg.seed) == 1:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB (simulated)")
+    if int(cfg.seed) == 2 and os.environ.get("FAULTY") == "1":
+        raise RuntimeError("simulated fault")
+    return real_fit(*args, cfg=cfg, **kwargs)
+
+
+job.fit = fit
+sys.argv[0] = {run_py!r}
+runpy.run_path({run_py!r}, run_name="__main__")
+"""
+
+
+def test_a_sweep_with_an_oom_and_a_failed_job_runs_the_rest_and_exits_non_zero_for_the_failure(tmp_path):
+    """Seeds 0-3: 1 out of memory, 2 failed, 0 and 3 train. Every job runs and writes its row, the table holds all
+    four, and the sweep exits non-zero naming the failed job (an `oom` is a result, not a fault of the sweep). Rerun
+    with the fault gone: the finished jobs are skipped, the failed one runs again, and the sweep exits 0 though its
+    table still holds the `oom` row."""
+    wrapper = tmp_path / "faulty_run.py"
+    wrapper.write_text(FAULTY_RUN.format(root=str(ROOT), run_py=str(ROOT / "run.py")))
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, str(wrapper), "-m", "seed=0,1,2,3", "train.max_steps=2", "task.max_train_samples=16",
+            "task.max_eval_samples=8", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+                          env={**env, "FAULTY": "1"})
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "1 job(s) failed (status failed" in proc.stderr and "RuntimeError: simulated fault" in proc.stderr
+    table = pd.read_parquet(sweep / "results.parquet").sort_values("seed")
+    assert list(table["status"]) == ["ok", "oom", "failed", "ok"], table[["seed", "status", "error"]]
+    assert (sweep / "2" / "traceback.txt").is_file()
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_parquet(sweep / "results.parquet").sort_values("seed")
+    assert list(table["status"]) == ["ok", "oom", "ok", "ok"]
+    assert (proc.stdout + proc.stderr).count("skipped: ") == 3  # the final rows (ok, oom) stay; only the failed job ran again
+
+
 def test_slurm_launcher_config_composes():
     from hydra import compose, initialize_config_dir
 

@@ -13,6 +13,7 @@ from .conftest import CONF
 SMALL = ("task.max_train_samples=16", "task.max_eval_samples=8", "train.max_steps=2")
 
 
+@pytest.mark.bad_input("an unknown model, method, task or experiments option")
 @pytest.mark.parametrize("override, says", [
     ("model=roberta-bass", "model=roberta-bass: no such option; choices are "),
     ("method=lora,lorafb", "method=lorafb: no such option; choices are "),
@@ -88,7 +89,34 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# the kind of bad input each case shows (docs/testing.md counts the kinds the suite's tests mark)
+STEP_OPTION = "a step option out of its values"
+BLOCK_SET = "a checkpoint or offload setting malformed or out of range"
+KIND = {"rank 0": "method.rank out of range", "rank negative": "method.rank out of range",
+        "rank above the layer": "method.rank out of range", "alpha 0": "method.alpha ≤ 0",
+        "alpha negative": "method.alpha ≤ 0", "dropout 1": "method.dropout outside [0, 1)",
+        "dropout negative": "method.dropout outside [0, 1)", "batch size 0": "train.batch_size ≤ 0",
+        "grad accum 0": "train.grad_accum ≤ 0", "grad accum negative": "train.grad_accum ≤ 0",
+        "seq len 0": "task.max_seq_len out of range", "seq len beyond positions": "task.max_seq_len out of range",
+        "epochs 0 without max_steps": "train.epochs < 1 without train.max_steps", "lr 0": "a learning rate ≤ 0",
+        "lr negative": "a learning rate ≤ 0", "B lr ratio 0": "a learning rate ≤ 0",
+        "lr scale 0": "a learning rate ≤ 0", "holdout all of train": "task.holdout out of range",
+        "targets match nothing": "target modules that match nothing",
+        "model.path missing": "model.path missing or not a model directory",
+        "compile unknown": STEP_OPTION, "graph on CPU": STEP_OPTION, "bucket negative": STEP_OPTION,
+        "log_every 0": STEP_OPTION, "optimizer unknown": STEP_OPTION, "group_by_length not a bool": STEP_OPTION,
+        "LoRA-FA layer unknown": STEP_OPTION, "checkpoint plan unknown": BLOCK_SET,
+        "checkpoint block missing": BLOCK_SET, "offload not a block set": BLOCK_SET,
+        "offload ops unknown": BLOCK_SET, "offload in flight not positive": BLOCK_SET,
+        "checkpoint policy unknown": BLOCK_SET,
+        "offload with compiled blocks": "method.offload with compiled blocks",
+        "plan unknown": "an unknown train.plan, or one with a budget",
+        "plan with a budget": "an unknown train.plan, or one with a budget",
+        "memory budget not positive": "a memory budget ≤ 0 or that no plan fits"}
+assert set(KIND) == set(CASES), set(KIND) ^ set(CASES)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.bad_input(KIND[c]), id=c) for c in sorted(CASES)])
 def test_bad_values_are_refused_in_one_line_with_no_row(cfg_factory, case):
     overrides, says = CASES[case]
     cfg = cfg_factory(*SMALL, *overrides)
@@ -99,6 +127,7 @@ def test_bad_values_are_refused_in_one_line_with_no_row(cfg_factory, case):
     assert not list(cfg_factory.root.rglob(results.ROW_FILE))  # no row, no partial file
 
 
+@pytest.mark.bad_input("method.rank out of range")
 def test_the_largest_rank_a_layer_allows_runs(cfg_factory):
     """The rank bound is the layer's: tiny-roberta's smallest side is 128 (its hidden size)."""
     assert run(cfg_factory(*SMALL, "method.rank=128"))["status"] == "ok"
@@ -106,6 +135,9 @@ def test_the_largest_rank_a_layer_allows_runs(cfg_factory):
         run(cfg_factory(*SMALL, "method.rank=129"))
 
 
+@pytest.mark.bad_input("a data file missing, unreadable, empty or without the task's columns",
+                       "labels outside the task's label set", "empty texts or labels", "training data of one class",
+                       "model.path missing or not a model directory")
 def test_bad_data_files_are_refused_in_one_line_with_no_row(cfg_factory, tmp_path):
     def refused(overrides, says):
         cfg = cfg_factory(*SMALL, *overrides)
@@ -140,6 +172,7 @@ def test_bad_data_files_are_refused_in_one_line_with_no_row(cfg_factory, tmp_pat
             "notamodel: not a model directory (no config.json; it holds ['weights.bin'])")
 
 
+@pytest.mark.bad_input("empty texts or labels")
 def test_a_few_empty_rows_are_dropped_with_a_warning_and_counted(cfg_factory, tmp_path, caplog):
     """One empty label and one empty text in 40 rows (5 %): dropped, a one-line warning, `dropped_rows` in the row
     (both splits read the same file here: 4 dropped); the empty label did not become a class."""
@@ -152,6 +185,7 @@ def test_a_few_empty_rows_are_dropped_with_a_warning_and_counted(cfg_factory, tm
     assert warned and "first at lines [5, 12]" in warned[0] and "\n" not in warned[0]
 
 
+@pytest.mark.bad_input("the hub out of reach")
 def test_hub_unreachable_is_refused_with_the_local_path_hint(cfg_factory, offline):
     cfg = cfg_factory("model=roberta-base", "task=glue_sst2")
     with pytest.raises(BadInput) as err:
@@ -159,3 +193,37 @@ def test_hub_unreachable_is_refused_with_the_local_path_hint(cfg_factory, offlin
     message = str(err.value)
     assert "Hugging Face hub" in message and "model.path=" in message and "task.data_files.train=" in message
     assert "\n" not in message and not list(cfg_factory.root.rglob(results.ROW_FILE))
+
+
+@pytest.mark.slow
+def test_the_testing_page_counts_the_kinds_the_tests_mark(tmp_path):
+    """docs/testing.md's "N kinds of bad input in M tests" and "K kinds of fault in J tests", every kind's name,
+    and the README's two counts are what the suite's `bad_input` / `fault` markers say (collected by `tests/kinds.py`): the page cannot
+    claim a kind no test shows, nor miss one a test adds."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    out = tmp_path / "kinds.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "tests.kinds",
+                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LORAFA_KINDS_OUT": str(out)}, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kinds = json.loads(out.read_text())
+    page = " ".join((ROOT / "docs" / "testing.md").read_text().split())
+    for marker, words in (("bad_input", "bad input"), ("fault", "fault")):
+        found = kinds[marker]
+        tests = {t for nodes in found.values() for t in nodes}
+        claim = re.search(rf"\*\*(\d+) kinds of {words} in (\d+) tests\*\*", page)
+        assert claim, f"docs/testing.md: no '**N kinds of {words} in M tests**'"
+        assert (int(claim.group(1)), int(claim.group(2))) == (len(found), len(tests)), (
+            f"docs/testing.md says {claim.group(0)}; the markers say {len(found)} kinds in {len(tests)} tests")
+        missing = [k for k in found if k not in page]
+        assert not missing, f"docs/testing.md does not name these {words} kinds: {missing}"
+        readme = re.search(rf"\*\*(\d+) kinds of {words}\*\*", " ".join((ROOT / "README.md").read_text().split()))
+        assert readme and int(readme.group(1)) == len(found), f"README: '**N kinds of {words}**', N = {len(found)}"
+    assert len(kinds["bad_input"]) >= 25 and len(kinds["fault"]) >= 12  # markers dropped would shrink both

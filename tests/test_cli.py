@@ -37,6 +37,7 @@ def test_readme_quickstart_runs_offline_in_under_two_minutes(tmp_path):
     assert seconds < 120, f"the default job took {seconds:.0f} s"
 
 
+@pytest.mark.fault("a killed sweep, rerun")
 def test_multirun_over_families_and_methods_writes_one_table(tmp_path):
     """The issue's acceptance sweep, verbatim: 9 rows, all ok, all filled, LoRA-FA below LoRA. It is first killed
     (SIGKILL) in the middle of a job, which leaves no partial row; rerun with the same command and sweep dir, it
@@ -77,6 +78,7 @@ def test_multirun_over_families_and_methods_writes_one_table(tmp_path):
     assert results.collect(sweep, write=False).shape == table.shape  # `collect` by hand gives the same table
 
 
+@pytest.mark.bad_input("the hub out of reach")
 def test_offline_sweep_refuses_each_job_in_one_line_runs_the_rest_and_exits_non_zero(tmp_path):
     """The hub out of reach is bad input: each hub job fails fast with the line that says how to use local
     paths, writes no row (its line goes to input_error.txt), the other jobs run, and the sweep exits non-zero."""
@@ -95,6 +97,7 @@ def test_offline_sweep_refuses_each_job_in_one_line_runs_the_rest_and_exits_non_
     assert seconds < 120
 
 
+@pytest.mark.bad_input("an unknown model, method, task or experiments option", "method.rank out of range")
 def test_a_single_job_with_bad_input_exits_non_zero_with_one_line_and_no_row(tmp_path):
     proc, _ = _run(["method.rank=0"], cwd=tmp_path)
     assert proc.returncode != 0 and proc.stderr.strip() == "error: method.rank=0: expected an integer ≥ 1"
@@ -104,6 +107,7 @@ def test_a_single_job_with_bad_input_exits_non_zero_with_one_line_and_no_row(tmp
     assert not (tmp_path / "multirun").exists() and not list(tmp_path.rglob("result.parquet"))
 
 
+@pytest.mark.fault("a NaN/inf loss or gradient")
 def test_a_single_job_that_faults_exits_non_zero_and_keeps_its_row(tmp_path):
     proc, _ = _run(["+model.arch.initializer_range=1e30", "train.max_steps=2", "task.max_train_samples=16",
                     "task.max_eval_samples=8"], cwd=tmp_path)  # overflowing weights: a NaN loss at once
@@ -138,6 +142,7 @@ runpy.run_path({run_py!r}, run_name="__main__")
 """
 
 
+@pytest.mark.fault("out of memory", "any other exception", "faults inside a sweep")
 def test_a_sweep_with_an_oom_and_a_failed_job_runs_the_rest_and_exits_non_zero_for_the_failure(tmp_path):
     """Seeds 0-3: 1 out of memory, 2 failed, 0 and 3 train. Every job runs and writes its row, the table holds all
     four, and the sweep exits non-zero naming the failed job (an `oom` is a result, not a fault of the sweep). Rerun

@@ -116,6 +116,7 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     assert fsdp["mem_optimizer_gib"] == pytest.approx(single["mem_optimizer_gib"] / 2, rel=0.05)
 
 
+@pytest.mark.fault("a fault on one of several processes")
 def test_the_job_status_is_the_worst_of_its_processes(monkeypatch):
     two = Dist("fsdp", 0, 2)
     monkeypatch.setattr(distributed, "gather", lambda obj, d: [("ok", ""), ("oom", "CUDA out of memory")])
@@ -174,6 +175,7 @@ runpy.run_path({run_py!r}, run_name="__main__")
 """
 
 
+@pytest.mark.fault("a job killed mid-run, resumed")
 @pytest.mark.slow
 def test_torchrun_ddp_resume_continues_the_same_run(tmp_path):
     """DDP checkpoint (process 0 writes it, with every process's RNG state) and resume: a job killed (SIGKILL, both

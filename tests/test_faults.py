@@ -45,6 +45,7 @@ results.write_row({"config_hash": "second", "schema_version": 1}, %r)
 """
 
 
+@pytest.mark.fault("a kill during a row write")
 def test_a_kill_during_the_row_write_leaves_the_previous_row(tmp_path):
     results.write_row(_row(1), tmp_path)
     proc = _child(KILLED_ROW_WRITE % str(tmp_path))
@@ -78,6 +79,7 @@ save(6)
 """
 
 
+@pytest.mark.fault("a kill during a checkpoint write")
 def test_a_kill_during_the_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint" / "state.pt"
     proc = _child(KILLED_CHECKPOINT_WRITE % str(path))
@@ -93,6 +95,8 @@ def test_a_kill_during_the_checkpoint_write_leaves_the_previous_checkpoint(tmp_p
 
 # ---- a full disk (ENOSPC, simulated): a clear error, the previous file intact, no temporary left
 
+@pytest.mark.fault("a full disk")
+@pytest.mark.fault("a write that fails")
 def test_a_full_disk_fails_the_write_with_a_clear_error_and_keeps_the_previous_files(tmp_path, monkeypatch):
     results.write_row(_row(1), tmp_path)
     ckpt = tmp_path / "checkpoint" / "state.pt"
@@ -126,6 +130,7 @@ def _append_rows(path: str, writer: int, n: int) -> None:
         results.append_rows(pd.DataFrame([_row(i, writer)]), path)
 
 
+@pytest.mark.fault("several writers of one results table")
 @pytest.mark.slow
 def test_eight_writers_appending_at_once_lose_no_row(tmp_path):
     path = tmp_path / "results" / "table.parquet"
@@ -160,6 +165,7 @@ def written_checkpoint(tmp_path):
     return job
 
 
+@pytest.mark.bad_input("a checkpoint train.resume cannot continue")
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "two processes"])
 def test_a_checkpoint_that_cannot_be_continued_is_refused_and_left_as_it_is(written_checkpoint, damage):
     from lorafa.job import run

@@ -141,6 +141,7 @@ def test_eval_after_each_epoch_and_at_the_end(cfg_factory):
     assert row["epochs_completed"] == 2 and row["score"] == history[-1]["accuracy"]
 
 
+@pytest.mark.fault("a NaN/inf loss or gradient")
 def test_nan_loss_stops_the_job_as_diverged(cfg_factory):
     row = run(cfg_factory("+model.arch.initializer_range=1e30", *SMALL))  # overflowing weights: NaN at once
     assert row["status"] == "diverged", row["error"]
@@ -148,6 +149,7 @@ def test_nan_loss_stops_the_job_as_diverged(cfg_factory):
     assert row["trainable_params"] > 0 and row["family"] == "encoder"  # what was known before is kept
 
 
+@pytest.mark.fault("a NaN/inf loss or gradient")
 def test_non_finite_gradients_stop_the_job_before_the_update(cfg_factory, monkeypatch):
     """A finite loss with an inf/NaN gradient would turn every weight and Adam moment into NaN at the update (even at
     lr 0); the job stops as diverged at that step instead, naming the gradient."""
@@ -164,6 +166,7 @@ def test_non_finite_gradients_stop_the_job_before_the_update(cfg_factory, monkey
     assert row["status"] == "diverged" and row["error"].startswith("gradient norm is inf at step 0 (loss ")
 
 
+@pytest.mark.fault("any other exception")
 def test_any_other_exception_is_a_failed_row_with_its_traceback_beside_it(cfg_factory, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("cuBLAS said no")
@@ -179,6 +182,7 @@ def test_any_other_exception_is_a_failed_row_with_its_traceback_beside_it(cfg_fa
     assert row["trainable_params"] > 0  # what was known before the failure is kept
 
 
+@pytest.mark.fault("out of memory")
 def test_out_of_memory_becomes_a_row(cfg_factory, monkeypatch):
     import torch
 
@@ -249,6 +253,8 @@ def test_frozen_model_is_the_activation_lower_bound(cfg_factory, model):
     assert lora["mem_activations_gib"] > 1.1 * frozen["mem_activations_gib"]
 
 
+@pytest.mark.fault("a job killed mid-run, resumed")
+@pytest.mark.bad_input("a checkpoint train.resume cannot continue")
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
 def test_a_killed_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(tmp_path, monkeypatch, impl):
     """12 steps over 2 epochs, checkpoints every 4, killed during step 9: the resumed run (train.resume=true, same
@@ -337,6 +343,7 @@ def test_compiled_blocks_train_like_eager_and_keep_the_activation_accounting(cfg
     assert 0.5 * eager["mem_activations_gib"] < compiled["mem_activations_gib"] <= eager["mem_activations_gib"]
 
 
+@pytest.mark.bad_input("a step option out of its values")
 def test_train_compile_refuses_what_it_does_not_do(cfg_factory):
     from lorafa.checks import BadInput, check_config
 

@@ -14,6 +14,7 @@ NO_DROPOUT = {"tiny-roberta": ["model.arch.hidden_dropout_prob=0", "model.arch.a
               "tiny-t5": ["model.arch.dropout_rate=0"], "tiny-llama": []}
 
 
+@pytest.mark.bad_input("a checkpoint or offload setting malformed or out of range")
 def test_which_blocks_a_plan_names():
     assert plans.selected(False, 6) == [] and plans.selected(True, 6) == [0, 1, 2, 3, 4, 5]
     assert plans.selected("every:2", 6) == [0, 2, 4] and plans.selected("every:4", 6) == [0, 4]
@@ -133,6 +134,7 @@ def test_a_jobs_prediction_of_a_policy_uses_the_layer_the_job_runs(cfg_factory, 
     assert row["pred_mem_activations_gib"] == pytest.approx(row["mem_activations_gib"], rel=1e-6)
 
 
+@pytest.mark.bad_input("an unknown train.plan, or one with a budget")
 def test_a_job_row_names_its_plan(cfg_factory):
     row = run(cfg_factory("task.max_train_samples=32", "task.max_eval_samples=16", "train.batch_size=8",
                           "train.max_steps=2", "method.gradient_checkpointing=every:2",
@@ -276,6 +278,7 @@ def test_offloading_linear_outputs_moves_only_those(model):
     assert plans.describe(cfg.method) == "offload all blocks (saved linear-layer outputs ≥ 0 KiB) to the host"
 
 
+@pytest.mark.bad_input("a memory budget ≤ 0 or that no plan fits")
 def test_a_budget_takes_the_fastest_plan_predicted_to_fit():
     from lorafa.memory import Prediction
 
@@ -312,6 +315,7 @@ def test_a_budget_takes_the_fastest_plan_predicted_to_fit():
     assert len(plans.candidates(2)) == 7  # 2 blocks: none / all × recompute, matmuls, first:1 offloaded, all
 
 
+@pytest.mark.bad_input("a memory budget ≤ 0 or that no plan fits")
 def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory):
     common = ["model=tiny-llama", "task=synthetic", "task.max_seq_len=64", "train.batch_size=8",
               "train.max_steps=2", "task.num_train=32", "task.num_eval=8"]

@@ -108,6 +108,7 @@ def test_b_lr_ratio_reaches_the_job_and_its_row(cfg_factory):
 
 
 # ---------------------------------------------------------------------------------------------- held-out slice
+@pytest.mark.bad_input("task.holdout out of range")
 def test_holdout_is_one_fixed_slice_of_train_whatever_the_seed():
     train = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [i % 2 for i in range(100)]})
     a, b = tasks.holdout_split(train, 0.1), tasks.holdout_split(train, 10)

@@ -17,6 +17,7 @@ def test_write_row_is_atomic_and_round_trips(tmp_path):
     assert back["model"] == "m" and list(back["loss_curve"]) == [1.0, 0.5]
 
 
+@pytest.mark.fault("a write that fails")
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     def boom(self, *a, **k):
         raise OSError("disk full")
@@ -27,6 +28,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.bad_input("a corrupted result file met by collect")
 def test_collect_gathers_rows_and_names_unreadable_files(tmp_path):
     for i in range(3):
         results.write_row({"job": i, "score": i / 10}, tmp_path / str(i))

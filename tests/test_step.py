@@ -80,6 +80,7 @@ def _cfg(cfg_factory, *overrides):
     return cfg_factory(*overrides)
 
 
+@pytest.mark.bad_input("a step option out of its values")
 def test_auto_is_a_graph_only_where_it_is_exact(cfg_factory):
     plain = cfg_factory()
     assert step.resolve_mode(plain, CPU, 10_000)[0] == "none"

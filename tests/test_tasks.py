@@ -79,6 +79,7 @@ def test_glue_from_local_files_uses_the_hub_column_names_and_mnli_splits(tmp_pat
     assert data.splits["m"][["text", "text_pair", "label"]].values.tolist() == [["p1", "h1", 0], ["p2", "h2", 2]]
 
 
+@pytest.mark.bad_input("a data file missing, unreadable, empty or without the task's columns")
 def test_missing_file_and_missing_column_are_named(tmp_path):
     cfg = compose_cfg(["task=text_cls", f"task.data_files.train={tmp_path / 'nope.csv'}",
                        f"task.data_files.validation={tmp_path / 'nope.csv'}"])

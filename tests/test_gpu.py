@@ -269,3 +269,21 @@ def test_an_offloaded_step_peaks_lower_by_the_bytes_it_offloaded(cfg_factory):
         assert row["pred_mem_peak_gib"] == pytest.approx(row["mem_peak_gib"], rel=0.02), row["plan"]
         assert row["pred_host_offload_gib"] == pytest.approx(row["host_offload_gib"], rel=0.02), row["plan"]
     assert half["plan"].startswith("checkpoint the last 8 blocks") and 0 < half["host_offload_gib"] < moved["host_offload_gib"]
+
+
+@pytest.mark.fault("out of memory")
+def test_a_real_out_of_memory_is_a_row_and_the_next_job_runs(cfg_factory):
+    """Not a patched error: a tiny LLaMA with a 256k vocabulary at 64 × 1024 needs its logits (and their fp32 copies
+    for the loss) beyond the device's memory. The job ends as an `oom` row with what was allocated at the failure,
+    and the same process runs the next job of a sweep from an empty device."""
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    huge = run(cfg_factory("model=tiny-llama", "model.arch.vocab_size=262144", "model.arch.max_position_embeddings=1024",
+                           "method=lorafa", "task=synthetic", "task.max_seq_len=1024", "train.batch_size=64",
+                           "train.max_steps=2", "train.compile=none"))
+    assert huge["status"] == "oom" and "out of memory" in huge["error"].lower(), huge["error"]
+    assert "\n" not in huge["error"] and huge["pred_mem_peak_gib"] > total  # the predictor saw it coming
+    assert 0 < huge["mem_at_failure_gib"] < total
+    after = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=64",
+                            "train.batch_size=4", "train.max_steps=2"))
+    assert after["status"] == "ok", after["error"]
+    assert after["alloc_build_gib"] <= after["mem_weights_gib"] + 0.005  # nothing of the failed job stayed

@@ -257,9 +257,6 @@ def _layer_ran(model: torch.nn.Module) -> str:
 def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memory, row: dict,
                         d: Dist = SINGLE) -> dict:
     """Returns the result columns; fills `mem` and `row` as facts become known, so a failure keeps them."""
-    if d.strategy == "fsdp" and (cfg.train.get("checkpoint_every") or cfg.train.get("resume")):
-        raise ValueError("train.checkpoint_every / train.resume are not supported with train.strategy=fsdp yet "
-                         "(its optimizer state is sharded); use train.strategy=ddp, or run without checkpoints")
     seed_everything(int(cfg.seed))
     data = tasks.load_data(cfg.task)
     row["dropped_rows"] = data.dropped_rows  # empty texts or labels left out of the data files (a warning said so)

@@ -14,10 +14,9 @@ run is the uninterrupted one (same batches, dropout masks, updates; tested on CP
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,37 +212,112 @@ def job_signature(cfg: DictConfig) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
+DCP_DIR = "trainable"  # beside state.pt: the trainable parameters and the optimizer state (torch.distributed.checkpoint)
+
+
+def _cause(err: BaseException) -> BaseException:
+    """What went wrong inside torch.distributed.checkpoint (its CheckpointException — a BaseException — holds each
+    process's exception): the first process's, else `err` itself."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return err
+
+
+@contextmanager
+def _one_process_is_intended():
+    """torch.distributed.checkpoint warns, even with no_dist=True, that it assumes one process: that is the job."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _barrier(dist: Dist) -> None:
+    if dist.enabled:
+        torch.distributed.barrier()
+
+
+def _trainable_state(model: nn.Module, optimizer):
+    """The trainable parameters' and the optimizer's state dicts as torch.distributed.checkpoint saves and loads
+    them (sharded under FSDP, replicated under DDP, plain on one process; the frozen base left out)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, [optimizer] if optimizer else [], options=StateDictOptions(ignore_frozen_params=True))
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator, order: list[int],
                     next_group: int, history: History, memory: measure.Memory, signature: str = "",
-                    rng_ranks: list[dict] | None = None) -> None:
-    """Everything the loop needs to continue as if never stopped; temporary file + rename, so a kill mid-write
-    leaves the previous checkpoint intact. Under DDP process 0 writes it, with every process's RNG state
-    (`rng_ranks`: their dropout streams part as their shards' shapes differ)."""
-    state = {"trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
-             "optimizer": optimizer.state_dict() if optimizer else None,
-             "scheduler": scheduler.state_dict() if scheduler else None,
-             "rng": _rng_state(), "rng_ranks": rng_ranks or [], "generator": generator.get_state(), "order": order, "next_group": next_group,
+                    rng_ranks: list[dict] | None = None, dist: Dist = SINGLE) -> None:
+    """Everything the loop needs to continue as if never stopped, in `path.parent`: the trainable parameters and the
+    optimizer state by `torch.distributed.checkpoint` (every process writes its share: FSDP's shards, DDP's
+    replicas once), and `path` (state.pt, process 0): the RNG states of every process (`rng_ranks`: their dropout
+    streams part as their shards' shapes differ), the data order and position, the history, the scheduler.
+    Written into a fresh folder that then replaces the previous one, state.pt last: a kill or a full disk
+    mid-write leaves the previous checkpoint whole (a kill between the two renames leaves it as `<folder>.old`,
+    which `load_checkpoint` takes)."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = path.parent
+    fresh, old = folder.with_name(folder.name + ".next"), folder.with_name(folder.name + ".old")
+    state = {"scheduler": scheduler.state_dict() if scheduler else None,
+             "rng": _rng_state(), "rng_ranks": rng_ranks or [], "generator": generator.get_state(), "order": order,
+             "next_group": next_group,
              "history": {"losses": history.losses, "evals": history.evals, "steps": history.steps,
                          "epochs_completed": history.epochs_completed},
              "memory": {"grads": memory.grads, "optimizer": memory.optimizer, "activations": memory.activations,
                         "allocator": dict(memory.allocator)}, "signature": signature}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        if dist.is_main:
+            shutil.rmtree(fresh, ignore_errors=True)  # a torn one from a killed save
+            fresh.mkdir(parents=True)
+        _barrier(dist)
+        model_state, optim_state = _trainable_state(model, optimizer)
+        with _one_process_is_intended():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=fresh / DCP_DIR,
+                     no_dist=not dist.enabled)
+        if dist.is_main:
+            torch.save(state, fresh / path.name)
+            shutil.rmtree(old, ignore_errors=True)
+            if folder.exists():
+                folder.rename(old)
+            fresh.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException as err:  # a full disk, a kill: the previous checkpoint stays, no half-written one
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OSError(err.errno, f"{path} not written: {err.strerror or err} (the previous checkpoint is "
-                                     "intact)") from err
+        if dist.is_main:
+            shutil.rmtree(fresh, ignore_errors=True)
+        cause = _cause(err)
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, f"{path} not written: {cause.strerror or cause} (the previous checkpoint is "
+                                       "intact)") from err
         raise
+    _barrier(dist)
+
+
+def checkpoint_path(output_dir: str | Path) -> Path | None:
+    """The state.pt of the job's last whole checkpoint (the folder, or `.old` if a kill fell between the two
+    renames of `save_checkpoint`); None when there is none."""
+    path = Path(output_dir) / CHECKPOINT
+    for candidate in (path, path.parent.with_name(path.parent.name + ".old") / path.name):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
                     history: History, memory: measure.Memory, signature: str = "",
                     dist: Dist = SINGLE) -> tuple[list[int], int]:
-    """Restore a checkpoint into the live objects; returns (this epoch's order, the next micro-batch group)."""
+    """Restore a checkpoint into the live objects; returns (this epoch's order, the next micro-batch group). A
+    checkpoint it cannot continue (unreadable, another config, another number of processes, other trainable
+    parameters) is bad input, left as it is."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         ranks = state.get("rng_ranks") or []
@@ -256,16 +330,21 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generato
     if signature and state.get("signature") and state["signature"] != signature:
         raise BadInput(f"train.resume=true: {path} was written by a job with another config; it continues only "
                        "the same job (delete the checkpoint to start afresh)")
-    params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    if set(state["trainable"]) != trainable:
-        raise ValueError(f"{path} was written by a different method or model: its trainable parameters differ "
-                         f"({len(state['trainable'])} vs {len(trainable)})")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    if optimizer:
-        optimizer.load_state_dict(state["optimizer"])
+    model_state, optim_state = _trainable_state(model, optimizer)
+    try:
+        with _one_process_is_intended():
+            dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path.parent / DCP_DIR,
+                     no_dist=not dist.enabled)
+    except (Exception, CheckpointException) as err:  # torn, or other trainable parameters: one line, nothing changed
+        cause = _cause(err)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise BadInput(f"train.resume=true: {path.parent / DCP_DIR} cannot be loaded into this job's trainable "
+                       f"parameters and optimizer ({type(cause).__name__}: {first}); expected the checkpoint this "
+                       "job wrote (delete it to start afresh)") from err
+    set_state_dict(model, [optimizer] if optimizer else [], model_state_dict=model_state,
+                   optim_state_dict=optim_state,
+                   # the frozen base is not in a checkpoint; every trainable key was, or dcp.load refused above
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     if scheduler:
         scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(ranks[dist.rank] if dist.enabled else state["rng"])
@@ -326,8 +405,9 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     every = int(tcfg.get("checkpoint_every") or 0)
     ckpt = Path(cfg.output_dir) / CHECKPOINT
     order, start = None, 0
-    if tcfg.get("resume") and ckpt.is_file():
-        order, start = load_checkpoint(ckpt, model, optimizer, scheduler, generator, history, memory,
+    found = checkpoint_path(cfg.output_dir) if tcfg.get("resume") else None
+    if found is not None:
+        order, start = load_checkpoint(found, model, optimizer, scheduler, generator, history, memory,
                                        job_signature(cfg), dist)
     # graphs read the rates from device tensors (after a resume too: a checkpoint's come back as CPU tensors)
     device_lr = step_mod.DeviceLR(optimizer, device) if optimizer is not None and mode in step_mod.GRAPHED else None
@@ -364,10 +444,10 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
         labels_to = None
         if not aligned and multiple and not measured and isinstance(chunk[0].get("labels"), list):
             labels_to = step_mod.bucket_length(max(len(f["labels"]) for f in chunk), multiple, label_cap)
-        host = _inputs(collate(chunk, pad_id, pad_to=width, aligned_labels=aligned, pad_labels_to=labels_to))
-        real = count_tokens(host, poser.family)
+        collated = collate(chunk, pad_id, pad_to=width, aligned_labels=aligned, pad_labels_to=labels_to)
+        host, real = _inputs(collated), count_tokens(collated, poser.family)
         computed = host["input_ids"].numel() + (host["labels"].numel() if poser.family == "encoder-decoder" else 0)
-        if mode != "none" and bool(host["attention_mask"].all()):
+        if mode != "none" and "attention_mask" in host and bool(host["attention_mask"].all()):
             del host["attention_mask"]  # no padding: the maskless (flash) attention path, as eager takes it
         if device.type == "cuda":
             host = {k: v.pin_memory() for k, v in host.items()}
@@ -408,9 +488,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
                     sync()
                 if checkpoint:
                     rng_ranks = distributed.gather(_rng_state(), dist) if dist.enabled else None
-                    if dist.is_main:
-                        save_checkpoint(ckpt, model, optimizer, scheduler, generator, order, g + accum, history,
-                                        memory, job_signature(cfg), rng_ranks)
+                    save_checkpoint(ckpt, model, optimizer, scheduler, generator, order, g + accum, history, memory,
+                                    job_signature(cfg), rng_ranks, dist)  # every process: its share
                 if taken >= steps:
                     break
             if g + accum >= len(micro):  # the whole epoch was seen

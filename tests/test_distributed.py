@@ -177,15 +177,17 @@ runpy.run_path({run_py!r}, run_name="__main__")
 
 @pytest.mark.fault("a job killed mid-run, resumed")
 @pytest.mark.slow
-def test_torchrun_ddp_resume_continues_the_same_run(tmp_path):
-    """DDP checkpoint (process 0 writes it, with every process's RNG state) and resume: a job killed (SIGKILL, both
-    processes) during step 5, after its step-3 checkpoint, and resumed (train.resume=true, same job dir) takes steps
-    4-6 only, and its loss curve and scores equal the uninterrupted job's. Dropout on: the two processes' dropout
-    streams differ."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_resume_continues_the_same_run(tmp_path, strategy):
+    """DDP and FSDP checkpoints (torch.distributed.checkpoint: every process writes its share — FSDP's shards —
+    and process 0 every process's RNG state) and resume: a job killed (SIGKILL, both processes) during step 5,
+    after its step-3 checkpoint, and resumed (train.resume=true, same job dir) takes steps 4-6 only, and its loss
+    curve and scores equal the uninterrupted job's. Dropout on: the two processes' dropout streams differ. Resumed
+    on one process instead, the 2-process checkpoint is refused in one line (bad input), left as it is."""
     wrapper = tmp_path / "wrapped_run.py"
     wrapper.write_text(WRAPPED_RUN.format(root=str(ROOT), run_py=str(ROOT / "run.py")))
     args = ["model=tiny-roberta", "method=lorafa", "task=movie_polarity", "task.max_train_samples=60",
-            "task.max_eval_samples=16", "train.max_steps=6", "train.batch_size=4", "train.strategy=ddp",
+            "task.max_eval_samples=16", "train.max_steps=6", "train.batch_size=4", f"train.strategy={strategy}",
             "train.checkpoint_every=3", "train.progress=false"]
 
     def torchrun(launch: str, job_dir: str, *extra: str, kill_at: int = -1):
@@ -224,3 +226,16 @@ def test_torchrun_ddp_resume_continues_the_same_run(tmp_path):
     assert resumed["status"] == "ok" and resumed["train_steps"] == 6, resumed["error"]
     np.testing.assert_array_equal(resumed["loss_curve"], whole["loss_curve"])
     assert resumed["eval_loss"] == whole["eval_loss"] and resumed["score"] == whole["score"]
+
+    # the same checkpoint on one process: refused in one line, nothing touched
+    (tmp_path / "job" / "result.parquet").unlink()
+    before = (tmp_path / "job" / "checkpoint" / "state.pt").read_bytes()
+    single = [a for a in args if not a.startswith("train.strategy=")]
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *single, "train.resume=true",
+                           f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: train.resume=true: ") and \
+        "was written by a job on 2 processes; this one has 1" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert (tmp_path / "job" / "checkpoint" / "state.pt").read_bytes() == before
+    assert not (tmp_path / "job" / "result.parquet").exists()

@@ -70,9 +70,12 @@ def save(steps):
     train.save_checkpoint(Path(%r), model, opt, None, torch.Generator(), [0, 1], 1, train.History(steps=steps),
                           measure.Memory())
 save(3)
-def torn(obj, f, *a, **k):
-    with open(f, "wb") as out:
-        out.write(b"half a checkpoint")
+def torn(obj, f, *a, **k):  # whatever is being written (torch.distributed.checkpoint's pieces, state.pt) is cut
+    if hasattr(f, "write"):
+        f.write(b"half a checkpoint")
+    else:
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = torn
 save(6)
@@ -85,11 +88,12 @@ def test_a_kill_during_the_checkpoint_write_leaves_the_previous_checkpoint(tmp_p
     proc = _child(KILLED_CHECKPOINT_WRITE % str(path))
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert torch.load(path, weights_only=False)["history"]["steps"] == 3  # the step-3 checkpoint, whole
-    assert sorted(p.name for p in path.parent.iterdir()) == ["state.pt", "state.tmp"]  # the torn one aside
-    # the next save replaces the torn temporary
+    assert train.checkpoint_path(tmp_path) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.next"]  # the torn one aside
+    # the next save replaces the torn folder
     train.save_checkpoint(path, torch.nn.Linear(4, 2), None, None, torch.Generator(), [0], 0,
                           train.History(steps=9), measure.Memory())
-    assert sorted(p.name for p in path.parent.iterdir()) == ["state.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     assert torch.load(path, weights_only=False)["history"]["steps"] == 9
 
 
@@ -120,7 +124,7 @@ def test_a_full_disk_fails_the_write_with_a_clear_error_and_keeps_the_previous_f
     monkeypatch.undo()
     assert pd.read_parquet(tmp_path / results.ROW_FILE).iloc[0]["config_hash"] == "w0-r1"
     assert torch.load(ckpt, weights_only=False)["history"]["steps"] == 3
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "checkpoint.next").exists()
 
 
 # ---- several writers appending to one results table at once

@@ -68,6 +68,8 @@ def graph_blockers(cfg, device: torch.device) -> list[str]:
     if not m.get("train_a", True) and float(m.get("dropout", 0.0)) > 0 and int(m.get("rank", 0)) > 0:
         why.append(f"method.dropout={m.dropout} with A frozen (LoRA-FA redraws its mask from a host-side seed, "
                    "which a graph would freeze)")
+    if cfg.get("task") is not None and cfg.task.get("packing", False):
+        why.append("task.packing (transformers finds the packed examples by reading the position ids on the host)")
     return why
 
 
@@ -192,8 +194,9 @@ def unseen_capture():
       the mask could be skipped. Eager decides the same for every batch a graph captures, since a job drops a mask
       without padding before the step.
     - Decoders: transformers reads their position ids on the host to find packed sequences
-      (`find_packed_sequence_indices`). A job's batches hold one sequence a row (position ids are never passed), so
-      the answer — none packed — is given without the read.
+      (`find_packed_sequence_indices`). A captured step's batches hold one sequence a row (position ids are passed
+      only by packed windows, `task.packing`, which `graph_blockers` keeps out of graphs), so the answer — none
+      packed — is given without the read.
 
     With these, nothing in a captured step reads a tensor's value on the host (tested for the three families, with
     and without padding). torch's own capture checks (the optimizer's) ask the stream, not this function."""

@@ -18,6 +18,7 @@ corpus BLEU (sacrebleu). `synthetic` makes random token batches of an exact size
 
 from __future__ import annotations
 
+import bisect
 import csv
 import logging
 from dataclasses import dataclass
@@ -335,7 +336,11 @@ def collate(features: list[dict], pad_id: int, pad_to: int | None = None,
     """Right-pad `input_ids` (pad_id, with an attention mask) and list-valued `labels` (-100); stack the rest.
     `pad_to` pads inputs to a fixed length (the measured steps use the task's max_seq_len; other steps a length
     bucket: `lorafa.step.bucket_length`); `aligned_labels` (decoders) pads labels to the inputs' width, since they
-    run along the same positions; `pad_labels_to`, labels that are not aligned (T5's targets) to a bucket."""
+    run along the same positions; `pad_labels_to`, labels that are not aligned (T5's targets) to a bucket.
+    Packed windows (`pack`: features with `position_ids`) get their padding as one more sequence of its own, its
+    positions restarting at 0, so that transformers' packed-sequence mask keeps it apart from the real examples;
+    their attention mask then only counts the real tokens (`lorafa.train.count_tokens`): the model must not be
+    given it (`lorafa.train._inputs` drops it), since transformers looks for packed sequences only without one."""
     width = max(max(len(f["input_ids"]) for f in features), pad_to or 0)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -343,8 +348,14 @@ def collate(features: list[dict], pad_id: int, pad_to: int | None = None,
         ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
         mask[i, : len(f["input_ids"])] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in features[0]:
+        pos = torch.arange(width).repeat(len(features), 1)
+        for i, f in enumerate(features):
+            n = len(f["position_ids"])
+            pos[i, :n], pos[i, n:] = torch.tensor(f["position_ids"]), torch.arange(width - n)
+        batch["position_ids"] = pos
     for key in features[0]:
-        if key == "input_ids":
+        if key in ("input_ids", "position_ids"):
             continue
         values = [f[key] for f in features]
         if not isinstance(values[0], list):
@@ -527,7 +538,8 @@ class DecoderPoser(Poser):
 
 class InstructionPoser(Poser):
     """Decoders on instruction data: the prompt, then the response and EOS; loss on the response tokens only
-    (labels −100 over the prompt). Sequences longer than task.max_seq_len are cut at that length."""
+    (labels −100 over the prompt). Sequences longer than task.max_seq_len are cut at that length; with
+    `task.packing`, whole examples share windows of that length, each attending only to itself (`pack`)."""
 
     family = "decoder"
 
@@ -544,17 +556,39 @@ class InstructionPoser(Poser):
 
 
 def pack(features: list[dict], width: int) -> list[dict]:
-    """Concatenate examples (each BOS … EOS) and cut the stream into windows of `width` tokens, labels alongside:
-    no padding. Attention is not masked between examples of a window (the usual packing without variable-length
-    attention kernels); the loss stays on response tokens only."""
-    packed, ids, labels = [], [], []
-    for f in features:
-        ids, labels = ids + f["input_ids"], labels + f["labels"]
-        while len(ids) >= width:
-            packed.append({"input_ids": ids[:width], "labels": labels[:width]})
-            ids, labels = ids[width:], labels[width:]
-    if any(t != -100 for t in labels):
-        packed.append({"input_ids": ids, "labels": labels})
+    """Whole examples (each BOS … EOS, at most `width` tokens) packed into windows of at most `width` tokens, no
+    example split: best-fit decreasing (the longest example first, each into the window it fills best), the
+    examples of a window in their original order. Each window carries `position_ids` restarting at 0 for each of
+    its examples, and the first label of every example is -100 — transformers' padding-free format, as
+    `DataCollatorWithFlattening` builds it — so that attention stays within an example and no example predicts
+    across a boundary: the model gets the window without an attention mask, and transformers (masking_utils'
+    `find_packed_sequence_indices`, SDPA and eager attention) makes the causal mask block-diagonal from the position
+    ids, row by row. Each example's loss and gradient are then those of its unpacked forward (tests/test_packing.py).
+    FlashAttention's packed path would need the whole batch as one row; this package runs SDPA (transformers'
+    default)."""
+    sizes = [len(f["input_ids"]) for f in features]
+    if any(n > width for n in sizes):
+        raise ValueError(f"pack: an example of {max(sizes)} tokens does not fit a window of {width}")
+    windows: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, window), sorted: the first with room ≥ n fits best
+    for i in sorted(range(len(features)), key=lambda j: -sizes[j]):
+        k = bisect.bisect_left(rooms, (sizes[i], -1))
+        if k == len(rooms):
+            windows.append([])
+            room, w = width, len(windows) - 1
+        else:
+            room, w = rooms.pop(k)
+        windows[w].append(i)
+        bisect.insort(rooms, (room - sizes[i], w))
+    packed = []
+    for members in windows:
+        ids, labels, positions = [], [], []
+        for i in sorted(members):
+            f = features[i]
+            ids += f["input_ids"]
+            labels += [-100] + f["labels"][1:]
+            positions += list(range(sizes[i]))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     return packed
 
 

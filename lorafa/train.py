@@ -31,7 +31,7 @@ from .checks import BadInput
 from .distributed import SINGLE, Dist
 from .tasks import Poser, collate, compute_metrics
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")  # position_ids: packed windows only
 CHECKPOINT = Path("checkpoint") / "state.pt"  # under the job's output_dir
 
 
@@ -138,7 +138,10 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def _inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    """The model's inputs; a packed batch (with `position_ids`, `lorafa.tasks.pack`) goes without its attention mask
+    (which counts real tokens only): transformers finds packed sequences only when no mask is given."""
+    packed = "position_ids" in batch
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch and not (packed and k == "attention_mask")}
 
 
 def total_steps(n_train: int, tcfg: DictConfig, d: Dist = SINGLE) -> int:

@@ -1,5 +1,7 @@
 """Unit tests of task data loading, label handling, posing for each family, and metrics."""
 
+from itertools import pairwise
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -281,15 +283,31 @@ def test_flan_format_and_missing_fields(tmp_path):
         tasks.load_data(compose_cfg(["task=alpaca_mmlu_sample", "task.format=chat"]).task)
 
 
-def test_packing_fills_windows_and_keeps_every_token_and_label():
+def test_packing_keeps_whole_examples_each_with_its_own_positions():
+    """`task.packing`: whole examples share windows of at most max_seq_len tokens, none split, none lost; each
+    carries positions from 0 and -100 on its first label (transformers' padding-free format). That attention stays
+    within an example is tests/test_packing.py's."""
     cfg = compose_cfg(["model=tiny-llama", "task=alpaca_mmlu_sample", "task.packing=true"])
     data = tasks.load_data(cfg.task)
     tok = load_tokenizer(cfg.model)
     plain = tasks.poser_for("decoder", data, OmegaConf.merge(cfg.task, {"packing": False}), tok).encode(
         data.splits["train"])
     packed = tasks.poser_for("decoder", data, cfg.task, tok).encode(data.splits["train"])
-    assert all(len(f["input_ids"]) == 256 for f in packed[:-1]) and 0 < len(packed[-1]["input_ids"]) <= 256
-    stream = [t for f in plain for t in f["input_ids"]]
-    assert [t for f in packed for t in f["input_ids"]] == stream  # every token, in order, none padded or lost
-    assert [t for f in packed for t in f["labels"]] == [t for f in plain for t in f["labels"]]
-    assert len(packed) < len(plain)
+    assert len(packed) < len(plain) and all(0 < len(f["input_ids"]) <= 256 for f in packed)
+    found = []
+    for f in packed:
+        assert len(f["labels"]) == len(f["position_ids"]) == len(f["input_ids"])
+        starts = [i for i, p in enumerate(f["position_ids"]) if p == 0] + [len(f["input_ids"])]
+        assert starts[0] == 0
+        for a, b in pairwise(starts):
+            assert f["position_ids"][a:b] == list(range(b - a))
+            example = next(e for e in plain if e["input_ids"] == f["input_ids"][a:b])
+            assert f["labels"][a:b] == [-100] + example["labels"][1:]
+            found.append(plain.index(example))
+    assert sorted(found) == list(range(len(plain)))  # every example once, whole (the sample's are all distinct)
+    assert sum(len(f["input_ids"]) for f in packed) == sum(len(f["input_ids"]) for f in plain)
+    assert tasks.pack([{"input_ids": [0, 5, 2], "labels": [-100, 5, 2]}] * 3, 7) == [
+        {"input_ids": [0, 5, 2, 0, 5, 2], "labels": [-100, 5, 2, -100, 5, 2], "position_ids": [0, 1, 2, 0, 1, 2]},
+        {"input_ids": [0, 5, 2], "labels": [-100, 5, 2], "position_ids": [0, 1, 2]}]
+    with pytest.raises(ValueError, match="does not fit"):
+        tasks.pack([{"input_ids": [0] * 8, "labels": [-100] * 8}], 7)

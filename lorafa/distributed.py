@@ -6,9 +6,10 @@
 - `single` (default): one process. Launched by torchrun with more than one process, it is an error.
 - `ddp`: every process holds the whole model; gradients of the trainable weights are averaged (bucketed
   all-reduce, no sync on the micro-batches that accumulate).
-- `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) on each transformer block and on the root, so weights,
-  gradients and optimizer state are sharded across processes and a block's weights are gathered only while it
-  runs. Frozen weights stay in their own dtype (bf16 by default) beside the fp32 trainable ones.
+- `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) on each module of the classes the model names in
+  `_no_split_modules` (its transformer blocks; RoBERTa's embeddings too: `fsdp_units`) and on the root, so
+  weights, gradients and optimizer state are sharded across processes and a unit's weights are gathered only while
+  it runs. Frozen weights stay in their own dtype (bf16 by default) beside the fp32 trainable ones.
 
 Semantics: `train.batch_size` is per process; a global micro-batch is `batch_size × world_size` examples of one
 shuffled order (the same on every process), cut into contiguous shards, one per process. Each process scales its
@@ -104,17 +105,40 @@ def _shutdown() -> None:
         tdist.destroy_process_group()
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks (the members of each nn.ModuleList holding parameters, outermost lists only): RoBERTa's
-    `encoder.layer.N`, T5's `encoder.block.N` / `decoder.block.N`, LLaMA's `model.layers.N`. FSDP's units."""
-    blocks, inside = [], set()
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP's units: every module of a class the model names in `_no_split_modules` (transformers' list of the
+    modules kept whole on one device; accelerate's FSDP wraps the same: its `transformer_based_wrap` policy), found
+    as accelerate finds them (`get_module_class_from_name`, here transformers' copy of it: transformers is a
+    dependency, accelerate is not). RoBERTa names `RobertaLayer` and `RobertaEmbeddings`, T5 `T5Block`, LLaMA
+    `LlamaDecoderLayer` (transformers 5.17 and 5.24). In module order, parents before children.
+
+    Many architectures name none (DistilBERT, DeBERTa, ELECTRA, ALBERT …, e.g. behind `model=local`): for them the
+    units are the members of the model's outermost parameter-holding nn.ModuleLists, the repeated blocks (no
+    library finds those: accelerate would wrap nothing, leaving the whole model one unit)."""
+    from transformers.trainer_pt_utils import get_module_class_from_name
+
+    names = sorted(getattr(model, "_no_split_modules", None) or ())
+    # a class it names but this configuration never builds is skipped (accelerate raises on it)
+    classes = tuple(c for c in (get_module_class_from_name(model, n) for n in names) if c is not None)
+    units = [m for m in model.modules() if classes and isinstance(m, classes)]
+    if units:
+        return units
+    units, inside = [], set()
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
         if isinstance(m, nn.ModuleList) and any(True for _ in m.parameters()):
-            blocks.extend(m)
+            units.extend(m)
             inside.add(name)
-    return blocks
+    return units
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: the FSDP units held in an nn.ModuleList (RoBERTa's `encoder.layer.N`, T5's
+    `encoder.block.N` / `decoder.block.N`, LLaMA's `model.layers.N`; not RoBERTa's embeddings, its one unit outside
+    a list). What regional compilation compiles (`lorafa.job.compile_blocks`, `lorafa.bench`)."""
+    listed = {id(m) for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst}
+    return [m for m in fsdp_units(model) if id(m) in listed]
 
 
 def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
@@ -135,12 +159,12 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
 
     for layer in lora_layers(model).values():  # FSDP replaces W and A with its shards: no stacked views
         layer.unstack()
-    blocks = transformer_blocks(model)
-    if not blocks:
-        raise ValueError(f"train.strategy=fsdp: found no repeated blocks (nn.ModuleList) to shard in "
-                         f"{type(model).__name__}")
-    for block in blocks:
-        fully_shard(block)
+    units = fsdp_units(model)
+    if not units:
+        raise ValueError(f"train.strategy=fsdp: found no units to shard in {type(model).__name__} (no "
+                         "`_no_split_modules` classes, no repeated blocks in an nn.ModuleList)")
+    for unit in reversed(units):  # children before parents, as fully_shard needs (nested units: none today)
+        fully_shard(unit)
     fully_shard(model)
     return model
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,8 +155,9 @@ def paired_difference(frame: pd.DataFrame, a: str, b: str, *, value: str = "pape
                       by: tuple[str, ...] = ("model", "task"), pair_on: str = "seed",
                       confidence: float = 0.95) -> pd.DataFrame:
     """a − b per group, paired on `pair_on` (the same task and seed: same data order and head init), with the
-    mean difference, its Student-t confidence interval and the number of pairs. Groups with one pair get no
-    interval; an `all` row pools every pair of every group (a paired t-interval over all of them)."""
+    mean difference, its Student-t confidence interval (`scipy.stats.ttest_rel(...).confidence_interval`) and the
+    number of pairs. Groups with one pair get no interval (NaN); an `all` row pools every pair of every group (a
+    paired t-interval over all of them)."""
     from scipy import stats
 
     keyed = frame.set_index([*by, pair_on, "method"])[value]
@@ -163,14 +165,16 @@ def paired_difference(frame: pd.DataFrame, a: str, b: str, *, value: str = "pape
     out = []
     if a not in keyed or b not in keyed:
         return pd.DataFrame(columns=[*by, "diff", "ci_low", "ci_high", "pairs"])
-    diffs = (keyed[a] - keyed[b]).dropna()
-    groups = [(k if isinstance(k, tuple) else (k,), g) for k, g in diffs.groupby(level=list(range(len(by))))]
-    groups.append(((*(["all"] * len(by)),), diffs))
-    for key, d in groups:
-        n, mean = len(d), float(d.mean()) if len(d) else math.nan
-        if n >= 2:
-            half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
-            lo, hi = mean - half, mean + half
+    pairs = keyed[[a, b]].dropna()
+    groups = [(k if isinstance(k, tuple) else (k,), g) for k, g in pairs.groupby(level=list(range(len(by))))]
+    groups.append(((*(["all"] * len(by)),), pairs))
+    for key, g in groups:
+        n, mean = len(g), float((g[a] - g[b]).mean()) if len(g) else math.nan
+        if n >= 2:  # scipy gives one pair NaN too, but with warnings (zero degrees of freedom)
+            with warnings.catch_warnings():  # identical differences: scipy warns (t = ±inf or 0/0), gives [d, d]
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ci = stats.ttest_rel(g[a].to_numpy(float), g[b].to_numpy(float)).confidence_interval(confidence)
+            lo, hi = float(ci.low), float(ci.high)
         else:
             lo = hi = math.nan
         out.append({**dict(zip(by, key)), "diff": mean, "ci_low": lo, "ci_high": hi, "pairs": n})
@@ -215,31 +219,33 @@ def write_table(table: pd.DataFrame, name: str, *, title: str, notes: list[str] 
     md_path = _out(f"{name}.md")
     md_path.write_text("\n".join(md) + "\n")
     tex_path = _out(f"{name}.tex")
-    latex = shown.astype(str).style.hide(axis="index").to_latex(
-        caption=_tex_escape(title), label=f"tab:{name}", hrules=True, position="t")
-    tex_path.write_text(_tex_escape_body(latex))
+    # pandas escapes LaTeX's special characters (& % $ # _ { } ~ ^ \) in the cells and headers; it writes the
+    # caption as given, so the title goes through the same escaping (`_tex_text`)
+    styler = shown.astype(str).style.hide(axis="index")
+    styler = styler.format(_tex_symbols, escape="latex").format_index(_tex_symbols, axis="columns", escape="latex")
+    latex = styler.to_latex(caption=_tex_text(title), label=f"tab:{name}", hrules=True, position="t")
+    tex_path.write_text(latex)
     return [md_path, tex_path]
 
 
-def _tex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                 ("±", r"$\pm$"), ("−", "-"), ("Δ", r"$\Delta$"), ("×", r"$\times$"), ("÷", "/"), ("≤", r"$\le$"),
-                 ("—", "--"), ("¹", "$^1$"), ("→", r"$\rightarrow$")):
-        text = text.replace(a, b)
+# Non-ASCII symbols the tables use, as LaTeX: pandas' escaping leaves them as they are, and pdflatex without unicode
+# packages cannot set them. Applied after the escaping (pandas escapes before a formatter), so their `$` and `\`
+# stay commands.
+_TEX_SYMBOLS = {"±": r"$\pm$", "−": "-", "Δ": r"$\Delta$", "×": r"$\times$", "÷": "/", "≤": r"$\le$", "—": "--",
+                "¹": "$^1$", "→": r"$\rightarrow$", "★": r"$\star$"}
+
+
+def _tex_symbols(text) -> str:
+    text = str(text)
+    for symbol, tex in _TEX_SYMBOLS.items():
+        text = text.replace(symbol, tex)
     return text
 
 
-def _tex_escape_body(latex: str) -> str:
-    """Escape the cells of a Styler table (its LaTeX commands are left alone)."""
-    lines = []
-    for line in latex.splitlines():
-        if line.startswith("\\") and not line.rstrip().endswith("\\\\"):
-            lines.append(line)
-        else:
-            cells = line.rstrip().removesuffix("\\\\").split(" & ")
-            lines.append(" & ".join(_tex_escape(c) for c in cells) + (" \\\\" if line.rstrip().endswith("\\\\")
-                                                                     else ""))
-    return "\n".join(lines) + "\n"
+def _tex_text(text: str) -> str:
+    """`text` escaped as a cell of `write_table`'s LaTeX is (pandas' Styler escaping, then `_TEX_SYMBOLS`)."""
+    one = pd.DataFrame([[str(text)]]).style.hide(axis="index").hide(axis="columns")
+    return one.format(_tex_symbols, escape="latex").to_string(delimiter="\t").removesuffix("\n")
 
 
 def save_figure(fig, name: str) -> list[Path]:

@@ -116,11 +116,35 @@ def test_tables_and_figures_are_written_in_both_formats(tmp_path):
     assert r"\caption{T \& 50 \%}" in tex and r"a\_b" in tex and r"1.0 $\pm$ 0.1" in tex and r"\toprule" in tex
     report.set_params(out=tmp_path)
     try:
-        report.write_table(pd.DataFrame({"a": ["87.6 ¹", "— → Δ −1 × 2 ÷ 3 ≤ 4"]}), "u", title="En→Ro")
+        report.write_table(pd.DataFrame({"a": ["87.6 ¹", "— → Δ −1 × 2 ÷ 3 ≤ 4 ★"]}), "u", title="En→Ro")
     finally:
         report.set_params()
     assert (tmp_path / "u.tex").read_text().isascii()  # pdflatex without unicode packages
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_latex_special_characters_are_escaped_in_cells_headers_and_caption(tmp_path):
+    r"""Every character LaTeX treats specially (# $ % & _ { } ~ ^ \) comes out escaped wherever the table puts text:
+    a cell, a header, the caption; cells stay columns (a `&` inside a cell is no column break) and the file ASCII."""
+    special = r"a#b $5 50% x&y snake_case {z} ~t ^u back\slash"
+    escaped = (r"a\#b \$5 50\% x\&y snake\_case \{z\} \textasciitilde t \textasciicircum u "
+               r"back\textbackslash slash")
+    report.set_params(out=tmp_path)
+    try:
+        report.write_table(pd.DataFrame({special: [special, "± 1"], "n": ["1", "2"]}), "s", title=special + " → Δ")
+    finally:
+        report.set_params()
+    tex = (tmp_path / "s.tex").read_text()
+    lines = tex.splitlines()
+    assert rf"\caption{{{escaped} $\rightarrow$ $\Delta$}}" in lines
+    assert rf"{escaped} & n \\" in lines  # the header row
+    assert rf"{escaped} & 1 \\" in lines and r"$\pm$ 1 & 2 \\" in lines  # the rows: two columns each
+    assert r"\begin{tabular}{ll}" in lines and tex.isascii()
+    body = tex.replace(r"\\", "").replace(r"$\pm$", "").replace(r"$\rightarrow$", "").replace(r"$\Delta$", "")
+    # no special character is left bare: each is escaped, or one of the commands and rules the table is made of
+    bare = re.sub(r"\\(textbackslash|textasciitilde|textasciicircum)\b|\\[#$%&_{}]|\\[a-z]+|[{}\[\]]", "", body)
+    assert not re.search(r"[#$%_~^\\]", bare), bare
+    assert len(re.findall(r"(?<!\\)&", tex)) == 3  # column breaks: header and 2 rows, one each; the rest are \&
 
 
 def test_load_names_rows_by_experiment(tmp_path):

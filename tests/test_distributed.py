@@ -60,14 +60,32 @@ def test_a_distributed_job_outside_torchrun_fails_before_writing_anything(tmp_pa
     assert not (tmp_path / "job").exists()
 
 
-@pytest.mark.parametrize("name, blocks", [("tiny-roberta", 2), ("tiny-t5", 4), ("tiny-llama", 2),
-                                          ("llama-7b", 32), ("t5-large", 48)])
-def test_fsdp_units_are_the_transformer_blocks(name, blocks):
+@pytest.mark.parametrize("name, lists, blocks, others", [
+    ("tiny-roberta", ["roberta.encoder.layer"], 2, ["roberta.embeddings"]),
+    ("tiny-t5", ["encoder.block", "decoder.block"], 4, []), ("tiny-llama", ["model.layers"], 2, []),
+    ("llama-7b", ["model.layers"], 32, []), ("t5-large", ["encoder.block", "decoder.block"], 48, [])])
+def test_fsdp_units_are_the_transformer_blocks(name, lists, blocks, others, monkeypatch):
+    """The units are the model's `_no_split_modules` (what accelerate's FSDP wraps): the blocks of its layer lists,
+    plus RoBERTa's embeddings; `fully_shard` goes on each of them, then on the root."""
     mcfg = compose_cfg([f"model={name}", "model.init=random"]).model
-    net = models.build(mcfg, num_labels=2, device="meta", dtype=torch.float32)
-    found = distributed.transformer_blocks(net.model)
-    assert len(found) == blocks and len({id(b) for b in found}) == blocks
+    model = models.build(mcfg, num_labels=2, device="meta", dtype=torch.float32).model
+    listed = [m for path in lists for m in model.get_submodule(path)]
+    assert len(listed) == blocks
+    found = distributed.transformer_blocks(model)
+    assert [id(b) for b in found] == [id(b) for b in listed]  # the blocks, each once, in order
     assert all(type(b).__name__.endswith(("Layer", "Block", "DecoderLayer")) for b in found)
+    units = distributed.fsdp_units(model)
+    assert {id(u) for u in units} == {id(b) for b in listed} | {id(model.get_submodule(p)) for p in others}
+    assert len(units) == blocks + len(others)
+    assert {type(u).__name__ for u in units} == set(model._no_split_modules)
+    sharded = []
+    monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", sharded.append)
+    assert distributed.wrap(model, Dist("fsdp", 0, 2), torch.device("cpu")) is model
+    assert [id(m) for m in sharded] == [id(u) for u in reversed(units)] + [id(model)]
+    # a model that names no `_no_split_modules` (DistilBERT, DeBERTa …): the blocks of its layer lists
+    monkeypatch.setattr(model, "_no_split_modules", None, raising=False)
+    assert [id(u) for u in distributed.fsdp_units(model)] == [id(b) for b in listed]
+    assert [id(b) for b in distributed.transformer_blocks(model)] == [id(b) for b in listed]
 
 
 def test_job_memory_is_per_gpu_max_and_job_sum(monkeypatch):

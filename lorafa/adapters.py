@@ -3,7 +3,8 @@
     y = x Wᵀ + b + s · (dropout(x) Aᵀ) Bᵀ        A: r × d_in (Kaiming-uniform), B: d_out × r (zero), s = α / r
 
 The layout (A: r × d_in, B: d_out × r) is PEFT's, so `lora_A`/`lora_B` map one-to-one onto a PEFT adapter;
-`save_peft` writes PEFT's files and `merge` folds the adapters into the base weights.
+`save_peft` writes PEFT's files, `read_peft` + `load_peft` take a PEFT LoRA adapter back in (`model.adapter`), and
+`merge` folds the adapters into the base weights.
 
 Why LoRA-FA saves memory: with A trainable, backward needs the full-width N × d_in input of every adapted layer
 (for dA). With W, b and A frozen, the only thing backward needs is h = s·dropout(x)Aᵀ, N × r (for dB); dx needs
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 
@@ -391,6 +394,8 @@ def save_peft(model: nn.Module, out_dir, *, family: str, base_model: str | None 
         "target_modules": sorted(layers), "modules_to_save": list(modules_to_save) or None,
         "fan_in_fan_out": all(not isinstance(m.base, nn.Linear) for m in layers.values()),
         "bias": "none", "init_lora_weights": True, "use_rslora": False, "inference_mode": True,
+        # lorafa's own: A stayed frozen at its init (LoRA-FA). PEFT drops keys it does not know (with a warning)
+        FROZEN_A_KEY: not any(m.lora_A.requires_grad for m in layers.values()),
     }
     out = Path(out_dir)
     if not write:
@@ -399,6 +404,196 @@ def save_peft(model: nn.Module, out_dir, *, family: str, base_model: str | None 
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+FROZEN_A_KEY = "lorafa_frozen_a"  # adapter_config.json: A was frozen (LoRA-FA) in the job that saved it
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PeftModel.save_pretrained writes
+_PREFIX = "base_model.model."
+# adapter_config.json keys read here, or that say nothing about the loaded forward (metadata; the options of inits
+# and of variants, which are refused when those are on)
+_READ_KEYS = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+              "modules_to_save", "fan_in_fan_out", "use_rslora", "init_lora_weights", "base_model_name_or_path",
+              "revision", "inference_mode", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
+              "loftq_config", "eva_config", "corda_config", "lora_ga_config", FROZEN_A_KEY}
+# inits that only drew A and B (the saved weights say the rest); PiSSA, OLoRA, CorDA, LoftQ, ... also changed the
+# base weights the adapter was trained against, and MiCA is a layer variant
+_PLAIN_INITS = ("true", "false", "gaussian", "eva", "orthogonal")
+# every other key must be off (null, false, empty, "none"): what an option that is on asks of the layer
+_UNSUPPORTED = {"use_dora": "DoRA's magnitude vector", "bias": "trained biases of the base layers",
+                "lora_bias": "a bias on B", "rank_pattern": "a rank per layer (it has one rank)",
+                "alpha_pattern": "an alpha per layer (it has one alpha)",
+                "layers_pattern": "layer selection by pattern", "layers_to_transform": "layer selection by index",
+                "layer_replication": "replicated layers", "use_qalora": "QA-LoRA's pooled input",
+                "target_parameters": "LoRA on parameters, not linear layers",
+                "trainable_token_indices": "trained token embeddings", "alora_invocation_tokens": "activated LoRA",
+                "megatron_config": "Megatron layers", "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow"}
+
+
+def _off(value) -> bool:
+    return value is None or value is False or value == "none" or (isinstance(value, (dict, list, str)) and not value)
+
+
+@dataclass
+class PeftAdapter:
+    """A PEFT LoRA adapter read from its directory (`read_peft`): what a job's method takes from it
+    (`method_keys`) and the weights `load_peft` copies into the model's adapter layers."""
+    path: str
+    rank: int
+    alpha: float  # lora_alpha; lora_alpha·√r under use_rslora, so that alpha / r is PEFT's scale α/√r
+    dropout: float
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # adapted module name → (A: r × d_in, B: d_out × r)
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save parameters by name
+    frozen_a: bool | None = None  # lorafa's FROZEN_A_KEY when the adapter came from lorafa, else None
+
+    def method_keys(self) -> dict:
+        """The method keys the adapter overrides: its rank, alpha, dropout and exactly its layers."""
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.lora)}
+
+
+def read_peft(path, *, config=None, family: str | None = None) -> PeftAdapter:
+    """Read a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors or .bin, as
+    `peft.PeftModel.save_pretrained` or `save_peft` writes it). What lorafa's layer cannot be is refused in one line
+    (`BadInput`): another PEFT type, DoRA, trained biases, per-layer ranks or alphas, an init that changed the base
+    weights, or any other option on (`_UNSUPPORTED`); with a transformers `config` and the `family`, an adapter
+    made for another model type (its base_model_name_or_path, when a local checkpoint) or another head (task_type)."""
+    from .checks import BadInput, check_adapter_dir
+
+    check_adapter_dir(str(path))
+    where = f"model.adapter={path}"
+    folder = Path(path).expanduser()
+    try:
+        cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise BadInput(f"{where}: {ADAPTER_CONFIG} is not readable JSON ({err})") from err
+
+    def refuse(key, why, expected):
+        raise BadInput(f"{where}: {ADAPTER_CONFIG} has {key}={json.dumps(cfg.get(key))}: {why}; expected {expected}")
+
+    if cfg.get("peft_type") != "LORA":
+        refuse("peft_type", "lorafa loads LoRA adapters only", "LORA")
+    for key, value in sorted(cfg.items()):
+        if key not in _READ_KEYS and not _off(value):
+            refuse(key, f"lorafa cannot load {_UNSUPPORTED.get(key, 'an option it does not know')}",
+                   "it off (null, false, empty or none)")
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    if init not in _PLAIN_INITS:
+        refuse("init_lora_weights", "that init changes the base weights (or the layer) the adapter was trained "
+               "with; convert it to plain LoRA first (PEFT: "
+               "save_pretrained(path_initial_model_for_weight_conversion=…))", "true, gaussian, eva or orthogonal")
+    rank, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0) or 0.0
+    if not (isinstance(rank, int) and rank >= 1):
+        refuse("r", "not a rank", "an integer ≥ 1")
+    if not (isinstance(alpha, (int, float)) and alpha > 0):
+        refuse("lora_alpha", "lorafa's scale α/r must be > 0", "a number > 0")
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        refuse("lora_dropout", "not a dropout probability", "a number in [0, 1)")
+    if config is not None:
+        base = cfg.get("base_model_name_or_path")
+        theirs = Path(str(base)).expanduser() / "config.json" if base else None
+        if theirs is not None and theirs.is_file():
+            their_type = json.loads(theirs.read_text()).get("model_type")
+            if their_type and their_type != config.model_type:
+                raise BadInput(f"{where}: made for a {their_type} model (base_model_name_or_path={base}); the model "
+                               f"is {config.model_type}; expected an adapter of a {config.model_type} model")
+    if family is not None and cfg.get("task_type") not in (None, PEFT_TASK_TYPES[family]):
+        made_for = {v: k for k, v in PEFT_TASK_TYPES.items()}.get(cfg["task_type"], "another kind of")
+        refuse("task_type", f"made for {made_for} models; the model is {family}", PEFT_TASK_TYPES[family])
+
+    weights = next(folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file())
+    try:
+        tensors = (load_file(weights) if weights.suffix == ".safetensors"
+                   else torch.load(weights, map_location="cpu", weights_only=True))
+    except Exception as err:  # any unreadable weights file is bad input
+        raise BadInput(f"{where}: {weights.name} is not readable ({type(err).__name__}: {err})") from err
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    heads = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(_PREFIX):
+            raise BadInput(f"{where}: {weights.name} holds {key}, not a weight of a PEFT model ({_PREFIX}…)")
+        name = key[len(_PREFIX):]
+        found = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
+        if found:
+            parts.setdefault(found[1], {})[found[2]] = tensor
+        elif re.search(r"(^|\.)lora_", name):
+            raise BadInput(f"{where}: {weights.name} holds {key}: not the A or B of a LoRA linear layer; expected "
+                           "lora_A.weight and lora_B.weight only")
+        else:
+            heads[name] = tensor  # modules_to_save: checked against the model's task head by `load_peft`
+    if not parts:
+        raise BadInput(f"{where}: {weights.name} holds no lora_A / lora_B weights")
+    lora = {}
+    for name, ab in parts.items():
+        a, b = ab.get("A"), ab.get("B")
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            shapes = {k: tuple(v.shape) for k, v in ab.items()}
+            raise BadInput(f"{where}: layer {name} has {shapes}; expected A: r × d_in and B: d_out × r with r={rank}")
+        lora[name] = (a, b)
+    frozen_a = cfg.get(FROZEN_A_KEY)
+    return PeftAdapter(path=str(path), rank=rank, alpha=float(alpha) * (math.sqrt(rank) if cfg.get("use_rslora")
+                                                                         else 1.0),
+                       dropout=float(dropout), lora=lora, heads=heads,
+                       frozen_a=None if frozen_a is None else bool(frozen_a))
+
+
+def peft_targets(model: nn.Module, adapter: PeftAdapter) -> list[str]:
+    """The layers the adapter adapts, in the model's order, each checked to be a linear layer of the model's blocks
+    with the adapter's shapes (else an adapter for another model: `BadInput`)."""
+    from .checks import BadInput
+    from .models import block_linears
+
+    where = f"model.adapter={adapter.path}"
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    linears = block_linears(model)
+    names = set(linears)
+    for name, (a, b) in adapter.lora.items():
+        if name not in names:
+            has = dict(model.named_modules()).get(name)
+            if has is None:
+                raise BadInput(f"{where}: adapts {name}, which this {kind} model does not have: an adapter made for "
+                               "another model; expected one made on this model's base")
+            raise BadInput(f"{where}: adapts {name} ({type(has).__name__}), not a linear layer of the model's blocks; "
+                           "lorafa adapts those only")
+        d_in, d_out = linear_dims(model.get_submodule(name))
+        if (a.shape[1], b.shape[0]) != (d_in, d_out):
+            raise BadInput(f"{where}: layer {name} is {d_in} → {d_out} in this {kind} model, the adapter's "
+                           f"{a.shape[1]} → {b.shape[0]}: an adapter made for another model size")
+    return [n for n in linears if n in adapter.lora]
+
+
+@torch.no_grad()
+def load_peft(model: nn.Module, adapter: PeftAdapter, head_modules: list[str] | tuple = ()) -> None:
+    """Copy the adapter's A and B into the model's adapter layers (made by `inject` on `peft_targets`), and its
+    modules_to_save into the task head (`head_modules`: the head lorafa trains; any other module refused)."""
+    from .checks import BadInput
+
+    where = f"model.adapter={adapter.path}"
+    layers = lora_layers(model)
+    for name, (a, b) in adapter.lora.items():
+        layer = layers.get(name)
+        if layer is None or layer.lora_A.shape != a.shape or layer.lora_B.shape != b.shape:
+            raise BadInput(f"{where}: layer {name} has no adapter of rank {adapter.rank} here; expected the method "
+                           "applied with the adapter's keys (PeftAdapter.method_keys)")
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b)
+    params = dict(model.named_parameters())
+    named = set()
+    for name, tensor in adapter.heads.items():
+        head = next((h for h in head_modules if name.startswith(f"{h}.")), None)
+        if head is None:
+            raise BadInput(f"{where}: modules_to_save holds {name}, outside the task head lorafa trains "
+                           f"({', '.join(head_modules) or 'none for this model'}); expected only the head's weights")
+        if name not in params or params[name].shape != tensor.shape:
+            have = tuple(params[name].shape) if name in params else "nothing"
+            raise BadInput(f"{where}: {name} is {tuple(tensor.shape)} in the adapter, {have} in the model (a head "
+                           "for another number of labels?); expected the same shapes")
+        params[name].copy_(tensor)
+        named.add(head)
+    for head in named:
+        missing = [f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()
+                   if f"{head}.{n}" not in adapter.heads]
+        if missing:
+            raise BadInput(f"{where}: the head {head} is in the adapter without {missing}; expected all of it")
 
 
 @torch.no_grad()

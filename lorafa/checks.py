@@ -110,6 +110,27 @@ def check_config(cfg) -> None:
         raise BadInput(f"method.stacked={cfg.method.stacked}: expected auto, false, true or merged")
     if cfg.model.get("path"):
         check_model_dir(str(cfg.model.path))
+    if cfg.model.get("adapter"):
+        check_adapter_dir(str(cfg.model.adapter))
+        if not int(cfg.method.get("rank") or 0) > 0:
+            raise BadInput(f"model.adapter={cfg.model.adapter}: method={cfg.method.get('name')} has no adapter layers "
+                           "to load it into; expected an adapter method (lora, lorafa, lorafa_v2)")
+
+
+def check_adapter_dir(path: str) -> None:
+    """`model.adapter` must be a PEFT adapter directory: adapter_config.json and adapter_model.safetensors (or
+    .bin), as `PeftModel.save_pretrained` writes them. What the files hold is judged by `lorafa.adapters.read_peft`."""
+    where = Path(path).expanduser()
+    expected = "expected a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)"
+    if not where.is_dir():
+        raise BadInput(f"model.adapter={path}: no such directory; {expected}")
+    found = sorted(p.name for p in where.iterdir())[:8]
+    if not (where / "adapter_config.json").is_file():
+        raise BadInput(f"model.adapter={path}: not an adapter directory (no adapter_config.json; it holds {found}); "
+                       f"{expected}")
+    if not any((where / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise BadInput(f"model.adapter={path}: no adapter_model.safetensors or adapter_model.bin (it holds {found}); "
+                       f"{expected}")
 
 
 def check_model_dir(path: str) -> None:

@@ -66,6 +66,7 @@ def identity(cfg: DictConfig, d: Dist = SINGLE) -> dict:
             "b_lr_ratio": float(cfg.method.get("b_lr_ratio", 1.0)), "init_a": str(cfg.method.get("init_a", "kaiming")),
             "precondition_b": bool(cfg.method.get("precondition_b", False)),
             "precision": cfg.train.precision, "strategy": d.strategy, "world_size": d.world_size,
+            "adapter": str(cfg.model.get("adapter") or ""),  # a PEFT adapter loaded before training (model.adapter)
             **protocols.columns(cfg)}
 
 
@@ -269,6 +270,11 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     config = models.load_config(cfg.model)  # before building: a 7B model takes a while to refuse
     family = models.detect_family(config)
     checks.check_positions(cfg, config, family)
+    adapter = None
+    if cfg.model.get("adapter"):  # a PEFT LoRA adapter: its rank, alpha, dropout and layers replace the method's
+        adapter = adapters.read_peft(str(cfg.model.adapter), config=config, family=family)
+        cfg = OmegaConf.merge(cfg, {"method": adapter.method_keys()})  # the row keeps the user's config and hash
+        row.update(rank=adapter.rank, alpha=adapter.alpha, dropout=adapter.dropout)
     poser = tasks.poser_for(family, data, cfg.task, tokenizer, vocab_size=config.vocab_size,
                             seed=int(cfg.seed))
     pad_id = tokenizer.pad_token_id if tokenizer is not None else (config.pad_token_id or 0)
@@ -290,7 +296,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype, tokenizer=tokenizer)
     frozen_dtype = frozen_weight_dtype(cfg.train, device)
     applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype,
-                            stacked=layer)
+                            stacked=layer, adapter=adapter)
     row.update(family=net.family, trainable_params=applied.trainable_params, total_params=applied.total_params,
                adapted_layers=len(applied.targets), checkpointed_blocks=applied.checkpointed_blocks,
                layer=_layer_ran(net.model) if applied.targets and not (cfg.method.train_a or cfg.method.train_base)

@@ -25,10 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import adapters, plans
 from . import recompute as recomputed
+from .checks import BadInput
 from .models import Network, count_params, resolve_targets
 
 
@@ -41,21 +42,31 @@ class Applied:
     offload: object = None  # `lorafa.plans.Offload` when the blocks' saved tensors go to the host
 
 
-def apply(net: Network, method: DictConfig, target_presets=None, *,
-          frozen_dtype: torch.dtype | None = None, stacked=None) -> Applied:
+def apply(net: Network, method: DictConfig, target_presets=None, *, frozen_dtype: torch.dtype | None = None,
+          stacked=None, adapter: adapters.PeftAdapter | None = None) -> Applied:
     """Set what trains in `net.model` according to `method`, adding adapters where `method.rank > 0`. `stacked`:
     LoRA-FA's layer when not `method.stacked` (a job resolves `auto`: `lorafa.step.choose_layer`); `auto` left
-    unresolved is the two-matmul layer (the same memory as the others: what `lorafa.memory` needs)."""
+    unresolved is the two-matmul layer (the same memory as the others: what `lorafa.memory` needs). `adapter`
+    (`model.adapter`, `lorafa.adapters.read_peft`): its rank, alpha, dropout and layers replace the method's, and
+    its A, B (and task head) are loaded into the new layers; what trains is still the method's (LoRA-FA: B)."""
     model = net.model
+    if adapter is not None:
+        if not method.rank > 0:
+            raise BadInput(f"model.adapter={adapter.path}: method={method.get('name')} has no adapter layers to load "
+                           "it into; expected an adapter method (lora, lorafa, lorafa_v2)")
+        method = OmegaConf.merge(method, adapter.method_keys())
     for p in model.parameters():
         p.requires_grad_(bool(method.train_base))
     names: list[str] = []
     if method.rank > 0:
-        names = resolve_targets(model, method.targets, target_presets)
+        names = (adapters.peft_targets(model, adapter) if adapter is not None
+                 else resolve_targets(model, method.targets, target_presets))
         adapters.inject(model, names, rank=int(method.rank), alpha=float(method.alpha),
                         dropout=float(method.dropout), train_a=bool(method.train_a),
                         init_a=str(method.get("init_a", "kaiming")),
                         precondition_b=bool(method.get("precondition_b", False)))
+        if adapter is not None:  # before the frozen-dtype cast and the stacking below, which take these values
+            adapters.load_peft(model, adapter, net.head_modules)
     if method.get("train_head", True):  # a fresh classification head is trained by every method
         for head in net.head_modules:
             model.get_submodule(head).requires_grad_(True)

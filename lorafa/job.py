@@ -70,6 +70,14 @@ def identity(cfg: DictConfig, d: Dist = SINGLE) -> dict:
             **protocols.columns(cfg)}
 
 
+def _release(err: BaseException) -> None:
+    """Clear the locals of the failed job's frames (its model, optimizer, batches, activations). The exception
+    may outlive the job: PyTorch's autograd engine keeps one raised inside a CUDA backward, with its traceback
+    (pytorch/pytorch#82218), and those frames would hold the whole job — the next job of the sweep would count it
+    in its memory and run out of memory sooner."""
+    traceback.clear_frames(err.__traceback__)
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one job and write its row to `cfg.output_dir/result.parquet`; returns the row."""
     started = time.perf_counter()
@@ -98,16 +106,19 @@ def run(cfg: DictConfig) -> dict:
         raise  # not a result: no row
     except Diverged as err:
         row.update(status="diverged", error=str(err))
+        _release(err)
     except torch.cuda.OutOfMemoryError as err:
         row.update(status="oom", error=str(err).splitlines()[0])
         if device.type == "cuda":  # how far it got
             memory_split.allocator["peak"] = torch.cuda.max_memory_allocated(device)
             row["mem_at_failure_gib"] = torch.cuda.memory_allocated(device) / measure.GIB
+        _release(err)
     except Exception as err:  # noqa: BLE001 - an expected failure is a row, the traceback a file beside it
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
         if d.is_main:
             (out_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
         log.error("job failed: %s", row["error"])
+        _release(err)
     # under torchrun: every process reaches these two collectives, whatever its job did (outside collectives)
     row["status"], row["error"] = distributed.agree(row["status"], row["error"], d)
     if row["status"] != "ok":

@@ -356,6 +356,10 @@ class GraphStats:
     errors: list[str] = field(default_factory=list)
 
 
+def _shape_key(batch: dict) -> tuple:
+    return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+
+
 class TrainStep:
     """A job's optimizer step in the job's mode (see the module docstring): `run` takes one micro-batch through
     the whole step (eager, or captured and replayed); `finish` ends a step whose forwards and backwards ran
@@ -374,6 +378,7 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.graphs: dict = {}  # shape key → (CUDAGraph, static inputs), or None: eager for good
         self.seen: Counter = Counter()
+        self.shapes: set = set()  # shape keys whose full step has run (compiled modes: compiled)
         self.stats = GraphStats()
         self.pool = None
         self.stream = torch.cuda.Stream(device) if mode in GRAPHED and device.type == "cuda" else None
@@ -423,7 +428,9 @@ class TrainStep:
     def run(self, batch: dict, step: int, *, full: bool = True) -> None:
         """One optimizer step on one (device) batch. Graph mode: a shape's first steps compiled and eager, then
         captured and replayed from then on; a batch that is not `full` (an epoch's last) eager, uncompiled."""
-        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+        key = _shape_key(batch)
+        if full:
+            self.shapes.add(key)
         if self.mode not in GRAPHED or not full or self.graphs.get(key, ()) is None:
             self.eager(batch, step, force_eager=not full and self.mode != "none")
             return
@@ -439,6 +446,17 @@ class TrainStep:
             self.eager(batch, step)
             return
         self._capture(key, batch, step)
+
+    def one_time(self, batch: dict, *, full: bool = True) -> bool:
+        """Whether `run` on this batch does one-time work: compiles its shape (compiled modes: the shape's first
+        full step) or captures its graph. Such a step is not a measure of speed (`lorafa.train` leaves it out of
+        tokens/s); with length buckets, a shape first met after the warm-up would otherwise count its compile."""
+        if not full or self.mode == "none":
+            return False
+        key = _shape_key(batch)
+        if self.mode in COMPILED and key not in self.shapes:
+            return True
+        return self.mode in GRAPHED and key not in self.graphs and self.seen[key] == GRAPH_WARMUP
 
     def _capture(self, key, batch: dict, step: int) -> None:
         static = {k: v.clone() for k, v in batch.items()}

@@ -423,6 +423,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     padding = {"real": 0, "computed": 0}
 
     taken = history.steps  # steps taken; history.steps: those read back (the losses in the history)
+    one_time_steps = 0  # steps after the warm-up left out of tokens/s: they compiled or captured a new shape
 
     def sync(resume_timing: bool = True) -> None:
         """Read the device's accumulators (the only synchronisation): losses into the history, a non-finite step
@@ -467,6 +468,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
             for g in range(start, len(micro), accum):
                 step = taken
                 group = micro[g: g + accum]
+                one_time = False
                 measured = step < 2  # padded to max_seq_len: memory describes batch_size × max_seq_len
                 if measured or dist.enabled or accum > 1 or not device_checks:
                     tokens, samples, computed = _group_step(stepper, wrapped, model, group, step, measured=measured,
@@ -475,7 +477,13 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
                 else:
                     batch, tokens, computed = batch_of(group[0], measured=False)
                     samples = len(group[0])
-                    stepper.run(batch, step, full=len(group[0]) == bs)
+                    full = len(group[0]) == bs
+                    # a step that compiles or captures a new shape is not timed (its tokens not counted either)
+                    one_time = step >= throughput.warmup and stepper.one_time(batch, full=full)
+                    if one_time:
+                        one_time_steps += 1
+                        sync(resume_timing=False)
+                    stepper.run(batch, step, full=full)
                 if scheduler is not None:
                     scheduler.step()
                     if device_lr is not None:
@@ -486,8 +494,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
                     padding["real"] += tokens
                     padding["computed"] += computed
                 checkpoint = every and taken % every == 0 and taken < steps
-                if not device_checks or measured or taken == throughput.warmup or taken % log_every == 0 \
-                        or taken >= steps or checkpoint:
+                if not device_checks or measured or one_time or taken == throughput.warmup \
+                        or taken % log_every == 0 or taken >= steps or checkpoint:
                     sync()
                 if checkpoint:
                     rng_ranks = distributed.gather(_rng_state(), dist) if dist.enabled else None
@@ -510,7 +518,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
         info.update(stepper.columns(), compile_mode=mode, bucket=multiple, measured_mode="eager",
                     pad_frac=1 - padding["real"] / padding["computed"] if padding["computed"] else float("nan"),
                     optimizer_impl="fused" if device_checks else "foreach", log_reads=acc.reads,
-                    group_by_length=by_length, time_eval_s=eval_time)
+                    group_by_length=by_length, time_eval_s=eval_time, one_time_steps=one_time_steps)
     return history
 
 

@@ -227,6 +227,32 @@ def test_device_lr_tensors_follow_the_schedule_and_stay_the_same_tensors(in_plac
     assert captured[0].item() == pytest.approx(1e-3 * 1 / 8)  # step 9 of 10 after 2 warm-up: (10 - 9) / 8
 
 
+@pytest.mark.parametrize("mode", ["blocks", "graph", "eager_graph", "none"])
+def test_one_time_names_the_steps_that_compile_or_capture(mode, monkeypatch):
+    """Compiled modes compile a shape on its first full step; graphed modes capture it on its third: those steps
+    are one-time work, not speed. An epoch's partial batch (run eager) and eager mode never are."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return type("Out", (), {"loss": (self.w * x.float()).mean()})()
+
+    monkeypatch.setattr(step, "capture", lambda body, **kw: (FakeGraph(body), "pool"))
+    net = Net()
+    ts = step.TrainStep(net, None, mode=mode, device=CPU, amp=None, max_grad_norm=None,
+                        accumulators=step.Accumulators(40, CPU), device_checks=True)
+    a, b = {"x": torch.ones(4, 16)}, {"x": torch.ones(4, 32)}
+    seen = []
+    for at, (batch, full) in enumerate([(a, True), (a, True), (b, False), (a, True), (b, True), (a, True), (b, True),
+                                        (b, True), (b, True), (a, True)]):
+        seen.append(ts.one_time(batch, full=full))
+        ts.run(batch, at, full=full)
+    compiled = {"blocks": [0, 4], "graph": [0, 3, 4, 7], "eager_graph": [3, 7], "none": []}[mode]
+    assert [at for at, flag in enumerate(seen) if flag] == compiled
+
+
 class FakeGraph:
     """A stand-in for a captured CUDA graph on CPU: capturing runs nothing, each replay runs the captured step on
     the graph's static inputs — as a real graph does — and leaves the gradients' Python attributes as a replay
@@ -261,10 +287,18 @@ def test_the_graph_modes_logic_on_cpu_trains_exactly_as_eager(cfg_factory, monke
         return FakeGraph(body), "pool"
 
     common = [*SMALL, "task.max_train_samples=90", "train.batch_size=4", "task.max_seq_len=64", "train.bucket=16",
-              "train.epochs=2", "train.optimizer_impl=fused", "train.log_every=4"]
+              "train.epochs=2", "train.optimizer_impl=fused", "train.log_every=4", "train.measure_warmup_steps=3"]
     eager = run(cfg_factory(*common, "train.compile=none"))
     monkeypatch.setattr(step, "graph_blockers", lambda cfg, device: [])
     monkeypatch.setattr(step, "capture", fake_capture)
+    capture_steps = []
+    real_capture = step.TrainStep._capture
+
+    def noting(self, key, batch, at):
+        capture_steps.append(at)
+        return real_capture(self, key, batch, at)
+
+    monkeypatch.setattr(step.TrainStep, "_capture", noting)
     graphed = run(cfg_factory(*common, "train.compile=eager_graph"))
     assert eager["status"] == graphed["status"] == "ok", graphed["error"]
     assert graphed["compile_mode"] == "eager_graph" and graphed["bucket"] == 16
@@ -272,6 +306,11 @@ def test_the_graph_modes_logic_on_cpu_trains_exactly_as_eager(cfg_factory, monke
     assert graphed["graph_shapes"] == len(captures) - 1 and graphed["graph_failures"] == 1
     assert "operation not permitted" in graphed["graph_error"]
     assert graphed["graph_replays"] >= 5
+    # each capture after the warm-up is one-time work, left out of tokens/s; every other step after it is timed
+    late = [at for at in capture_steps if at >= 3]
+    assert late and graphed["one_time_steps"] == len(late) and eager["one_time_steps"] == 0
+    assert graphed["timed_steps"] == graphed["train_steps"] - 3 - len(late)
+    assert eager["timed_steps"] == eager["train_steps"] - 3
     # equal up to float32 rounding: graphs read lr from float32 tensors, eager from Python floats
     np.testing.assert_allclose(graphed["loss_curve"], eager["loss_curve"], rtol=1e-5)
     assert graphed["score"] == eager["score"] and graphed["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-5)

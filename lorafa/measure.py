@@ -39,6 +39,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def kept(t):
+    """What a saved-tensor pack hook returns for a tensor it leaves where it is: a detached alias (the same storage
+    and version counter). The tensor itself would hold its own grad_fn — a reference cycle through autograd's C++
+    graph that Python's collector cannot see, so a forward that failed before its backward (an out-of-memory in
+    the loss) would keep its activations, and through the hook the model, for the rest of the process."""
+    return t.detach() if isinstance(t, torch.Tensor) and t.grad_fn is not None else t
+
+
 def storage_id(t: torch.Tensor) -> int:
     """The tensor's StorageImpl: shared by its views, unique while it lives; fake tensors have one too (unlike a
     data pointer)."""
@@ -120,7 +128,7 @@ class SavedTensorMeter:
             if key not in self._weights:
                 self.storages[key] = t.untyped_storage().nbytes()
                 self.count += 1
-        return t
+        return kept(t)
 
     @staticmethod
     def _unpack(t):

@@ -181,7 +181,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
         def pack(t):
             if isinstance(t, torch.Tensor) and t.device.type != "meta" and measure.storage_id(t) not in excluded:
                 saved.setdefault(measure.storage_id(t), t.untyped_storage().nbytes())
-            return t
+            return measure.kept(t)
 
         grads = opt_bytes = host = flops = flops_forward = 0
         peaks = []

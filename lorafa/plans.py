@@ -324,7 +324,7 @@ class Offload:
                 or (self.linear_outputs and not self._is_linear_output(t))):
             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
                 measure.note_saved([t])  # stays on the device: a saved activation like any other
-            return t
+            return measure.kept(t)
         seen = self._seen.get(id(t))  # the same tensor saved again (one input of several matmuls): one copy
         if seen is not None and seen[0]() is t:  # (a dead tensor's id can come back: the weak reference says)
             seen[1].uses += 1
@@ -343,7 +343,7 @@ class Offload:
                 held.copied.record(self.stream)
         else:
             host.copy_(t)
-        held.dev = t
+        held.dev = measure.kept(t)  # (not `t`: its grad_fn would tie the graph to itself, see measure.kept)
         self._pending.append(held)
         self._pending_bytes += nbytes
         self._order.append(held)

@@ -448,15 +448,17 @@ class TrainStep:
         self._capture(key, batch, step)
 
     def one_time(self, batch: dict, *, full: bool = True) -> bool:
-        """Whether `run` on this batch does one-time work: compiles its shape (compiled modes: the shape's first
-        full step) or captures its graph. Such a step is not a measure of speed (`lorafa.train` leaves it out of
-        tokens/s); with length buckets, a shape first met after the warm-up would otherwise count its compile."""
+        """Whether `run` on this batch is one of its shape's one-time steps: in graphed modes every step before the
+        shape's graph exists (the eager warm-ups, compiling in `graph` mode, and the capture), in `blocks` mode
+        the shape's first step (it compiles). Such a step does not measure the mode's speed (`lorafa.train` leaves
+        it out of tokens/s); with length buckets a shape can first appear long after the warm-up. A shape whose
+        capture failed runs eager from then on: its steps are timed."""
         if not full or self.mode == "none":
             return False
         key = _shape_key(batch)
-        if self.mode in COMPILED and key not in self.shapes:
-            return True
-        return self.mode in GRAPHED and key not in self.graphs and self.seen[key] == GRAPH_WARMUP
+        if self.mode in GRAPHED:
+            return key not in self.graphs
+        return self.mode in COMPILED and key not in self.shapes
 
     def _capture(self, key, batch: dict, step: int) -> None:
         static = {k: v.clone() for k, v in batch.items()}

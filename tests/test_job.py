@@ -226,6 +226,38 @@ def test_a_failed_jobs_model_is_freed_even_when_its_exception_lives_on(cfg_facto
     assert refs[0]() is None, "the failed job's model is still alive"
 
 
+@pytest.mark.fault("out of memory")
+@pytest.mark.parametrize("plan", ["plain", "offload"])
+def test_an_out_of_memory_in_the_loss_leaves_nothing_behind(cfg_factory, monkeypatch, plan):
+    """An out-of-memory in the loss (where a real one struck: the logits' fp32 copy) ends the measured step's
+    forward before its backward. The saved-tensor hooks that count (or offload) what the forward keeps must not
+    tie the activations to their own graph: a cycle through autograd's C++ graph that Python cannot collect, which
+    kept the model and its activations for the rest of the process (0.65 GiB on an H200 at the next job)."""
+    import gc
+
+    import torch
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    real_ce = F.cross_entropy
+
+    def cross_entropy(logits, *a, **k):
+        if not isinstance(logits, FakeTensor) and logits.device.type != "meta" and torch.is_grad_enabled():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.")
+        return real_ce(logits, *a, **k)
+
+    monkeypatch.setattr(F, "cross_entropy", cross_entropy)
+    extra = ["method.offload=true", "method.offload_min_kib=0"] if plan == "offload" else []
+    row = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=64",
+                          "train.batch_size=4", "train.max_steps=2", *extra))
+    assert row["status"] == "oom", row["error"]
+    gc.collect()
+    left = [type(o).__name__ for o in gc.get_objects()
+            if isinstance(o, torch.nn.Module) and type(o).__name__ == "LlamaForCausalLM"]
+    graphs = [tuple(o.shape) for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    assert not left and not graphs, (left, graphs[:5])
+
+
 def test_gradient_checkpointing_same_losses_less_activation_memory(cfg_factory):
     common = ("model=tiny-llama", "method=lorafa", "method.dropout=0.1", *SMALL)
     plain = run(cfg_factory(*common))

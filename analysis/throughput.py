@@ -154,6 +154,39 @@ report.write_table(real, "throughput_real_data",
 real
 
 # %% [markdown]
+# ## Grouping batches by length
+# The same MiniLM stand-in sweep run twice back to back in one process each, `train.group_by_length=false` and
+# `true` (mode `eager_graph`, 804 steps): how much padding grouping removes and what it does to speed and accuracy.
+
+# %%
+lines = []
+if len(jobs) and "run" in jobs:
+    grouped = {flag: jobs[jobs["run"] == f"minilm_sweep_{'grouped' if flag else 'ungrouped'}"] for flag in (False, True)}
+    for method in [m for m in report.METHOD_ORDER if m in set(grouped[True]["method"])]:
+        g, u = (grouped[flag][grouped[flag]["method"] == method].set_index("seed") for flag in (True, False))
+        common = sorted(set(g.index) & set(u.index))
+        diff = 100 * (g.loc[common, "score"] - u.loc[common, "score"])
+        lines.append({"method": report.method_label(method), "seeds": len(common),
+                      "pad_frac ungrouped": f"{u['pad_frac'].mean():.2f}", "pad_frac grouped": f"{g['pad_frac'].mean():.2f}",
+                      "tokens/s ungrouped": f"{u['tokens_per_s'].median():,.0f}",
+                      "tokens/s grouped": f"{g['tokens_per_s'].median():,.0f}",
+                      "accuracy ungrouped": report.mean_std(100 * u["score"]),
+                      "accuracy grouped": report.mean_std(100 * g["score"]),
+                      "grouped − ungrouped (pts)": f"{diff.mean():+.1f} (min {diff.min():+.1f}, max {diff.max():+.1f})"
+                      if len(diff) else "—"})
+by_length = pd.DataFrame(lines)
+walls = ", ".join(f"{name} {frame['wall_time_s'].sum():.0f} s" for name, frame in
+                  (("ungrouped", grouped[False]), ("grouped", grouped[True]))) if len(by_length) else "no rows"
+report.write_table(by_length, "throughput_group_by_length",
+                   title="train.group_by_length on the MiniLM stand-in sweep (glue_roberta × movie_polarity, "
+                         "mode eager_graph)",
+                   notes=[("python run.py -m experiments=glue_roberta model=local model.path=<all-MiniLM-L6-v2> "
+                           "task=movie_polarity 'method.targets=[query,value]' train.group_by_length=<false|true>"),
+                          f"Sum of job wall times: {walls}. tokens/s: median over the method's seeds (real tokens).",
+                          report.provenance(pd.concat(list(grouped.values())) if len(by_length) else jobs)])
+by_length
+
+# %% [markdown]
 # ## Jobs at paper scale on real data
 # roberta-base and t5-large (random-init weights, all-MiniLM-L6-v2's tokenizer) on the shipped movie_polarity
 # data, batch 32, length ≤ 128, 400 steps of which 50 warm-up, length buckets of 32: tokens/s of real tokens,

@@ -191,3 +191,21 @@ def test_submitit_local_launcher_runs_a_sweep_and_gathers_its_table(tmp_path):
     table = pd.read_parquet(sweep / "results.parquet")
     assert sorted(table["method"]) == ["lora", "lorafa"] and (table["status"] == "ok").all()
     assert (sweep / ".submitit").is_dir() and any((sweep / ".submitit").rglob("*_result.pkl"))
+
+
+def test_ci_installs_and_tests_with_the_readmes_commands_verbatim():
+    """CI (`.ci/run`) runs the README's install and test commands line for line, so a missing install step shows;
+    the CPU torch pin CI needs lives in its constraints file, not in the command users copy."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Install and test", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
+    commands = [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert commands and commands[0].startswith("pip install") and commands[-1].startswith("pytest"), commands
+    assert "torch==" not in commands[0], "the README's install pins torch: a GPU user would lose their CUDA build"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    for command in commands:
+        assert command in ci, f".ci/run does not run the README's `{command}`"
+    pin = ROOT / ".ci" / "constraints.txt"
+    export = 'export PIP_CONSTRAINT="$PWD/.ci/constraints.txt"'
+    assert export in ci and "torch==" in pin.read_text()
+    assert ci.index(export) < ci.index(commands[0])

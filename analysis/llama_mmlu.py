@@ -14,8 +14,8 @@
 # %% [markdown]
 # # LLaMA-7B instruction tuning → MMLU 5-shot
 # Rows of `experiments/llama_mmlu.yaml` (Alpaca and FLAN-v2, MMLU through lm-eval), mean ± std over seeds, beside
-# the QLoRA paper's BF16 LoRA rows for LLaMA-7B. The instruction-tuning tasks arrive with the LLaMA issue; until
-# rows exist the table lists the published numbers with ours as —.
+# the QLoRA paper's BF16 LoRA rows for LLaMA-7B. Until rows of ours exist the table lists the
+# published numbers with ours as —.
 
 # %%
 from lorafa import report

@@ -16,7 +16,7 @@
 # Rows of `python -m lorafa.bench` (`results/throughput.parquet`): full, lora, lorafa and lorafa_v2 on the same
 # model and batch in one process, interleaved over rounds, after warm-up; every (method, mode, LoRA-FA layer) is a
 # setting and a method's best is its fastest. Random-init weights, synthetic full-length batches, bf16 autocast,
-# r = 8 on every linear layer, fused AdamW. The issue's targets: LoRA-FA ≥ 1.25 × full FT and ≥ 1.1 × LoRA in
+# r = 8 on every linear layer, fused AdamW. The targets: LoRA-FA ≥ 1.25 × full FT and ≥ 1.1 × LoRA in
 # tokens/s. Per model the latest run (`run_id`) is shown; development rows without a `run_id` are left out, and
 # rows of development runs (`dev_run`, `results/bench_dev_h200.parquet`) are shown only while no benchmark run's
 # rows exist — then the tables say so in their titles.
@@ -77,7 +77,7 @@ table = pd.DataFrame(lines)
 commands = sorted(set(frame["command"].dropna().astype(str)) - {""})
 report.write_table(table, "speed", title=f"Training speed at each method's best setting (tokens/s, interleaved){DEV_NOTE}",
                    notes=[*(f"Command: {c}" for c in commands),
-                          ("Targets (issue 'Speed'): LoRA-FA ÷ full FT ≥ 1.25 and ÷ LoRA ≥ 1.1; MFU against the "
+                          ("Targets: LoRA-FA ÷ full FT ≥ 1.25 and ÷ LoRA ≥ 1.1; MFU against the "
                            "device's measured bf16 matmul rate; the FLOPs are those executed (LoRA-FA has no "
                            "weight-gradient matmuls)."),
                           report.provenance(frame)])

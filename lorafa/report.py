@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,10 +211,33 @@ def _out(name: str) -> Path:
     return out / name
 
 
+# what the notebooks wrote, in order: `python -m analysis` makes `<out>/index.html` of it (`write_index`)
+_WRITTEN: list[dict] = []
+_NOTEBOOK = {"name": ""}
+
+
+_MACHINE_PATH = re.compile(r"(?<![\w.~])/(?:[\w.+-]+/)+([\w.+-]+)")
+
+
+def portable(text: str) -> str:
+    """`text` without this machine's absolute paths (a command a row recorded: `--out /root/out/t.parquet`): each
+    is cut to its last part (`--out t.parquet`)."""
+    return _MACHINE_PATH.sub(r"\1", text)
+
+
+def start_notebook(name: str) -> None:
+    """The outputs written from now on belong to notebook `name` (its section of the index page)."""
+    _NOTEBOOK["name"] = name
+
+
 def write_table(table: pd.DataFrame, name: str, *, title: str, notes: list[str] = ()) -> list[Path]:
     """`<out>/<name>.md` (title, the table, notes) and `<out>/<name>.tex` (a booktabs table with the title as
     caption). Returns the paths."""
     shown = table if not table.empty else pd.DataFrame({"": ["(no rows)"]})
+    notes = [portable(n) for n in notes if n]
+    _WRITTEN.append({"notebook": _NOTEBOOK["name"], "kind": "table", "name": name, "title": title,
+                     "notes": [n for n in notes if n], "html": shown.to_html(index=False, border=0, escape=True),
+                     "files": [f"{name}.md", f"{name}.tex"]})
     md = [f"# {title}", "", shown.to_markdown(index=False), ""]
     md += [f"- {n}" for n in notes if n]
     md_path = _out(f"{name}.md")
@@ -251,12 +275,55 @@ def _tex_text(text: str) -> str:
 def save_figure(fig, name: str) -> list[Path]:
     """`<out>/<name>.png` (150 dpi) and `<out>/<name>.pdf`."""
     paths = [_out(f"{name}.png"), _out(f"{name}.pdf")]
+    titles = [fig._suptitle.get_text()] if getattr(fig, "_suptitle", None) is not None else []
+    titles += [ax.get_title() for ax in fig.axes if ax.get_title()]
+    _WRITTEN.append({"notebook": _NOTEBOOK["name"], "kind": "figure", "name": name,
+                     "title": " — ".join(titles[:1] + ([f"panels: {'; '.join(titles[1:])}"] if titles[1:] else []))
+                     or name, "files": [f"{name}.png", f"{name}.pdf"]})
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
     return paths
+
+
+def write_index(out: Path, notebooks: list[str], failed: list[str], sources: list[str]) -> Path:
+    """`<out>/index.html`: every table and figure the notebooks wrote, grouped by notebook, each table with its
+    notes (the provenance line and the command among them) and each section with the command that regenerates it
+    — one page to open, offline, no server. `sources`: the result files read (names, not machine paths)."""
+    from html import escape
+
+    def item(entry: dict) -> str:
+        links = " · ".join(f'<a href="{escape(f)}">{escape(Path(f).suffix[1:])}</a>' for f in entry["files"])
+        if entry["kind"] == "figure":
+            return (f'<figure id="{escape(entry["name"])}"><img src="{escape(entry["files"][0])}" '
+                    f'alt="{escape(entry["title"])}"><figcaption>{escape(entry["title"])} ({links})</figcaption>'
+                    "</figure>")
+        notes = "".join(f"<li>{escape(n)}</li>" for n in entry["notes"])
+        return (f'<section class="table" id="{escape(entry["name"])}"><h3>{escape(entry["title"])}</h3>'
+                f'{entry["html"]}<ul>{notes}</ul><p class="files">{links}</p></section>')
+
+    parts = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>lorafa: tables and figures</title>",
+             ("<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+              "table{border-collapse:collapse;font-size:90%}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+              "img{max-width:100%}code{background:#f4f4f4}nav a{margin-right:1em}.files{font-size:85%}</style>"),
+             "</head><body>", "<h1>lorafa: tables and figures</h1>",
+             (f"<p>Every output of <code>python -m analysis</code>, grouped by notebook. Rows read from: "
+              f"{escape(', '.join(sources)) or 'none'}.</p>"),
+             "<nav>" + "".join(f'<a href="#nb-{escape(n)}">{escape(n)}</a>' for n in notebooks) + "</nav>"]
+    for nb in notebooks:
+        entries = [e for e in _WRITTEN if e["notebook"] == nb]
+        state = " — <strong>failed</strong>" if nb in failed else ""
+        parts.append(f'<h2 id="nb-{escape(nb)}">{escape(nb)}{state}</h2>')
+        parts.append(f"<p>Regenerate: <code>python -m analysis --only {escape(nb)}</code> "
+                     f"(notebook <code>analysis/{escape(nb)}.py</code>)</p>")
+        parts += [item(e) for e in entries]
+    parts.append("</body></html>")
+    path = _out("index.html")
+    path.write_text("\n".join(parts) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------- accuracy tables

@@ -185,6 +185,37 @@ def test_analysis_on_the_committed_results(tmp_path):
                  "memory_budget_choices"):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name
+    check_index_page(tmp_path)
+
+
+def check_index_page(out: Path) -> None:
+    """`index.html` links every table and figure the run wrote, each link resolves, every notebook has its
+    section and regenerate command, and no machine path shows (on the page or in a table's notes)."""
+    from html.parser import HTMLParser
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.targets, self.ids = [], set()
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img" or (tag == "a" and not attrs.get("href", "").startswith("#")):
+                self.targets.append(attrs.get("src") or attrs.get("href"))
+            if "id" in attrs:
+                self.ids.add(attrs["id"])
+
+    page = (out / "index.html").read_text()
+    links = Links()
+    links.feed(page)
+    missing = [t for t in links.targets if not (out / t).is_file()]
+    assert not missing, missing
+    written = {p.name for p in out.iterdir() if p.suffix in (".md", ".tex", ".png", ".pdf")}
+    assert written == set(links.targets), sorted(written ^ set(links.targets))
+    for nb in (p.stem for p in (ROOT / "analysis").glob("*.py") if not p.name.startswith("_")):
+        assert f"nb-{nb}" in links.ids and f"python -m analysis --only {nb}" in page, nb
+    for text in [page, *(p.read_text() for p in out.glob("*.md"))]:
+        assert not re.search(r"(?<![\w.~])/(?:root|tmp|home|work|Users)/", text), re.findall(r"\S*/(?:root|tmp)/\S*", text)
 
 
 @pytest.mark.slow

@@ -209,3 +209,17 @@ def test_ci_installs_and_tests_with_the_readmes_commands_verbatim():
     export = 'export PIP_CONSTRAINT="$PWD/.ci/constraints.txt"'
     assert export in ci and "torch==" in pin.read_text()
     assert ci.index(export) < ci.index(commands[0])
+
+
+def test_every_path_the_readme_names_exists_and_every_docs_page_is_in_its_map():
+    """The README is the front door: each file or folder it names in backquotes (`docs/…`, `results/…`,
+    `experiments/…`, …) exists, every page in docs/ is in its documentation map, and it stays within 200 lines."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    named = set(re.findall(r"`((?:docs|results|experiments|analysis|conf|lorafa|tests|\.ci)/[\w./-]*?)`", readme))
+    assert len(named) >= 10, named
+    missing = sorted(n for n in named if "*" not in n and not (ROOT / n).exists())
+    assert not missing, missing
+    mapped = set(re.findall(r"^\| `(docs/[\w.-]+\.md)` \|", readme, re.MULTILINE))
+    pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
+    assert pages == mapped, f"docs pages not in the README's map: {sorted(pages - mapped)}; gone: {sorted(mapped - pages)}"

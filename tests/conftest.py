@@ -77,3 +77,14 @@ class HostReads(TorchDispatchMode):
 
             self.reads.append("".join(traceback.format_stack(limit=6)[:-1]))
         return func(*args, **(kwargs or {}))
+
+
+def undocumented(row: dict) -> list[str]:
+    """The columns of a job's row that docs/measurement.md does not name (a backquoted name, or a pattern such as
+    `eval_<metric>` or `job_mem_*_gib`)."""
+    import re
+
+    text = (ROOT / "docs" / "measurement.md").read_text()
+    names = set(re.findall(r"`([a-z][a-z0-9_<>*]*)`", text))
+    patterns = [re.compile("^" + re.sub(r"<[a-z_]+>|\\\*", r"[a-z0-9_]+", re.escape(n)) + "$") for n in names]
+    return sorted(c for c in row if not any(p.match(c) for p in patterns))

@@ -14,7 +14,7 @@ import torch
 from lorafa import distributed, job, models
 from lorafa.distributed import Dist
 
-from .conftest import ROOT, compose_cfg
+from .conftest import ROOT, compose_cfg, undocumented
 
 # dropout off everywhere, so a 2-process run and a 1-process run draw nothing that differs
 EXACT = ["model=tiny-roberta", "method=lorafa", "task=movie_polarity", "task.max_train_samples=60",
@@ -127,6 +127,7 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
         assert len(row["mem_peak_ranks_gib"]) == 2 and row["job_mem_peak_gib"] == pytest.approx(
             sum(row["mem_peak_ranks_gib"]))
         assert np.isnan(row["pred_mem_peak_gib"]) and "not predicted" in row["pred_error"]
+        assert not undocumented(row.to_dict()), undocumented(row.to_dict())
     ddp, fsdp = table.iloc[0], table.iloc[1]
     assert ddp["mem_weights_gib"] == pytest.approx(single["mem_weights_gib"])  # every process: the whole model
     assert ddp["job_mem_weights_gib"] == pytest.approx(2 * single["mem_weights_gib"])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lorafa.job import run
+from tests.conftest import undocumented
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -24,6 +25,7 @@ def test_cuda_rows_carry_the_allocator_phases(cfg_factory, model):
         assert row["alloc_after_step_gib"] >= row["alloc_build_gib"]
         assert row["mem_peak_gib"] == row["alloc_peak_gib"] >= row["alloc_fwd_bwd_peak_gib"]
         assert row["mem_peak_gib"] >= row["mem_weights_gib"] + row["mem_activations_gib"]
+        assert not undocumented(row), f"columns docs/measurement.md does not list: {undocumented(row)}"
     assert rows["lorafa"]["mem_activations_gib"] < rows["lora"]["mem_activations_gib"]
     assert rows["lorafa"]["mem_peak_gib"] < rows["lora"]["mem_peak_gib"]
 

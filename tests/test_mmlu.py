@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from lorafa import mmlu, models, sources
 from lorafa.checks import BadInput
 
-from .conftest import compose_cfg
+from .conftest import compose_cfg, undocumented
 
 SAMPLE = sources.ASSETS / "mmlu_sample"
 
@@ -214,6 +214,7 @@ def test_instruction_tuning_then_mmlu_end_to_end_offline(cfg_factory, offline):
     row = run(cfg)
     assert row["status"] == "ok", row["error"]
     assert row["metric"] == "mmlu_acc" and 0.0 <= row["score"] <= 1.0 and row["eval_mmlu_acc"] == row["score"]
+    assert not undocumented(row), f"columns docs/measurement.md does not list: {undocumented(row)}"
     side = json.loads((Path(cfg.output_dir) / MMLU_FILE).read_text())
     assert set(side["subjects"]) == {"elementary_mathematics", "high_school_geography"} and side["num_fewshot"] == 5
     assert row["score"] == pytest.approx(sum(side["subjects"].values()) / 2)  # 7 questions each

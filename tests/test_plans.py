@@ -9,6 +9,7 @@ from torch.utils._pytree import tree_flatten
 from lorafa import bench, measure, methods, models, plans
 from lorafa.checks import BadInput
 from lorafa.job import run
+from tests.conftest import undocumented
 
 NO_DROPOUT = {"tiny-roberta": ["model.arch.hidden_dropout_prob=0", "model.arch.attention_probs_dropout_prob=0"],
               "tiny-t5": ["model.arch.dropout_rate=0"], "tiny-llama": []}
@@ -330,6 +331,7 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory):
 
     assert len(memory._CACHE) == n
     assert tight["status"] == "ok" and tight["plan"] != "none", tight["plan"]
+    assert not undocumented(tight), f"columns docs/measurement.md does not list: {undocumented(tight)}"
     assert tight["pred_mem_peak_gib"] <= budget and tight["mem_peak_gib"] <= budget * 1.05
     # recomputing costs FLOPs (modelled seconds come from rates each job measures: not comparable across jobs)
     assert 0 < tight["plans_fitting"] < n and tight["pred_step_tflop"] > roomy["pred_step_tflop"] > 0

@@ -12,6 +12,7 @@ from lorafa import step
 from lorafa.checks import BadInput
 from lorafa.job import run
 from lorafa.tasks import collate
+from tests.conftest import undocumented
 
 CUDA = torch.device("cuda")  # a device object only: nothing here touches a GPU
 CPU = torch.device("cpu")
@@ -193,6 +194,7 @@ def test_job_rows_say_how_they_stepped(cfg_factory):
     assert row["bucket"] == 16 and row["measured_mode"] == "eager" and 0 < row["pad_frac"] < 1
     assert row["layer"] == "two_matmul" and row["graph_shapes"] == 0
     assert 0 < row["time_eval_s"] < row["wall_time_s"]
+    assert not undocumented(row), f"columns docs/measurement.md does not list: {undocumented(row)}"
 
 
 @pytest.mark.parametrize("in_place", [True, False])

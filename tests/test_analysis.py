@@ -186,6 +186,9 @@ def test_analysis_on_the_committed_results(tmp_path):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name
     check_index_page(tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    # the headline memory figure names its device, mode, shapes and the LoRA ÷ LoRA-FA it is for
+    assert "measured on NVIDIA H200 (eager steps" in page and "peak LoRA ÷ LoRA-FA 1.76×" in page
 
 
 def check_index_page(out: Path) -> None:

@@ -217,6 +217,7 @@ def test_every_path_the_readme_names_exists_and_every_docs_page_is_in_its_map():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 200
     named = set(re.findall(r"`((?:docs|results|experiments|analysis|conf|lorafa|tests|\.ci)/[\w./-]*?)`", readme))
+    named |= set(re.findall(r"\]\(((?!https?:)[^)#\s]+)\)", readme))  # markdown links and images
     assert len(named) >= 10, named
     missing = sorted(n for n in named if "*" not in n and not (ROOT / n).exists())
     assert not missing, missing

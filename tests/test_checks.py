@@ -227,3 +227,22 @@ def test_the_testing_page_counts_the_kinds_the_tests_mark(tmp_path):
         readme = re.search(rf"\*\*(\d+) kinds of {words}\*\*", " ".join((ROOT / "README.md").read_text().split()))
         assert readme and int(readme.group(1)) == len(found), f"README: '**N kinds of {words}**', N = {len(found)}"
     assert len(kinds["bad_input"]) >= 25 and len(kinds["fault"]) >= 12  # markers dropped would shrink both
+
+
+def test_the_configuration_page_names_every_key_of_every_option():
+    """docs/configuration.md names every option file of every config group and every key those options compose
+    to (`group.key`, one level down), so the page cannot fall behind conf/."""
+    from pathlib import Path
+
+    from tests.conftest import CONF, ROOT, compose_cfg
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    missing = []
+    for group in ("model", "method", "task", "protocol", "train"):
+        for option in sorted((Path(CONF) / group).glob("*.yaml")):
+            if f"`{option.stem}`" not in doc and group != "train":
+                missing.append(f"{group}/{option.stem}")
+            node = compose_cfg([f"{group}={option.stem}"]).get(group) or {}
+            missing += [f"{group}.{k}" for k in node if f"`{group}.{k}`" not in doc and f"`{group}.{k}=" not in doc]
+    missing += [k for k in ("experiment", "seed", "device", "output_dir") if f"`{k}`" not in doc]
+    assert not missing, sorted(set(missing))

@@ -1,4 +1,4 @@
-"""Memory of LoRA, LoRA-FA and their bounds at the paper's scale: the benchmark of issue "LoRA-FA, exactly".
+"""Memory of LoRA, LoRA-FA and their bounds at the paper's scale: the memory benchmark.
 
     python experiments/memory.py --out results/memory.parquet            # on a CUDA GPU (H200: ~10 min)
     python experiments/memory.py --models roberta-base --shape 16x512 --out m.parquet   # another batch × length
@@ -26,7 +26,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# model → (batch_size, seq_len, adapter dropout, extra overrides): the issue's settings
+# model → (batch_size, seq_len, adapter dropout, extra overrides): the paper-scale settings
 SETTINGS = {
     "roberta-base": (32, 128, 0.1, []),
     "roberta-large": (32, 128, 0.1, []),

@@ -58,7 +58,7 @@ SHAPES = {"roberta-base": (32, 128), "roberta-large": (32, 128), "t5-large": (32
           "llama-7b": (4, 512), "llama-13b": (4, 512)}
 DEFAULT_SHAPE = (4, 32)  # tiny models (smoke runs)
 CAPTURE_WARMUP = 3  # eager (or compiling) steps on a side stream before a whole-step capture
-TARGET_LEN = 128  # T5's target length (the issue's 32 × 128 + 128 targets)
+TARGET_LEN = 128  # T5's target length (32 × 128 inputs + 128 targets)
 
 
 def compose(model: str, method: str, batch: int, seq: int, extra: list[str] = (), layer: str = "stacked"):
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--modes", nargs="+", default=None, choices=MODES,
                         help="default: eager compile graph compile_graph on CUDA, eager elsewhere")
-    parser.add_argument("--shape", help="BATCHxSEQ for every model (default: the issue's per model)")
+    parser.add_argument("--shape", help="BATCHxSEQ for every model (default: the paper-scale shape per model)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps per setting and round")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per setting and round")

@@ -455,7 +455,7 @@ def test_stacked_method_trains_the_same_model(cfg_factory, stacked):
 
 
 def test_lorafa_layers_under_bf16_autocast_stay_within_bf16s_own_error(cfg_factory):
-    """The issue's numerics bar for a fast layer: under bf16 autocast (frozen weights in bf16) its loss curve stays
+    """The numerics bar for a fast layer: under bf16 autocast (frozen weights in bf16) its loss curve stays
     within bf16 tolerance of the reference layer's. Tolerance measured, not assumed: the reference layer's own
     bf16 curve differs from its fp32 curve by some amount; the stacked and merged layers' bf16 curves must differ
     from the reference's bf16 curve by no more than twice that (the merged layer rounds W + s·B·A to bf16 once)."""

@@ -1,4 +1,4 @@
-"""`python -m lorafa.bench`: the interleaved throughput benchmark (issue "Speed"). CPU smoke here; the numbers
+"""`python -m lorafa.bench`: the interleaved throughput benchmark. CPU smoke here; the numbers
 come from a GPU (results/throughput.parquet)."""
 
 import math

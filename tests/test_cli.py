@@ -39,7 +39,7 @@ def test_readme_quickstart_runs_offline_in_under_two_minutes(tmp_path):
 
 @pytest.mark.fault("a killed sweep, rerun")
 def test_multirun_over_families_and_methods_writes_one_table(tmp_path):
-    """The issue's acceptance sweep, verbatim: 9 rows, all ok, all filled, LoRA-FA below LoRA. It is first killed
+    """The README's user sweep over families and methods: 9 rows, all ok, all filled, LoRA-FA below LoRA. It is first killed
     (SIGKILL) in the middle of a job, which leaves no partial row; rerun with the same command and sweep dir, it
     skips the jobs whose row exists and runs the rest: every job exactly once. (Steps and dev examples capped
     to keep CI in minutes: evaluating the 1,000 dev sentences took a third of each job.)"""
@@ -224,3 +224,18 @@ def test_every_path_the_readme_names_exists_and_every_docs_page_is_in_its_map():
     mapped = set(re.findall(r"^\| `(docs/[\w.-]+\.md)` \|", readme, re.MULTILINE))
     pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
     assert pages == mapped, f"docs pages not in the README's map: {sorted(pages - mapped)}; gone: {sorted(mapped - pages)}"
+
+
+def test_no_development_history_in_the_project_text():
+    """Users read results, not how they were reached: no issue titles or references to "the issue" anywhere in the
+    project's text and code, and no commit hashes in the README or docs/ (a row's commit is its `git_sha`)."""
+    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "results").glob("*.md"),
+             *(ROOT / "experiments").iterdir(), *(ROOT / "analysis").glob("*.py"), ROOT / "analysis" / "README.md",
+             *(ROOT / "lorafa").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "conf").rglob("*.yaml")]
+    issue = re.compile(r"\bissue ['\"]|\bthe issue\b|\bissue's\b", re.IGNORECASE)
+    found = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in texts if p.is_file() and p.suffix in (".md", ".py", ".yaml")
+             for m in issue.finditer(p.read_text()) if p.name != "test_cli.py"]
+    assert not found, found
+    hashes = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+              for m in re.finditer(r"`[0-9a-f]{7,40}`", p.read_text())]
+    assert not hashes, hashes

@@ -149,7 +149,7 @@ def test_the_job_status_is_the_worst_of_its_processes(monkeypatch):
 
 @pytest.mark.slow
 def test_torchrun_fsdp_instruction_tuning_scores_mmlu_once(tmp_path):
-    """The issue's pipeline past one process: alpaca_mmlu_sample under FSDP (gloo), lm-eval run by every process on
+    """The instruction-tuning pipeline past one process: alpaca_mmlu_sample under FSDP (gloo), lm-eval run by every process on
     the sharded model (each sees itself as the only one), one row and one per-subject file, written by process 0."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

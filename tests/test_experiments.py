@@ -46,7 +46,7 @@ def sweep_params(cfg) -> dict[str, list[str]]:
 
 
 def test_the_experiments_are_there():
-    """One file per table or figure of the issue, each with its run command in the first comment."""
+    """One file per table or figure of the paper, each with its run command in the first comment."""
     expected = {"glue_roberta", "glue_t5", "wmt16_t5", "llama_mmlu", "memory", "memory_vs_batch", "memory_vs_seq",
                 "memory_vs_rank", "throughput", "loss_curves", "accuracy_vs_params", "lr_sensitivity", "distributed"}
     present = {p.stem for p in EXPERIMENTS.iterdir() if p.suffix in (".yaml", ".py")}

@@ -180,7 +180,7 @@ def test_every_task_config_composes_with_consistent_metrics():
         metrics = list(t.metrics)
         splits = list(t.eval_splits)
         names = metrics if len(splits) == 1 else [f"{m}_{s}" for s in splits for m in metrics]
-        if t.kind == "instruction":  # scored by lm-eval after training (issue "LLaMA"), not per eval split
+        if t.kind == "instruction":  # scored by lm-eval after training, not per eval split
             assert t.main_metric == "mmlu_acc" and not splits, path
             continue
         assert t.main_metric in names + ["loss"], path

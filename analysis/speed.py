@@ -18,7 +18,7 @@
 # setting and a method's best is its fastest. Random-init weights, synthetic full-length batches, bf16 autocast,
 # r = 8 on every linear layer, fused AdamW. The targets: LoRA-FA ≥ 1.25 × full FT and ≥ 1.1 × LoRA in
 # tokens/s. Per model the latest run (`run_id`) is shown; development rows without a `run_id` are left out, and
-# rows of development runs (`dev_run`, `results/bench_dev_h200.parquet`) are shown only while no benchmark run's
+# rows of development runs (`dev_run`, such as `results/archive/bench_dev_h200.parquet`) are shown only while no benchmark run's
 # rows exist — then the tables say so in their titles.
 
 # %%

@@ -229,7 +229,7 @@ def test_every_path_the_readme_names_exists_and_every_docs_page_is_in_its_map():
 def test_no_development_history_in_the_project_text():
     """Users read results, not how they were reached: no issue titles or references to "the issue" anywhere in the
     project's text and code, and no commit hashes in the README or docs/ (a row's commit is its `git_sha`)."""
-    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "results").glob("*.md"),
+    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "results").rglob("*.md"),
              *(ROOT / "experiments").iterdir(), *(ROOT / "analysis").glob("*.py"), ROOT / "analysis" / "README.md",
              *(ROOT / "lorafa").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "conf").rglob("*.yaml")]
     issue = re.compile(r"\bissue ['\"]|\bthe issue\b|\bissue's\b", re.IGNORECASE)

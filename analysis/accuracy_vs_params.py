@@ -79,4 +79,4 @@ for (model, data), ax in zip(panels, axes[0]):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 fig.tight_layout()
-report.save_figure(fig, EXPERIMENT)
+report.save_figure(fig, EXPERIMENT, rows=frame)

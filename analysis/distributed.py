@@ -90,4 +90,4 @@ if strategies:
     ax.legend(fontsize=8)
 ax.set_title("Peak memory per GPU: one GPU, DDP and FSDP on 2 GPUs (4 × 512 tokens per GPU)", fontsize=10)
 fig.tight_layout()
-report.save_figure(fig, EXPERIMENT)
+report.save_figure(fig, EXPERIMENT, rows=ok)

@@ -76,4 +76,4 @@ for (model, data), row_axes in zip(panels, axes):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 fig.tight_layout()
-report.save_figure(fig, EXPERIMENT)
+report.save_figure(fig, EXPERIMENT, rows=frame)

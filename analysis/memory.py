@@ -90,4 +90,4 @@ fig.suptitle(f"Memory per method, measured on {devices} (eager steps, bf16 autoc
              "saved activations, counted; black line: the allocator's peak (not every part is alive at once)",
              fontsize=9)
 fig.tight_layout()
-report.save_figure(fig, EXPERIMENT)
+report.save_figure(fig, EXPERIMENT, rows=frame)

@@ -89,7 +89,7 @@ models = list(hand["model"].unique())
 fig, axes = plt.subplots(1, max(1, len(models)), figsize=(6.5 * max(1, len(models)), 4.6), squeeze=False)
 if not models:
     axes[0][0].text(0.5, 0.5, "(no rows)", ha="center", va="center")
-    report.save_figure(fig, EXPERIMENT)
+    report.save_figure(fig, EXPERIMENT, rows=pd.concat([hand, budgets]))
 else:
     for ax, model in zip(axes[0], models):
         g = hand[hand["model"] == model]
@@ -124,4 +124,4 @@ else:
     fig.suptitle("Memory plans: peak vs tokens/s (the step line: each method's Pareto front; stars: chosen by a "
                  "budget, dashed: the budgets)", fontsize=10)
     fig.tight_layout()
-    report.save_figure(fig, EXPERIMENT)
+    report.save_figure(fig, EXPERIMENT, rows=pd.concat([hand, budgets]))

@@ -103,7 +103,7 @@ if methods:
 devices = ", ".join(sorted(set(ok["device"].dropna()))) if "device" in ok else ""
 fig.suptitle(f"Training jobs, mode graph, random-init weights, synthetic batches, bf16 — {devices}", fontsize=10)
 fig.tight_layout()
-report.save_figure(fig, EXPERIMENT)
+report.save_figure(fig, EXPERIMENT, rows=ok)
 
 # %% [markdown]
 # ## Jobs on real data: the MiniLM stand-in sweep

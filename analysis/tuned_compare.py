@@ -153,4 +153,4 @@ for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
 fig.suptitle(f"Dev accuracy vs learning rate, r = 8, 3 seeds — {device}, eager, bf16, batch 32", fontsize=10)
 fig.tight_layout()
-report.save_figure(fig, EXPERIMENT)
+report.save_figure(fig, EXPERIMENT, rows=ok)

@@ -272,14 +272,49 @@ def _tex_text(text: str) -> str:
     return one.format(_tex_symbols, escape="latex").to_string(delimiter="\t").removesuffix("\n")
 
 
-def save_figure(fig, name: str) -> list[Path]:
-    """`<out>/<name>.png` (150 dpi) and `<out>/<name>.pdf`."""
+def figure_label(frame: pd.DataFrame) -> str:
+    """What every figure states under it, from the rows it plots: device, mode (eager / graph / compiled …), batch ×
+    length, the weights used and, for figures of scores, the learning rates."""
+    if frame is None or len(frame) == 0:
+        return "no rows"
+    parts = []
+    devices = sorted({"CPU" if str(d).lower() == "cpu" else str(d) for d in frame["device"].dropna()}) \
+        if "device" in frame else []
+    parts.append("device: " + (", ".join(devices) or "not recorded"))
+    modes = set()
+    if "compile_mode" in frame:
+        modes |= {"eager" if m in ("none", "", "nan") else m for m in frame["compile_mode"].dropna().astype(str)}
+    if "mode" in frame:  # the bench's setting
+        modes |= set(frame["mode"].dropna().astype(str))
+    parts.append("mode: " + (", ".join(sorted(modes)) or "eager"))
+    if {"batch_size", "seq_len"} <= set(frame.columns):
+        shapes = sorted({(int(b), int(n)) for b, n in zip(frame["batch_size"], frame["seq_len"])
+                         if pd.notna(b) and pd.notna(n)})
+        if shapes:
+            shown = ", ".join(f"{b} × {n}" for b, n in shapes[:4]) + (" …" if len(shapes) > 4 else "")
+            parts.append(f"batch × length: {shown}")
+    weights = sorted({weights_of(r) for _, r in frame.iterrows()})
+    parts.append("weights: " + "; ".join(weights[:3]) + (" …" if len(weights) > 3 else ""))
+    scored = frame[frame["score"].notna() & (frame["task"] != "synthetic")] \
+        if {"score", "lr", "task"} <= set(frame.columns) else frame.iloc[:0]
+    if len(scored):  # figures of scores on real data state the learning rates
+        lrs = sorted(scored["lr"].dropna().unique())
+        if lrs:
+            parts.append("lr: " + ", ".join(f"{v:g}" for v in lrs[:6]) + (" …" if len(lrs) > 6 else ""))
+    return "; ".join(parts)
+
+
+def save_figure(fig, name: str, *, rows: pd.DataFrame) -> list[Path]:
+    """`<out>/<name>.png` (150 dpi) and `<out>/<name>.pdf`, with `figure_label(rows)` — the device, mode, shapes,
+    weights (and learning rates) of the rows plotted — written under the figure."""
+    label = figure_label(rows)
+    fig.text(0.5, 0.0, label, ha="center", va="top", fontsize=7, wrap=True)
     paths = [_out(f"{name}.png"), _out(f"{name}.pdf")]
     titles = [fig._suptitle.get_text()] if getattr(fig, "_suptitle", None) is not None else []
     titles += [ax.get_title() for ax in fig.axes if ax.get_title()]
-    _WRITTEN.append({"notebook": _NOTEBOOK["name"], "kind": "figure", "name": name,
-                     "title": " — ".join(titles[:1] + ([f"panels: {'; '.join(titles[1:])}"] if titles[1:] else []))
-                     or name, "files": [f"{name}.png", f"{name}.pdf"]})
+    title = " — ".join(titles[:1] + ([f"panels: {'; '.join(titles[1:])}"] if titles[1:] else [])) or name
+    _WRITTEN.append({"notebook": _NOTEBOOK["name"], "kind": "figure", "name": name, "title": f"{title} ({label})",
+                     "files": [f"{name}.png", f"{name}.pdf"]})
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -339,8 +374,8 @@ def _config(row) -> dict:
 def weights_of(row) -> str:
     """Where a row's model weights came from: random init, a local directory, or a hub id."""
     model = _config(row).get("model", {})
-    if row.get("init", model.get("init")) == "random":
-        return "random init"
+    if row.get("init", model.get("init")) == "random" or row.get("experiment") == "bench":
+        return "random init"  # (the bench builds every model from its config: `lorafa.bench`)
     if model.get("path"):
         return f"pretrained, local dir {Path(str(model['path'])).name}"
     return f"pretrained, hub {model.get('name') or row['model']}"
@@ -481,5 +516,5 @@ def memory_scaling(frame: pd.DataFrame, x: str, x_label: str, name: str, title: 
     models = ", ".join(sorted(set(ok["model"]))) if len(ok) else "no rows"
     fig.suptitle(f"{title} — {models}", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, name)
+    save_figure(fig, name, rows=ok)
     return table

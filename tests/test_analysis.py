@@ -189,6 +189,15 @@ def test_analysis_on_the_committed_results(tmp_path):
     page = (tmp_path / "index.html").read_text()
     # the headline memory figure names its device, mode, shapes and the LoRA ÷ LoRA-FA it is for
     assert "measured on NVIDIA H200 (eager steps" in page and "peak LoRA ÷ LoRA-FA 1.76×" in page
+    # every figure states, under it, the device, mode, shapes and weights of its rows (and scores the lr)
+    captions = dict(re.findall(r'<figure id="([^"]+)"><img src="[^"]+" alt="([^"]*)"', page))
+    assert len(captions) >= 10, sorted(captions)
+    for name, caption in captions.items():
+        for part in ("device: NVIDIA H200", "mode: ", "batch × length: ", "weights: "):
+            assert part in caption, (name, part, caption)
+    for name in ("accuracy_vs_params", "loss_curves", "lr_sensitivity", "tuned_compare"):
+        assert "; lr: " in captions[name], captions[name]
+    assert "mode: graph" in captions["throughput"] and "weights: random init" in captions["speed"]
 
 
 def check_index_page(out: Path) -> None:

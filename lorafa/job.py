@@ -71,10 +71,10 @@ def identity(cfg: DictConfig, d: Dist = SINGLE) -> dict:
 
 
 def _release(err: BaseException) -> None:
-    """Clear the locals of the failed job's frames (its model, optimizer, batches, activations). The exception
-    may outlive the job: PyTorch's autograd engine keeps one raised inside a CUDA backward, with its traceback
-    (pytorch/pytorch#82218), and those frames would hold the whole job — the next job of the sweep would count it
-    in its memory and run out of memory sooner."""
+    """Clear the locals of the failed job's frames (its model, optimizer, batches, activations). The exception can
+    outlive the job — whatever keeps it (a logger, a debugger; pytorch/pytorch#82218 reports an OOM in backward
+    whose memory stays) keeps its frames, and they hold the whole job: the next job of the sweep would count it in
+    its memory. (The leak a real CUDA OOM showed was another: see `measure.kept`.)"""
     traceback.clear_frames(err.__traceback__)
 
 

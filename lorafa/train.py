@@ -423,7 +423,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     padding = {"real": 0, "computed": 0}
 
     taken = history.steps  # steps taken; history.steps: those read back (the losses in the history)
-    one_time_steps = 0  # steps after the warm-up left out of tokens/s: they compiled or captured a new shape
+    one_time_steps = 0  # steps after the warm-up left out of tokens/s: a shape's one-time steps (`TrainStep.one_time`)
 
     def sync(resume_timing: bool = True) -> None:
         """Read the device's accumulators (the only synchronisation): losses into the history, a non-finite step
@@ -478,7 +478,7 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
                     batch, tokens, computed = batch_of(group[0], measured=False)
                     samples = len(group[0])
                     full = len(group[0]) == bs
-                    # a step that compiles or captures a new shape is not timed (its tokens not counted either)
+                    # a shape's one-time step (warm-up, compile, capture) is not timed, nor its tokens counted
                     one_time = step >= throughput.warmup and stepper.one_time(batch, full=full)
                     if one_time:
                         one_time_steps += 1

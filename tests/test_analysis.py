@@ -108,7 +108,10 @@ def test_tables_and_figures_are_written_in_both_formats(tmp_path):
                            notes=["a note"])
         fig, ax = plt.subplots()
         ax.plot([1, 2])
-        report.save_figure(fig, "f")
+        report.save_figure(fig, "f", rows=pd.DataFrame([{"device": "cpu", "compile_mode": "none", "batch_size": 8,
+                                                         "seq_len": 64, "init": "random", "task": "synthetic",
+                                                         "score": 0.5, "lr": 1e-3}]))
+        caption = report._WRITTEN[-1]["title"]
     finally:
         report.set_params()
     md, tex = (tmp_path / "t.md").read_text(), (tmp_path / "t.tex").read_text()
@@ -121,6 +124,8 @@ def test_tables_and_figures_are_written_in_both_formats(tmp_path):
         report.set_params()
     assert (tmp_path / "u.tex").read_text().isascii()  # pdflatex without unicode packages
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
+    # the figure's label, from its rows (no lr: the synthetic task's score is no accuracy)
+    assert caption.endswith("(device: CPU; mode: eager; batch × length: 8 × 64; weights: random init)"), caption
 
 
 def test_latex_special_characters_are_escaped_in_cells_headers_and_caption(tmp_path):

@@ -119,7 +119,7 @@ def notebook(tmp_path_factory):
                 mp.setattr(report, "_PARAMS", report.Params(out=out))  # the committed results/*.parquet
                 mp.setattr(report, "load", load)
                 mp.setattr(report, "write_table", lambda table, name, **_: tables.__setitem__(name, table) or [])
-                mp.setattr(report, "save_figure", lambda fig, name: plt.close(fig) or [])
+                mp.setattr(report, "save_figure", lambda fig, name, **kw: plt.close(fig) or [])
                 if name == "tuned_compare":  # its method × view table: no README number comes from it
                     mp.setattr(protocols, "compare", lambda *a, **k: pd.DataFrame())
                 glb = runpy.run_path(str(ROOT / "analysis" / f"{name}.py"), run_name="__main__")

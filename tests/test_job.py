@@ -246,15 +246,22 @@ def test_an_out_of_memory_in_the_loss_leaves_nothing_behind(cfg_factory, monkeyp
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.")
         return real_ce(logits, *a, **k)
 
+    def alive():  # LLaMA models, and tensors of an autograd graph (earlier tests may have left some: not ours)
+        gc.collect()
+        objects = gc.get_objects()
+        return ([o for o in objects if isinstance(o, torch.nn.Module) and type(o).__name__ == "LlamaForCausalLM"],
+                [o for o in objects if isinstance(o, torch.Tensor) and o.grad_fn is not None])
+
     monkeypatch.setattr(F, "cross_entropy", cross_entropy)
     extra = ["method.offload=true", "method.offload_min_kib=0"] if plan == "offload" else []
+    models_before, graphs_before = alive()  # held (so no id of theirs is reused) until the check
     row = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=64",
                           "train.batch_size=4", "train.max_steps=2", *extra))
     assert row["status"] == "oom", row["error"]
-    gc.collect()
-    left = [type(o).__name__ for o in gc.get_objects()
-            if isinstance(o, torch.nn.Module) and type(o).__name__ == "LlamaForCausalLM"]
-    graphs = [tuple(o.shape) for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    models, graphs = alive()
+    seen = {id(o) for o in models_before + graphs_before}
+    left = [type(o).__name__ for o in models if id(o) not in seen]
+    graphs = [tuple(o.shape) for o in graphs if id(o) not in seen]
     assert not left and not graphs, (left, graphs[:5])
 
 

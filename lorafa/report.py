@@ -236,10 +236,10 @@ def write_table(table: pd.DataFrame, name: str, *, title: str, notes: list[str] 
     shown = table if not table.empty else pd.DataFrame({"": ["(no rows)"]})
     notes = [portable(n) for n in notes if n]
     _WRITTEN.append({"notebook": _NOTEBOOK["name"], "kind": "table", "name": name, "title": title,
-                     "notes": [n for n in notes if n], "html": shown.to_html(index=False, border=0, escape=True),
+                     "notes": notes, "html": shown.to_html(index=False, border=0, escape=True),
                      "files": [f"{name}.md", f"{name}.tex"]})
     md = [f"# {title}", "", shown.to_markdown(index=False), ""]
-    md += [f"- {n}" for n in notes if n]
+    md += [f"- {n}" for n in notes]
     md_path = _out(f"{name}.md")
     md_path.write_text("\n".join(md) + "\n")
     tex_path = _out(f"{name}.tex")

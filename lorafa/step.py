@@ -354,6 +354,8 @@ class GraphStats:
     failures: int = 0
     pool_bytes: int = 0  # reserved by the captures (their shared private pool), measured around each
     errors: list[str] = field(default_factory=list)
+    eval_captured: int = 0  # evaluation forwards (`TrainStep.eval_forward`), in the same pool
+    eval_replays: int = 0
 
 
 def _shape_key(batch: dict) -> tuple:
@@ -381,6 +383,8 @@ class TrainStep:
         self.shapes: set = set()  # shape keys whose full step has run (compiled modes: compiled)
         self.stats = GraphStats()
         self.pool = None
+        self.eval_graphs: dict = {}  # shape key → (CUDAGraph, static inputs, {"out": outputs}), or None: eager
+        self.eval_seen: Counter = Counter()
         self.stream = torch.cuda.Stream(device) if mode in GRAPHED and device.type == "cuda" else None
 
     def autocast(self):
@@ -488,7 +492,54 @@ class TrainStep:
         graph.replay()  # the capture ran nothing: this batch's step
         self.stats.replays += 1
 
+    def eval_forward(self, fn, batch: dict, *, capturable: bool) -> tuple:
+        """`fn(batch)` — an evaluation batch's forward, returning a tuple of device tensors (or None) — run the
+        job's way. In graphed modes, where `capturable` (`lorafa.tasks.Poser.capturable`: nothing in `fn` reads a
+        tensor on the host), a shape's first batch runs eager, its second is captured (eager kernels: compiled
+        blocks run eager in evaluation) in the training graphs' pool and replayed from then on; what a replay
+        returns is copied out at once, since a later replay of any graph in the pool may overwrite it. Elsewhere,
+        and for a shape whose capture failed, `fn` runs eager."""
+        if self.mode not in GRAPHED or not capturable:
+            return fn(batch)
+        key = _shape_key(batch)
+        found = self.eval_graphs.get(key, ())
+        if found is None:
+            return fn(batch)
+        if found:
+            graph, static, held = found
+            for k, v in batch.items():
+                static[k].copy_(v, non_blocking=True)
+            graph.replay()
+            self.stats.eval_replays += 1
+            return tuple(o.clone() if torch.is_tensor(o) else o for o in held["out"])
+        self.eval_seen[key] += 1
+        if self.eval_seen[key] < 2:
+            return fn(batch)
+        static = {k: v.clone() for k, v in batch.items()}
+        held: dict = {}
+
+        def body():
+            held["out"] = fn(static)
+
+        before = _reserved_after_release(self.device)
+        try:
+            graph, self.pool = capture(body, device=self.device, pool=self.pool, strict=False)
+        except Exception as err:  # noqa: BLE001 - this shape stays eager; the evaluation goes on
+            self.eval_graphs[key] = None
+            self.stats.failures += 1
+            self.stats.errors.append(f"eval {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"[:300])
+            print(f"lorafa: capturing the evaluation forward for shape {dict(key)} failed "
+                  f"({self.stats.errors[-1]}); that shape runs eager", file=sys.stderr)
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                _reserved_after_release(self.device)
+            return fn(batch)
+        self.stats.pool_bytes += max(0, _reserved(self.device) - before)
+        self.eval_graphs[key] = (graph, static, held)  # held["out"]: the graph's output tensors
+        self.stats.eval_captured += 1
+        return self.eval_forward(fn, batch, capturable=True)  # replays it
+
     def columns(self) -> dict:
         return {"graph_shapes": self.stats.captured, "graph_replays": self.stats.replays,
                 "graph_failures": self.stats.failures, "graph_error": "; ".join(self.stats.errors)[:500],
+                "eval_graph_shapes": self.stats.eval_captured, "eval_graph_replays": self.stats.eval_replays,
                 "mem_graph_pool_gib": self.stats.pool_bytes / 1024**3}  # 0: no graph

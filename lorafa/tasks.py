@@ -390,6 +390,26 @@ class Poser:
     def predict(self, model, batch) -> torch.Tensor:
         raise NotImplementedError
 
+    # `score` reads no tensor value on the host and returns device tensors only: a CUDA graph can hold it
+    # (`lorafa.step.TrainStep.eval_forward`)
+    capturable = False
+
+    @torch.no_grad()
+    def score(self, model, inputs: dict, batch: dict, predict: bool):
+        """One evaluation batch in as few forwards as the family allows: (its mean loss, a device tensor; with
+        `predict`, its raw predictions — a device tensor that `finish` turns into labels or values once read, or
+        generated text — else None). `inputs` are the model's inputs, `batch` the whole collated batch."""
+        loss = model(**inputs).loss
+        return loss, (self.choose(model, batch) if predict else None)
+
+    def choose(self, model, batch):
+        """Raw predictions for a batch (`finish` makes them labels or values)."""
+        return self.predict(model, batch)
+
+    def finish(self, raw):
+        """Predictions from what `score` or `choose` gave, once on the host."""
+        return raw
+
     def prompt(self, row) -> str:
         pair = row.get("text_pair")
         template = self.tcfg.get("prompt")
@@ -431,9 +451,18 @@ class EncoderPoser(Poser):
         lengths = self.tok(frame["text"].tolist(), pairs, truncation=False, verbose=False)["input_ids"]
         return int(sum(len(ids) > self.max_len for ids in lengths))
 
+    capturable = True
+
     @torch.no_grad()
     def predict(self, model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return self._from_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+
+    @torch.no_grad()
+    def score(self, model, inputs, batch, predict):
+        out = model(**inputs)  # the loss and the predictions from one forward
+        return out.loss, (self._from_logits(out.logits) if predict else None)
+
+    def _from_logits(self, logits):
         return logits.argmax(-1) if self.data.kind == "classification" else logits.squeeze(-1).float()
 
 
@@ -445,6 +474,16 @@ class Seq2SeqPoser(Poser):
         self.generates = self.data.kind == "translation"
         self.target_len = int(self.tcfg.get("target_len") or self.max_len)
         self.candidates = [] if self.generates else [self.tok(w)["input_ids"] for w in self.label_words()]
+        self._on_device: dict = {}  # device → the candidates as tensors (made outside any capture)
+
+    @property
+    def capturable(self):
+        return not self.generates
+
+    def _candidate_tensors(self, device):
+        if device not in self._on_device:
+            self._on_device[device] = [torch.tensor(c, device=device) for c in self.candidates]
+        return self._on_device[device]
 
     def encode(self, frame):
         rows = frame.to_dict("records")
@@ -471,14 +510,34 @@ class Seq2SeqPoser(Poser):
                                  max_new_tokens=self.target_len, num_beams=int(self.tcfg.get("num_beams") or 1),
                                  do_sample=False)
             return self.tok.batch_decode(out, skip_special_tokens=True)
+        return self.from_choice(self.choose(model, batch))
+
+    @torch.no_grad()
+    def score(self, model, inputs, batch, predict):
+        if self.generates:
+            return super().score(model, inputs, batch, predict)
+        # the encoder run once, for the loss on the reference words and for scoring every label's words
         enc = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = model(encoder_outputs=enc, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return loss, (self.choose(model, batch, enc) if predict else None)
+
+    @torch.no_grad()
+    def choose(self, model, batch, enc=None):
+        """The index of the likeliest label words, log p(words | input), the encoder run once."""
+        if self.generates:
+            return self.predict(model, batch)
+        if enc is None:
+            enc = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         n = batch["input_ids"].shape[0]
         scores = []
-        for cand in self.candidates:  # log p(label words | input), encoder run once
-            labels = torch.tensor(cand, device=batch["input_ids"].device).expand(n, -1).contiguous()
+        for cand in self._candidate_tensors(batch["input_ids"].device):
+            labels = cand.expand(n, -1).contiguous()
             logits = model(encoder_outputs=enc, attention_mask=batch["attention_mask"], labels=labels).logits
             scores.append(logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1).sum(-1))
-        return self.from_choice(torch.stack(scores, -1).argmax(-1))
+        return torch.stack(scores, -1).argmax(-1)
+
+    def finish(self, raw):
+        return raw if self.generates else self.from_choice(raw)
 
 
 class DecoderPoser(Poser):
@@ -516,6 +575,12 @@ class DecoderPoser(Poser):
 
     @torch.no_grad()
     def predict(self, model, batch):
+        return self.from_choice(self.choose(model, batch))
+
+    @torch.no_grad()
+    def choose(self, model, batch):
+        """The index of the likeliest label words after each prompt (each row's prompt length is read on the
+        host: not capturable)."""
         ids, plen = batch["input_ids"], batch["prompt_len"]
         n, pad = ids.shape[0], self.tok.pad_token_id
         scores = []
@@ -533,7 +598,10 @@ class DecoderPoser(Poser):
             picked = logp.gather(1, pos[:, :, None].expand(-1, -1, logp.shape[-1])).gather(
                 -1, c.expand(n, -1)[:, :, None]).squeeze(-1)
             scores.append(picked.sum(-1))
-        return self.from_choice(torch.stack(scores, -1).argmax(-1))
+        return torch.stack(scores, -1).argmax(-1)
+
+    def finish(self, raw):
+        return self.from_choice(raw)
 
 
 class InstructionPoser(Poser):

@@ -43,6 +43,7 @@ class EvalSet:
     name: str  # the eval split's key ("validation", or "m"/"mm" for MNLI)
     features: list[dict]
     references: np.ndarray | None  # None: loss only (synthetic)
+    batches: dict = field(default_factory=dict, repr=False)  # the collated batches, made once (`_eval_batches`)
 
 
 @dataclass
@@ -153,40 +154,83 @@ def total_steps(n_train: int, tcfg: DictConfig, d: Dist = SINGLE) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str], *, batch_size: int,
-             device: torch.device, pad_id: int, amp: torch.dtype | None) -> dict[str, float]:
+             device: torch.device, pad_id: int, amp: torch.dtype | None, stepper: step_mod.TrainStep | None = None,
+             multiple: int = 0, max_len: int = 0, label_cap: int = 0) -> dict[str, float]:
     """Mean loss and the task's metrics on one eval split. Blocks compiled for training (`train.compile`) run
-    eager here: generation and the eval batches' shapes would recompile them."""
-    with torch.compiler.set_stance("force_eager"):
+    eager here: generation and the eval batches' shapes would recompile them. With a job's `stepper` in a graphed
+    mode, forwards that read nothing on the host (`Poser.capturable`) are captured per batch shape and replayed
+    (`TrainStep.eval_forward`); `multiple` pads each batch to a length bucket, as training does, so that they
+    meet few shapes (`max_len`, `label_cap`: the bucket caps of inputs and of T5's targets)."""
+    with torch.compiler.set_stance("force_eager"), (stepper.context() if stepper is not None else nullcontext()):
         return _evaluate(model, poser, evalset, metrics, batch_size=batch_size, device=device, pad_id=pad_id,
-                         amp=amp)
+                         amp=amp, stepper=stepper, multiple=multiple, max_len=max_len, label_cap=label_cap)
 
 
-def _evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str], *, batch_size: int,
-              device: torch.device, pad_id: int, amp: torch.dtype | None) -> dict[str, float]:
-    """Batches of similar length (the examples sorted by length, predictions put back in order), so that little
-    of the work is padding; the loss summed on the device and read once."""
-    was_training = model.training
-    model.eval()
-    loss_sum, n, preds = None, 0, {}
+def _eval_batches(poser: Poser, evalset: EvalSet, batch_size: int, pad_id: int, multiple: int, max_len: int,
+                  label_cap: int, pin: bool) -> list[tuple[list[int], dict]]:
+    """The eval split's batches, collated once a job (kept on the EvalSet, pinned for CUDA): examples sorted by
+    length, so that a batch holds similar lengths (little padding), each batch with its examples' indices and
+    padded to its length bucket (`multiple` 0: to its longest)."""
+    key = (batch_size, pad_id, multiple, max_len, label_cap, pin)
+    if key in evalset.batches:
+        return evalset.batches[key]
     aligned = poser.family == "decoder"
     order = sorted(range(len(evalset.features)), key=lambda i: len(evalset.features[i]["input_ids"]))
+    out = []
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
         chunk = [evalset.features[j] for j in idx]
-        batch = _to(collate(chunk, pad_id, aligned_labels=aligned), device)
-        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-            part = model(**_inputs(batch)).loss.detach().float() * len(chunk)
-            loss_sum = part if loss_sum is None else loss_sum + part
-            if evalset.references is not None:  # label ids / scores (a tensor), or generated text
-                pred = poser.predict(model, batch)
-                pred = pred.float().cpu().tolist() if torch.is_tensor(pred) else pred
-                preds.update(zip(idx, pred))
-        n += len(chunk)
+        width = step_mod.bucket_length(max(len(f["input_ids"]) for f in chunk), multiple, max_len or 1 << 30)
+        labels_to = None
+        if not aligned and multiple and isinstance(chunk[0].get("labels"), list):
+            labels_to = step_mod.bucket_length(max(len(f["labels"]) for f in chunk), multiple, label_cap or 1 << 30)
+        batch = collate(chunk, pad_id, pad_to=width, aligned_labels=aligned, pad_labels_to=labels_to)
+        out.append((idx, {k: v.pin_memory() for k, v in batch.items()} if pin else batch))
+    evalset.batches = {key: out}  # one layout a job
+    return out
+
+
+def _evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str], *, batch_size: int,
+              device: torch.device, pad_id: int, amp: torch.dtype | None, stepper: step_mod.TrainStep | None = None,
+              multiple: int = 0, max_len: int = 0, label_cap: int = 0) -> dict[str, float]:
+    """Each batch in one pass where the family allows (`Poser.score`: the loss and the predictions from the same
+    forward); the loss and the predictions stay on the device and are read once, at the end."""
+    was_training = model.training
+    model.eval()
+    predict = evalset.references is not None
+    loss_sum, n, idx_all, raw = None, 0, [], []
+    batches = _eval_batches(poser, evalset, batch_size, pad_id, multiple, max_len, label_cap, device.type == "cuda")
+
+    def forward(batch):
+        # no autocast cache: a capture must not keep casts made inside it
+        with torch.autocast(device.type, dtype=amp, cache_enabled=False) if amp else nullcontext():
+            loss, pred = poser.score(model, _inputs(batch), batch, predict)
+        return loss.detach().float(), pred
+
+    for idx, host in batches:
+        batch = _to(host, device)
+        if stepper is not None:
+            loss, pred = stepper.eval_forward(forward, batch, capturable=poser.capturable)
+        else:
+            loss, pred = forward(batch)
+        part = loss * len(idx)
+        loss_sum = part if loss_sum is None else loss_sum + part
+        if predict:
+            raw.append(pred)
+            idx_all += idx
+        n += len(idx)
     model.train(was_training)
     out = {"loss": float(loss_sum) / max(n, 1) if loss_sum is not None else float("nan")}
-    if evalset.references is not None:
-        ordered = np.asarray([preds[j] for j in range(len(evalset.features))])
-        out.update(compute_metrics(metrics, evalset.references, ordered))
+    if predict:
+        if raw and torch.is_tensor(raw[0]):
+            values = poser.finish(torch.cat(raw).cpu())  # the one read of the predictions
+            values = values.tolist() if torch.is_tensor(values) else list(values)
+        else:  # generated text
+            values = [v for part in raw for v in poser.finish(part)]
+        ordered = [None] * len(evalset.features)
+        for j, v in zip(idx_all, values):
+            ordered[j] = v
+        out.update(compute_metrics(metrics, evalset.references, np.asarray(ordered)))
     return out
 
 
@@ -399,7 +443,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
         record = {"epoch": epoch, "step": history.steps}
         for ev in evalsets:
             result = evaluate(model, poser, ev, metric_list, batch_size=int(tcfg.eval_batch_size), device=device,
-                              pad_id=pad_id, amp=amp)
+                              pad_id=pad_id, amp=amp, stepper=stepper, multiple=multiple, max_len=max_len,
+                              label_cap=label_cap)
             suffix = "" if len(evalsets) == 1 else f"_{ev.name}"
             record.update({f"{k}{suffix}": v for k, v in result.items()})
         history.evals.append(record)

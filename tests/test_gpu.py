@@ -206,7 +206,8 @@ def test_a_graphed_job_trains_like_an_eager_one(cfg_factory, model, task):
     from lorafa import step
 
     data = (["task.max_seq_len=64", "task.target_len=16"] if task == "synthetic"  # real data: max 80 tokens here
-            else ["task.max_seq_len=96", "task.max_train_samples=200"])
+            else ["task.max_seq_len=96", "task.max_train_samples=200", "task.max_eval_samples=256",
+                  "train.eval_batch_size=16"])  # several eval batches a length bucket: captured, then replayed
     common = [f"model={model}", "method=lorafa", f"task={task}", *data, "train.batch_size=16", "train.max_steps=24",
               "train.log_every=5", "train.bucket=16", *NO_DROPOUT[model]]
     rows = {mode: run(cfg_factory(*common, f"train.compile={mode}")) for mode in ("none", "eager_graph", "graph")}
@@ -224,6 +225,12 @@ def test_a_graphed_job_trains_like_an_eager_one(cfg_factory, model, task):
         assert row["mem_graph_pool_gib"] > 0, (mode, row["mem_graph_pool_gib"])
         if task != "synthetic":  # buckets 64 and 80 met, each its own graph
             assert row["graph_shapes"] >= 2 and row["pad_frac"] > 0.2, (mode, row["graph_shapes"], row["pad_frac"])
+            # evaluation forwards graphed too (T5: the encoder once, the loss and each label's words from it),
+            # scoring as eager does
+            assert row["eval_graph_shapes"] >= 2 and row["eval_graph_replays"] >= 4, \
+                (mode, row["eval_graph_shapes"], row["eval_graph_replays"])
+            assert abs(row["score"] - eager["score"]) <= 0.02, (mode, row["score"], eager["score"])
+            assert row["eval_loss"] == pytest.approx(eager["eval_loss"], rel=3e-2), mode
         np.testing.assert_allclose(row["loss_curve"], eager["loss_curve"], rtol=3e-2, atol=3e-2, err_msg=mode)
     assert rows["graph"]["compiled_blocks"] > 0 and rows["eager_graph"]["compiled_blocks"] == 0
 

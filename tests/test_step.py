@@ -1,6 +1,7 @@
 """`lorafa.step` on CPU: which way a job steps, length buckets, the device-side accumulators and the sync-free loop.
 (That a graphed step trains like an eager one is the CUDA tier's: tests/test_gpu.py.)"""
 
+import json
 import math
 from itertools import pairwise
 
@@ -182,10 +183,36 @@ def test_eval_batched_by_length_scores_as_one_example_at_a_time(cfg_factory, mon
     assert batched["accuracy"] == one["accuracy"]
     assert batched["loss"] == pytest.approx(one["loss"], rel=1e-5)
     seen = {}
-    monkeypatch.setattr(poser, "predict", lambda model, batch: batch["attention_mask"].sum(1).float())
+    monkeypatch.setattr(poser, "score", lambda model, inputs, batch, predict:
+                        (torch.zeros(()), batch["attention_mask"].sum(1).float()))
     monkeypatch.setattr(train, "compute_metrics", lambda metrics, refs, preds: seen.update(preds=preds) or {})
     evaluate(net.model, poser, ev, ["accuracy"], batch_size=16, **kw)
     assert seen["preds"].tolist() == lengths
+
+
+@pytest.mark.parametrize("model", ["tiny-roberta", "tiny-t5", "tiny-llama"])
+def test_one_pass_scoring_gives_the_loss_and_predictions_of_separate_forwards(cfg_factory, model):
+    """`Poser.score` (an encoder's loss and predictions from one forward; T5's encoder run once for the loss and for
+    every label's words) gives the loss of the model's own forward and the labels `predict` gives."""
+    from lorafa import models, tasks
+    from lorafa.train import _inputs
+
+    cfg = cfg_factory(f"model={model}", "task.max_eval_samples=12")
+    data = tasks.load_data(cfg.task)
+    tok = models.load_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    net = models.build(cfg.model, num_labels=data.num_labels, device=CPU, dtype=torch.float32, tokenizer=tok)
+    poser = tasks.poser_for(net.family, data, cfg.task, tok)
+    feats = poser.encode(data.splits["validation"])
+    batch = collate(feats, tok.pad_token_id, aligned_labels=net.family == "decoder")
+    model_ = net.model.eval()
+    with torch.no_grad():
+        ref_loss, ref_pred = model_(**_inputs(batch)).loss, poser.predict(model_, batch)
+        loss, raw = poser.score(model_, _inputs(batch), batch, True)
+        no_pred = poser.score(model_, _inputs(batch), batch, False)[1]
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7), (float(loss), float(ref_loss))
+    assert poser.finish(raw.cpu()).tolist() == ref_pred.tolist() and no_pred is None
+    assert poser.capturable == (net.family != "decoder")  # decoders read each prompt's length on the host
 
 
 def test_job_rows_say_how_they_stepped(cfg_factory):
@@ -256,6 +283,11 @@ def test_one_time_names_the_steps_that_compile_or_capture(mode, monkeypatch):
     assert [at for at, flag in enumerate(seen) if flag] == compiled
 
 
+def _owner(body):
+    """The TrainStep whose training step `body` is (None: an evaluation forward's body)."""
+    return next((c.cell_contents for c in body.__closure__ if isinstance(c.cell_contents, step.TrainStep)), None)
+
+
 class FakeGraph:
     """A stand-in for a captured CUDA graph on CPU: capturing runs nothing, each replay runs the captured step on
     the graph's static inputs — as a real graph does — and leaves the gradients' Python attributes as a replay
@@ -263,8 +295,8 @@ class FakeGraph:
 
     def __init__(self, body):
         self.body = body
-        owner = next(c.cell_contents for c in body.__closure__ if isinstance(c.cell_contents, step.TrainStep))
-        self.params = list(owner.model.parameters())
+        owner = _owner(body)
+        self.params = list(owner.model.parameters()) if owner is not None else []  # an eval forward: no gradients
         self.replays = 0
 
     def replay(self):
@@ -279,9 +311,12 @@ def test_the_graph_modes_logic_on_cpu_trains_exactly_as_eager(cfg_factory, monke
     and replays from static inputs refilled each step, several length buckets sharing the run, an epoch's partial
     batch eager, a failed capture leaving its shape eager — the loss curve and scores equal eager's (to float32
     rounding)."""
-    captures = []
+    captures, eval_captures = [], []
 
     def fake_capture(body, *, device, pool, strict):
+        if _owner(body) is None:  # an evaluation forward
+            eval_captures.append(body)
+            return FakeGraph(body), "pool"
         static = next(c.cell_contents for c in body.__closure__ if isinstance(c.cell_contents, dict))
         key = tuple(t.shape[1] for t in static.values() if t.ndim == 2)
         captures.append(key)
@@ -290,7 +325,8 @@ def test_the_graph_modes_logic_on_cpu_trains_exactly_as_eager(cfg_factory, monke
         return FakeGraph(body), "pool"
 
     common = [*SMALL, "task.max_train_samples=90", "train.batch_size=4", "task.max_seq_len=64", "train.bucket=16",
-              "train.epochs=2", "train.optimizer_impl=fused", "train.log_every=4", "train.measure_warmup_steps=3"]
+              "train.epochs=2", "train.optimizer_impl=fused", "train.log_every=4", "train.measure_warmup_steps=3",
+              "train.eval_batch_size=6"]  # several eval batches a shape
     eager = run(cfg_factory(*common, "train.compile=none"))
     monkeypatch.setattr(step, "graph_blockers", lambda cfg, device: [])
     monkeypatch.setattr(step, "capture", fake_capture)
@@ -334,3 +370,11 @@ def test_the_graph_modes_logic_on_cpu_trains_exactly_as_eager(cfg_factory, monke
     # equal up to float32 rounding: graphs read lr from float32 tensors, eager from Python floats
     np.testing.assert_allclose(graphed["loss_curve"], eager["loss_curve"], rtol=1e-5)
     assert graphed["score"] == eager["score"] and graphed["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-5)
+    # evaluation forwards too: a shape's first batch eager, its second captured, replays from then on (two
+    # evaluations: after epoch 1 and at the end), each replay's outputs read before the next
+    assert graphed["eval_graph_shapes"] == len(eval_captures) >= 1 and eager["eval_graph_shapes"] == 0
+    assert graphed["eval_graph_replays"] >= graphed["eval_graph_shapes"]
+    evals = [json.loads(r["eval_history"]) for r in (graphed, eager)]
+    assert len(evals[0]) == len(evals[1]) == 2
+    for g, e in zip(*evals):
+        assert g == pytest.approx(e, rel=1e-5)

@@ -477,12 +477,7 @@ class TrainStep:
         except Exception as err:  # noqa: BLE001 - this shape stays eager; the job goes on
             self.model.zero_grad(set_to_none=True)
             self.graphs[key] = None
-            self.stats.failures += 1
-            self.stats.errors.append(f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"[:300])
-            print(f"lorafa: capturing the step for shape {dict(key)} failed ({self.stats.errors[-1]}); "
-                  "that shape runs eager", file=sys.stderr)
-            if isinstance(err, torch.cuda.OutOfMemoryError):
-                _reserved_after_release(self.device)
+            self._capture_failed(err, "the step", key)
             self.eager(batch, step, force_eager=True)
             return
         self.stats.pool_bytes += max(0, _reserved(self.device) - before)
@@ -491,6 +486,16 @@ class TrainStep:
         self.stats.captured += 1
         graph.replay()  # the capture ran nothing: this batch's step
         self.stats.replays += 1
+
+    def _capture_failed(self, err: Exception, what: str, key, prefix: str = "") -> None:
+        """A capture that failed: counted, its error kept for the row and logged; after an out-of-memory, the
+        allocator's cached blocks given back."""
+        self.stats.failures += 1
+        self.stats.errors.append(f"{prefix}{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"[:300])
+        print(f"lorafa: capturing {what} for shape {dict(key)} failed ({self.stats.errors[-1]}); "
+              "that shape runs eager", file=sys.stderr)
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            _reserved_after_release(self.device)
 
     def eval_forward(self, fn, batch: dict, *, capturable: bool) -> tuple:
         """`fn(batch)` — an evaluation batch's forward, returning a tuple of device tensors (or None) — run the
@@ -526,12 +531,7 @@ class TrainStep:
             graph, self.pool = capture(body, device=self.device, pool=self.pool, strict=False)
         except Exception as err:  # noqa: BLE001 - this shape stays eager; the evaluation goes on
             self.eval_graphs[key] = None
-            self.stats.failures += 1
-            self.stats.errors.append(f"eval {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"[:300])
-            print(f"lorafa: capturing the evaluation forward for shape {dict(key)} failed "
-                  f"({self.stats.errors[-1]}); that shape runs eager", file=sys.stderr)
-            if isinstance(err, torch.cuda.OutOfMemoryError):
-                _reserved_after_release(self.device)
+            self._capture_failed(err, "the evaluation forward", key, prefix="eval ")
             return fn(batch)
         self.stats.pool_bytes += max(0, _reserved(self.device) - before)
         self.eval_graphs[key] = (graph, static, held)  # held["out"]: the graph's output tensors

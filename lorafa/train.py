@@ -166,6 +166,16 @@ def evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str
                          amp=amp, stepper=stepper, multiple=multiple, max_len=max_len, label_cap=label_cap)
 
 
+def _widths(chunk: list[dict], *, aligned: bool, multiple: int, max_len: int, label_cap: int) -> tuple[int, int | None]:
+    """The length a batch of `chunk` is padded to — its longest input's length bucket (`lorafa.step.bucket_length`;
+    `multiple` 0: the longest) — and, for labels that do not run along the inputs (T5's targets), theirs."""
+    width = step_mod.bucket_length(max(len(f["input_ids"]) for f in chunk), multiple, max_len)
+    labels_to = None
+    if not aligned and multiple and isinstance(chunk[0].get("labels"), list):
+        labels_to = step_mod.bucket_length(max(len(f["labels"]) for f in chunk), multiple, label_cap)
+    return width, labels_to
+
+
 def _eval_batches(poser: Poser, evalset: EvalSet, batch_size: int, pad_id: int, multiple: int, max_len: int,
                   label_cap: int, pin: bool) -> list[tuple[list[int], dict]]:
     """The eval split's batches, collated once a job (kept on the EvalSet, pinned for CUDA): examples sorted by
@@ -180,10 +190,8 @@ def _eval_batches(poser: Poser, evalset: EvalSet, batch_size: int, pad_id: int, 
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
         chunk = [evalset.features[j] for j in idx]
-        width = step_mod.bucket_length(max(len(f["input_ids"]) for f in chunk), multiple, max_len or 1 << 30)
-        labels_to = None
-        if not aligned and multiple and isinstance(chunk[0].get("labels"), list):
-            labels_to = step_mod.bucket_length(max(len(f["labels"]) for f in chunk), multiple, label_cap or 1 << 30)
+        width, labels_to = _widths(chunk, aligned=aligned, multiple=multiple, max_len=max_len or 1 << 30,
+                                   label_cap=label_cap or 1 << 30)
         batch = collate(chunk, pad_id, pad_to=width, aligned_labels=aligned, pad_labels_to=labels_to)
         out.append((idx, {k: v.pin_memory() for k, v in batch.items()} if pin else batch))
     evalset.batches = {key: out}  # one layout a job
@@ -488,11 +496,11 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
         """A micro-batch collated on the host (padded to max_seq_len when measured, else to its length bucket),
         pinned and copied without waiting; with its real and computed token counts."""
         chunk = [train_features[i] for i in idx]
-        longest = max(len(f["input_ids"]) for f in chunk)
-        width = max_len if measured else step_mod.bucket_length(longest, multiple, max_len)
-        labels_to = None
-        if not aligned and multiple and not measured and isinstance(chunk[0].get("labels"), list):
-            labels_to = step_mod.bucket_length(max(len(f["labels"]) for f in chunk), multiple, label_cap)
+        if measured:  # batch_size × max_seq_len: what the memory describes
+            width, labels_to = max_len, None
+        else:
+            width, labels_to = _widths(chunk, aligned=aligned, multiple=multiple, max_len=max_len,
+                                       label_cap=label_cap)
         collated = collate(chunk, pad_id, pad_to=width, aligned_labels=aligned, pad_labels_to=labels_to)
         host, real = _inputs(collated), count_tokens(collated, poser.family)
         computed = host["input_ids"].numel() + (host["labels"].numel() if poser.family == "encoder-decoder" else 0)

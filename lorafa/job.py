@@ -201,25 +201,57 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     label = f"train.memory_budget_gib={cfg.train.memory_budget_gib}"
     if d.enabled:
         raise BadInput(f"{label}: plans are chosen for one process; expected train.strategy=single")
-    rates = plans.measure_rates(device)
-    options = []
     steps = total_steps(len(features), cfg.train, d)
-    for plan in plans.candidates(_n_blocks(config, family), offload=device.type == "cuda"):  # CPU: host = device
+    n_blocks = _n_blocks(config, family)
+    options, lines, layers = [], {}, {}
+    for plan in plans.candidates(n_blocks, offload=device.type == "cuda"):  # CPU: host = device
         trial = OmegaConf.merge(cfg, {"method": plan.keys()})
         try:
             layer = _layer(trial, features, config, step.resolve_mode(trial, device, steps)[0], device)
             options.append((plan, _predict(trial, device, family, num_labels, features, layer)))
+            lines[plan] = plans.timeline(trial.method, n_blocks)
+            layers.setdefault("plain", layer)  # the first candidate's: nothing recomputed or offloaded
         except Exception as err:  # noqa: BLE001 - a plan this model cannot take is not a candidate
             log.info("plan %s: not predicted (%s: %s)", plans.describe(trial.method), type(err).__name__, err)
             options.append((plan, None))
-    plan, pred, seconds = plans.choose(options, budget * measure.GIB, rates, label)
+    rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
+                                                                 layers.get("plain", "false")))
+    plan, pred, seconds = plans.choose(options, budget * measure.GIB, rates, label, lines)
     fitting = sum(p is not None and p.peak <= budget * measure.GIB for _, p in options)
     chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options), plans_fitting=fitting,
                         pred_step_s=seconds, copy_gib_per_s=rates.copy_bytes / measure.GIB,
-                        matmul_tflop_per_s=rates.matmul_flops / 1e12)
+                        matmul_tflop_per_s=rates.matmul_flops / 1e12, fwd_tflop_per_s=rates.forward_flops / 1e12,
+                        bwd_tflop_per_s=rates.backward_flops / 1e12)
     log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit)",
              label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), fitting)
     return chosen
+
+
+def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str) -> tuple:
+    """`lorafa.plans.profile_step` of this job's model cut to one block (`models.build(blocks=1)`), its method
+    applied as the job would apply it with nothing recomputed or offloaded, at the job's batch shape (the
+    predictor's batch: `batch_size` × `task.max_seq_len`, full length)."""
+    plain = OmegaConf.merge(cfg, {"method": plans.Plan().keys()})
+    dtype = getattr(torch, cfg.model.get("dtype") or "float32")
+    amp = autocast_dtype(cfg.train.precision, device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        net = models.build(cfg.model, num_labels=num_labels, device=device, dtype=dtype, blocks=1)
+        methods.apply(net, plain.method, cfg.model.get("target_modules"),
+                      frozen_dtype=frozen_weight_dtype(cfg.train, device),
+                      stacked=layer)
+        net.model.train()
+        target_len = None
+        if net.family == "encoder-decoder":
+            target_len = int(cfg.task.get("target_len") or 0) if cfg.task.get("kind") == "synthetic" else 0
+            target_len = target_len or max(len(f["labels"]) for f in features)
+        batch = memory._batch(net.family, int(cfg.train.batch_size), int(cfg.task.max_seq_len), target_len,
+                              num_labels, device)
+        try:
+            return plans.profile_step(net.model, batch, device, amp)
+        finally:
+            del net, batch
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def _prediction(cfg: DictConfig, device: torch.device, net, num_labels: int, features: list[dict],

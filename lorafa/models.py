@@ -107,14 +107,20 @@ def align_special_tokens(config, tokenizer) -> dict[str, tuple]:
 
 
 def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtype: torch.dtype,
-          weights: bool = True, tokenizer=None) -> Network:
+          weights: bool = True, tokenizer=None, blocks: int | None = None) -> Network:
     """Build the network for a task with `num_labels` outputs (1 = regression; ignored by LM-headed families).
     `weights=False` builds the architecture only (random init, whatever `model.init` says): what
     `lorafa.memory.predict` runs on fake tensors. With a `tokenizer`, a random-init model's special token ids
-    follow it (`align_special_tokens`)."""
+    follow it (`align_special_tokens`). `blocks`: the architecture cut to that many blocks (in the encoder and in
+    the decoder), random init — the step-time profile of `lorafa.plans.profile_step`."""
     if mcfg.init not in ("pretrained", "random"):
         raise BadInput(f"model.init={mcfg.init!r}: expected pretrained or random")
     config = load_config(mcfg)
+    if blocks:
+        weights = False
+        for key in ("num_hidden_layers", "num_layers", "num_decoder_layers"):
+            if getattr(config, key, None):
+                setattr(config, key, int(blocks))
     if tokenizer is not None and (mcfg.init == "random" or not weights):
         for key, (old, new) in align_special_tokens(config, tokenizer).items():
             log.info("random init: %s %s → %s (the tokenizer's)", key, old, new)

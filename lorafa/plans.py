@@ -29,7 +29,7 @@ and `lorafa.memory.predict` see it as saved activations.
 from __future__ import annotations
 
 import weakref
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -173,8 +173,14 @@ def apply(model: nn.Module, method) -> int:
 def _blocks(kind: str, arg) -> str:
     if kind in ("first", "last"):
         return f"the {kind} block" if arg == 1 else f"the {kind} {arg} blocks"
-    return ("all blocks" if kind == "all" else f"every:{arg} blocks" if kind == "every"
-            else "blocks " + ", ".join(map(str, arg)))
+    if kind == "all":
+        return "all blocks"
+    if kind == "every":
+        return f"every:{arg} blocks"
+    steps = {b - a for a, b in zip(arg, arg[1:])}
+    if len(arg) > 4 and len(steps) == 1:  # an arithmetic run: its first two, then its last
+        return f"blocks {arg[0]}, {arg[1]}, …, {arg[-1]}"
+    return "blocks " + ", ".join(map(str, arg))
 
 
 def describe(method) -> str:
@@ -439,9 +445,12 @@ def candidates(n_blocks: int, offload: bool = True) -> list[Plan]:
     """The plans a budget chooses among (each by its name, `train.plan`), from saving everything to recomputing
     every block, less intrusive first: checkpointing none, every 4th / 2nd block or all, each with and without
     element-wise recomputation; every block with the `matmuls` policy; and, only where the device is not the
-    host (`offload`), the first quarter or half of the blocks offloaded and the rest checkpointed (recomputing a
-    block's forward is often cheaper than moving what it saves: only copies that hide under compute pay), and
-    every block offloaded."""
+    host (`offload`), offloading with element-wise recomputation (it shrinks what is copied by a third at
+    llama-7b): every 4th or every 2nd block offloaded and the others checkpointed, every 2nd offloaded with a
+    quarter of the blocks kept on the device, and every block offloaded. Offloaded blocks are spread through the
+    model so that each one's copies overlap the compute of the blocks after it (in backward, before it); a run of
+    offloaded blocks leaves its copies nothing to hide under (measured at llama-7b 8 × 1024: the first 8 blocks
+    offloaded and the rest checkpointed ran at 0.90 × checkpointing every block, every 2nd offloaded at 1.13 ×)."""
     levels = [("none", False), *((f"every{k}", f"every:{k}") for k in (4, 2) if k < n_blocks), ("all", True)]
     out = []
     for name, ckpt in levels:
@@ -449,11 +458,14 @@ def candidates(n_blocks: int, offload: bool = True) -> list[Plan]:
         out.append(Plan(ckpt, recompute="elementwise", name="elementwise" if name == "none" else f"{name}_elementwise"))
     out.append(Plan(True, "matmuls", name="all_matmuls"))
     if offload:
-        for part, n in (("quarter", max(1, n_blocks // 4)), ("half", max(1, n_blocks // 2))):
-            plan = Plan(f"last:{n_blocks - n}", "full", f"first:{n}", name=f"offload_{part}")
-            if n < n_blocks and plan not in out:
-                out.append(plan)
-        out.append(Plan(False, "full", True, name="offload_all"))
+        for k in (4, 2):
+            if k < n_blocks or k == n_blocks == 2:
+                rest = tuple(i for i in range(n_blocks) if i % k)
+                out.append(Plan(rest, "full", f"every:{k}", "elementwise", name=f"offload_every{k}"))
+        if n_blocks >= 4:  # the odd blocks: those ≡ 1 (mod 4) checkpointed, those ≡ 3 kept
+            ckpt = tuple(i for i in range(n_blocks) if i % 4 == 1)
+            out.append(Plan(ckpt, "full", "every:2", "elementwise", name="offload_every2_keep"))
+        out.append(Plan(False, "full", True, "elementwise", name="offload_all"))
     return out
 
 
@@ -469,15 +481,21 @@ def named(name: str, n_blocks: int, offload: bool = True) -> Plan:
 @dataclass(frozen=True)
 class Rates:
     """The device's measured rates the step-time model uses: matmul FLOP/s and host↔device copy bytes/s (one
-    way, the mean of the two directions)."""
+    way, the mean of the two directions), and — from a profile of the job's own model cut to one block
+    (`profile_step`) — the FLOP/s its forward and its backward run at (None: not profiled; the matmul rate
+    stands in)."""
 
     matmul_flops: float
     copy_bytes: float
+    forward_flops: float | None = None
+    backward_flops: float | None = None
 
 
-def measure_rates(device: torch.device) -> Rates:
+def measure_rates(device: torch.device, profile=None) -> Rates:
     """A short profile of the device in hand: a bf16 8192³ matmul and a pinned 256 MiB host → device → host copy on
-    CUDA (an fp32 1024³ matmul and a 64 MiB memory copy on CPU); each the best of 3 after a warm-up."""
+    CUDA (an fp32 1024³ matmul and a 64 MiB memory copy on CPU); each the best of 3 after a warm-up. `profile`:
+    a callable giving (forward FLOPs, forward seconds, backward FLOPs, backward seconds) of the job's model
+    (`profile_step`)."""
     import time
 
     cuda = device.type == "cuda"
@@ -500,25 +518,151 @@ def measure_rates(device: torch.device) -> Rates:
 
     mm = best(lambda: a @ a)
     copy = best(lambda: (dev.copy_(host, non_blocking=cuda), host.copy_(dev, non_blocking=cuda)))
-    return Rates(matmul_flops=2 * n**3 / mm, copy_bytes=2 * host.numel() / copy)
+    del a, host, dev
+    fwd = bwd = None
+    if profile is not None:
+        f_flops, f_s, b_flops, b_s = profile()
+        fwd, bwd = f_flops / f_s, b_flops / b_s
+    return Rates(matmul_flops=2 * n**3 / mm, copy_bytes=2 * copy_mib * 2**20 / copy, forward_flops=fwd,
+                 backward_flops=bwd)
 
 
-def step_seconds(pred, rates: Rates) -> float:
-    """A plan's step time, modelled: its forward and its backward FLOPs (recomputation included) at the matmul
-    rate, each overlapped with its offloaded bytes' one-way copy at the copy rate (copies out during forward, back
-    during backward): max(forward, copy) + max(backward, copy)."""
-    copy = pred.host_offload / rates.copy_bytes
-    forward = pred.flops_forward / rates.matmul_flops
-    backward = (pred.flops - pred.flops_forward) / rates.matmul_flops
-    return max(forward, copy) + max(backward, copy)
+def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch.dtype | None,
+                 repeats: int = 3) -> tuple[float, float, float, float]:
+    """(forward FLOPs, forward seconds, backward FLOPs, backward seconds) of `model`'s training step on `batch` —
+    the job's model cut to one block, its method applied, at the job's batch shape: what the model's kernels
+    (matmuls at their real shapes, attention, element-wise work) run at on this device. FLOPs by torch's counter;
+    seconds the best of `repeats` after a warm-up; gradients are let go."""
+    import time
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def run(counter=None):
+        with counter or nullcontext():
+            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                loss = model(**batch).loss
+            measure.synchronize(device)
+            t0 = time.perf_counter()
+            if counter is not None:
+                counter_fwd = counter.get_total_flops()
+            loss.backward()
+            measure.synchronize(device)
+            t1 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        return (counter_fwd, counter.get_total_flops() - counter_fwd) if counter is not None else (t0, t1)
+
+    f_flops, b_flops = run(FlopCounterMode(display=False))  # also the warm-up
+    f_s = b_s = float("inf")
+    for _ in range(repeats):
+        measure.synchronize(device)
+        start = time.perf_counter()
+        t0, t1 = run()
+        f_s, b_s = min(f_s, t0 - start), min(b_s, t1 - t0)
+    return float(f_flops), f_s, float(b_flops), b_s
 
 
-def choose(options: list, budget_bytes: float, rates: Rates, budget_label: str):
+@dataclass(frozen=True)
+class Timeline:
+    """Where a plan puts its work, for the step-time model: the model's blocks, those offloaded and those
+    checkpointed, and how many bytes of copies may be in flight (`method.offload_inflight_mib`)."""
+
+    n_blocks: int
+    offloaded: tuple = ()
+    checkpointed: tuple = ()
+    inflight: int = 512 * 2**20
+
+
+def timeline(method, n_blocks: int) -> Timeline:
+    """A plan's (its method keys') `Timeline` for a model of `n_blocks` blocks."""
+    return Timeline(n_blocks, tuple(selected(method.get("offload", False), n_blocks, "method.offload")),
+                    tuple(selected(method.get("gradient_checkpointing", False), n_blocks)),
+                    int(float(method.get("offload_inflight_mib", 512)) * 2**20))
+
+
+def _pipeline(line: Timeline, forward: float, backward: float, recompute: float, offloaded_bytes: float,
+              copy_rate: float, chunks: int = 8) -> float:
+    """Seconds of a step whose blocks (uniform: the forward's and backward's seconds split evenly) run on the
+    compute stream while the offloaded blocks' saved tensors go to the host and come back on one copy engine, as
+    `Offload` runs them: each offloaded block's tensors leave in `chunks` pieces as its forward makes them; the
+    forward waits while more than `inflight` bytes are in flight; backward starts once every copy is out; the
+    tensors come back in reverse order, fetched while under `inflight` bytes ahead of their use, and a block's
+    backward waits for the piece it needs. A checkpointed block's backward first recomputes its forward."""
+    n = line.n_blocks
+    off, ckpt = set(line.offloaded), set(line.checkpointed)
+    f, b = forward / n, backward / n
+    r = recompute / len(ckpt) if ckpt else 0.0
+    piece = offloaded_bytes / len(off) / chunks if off else 0.0
+    t = free = 0.0  # the compute stream's and the copy engine's clocks
+    pending: list[float] = []  # copies out still in flight: their end times, oldest first
+    for i in range(n):
+        for _ in range(chunks):
+            t += f / chunks
+            if i in off:
+                free = max(free, t) + piece / copy_rate
+                pending.append(free)
+                pending = [e for e in pending if e > t]
+                while pending and len(pending) * piece > line.inflight:
+                    t = max(t, pending.pop(0))
+    t = start = max(t, free)
+    pieces = sum(chunks for i in off)
+    window = max(1, int(line.inflight // piece)) if piece else 1  # pieces that may be fetched ahead of their use
+    fetched: list[float] = []
+    used: list[float] = []
+
+    def ready(k: int) -> float:  # when the k-th piece backward needs is back on the device
+        nonlocal free
+        while len(fetched) <= k:
+            j = len(fetched)
+            allowed = used[j - window] if j >= window else start
+            free = max(free, allowed) + piece / copy_rate
+            fetched.append(free)
+        return fetched[k]
+
+    k = 0
+    for i in reversed(range(n)):
+        if i in ckpt:
+            t += r
+        for _ in range(chunks):
+            if i in off:
+                t = max(t, ready(k))
+                used.append(t)
+                k += 1
+            t += b / chunks
+    assert k == pieces
+    return t
+
+
+def step_seconds(pred, rates: Rates, line: Timeline | None = None, plain_backward_flops: float | None = None) -> float:
+    """A plan's step time, modelled: its forward FLOPs at the forward's rate, its backward's (without
+    recomputation: `plain_backward_flops`, a plan's that recomputes nothing) at the backward's, what it recomputes
+    at the forward's — the rates of the job's own model where profiled (`Rates`), else the matmul rate — and its
+    offloaded bytes moved at the copy rate, block by block as `_pipeline` lays them out (`line`; without one,
+    the copies overlap the forward and the backward whole: max(forward, copy) + max(backward, copy))."""
+    fwd_rate = rates.forward_flops or rates.matmul_flops
+    bwd_rate = rates.backward_flops or rates.matmul_flops
+    backward_flops = pred.flops - pred.flops_forward
+    plain = min(backward_flops, plain_backward_flops) if plain_backward_flops is not None else backward_flops
+    forward = pred.flops_forward / fwd_rate
+    backward = plain / bwd_rate
+    recompute = (backward_flops - plain) / fwd_rate
+    if not pred.host_offload:
+        return forward + backward + recompute
+    if line is None or not line.offloaded:
+        copy = pred.host_offload / rates.copy_bytes
+        return max(forward, copy) + max(backward + recompute, copy)
+    return _pipeline(line, forward, backward, recompute, pred.host_offload, rates.copy_bytes)
+
+
+def choose(options: list, budget_bytes: float, rates: Rates, budget_label: str, lines: dict | None = None):
     """The fastest modelled plan whose predicted peak fits the budget (ties: the one listed first — `candidates`
     lists the less intrusive first; the model counts element-wise recomputation as free), from `options`:
-    (plan, prediction) pairs, a prediction None where it failed. Returns (plan, prediction, seconds). None fits:
-    bad input naming the smallest predicted peak and its plan."""
-    scored = [(step_seconds(p, rates), i, p.peak, plan, p) for i, (plan, p) in enumerate(options) if p is not None]
+    (plan, prediction) pairs, a prediction None where it failed; `lines`: each plan's `Timeline`. Returns (plan,
+    prediction, seconds). None fits: bad input naming the smallest predicted peak and its plan."""
+    lines = lines or {}
+    predicted = [p for _, p in options if p is not None]
+    plain = min((p.flops - p.flops_forward for p in predicted), default=None)  # a plan that recomputes nothing
+    scored = [(step_seconds(p, rates, lines.get(plan), plain), i, p.peak, plan, p)
+              for i, (plan, p) in enumerate(options) if p is not None]
     fits = [s for s in scored if s[2] <= budget_bytes]
     if not fits:
         if not scored:

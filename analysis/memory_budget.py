@@ -15,16 +15,21 @@
 # # Memory plans: what each costs, and what a budget chooses
 # Rows of `experiments/memory_budget.yaml` (`python run.py -m experiments=memory_budget [model=roberta-large]`):
 # every plan a budget chooses among (`train.plan`: checkpointing none / every 4th / every 2nd / all blocks, with and
-# without element-wise recomputation, all blocks keeping matmul outputs, a quarter / half / all of the blocks
-# offloaded to host memory) and the plan each budget chose (`train.memory_budget_gib`), for LoRA and LoRA-FA:
-# measured peak beside the predicted one, host memory, tokens/s (every step eager). Checks per budget: the chosen
-# plan fits and is within 5 % of the fastest measured plan that fits.
+# without element-wise recomputation, all blocks keeping matmul outputs, every 4th / every 2nd / all blocks offloaded
+# to host memory) and the plan each budget chose (`train.memory_budget_gib`), for LoRA and LoRA-FA: measured peak
+# beside the predicted one, host memory, tokens/s (every step eager), and the step time the planner's model gives
+# each plan (at the rates a budget job of the same sweep measured) beside the measured one. Checks per budget: the
+# chosen plan fits and is within 5 % of the fastest measured plan that fits.
 
 # %%
+import json
+
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from lorafa import report
+from lorafa import plans, report
+from lorafa.checks import BadInput
+from lorafa.memory import Prediction
 
 P = report.params()
 EXPERIMENT = "memory_budget"
@@ -38,26 +43,54 @@ budgets = frame[frame["budget_gib"].notna()]
 
 def shape(g) -> str:
     r = g.iloc[0]
-    return f"{r['batch_size']} × {r['seq_len']}"
+    return f"{int(r['batch_size'])} × {int(r['seq_len'])}"
 
 
 # %%
+def modelled(r, same_budgets, same_hand) -> float:
+    """The planner's step time for hand-set row `r` (`lorafa.plans.step_seconds`: its predicted FLOPs and host bytes,
+    its plan's timeline) at the rates a budget job of the same model and method measured; NaN where no budget row
+    carries rates or the plan is no longer a candidate."""
+    rated = same_budgets.dropna(subset=[c for c in ("copy_gib_per_s", "fwd_tflop_per_s") if c in same_budgets])
+    if rated.empty or "fwd_tflop_per_s" not in rated:
+        return float("nan")
+    b = rated.iloc[0]
+    arch = json.loads(r.config)["model"].get("arch") or {}
+    n = int(arch.get("num_hidden_layers") or arch.get("num_layers", 0) + arch.get("num_decoder_layers", 0))
+    try:
+        line = plans.timeline(plans.named(r.plan_name, n).keys(), n)
+    except BadInput:
+        return float("nan")
+    rates = plans.Rates(b.matmul_tflop_per_s * 1e12, b.copy_gib_per_s * 2**30, b.fwd_tflop_per_s * 1e12,
+                        b.bwd_tflop_per_s * 1e12)
+    pred = Prediction(0, 0, 0, 0, 0, host_offload=r.pred_host_offload_gib * 2**30,
+                      flops=r.pred_step_tflop * 1e12, flops_forward=r.pred_forward_tflop * 1e12)
+    plain = float((same_hand["pred_step_tflop"] - same_hand["pred_forward_tflop"]).min()) * 1e12
+    return plans.step_seconds(pred, rates, line, plain)
+
+
 lines = []
 for (model, method), g in hand.groupby(["model", "method"], sort=False):
     base = g[g["plan_name"] == "all"]["tokens_per_s"]
     base = float(base.iloc[0]) if len(base) else float("nan")
+    same_budgets = budgets[(budgets["model"] == model) & (budgets["method"] == method)]
     for r in g.sort_values("mem_peak_gib", ascending=False).itertuples(index=False):
         err = 100 * (r.pred_mem_peak_gib / r.mem_peak_gib - 1)
+        step_s = modelled(r, same_budgets, g)
         lines.append({"model": model, "batch × seq": shape(g), "method": report.method_label(method),
                       "plan": r.plan_name, "peak GiB": f"{r.mem_peak_gib:.2f}",
                       "predicted GiB": f"{r.pred_mem_peak_gib:.2f} ({err:+.1f} %)",
                       "host GiB": f"{r.host_offload_gib:.1f}" if r.host_offload_gib else "—",
-                      "tokens/s": f"{r.tokens_per_s:,.0f}", "÷ all checkpointed": f"{r.tokens_per_s / base:.2f}"})
+                      "tokens/s": f"{r.tokens_per_s:,.0f}", "÷ all checkpointed": f"{r.tokens_per_s / base:.2f}",
+                      "step s": f"{r.step_time_s:.3f}",
+                      "modelled step s": "—" if step_s != step_s else f"{step_s:.3f} ({100 * (step_s / r.step_time_s - 1):+.0f} %)"})
 report.write_table(pd.DataFrame(lines), EXPERIMENT, title="Memory plans: peak (measured, predicted), host memory "
                    "and tokens/s per plan — eager steps, random-init weights, synthetic full-length batches, "
                    "bf16 autocast, r = 8 on every linear layer",
                    notes=[report.provenance(frame),
                           "plan: the names of `train.plan` (lorafa/plans.py); `all` = every block checkpointed.",
+                          ("modelled step: the planner's step-time model for the plan at the rates the same "
+                           "sweep's budget jobs measured (— where none did, or the plan is no longer a candidate)."),
                           "Command: python run.py -m experiments=memory_budget [model=roberta-large]."])
 
 # %%
@@ -82,7 +115,8 @@ report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
                    notes=[report.provenance(budgets),
                           ("The chosen plan's tokens/s is that of its own job; the fastest fitting plan's, of the "
                           "hand-set job of that plan in the same sweep. Modelled step: the planner's step-time model "
-                          "(FLOPs at the measured matmul rate, copies overlapped), a ranking, not a forecast.")])
+                          "(FLOPs at the rates profiled on the model cut to one block, copies laid out block by "
+                          "block).")])
 
 # %%
 models = list(hand["model"].unique())

@@ -23,6 +23,7 @@
 
 # %%
 import json
+import math
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -83,7 +84,7 @@ for (model, method), g in hand.groupby(["model", "method"], sort=False):
                       "host GiB": f"{r.host_offload_gib:.1f}" if r.host_offload_gib else "—",
                       "tokens/s": f"{r.tokens_per_s:,.0f}", "÷ all checkpointed": f"{r.tokens_per_s / base:.2f}",
                       "step s": f"{r.step_time_s:.3f}",
-                      "modelled step s": "—" if step_s != step_s else f"{step_s:.3f} ({100 * (step_s / r.step_time_s - 1):+.0f} %)"})
+                      "modelled step s": "—" if math.isnan(step_s) else f"{step_s:.3f} ({100 * (step_s / r.step_time_s - 1):+.0f} %)"})
 report.write_table(pd.DataFrame(lines), EXPERIMENT, title="Memory plans: peak (measured, predicted), host memory "
                    "and tokens/s per plan — eager steps, random-init weights, synthetic full-length batches, "
                    "bf16 autocast, r = 8 on every linear layer",

@@ -28,6 +28,7 @@ and `lorafa.memory.predict` see it as saved activations.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -177,7 +178,7 @@ def _blocks(kind: str, arg) -> str:
         return "all blocks"
     if kind == "every":
         return f"every:{arg} blocks"
-    steps = {b - a for a, b in zip(arg, arg[1:])}
+    steps = {b - a for a, b in itertools.pairwise(arg)}
     if len(arg) > 4 and len(steps) == 1:  # an arithmetic run: its first two, then its last
         return f"blocks {arg[0]}, {arg[1]}, …, {arg[-1]}"
     return "blocks " + ", ".join(map(str, arg))
@@ -498,6 +499,10 @@ def measure_rates(device: torch.device, profile=None) -> Rates:
     (`profile_step`)."""
     import time
 
+    fwd = bwd = None
+    if profile is not None:  # first, while nothing else of this profile holds device memory
+        f_flops, f_s, b_flops, b_s = profile()
+        fwd, bwd = f_flops / f_s, b_flops / b_s
     cuda = device.type == "cuda"
     n, copy_mib = (8192, 256) if cuda else (1024, 64)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -518,11 +523,6 @@ def measure_rates(device: torch.device, profile=None) -> Rates:
 
     mm = best(lambda: a @ a)
     copy = best(lambda: (dev.copy_(host, non_blocking=cuda), host.copy_(dev, non_blocking=cuda)))
-    del a, host, dev
-    fwd = bwd = None
-    if profile is not None:
-        f_flops, f_s, b_flops, b_s = profile()
-        fwd, bwd = f_flops / f_s, b_flops / b_s
     return Rates(matmul_flops=2 * n**3 / mm, copy_bytes=2 * copy_mib * 2**20 / copy, forward_flops=fwd,
                  backward_flops=bwd)
 

@@ -60,7 +60,13 @@ def load(paths: list[str] | None = None) -> pd.DataFrame:
         frames.append(frame.assign(source_file=os.path.relpath(Path(f).resolve(), ROOT) if inside else f))
     if not frames:
         return pd.DataFrame(columns=["experiment", "status"])
-    return pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True)
+    # integer columns (batch_size, seq_len, rank, …) that a table without them would turn into floats for every row:
+    # `rows` gives them back to each experiment whose rows all have them
+    table.attrs["int_columns"] = sorted(
+        {c for f in frames for c in f.columns if pd.api.types.is_integer_dtype(f[c])}
+        - {c for f in frames for c in f.columns if not pd.api.types.is_integer_dtype(f[c])})
+    return table
 
 
 def rows(table: pd.DataFrame, experiment: str, *, ok_only: bool = True, tuned: str = "selected") -> pd.DataFrame:
@@ -78,6 +84,9 @@ def rows(table: pd.DataFrame, experiment: str, *, ok_only: bool = True, tuned: s
         sel = sel[(sel["protocol"] != "tuned") | sel["selected"].astype(bool)]
     if ok_only and "status" in sel:
         sel = sel[sel["status"] == "ok"]
+    for c in table.attrs.get("int_columns", ()):
+        if c in sel and sel[c].dtype.kind == "f" and sel[c].notna().all():
+            sel = sel.assign(**{c: sel[c].astype("int64")})
     expected = [*REQUIRED_COLUMNS, "experiment", "method", "rank", "lr", "init", "config", "loss_curve",
                 "eval_history", "gradient_checkpointing", "recompute"]
     return sel.reindex(columns=[*sel.columns, *[c for c in dict.fromkeys(expected) if c not in sel.columns]])

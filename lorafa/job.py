@@ -288,7 +288,8 @@ def _layer(cfg: DictConfig, features: list[dict], config, mode: str, device: tor
     value = str(cfg.method.get("stacked", False)).lower()
     if value != "auto":
         return value
-    lengths = sorted(len(f["input_ids"]) for f in features) or [int(cfg.task.max_seq_len)]
+    lengths = sorted(features.lengths if hasattr(features, "lengths")  # tasks.Encoded: one column; a Stream: none
+                     else (len(f["input_ids"]) for f in features)) or [int(cfg.task.max_seq_len)]
     max_len = int(cfg.task.max_seq_len)
     typical = step.bucket_length(lengths[len(lengths) // 2], step.bucket_multiple(cfg.train, max_len, mode), max_len)
     hidden = int(getattr(config, "hidden_size", None) or getattr(config, "d_model", 0) or 0)
@@ -307,6 +308,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
                         d: Dist = SINGLE) -> dict:
     """Returns the result columns; fills `mem` and `row` as facts become known, so a failure keeps them."""
     seed_everything(int(cfg.seed))
+    tasks.check_streaming(cfg)  # task.streaming=true: what a stream cannot do is refused before anything is read
     data = tasks.load_data(cfg.task)
     row["dropped_rows"] = data.dropped_rows  # empty texts or labels left out of the data files (a warning said so)
     if data.kind == "instruction":
@@ -330,7 +332,8 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
         train_features = poser.make(int(cfg.task.num_train), offset=0)
         evalsets = [EvalSet("synthetic", poser.make(int(cfg.task.num_eval), offset=1), None)]
     else:
-        train_features = poser.encode(data.splits["train"])
+        train_features = poser.stream(data.splits["train"], tasks.stream_examples(cfg.train, d.world_size),
+                                      int(cfg.seed)) if data.streaming else poser.encode(data.splits["train"])
         evalsets = [EvalSet(name, poser.encode(data.splits[name]), data.splits[name]["label"].to_numpy())
                     for name in cfg.task.eval_splits]
     if cfg.train.get("memory_budget_gib") is not None:  # the plan is chosen now; the user's config keeps its hash

@@ -21,7 +21,9 @@ from __future__ import annotations
 import bisect
 import csv
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -105,57 +107,87 @@ class TaskData:
 
     name: str
     kind: str  # classification | regression | translation | instruction | synthetic
-    splits: dict[str, pd.DataFrame]  # "train" and the eval splits, keyed by eval name
+    splits: dict  # "train" and the eval splits, keyed by eval name: pandas frames; instruction data a Dataset
     labels: list[str] | None  # class names in index order (classification)
     dropped_rows: int = 0  # rows with an empty text or label left out (`drop_empty_rows`), over every split
+    streaming: bool = False  # `task.streaming`: splits["train"] is a datasets.IterableDataset, read as training goes
 
     @property
     def num_labels(self) -> int:
         return len(self.labels) if self.kind == "classification" else (1 if self.kind == "regression" else 2)
 
 
-READERS = {
-    ".csv": lambda p: pd.read_csv(p, keep_default_na=False),
+# Local files go through datasets' own builders (`datasets.load_dataset(<builder>, data_files=FILE)`): the file is
+# read in chunks into an Arrow table in datasets' cache (HF_DATASETS_CACHE, by default ~/.cache/huggingface/datasets;
+# written once per file version, memory-mapped on every later load), so that a file larger than memory loads, and
+# with `streaming=True` it is read only as it is iterated. Options keep what the pandas readers did before:
+LOADERS = {
+    ".csv": ("csv", {"keep_default_na": False}),  # an empty cell is "", not NaN (drop_empty_rows finds it)
     # GLUE's own TSVs contain unbalanced quotes: read tab-separated text literally
-    ".tsv": lambda p: pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False),
-    ".json": lambda p: _read_json(p),
-    ".jsonl": lambda p: pd.read_json(p, lines=True),
-    ".parquet": pd.read_parquet,
+    ".tsv": ("csv", {"sep": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False}),
+    ".json": ("json", {}),  # a JSON array of records, or JSON lines (a large file: JSON lines, read in chunks)
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
 }
 
 
-def _read_json(path):
-    """A JSON array of records, or JSON lines."""
-    with open(path, encoding="utf-8") as f:
-        first = f.read(4096).lstrip()[:1]
-    return pd.read_json(path, lines=first != "[")
+def _no_rows(err: BaseException) -> bool:
+    """Whether datasets failed on a file that holds no rows (a csv with only its header, an empty JSON-lines
+    file): it says so in several ways."""
+    text = f"{type(err).__name__}: {err} {err.__cause__ or ''}"
+    return isinstance(err, StopIteration) or "corresponds to no data" in text or "EmptyDataError" in text
+
+
+def read_dataset(path: str, key: str = "task.data_files", *, streaming: bool = False):
+    """A local data file as `(dataset, its columns)` through `datasets.load_dataset`: a `datasets.Dataset`
+    (memory-mapped from datasets' cache), or with `streaming` an `IterableDataset` read as it is iterated. `key`
+    names the setting it came from in errors (`BadInput`): a missing, unreadable or empty file, or an unsupported
+    type. The first record is read here, in either case, so that a broken or empty file is refused now."""
+    import datasets
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in LOADERS:
+        raise BadInput(f"{key}={path}: unsupported file type {suffix!r}; expected one of {sorted(LOADERS)}")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise BadInput(f"{key}={path}: no such file")
+    if file.stat().st_size == 0:
+        raise BadInput(f"{key}={path}: the file has no rows")
+    builder, options = LOADERS[suffix]
+    try:
+        data = datasets.load_dataset(builder, data_files=str(file), split="train", streaming=streaming, **options)
+        first = next(iter(data), None) if streaming else (data[0] if len(data) else None)
+    except Exception as err:  # permissions, encoding, a broken file: say which file and why
+        if _no_rows(err):
+            raise BadInput(f"{key}={path}: the file has no rows") from err
+        cause = err.__cause__ or err  # datasets' DatasetGenerationError wraps the reader's error
+        raise BadInput(f"{key}={path}: cannot read it as {suffix} ({type(cause).__name__}: "
+                       f"{str(cause).splitlines()[0] if str(cause) else ''})") from err
+    if first is None:
+        raise BadInput(f"{key}={path}: the file has no rows")
+    return data, list(data.column_names or first)
 
 
 def read_table(path: str, key: str = "task.data_files") -> pd.DataFrame:
-    """A local data file as a table; `key` names the setting it came from in errors (`BadInput`): a missing,
-    unreadable or empty file, or an unsupported type."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in READERS:
-        raise BadInput(f"{key}={path}: unsupported file type {suffix!r}; expected one of {sorted(READERS)}")
-    if not Path(path).expanduser().is_file():
-        raise BadInput(f"{key}={path}: no such file")
-    try:
-        frame = READERS[suffix](Path(path).expanduser())
-    except Exception as err:  # permissions, encoding, a broken file: say which file and why
-        raise BadInput(f"{key}={path}: cannot read it as {suffix} ({type(err).__name__}: "
-                       f"{str(err).splitlines()[0] if str(err) else ''})") from err
-    if frame.empty:
-        raise BadInput(f"{key}={path}: the file has no rows")
-    return frame
+    """A local data file as a pandas table (read through `read_dataset`). Labelled tasks (GLUE-sized splits of
+    short texts) and MMLU's files are small: their label sets, empty-row checks and held-out slices are column
+    operations on a frame, and a frame is what the metrics read. Instruction data, where the size grows, stays a
+    `datasets.Dataset` (`_load_instructions`)."""
+    return read_dataset(path, key)[0].to_pandas()
 
 
-def _load_hub_split(tcfg: DictConfig, split: str) -> pd.DataFrame:
+def _load_hub(tcfg: DictConfig, split: str, streaming: bool = False):
     import datasets
 
     def load(name):
-        return datasets.load_dataset(name, tcfg.get("subset"), split=split)
+        extra = {"streaming": True} if streaming else {}
+        return datasets.load_dataset(name, tcfg.get("subset"), split=split, **extra)
 
-    return sources.from_hub(f"dataset split {split!r} of", load, tcfg.dataset).to_pandas()
+    return sources.from_hub(f"dataset split {split!r} of", load, tcfg.dataset)
+
+
+def _load_hub_split(tcfg: DictConfig, split: str) -> pd.DataFrame:
+    return _load_hub(tcfg, split).to_pandas()
 
 
 def _normalise(frame: pd.DataFrame, tcfg: DictConfig, where: str) -> pd.DataFrame:
@@ -265,16 +297,22 @@ def holdout_size(holdout, n_train: int) -> int:
     return n
 
 
-def holdout_split(train: pd.DataFrame, holdout) -> dict[str, pd.DataFrame]:
+def holdout_split(train, holdout) -> dict:
     """{"train": ..., "heldout": ...}: `task.holdout` of the train split set aside — a fixed random slice
     (HOLDOUT_SEED, the same for every seed and setting of a sweep), the rest trains. A protocol chooses its settings
-    on this slice (`lorafa.protocols`), never on the dev set it reports. No holdout: train as it is."""
+    on this slice (`lorafa.protocols`), never on the dev set it reports. No holdout: train as it is. `train` is a
+    pandas frame or a `datasets.Dataset` (instruction data), and so are the two parts."""
     if not holdout:
         return {"train": train}
     n = holdout_size(holdout, len(train))
     order = np.random.default_rng(HOLDOUT_SEED).permutation(len(train))
-    return {"train": train.iloc[np.sort(order[n:])].reset_index(drop=True),
-            HOLDOUT: train.iloc[np.sort(order[:n])].reset_index(drop=True)}
+
+    def rows(idx):
+        if isinstance(train, pd.DataFrame):
+            return train.iloc[idx].reset_index(drop=True)
+        return train.select(idx.tolist())
+
+    return {"train": rows(np.sort(order[n:])), HOLDOUT: rows(np.sort(order[:n]))}
 
 
 def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
@@ -284,28 +322,44 @@ def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def _alpaca_columns(batch: dict, instruction: str, input_col: str | None, response: str) -> dict:
+    """A batch of instruction records as `prompt` (the Alpaca template filled in) and `response` columns."""
+    inputs = batch[input_col] if input_col else [None] * len(batch[instruction])
+    return {"prompt": [alpaca_prompt(str(i), x) for i, x in zip(batch[instruction], inputs)],
+            "response": [str(r) for r in batch[response]]}
+
+
 def _load_instructions(tcfg: DictConfig) -> TaskData:
-    """Instruction data (train split only) as `prompt` (the Alpaca template filled in) and `response` columns."""
+    """Instruction data (train split only) as a `datasets.Dataset` of `prompt` (the Alpaca template filled in) and
+    `response` columns, formatted by a batched, cached `map`; with `task.streaming`, an `IterableDataset` formatted
+    as it is read (nothing is read ahead but the first record, which checks the file)."""
     fmt = str(tcfg.get("format") or "alpaca")
     if fmt not in INSTRUCTION_FORMATS:
         raise BadInput(f"task.format={fmt!r}: expected one of {sorted(INSTRUCTION_FORMATS)}")
+    streaming = bool(tcfg.get("streaming"))
     files = {k: str(v) for k, v in (tcfg.get("data_files") or {}).items() if v}
     if files.get("train"):
-        frame, where = read_table(files["train"], "task.data_files.train"), files["train"]
+        data, columns = read_dataset(files["train"], "task.data_files.train", streaming=streaming)
+        where = files["train"]
     elif tcfg.get("dataset"):
-        frame, where = _load_hub_split(tcfg, "train"), f"{tcfg.dataset}:train"
+        data, where = _load_hub(tcfg, "train", streaming), f"{tcfg.dataset}:train"
+        columns = list(data.column_names or next(iter(data), {}))
     else:
         raise BadInput(f"task {tcfg.name}: set task.data_files.train=FILE (json/jsonl with the {fmt} fields)")
     instruction, input_col, response = INSTRUCTION_FORMATS[fmt]
-    missing = [c for c in (instruction, input_col, response) if c and c not in frame.columns]
+    missing = [c for c in (instruction, input_col, response) if c and c not in columns]
     if missing:
-        raise BadInput(f"{where}: no column {missing} for task.format={fmt}; columns are {list(frame.columns)}")
+        raise BadInput(f"{where}: no column {missing} for task.format={fmt}; columns are {columns}")
     if tcfg.get("max_train_samples"):
-        frame = frame.iloc[: int(tcfg.max_train_samples)]
-    inputs = frame[input_col] if input_col else [None] * len(frame)
-    out = pd.DataFrame({"prompt": [alpaca_prompt(str(i), x) for i, x in zip(frame[instruction], inputs)],
-                        "response": frame[response].astype(str).tolist()})
-    return TaskData(tcfg.name, "instruction", holdout_split(out.reset_index(drop=True), tcfg.get("holdout")), None)
+        n = int(tcfg.max_train_samples)
+        data = data.take(n) if streaming else data.select(range(min(n, len(data))))
+    fields = {"instruction": instruction, "input_col": input_col, "response": response}
+    if streaming:
+        data = data.map(_alpaca_columns, batched=True, fn_kwargs=fields, remove_columns=columns)
+        return TaskData(tcfg.name, "instruction", {"train": data}, None, streaming=True)
+    data = data.map(_alpaca_columns, batched=True, fn_kwargs=fields, remove_columns=columns,
+                    desc="instruction prompts")
+    return TaskData(tcfg.name, "instruction", holdout_split(data, tcfg.get("holdout")), None)
 
 
 def _label_set(values: pd.Series) -> list[str]:
@@ -607,20 +661,154 @@ class DecoderPoser(Poser):
 class InstructionPoser(Poser):
     """Decoders on instruction data: the prompt, then the response and EOS; loss on the response tokens only
     (labels −100 over the prompt). Sequences longer than task.max_seq_len are cut at that length; with
-    `task.packing`, whole examples share windows of that length, each attending only to itself (`pack`)."""
+    `task.packing`, whole examples share windows of that length, each attending only to itself (`pack`).
+
+    A `datasets.Dataset` is tokenised by a batched `Dataset.map`, cached beside the dataset in datasets' cache
+    (keyed by the data's and the function's fingerprints: tokenizer, max_seq_len), and read back memory-mapped
+    (`Encoded`); an `IterableDataset` (`task.streaming`) is tokenised as it is read (`stream`)."""
 
     family = "decoder"
 
+    def _tokenise(self):
+        return partial(encode_instructions, tokenizer=self.tok, max_len=self.max_len)
+
     def encode(self, frame):
-        prompts = self.tok(frame["prompt"].tolist())["input_ids"]  # with BOS, as the model will read it
-        responses = self.tok(frame["response"].tolist(), add_special_tokens=False)["input_ids"]
-        features = []
-        for p, r in zip(prompts, responses):
-            ids = (p + r + [self.tok.eos_token_id])[: self.max_len]
-            labels = ([-100] * len(p) + r + [self.tok.eos_token_id])[: self.max_len]
-            if any(t != -100 for t in labels):  # a prompt that fills the window teaches nothing: dropped
-                features.append({"input_ids": ids, "labels": labels})
-        return pack(features, self.max_len) if self.tcfg.get("packing") else features
+        if isinstance(frame, pd.DataFrame):  # a frame (a test's few records): tokenised in one batch
+            out = self._tokenise()({"prompt": frame["prompt"].tolist(), "response": frame["response"].tolist()})
+            features = [{"input_ids": i, "labels": t} for i, t in zip(out["input_ids"], out["labels"])]
+        else:
+            features = Encoded(frame.map(self._tokenise(), batched=True, remove_columns=frame.column_names,
+                                         features=_token_features(), desc="tokenising"))
+        return pack(list(features), self.max_len) if self.tcfg.get("packing") else features
+
+    def stream(self, data, examples: int, seed: int) -> Stream:
+        """`task.streaming`: the first `examples` training examples of `data` (an IterableDataset, read again from
+        its start, reshuffled, when it has fewer), shuffled through a buffer of `task.shuffle_buffer` records, then
+        tokenised in batches as they are read."""
+        shuffled = data.shuffle(seed=seed, buffer_size=int(self.tcfg.get("shuffle_buffer") or 10_000))
+        return Stream(shuffled.map(self._tokenise(), batched=True, remove_columns=["prompt", "response"],
+                                   features=_token_features()), examples)
+
+
+def _token_features():
+    """The tokenised columns' types: int32 ids (half the cache of the int64 datasets would infer)."""
+    import datasets
+
+    ids = datasets.Sequence(datasets.Value("int32"))
+    return datasets.Features({"input_ids": ids, "labels": ids, "length": datasets.Value("int32")})
+
+
+def encode_instructions(batch: dict, tokenizer, max_len: int) -> dict:
+    """A batch of `prompt` / `response` records as token ids and labels (−100 over the prompt), cut at `max_len`; a
+    record whose prompt fills the window teaches nothing and is dropped. `length`: each example's token count."""
+    prompts = tokenizer(batch["prompt"])["input_ids"]  # with BOS, as the model will read it
+    responses = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out = {"input_ids": [], "labels": [], "length": []}
+    for p, r in zip(prompts, responses):
+        ids = (p + r + [eos])[:max_len]
+        labels = ([-100] * len(p) + r + [eos])[:max_len]
+        if any(t != -100 for t in labels):
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["length"].append(len(ids))
+    return out
+
+
+class Encoded(Sequence):
+    """Tokenised examples in an Arrow table (memory-mapped from datasets' cache), seen as the list of feature dicts
+    that `lorafa.train.fit` reads (`features[i]`, `len`); `lengths`, every example's length, is read from one
+    column rather than from every example."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):  # a list of examples, as a list's slice
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = self.table[int(i)]
+        return {"input_ids": row["input_ids"], "labels": row["labels"]}
+
+    def __iter__(self):
+        for batch in self.table.iter(batch_size=1000):
+            for ids, labels in zip(batch["input_ids"], batch["labels"]):
+                yield {"input_ids": ids, "labels": labels}
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.table.data.column("length").to_numpy()
+
+
+class Stream:
+    """Streamed training examples (`task.streaming`): `examples` feature dicts read from an IterableDataset in its
+    order, as `lorafa.train.fit` asks for them — `features[i]` for growing i, each once; an index another process
+    takes is read and passed over — so that no more than the stream's buffers is held. Where the data runs out
+    first, it is read again from the start, reshuffled (`set_epoch`); `passes` counts the whole passes made."""
+
+    lengths = ()  # not known before the examples are read
+
+    def __init__(self, data, examples: int):
+        self.data, self.examples = data, int(examples)
+        self.passes, self._next, self._it, self._read = 0, 0, None, 0
+
+    def __len__(self) -> int:
+        return self.examples
+
+    def __getitem__(self, i) -> dict:
+        i = int(i)
+        if not 0 <= i < self.examples:
+            raise IndexError(f"example {i} of a stream of {self.examples}")
+        if i < self._next:
+            raise IndexError(f"example {i} of the stream was read already (a stream is read once, in order)")
+        while True:
+            feature = self._pull()
+            self._next += 1
+            if self._next - 1 == i:
+                return {"input_ids": feature["input_ids"], "labels": feature["labels"]}
+
+    def _pull(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self.data.set_epoch(self.passes)
+                self._it, self._read = iter(self.data), 0
+            feature = next(self._it, None)
+            if feature is not None:
+                self._read += 1
+                return feature
+            if not self._read:
+                break
+            self.passes, self._it = self.passes + 1, None
+        raise BadInput("task.streaming=true: the training data gave no example (every prompt fills "
+                       "task.max_seq_len, or the file is empty)")
+
+
+def stream_examples(train: DictConfig, world_size: int = 1) -> int:
+    """The examples a streamed job reads: train.max_steps optimizer steps of grad_accum micro-batches of
+    batch_size examples on each of `world_size` processes."""
+    return int(train.max_steps) * int(train.grad_accum) * int(train.batch_size) * int(world_size)
+
+
+def check_streaming(cfg: DictConfig) -> None:
+    """`task.streaming=true` reads the training data as it trains, without knowing its size or its examples'
+    lengths: it needs `train.max_steps`, and what needs the whole data up front is refused (`BadInput`)."""
+    if not cfg.task.get("streaming"):
+        return
+    if cfg.task.kind != "instruction":
+        raise BadInput(f"task.streaming=true: task {cfg.task.name} is {cfg.task.kind}; only instruction tasks stream")
+    if not (cfg.train.get("max_steps") and int(cfg.train.max_steps) > 0):
+        raise BadInput("task.streaming=true needs train.max_steps=N (a stream's length is not known before it "
+                       "is read, so epochs cannot be counted)")
+    needs_all = {"task.packing": cfg.task.get("packing"), "task.holdout": cfg.task.get("holdout"),
+                 "train.group_by_length": cfg.train.get("group_by_length"),
+                 "train.checkpoint_every": cfg.train.get("checkpoint_every"), "train.resume": cfg.train.get("resume")}
+    for key, value in needs_all.items():
+        if value:
+            raise BadInput(f"{key}={value}: not with task.streaming=true (it needs the whole training data up "
+                           "front, or a saved position in it, which a stream does not keep); expected "
+                           "task.streaming=false")
 
 
 def pack(features: list[dict], width: int) -> list[dict]:

@@ -29,7 +29,7 @@ from . import distributed, measure, protocols
 from . import step as step_mod
 from .checks import BadInput
 from .distributed import SINGLE, Dist
-from .tasks import Poser, collate, compute_metrics
+from .tasks import Poser, Stream, collate, compute_metrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")  # position_ids: packed windows only
 CHECKPOINT = Path("checkpoint") / "state.pt"  # under the job's output_dir
@@ -411,7 +411,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, generato
     return state["order"], state["next_group"]
 
 
-def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: list[EvalSet], *,
+def fit(model: nn.Module, poser: Poser, train_features, evalsets: list[EvalSet], *,
         cfg: DictConfig, device: torch.device, pad_id: int, memory: measure.Memory,
         throughput: measure.Throughput, dist: Dist = SINGLE, wrapped: nn.Module | None = None,
         mode: str = "none", info: dict | None = None) -> History:
@@ -441,7 +441,11 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
     metric_list = list(cfg.task.get("metrics") or [])
     log_every = max(1, int(tcfg.get("log_every") or 50))
     by_length = bool(tcfg.get("group_by_length", False))
-    lengths = [len(f["input_ids"]) for f in train_features]
+    # streamed instruction data (`lorafa.tasks.Stream`, task.streaming): read in the stream's own (buffer-shuffled)
+    # order, no lengths up front; a dataset-backed `lorafa.tasks.Encoded` gives its lengths from one column
+    streamed = isinstance(train_features, Stream)
+    lengths = None if streamed else train_features.lengths if hasattr(train_features, "lengths") \
+        else [len(f["input_ids"]) for f in train_features]
 
     eval_time = 0.0
 
@@ -515,7 +519,8 @@ def fit(model: nn.Module, poser: Poser, train_features: list[dict], evalsets: li
         throughput.synced(taken)
         while taken < steps:
             if order is None:  # a new epoch (a resumed run continues the epoch it stopped in)
-                order, start = epoch_order(lengths, bs * dist.world_size, generator, by_length), 0
+                order, start = list(range(len(train_features))) if streamed else \
+                    epoch_order(lengths, bs * dist.world_size, generator, by_length), 0  # streamed: as read
             micro = distributed.micro_batches(order, bs, dist)
             g = start
             for g in range(start, len(micro), accum):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ import lorafa  # noqa: F401  (registers the ${asset:} resolver)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+# local data files go through `datasets`, which caches what it reads: in a directory of this test session (its
+# subprocesses inherit it), not the user's ~/.cache/huggingface/datasets
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="lorafa-test-datasets-"))
 
 
 def compose_cfg(overrides: list[str] | tuple = (), output_dir: Path | str = "/tmp/lorafa-test"):

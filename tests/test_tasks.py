@@ -248,15 +248,15 @@ def test_instruction_data_in_the_alpaca_template_with_the_loss_on_the_response_o
     cfg = compose_cfg(["model=tiny-llama", "task=alpaca_mmlu_sample"])
     data = tasks.load_data(cfg.task)
     assert data.kind == "instruction" and len(data.splits["train"]) == 16
-    with_input = data.splits["train"].loc[1]  # "Translate the sentence into French." with an input
+    with_input = data.splits["train"][1]  # "Translate the sentence into French." with an input
     assert with_input["prompt"] == tasks.ALPACA_PROMPT.format(instruction="Translate the sentence into French.",
                                                               input="The cat sleeps on the sofa.")
-    assert data.splits["train"].loc[0, "prompt"].startswith("Below is an instruction that describes a task. Write")
-    assert data.splits["train"].loc[0, "prompt"].endswith("### Response:\n")
+    assert data.splits["train"][0]["prompt"].startswith("Below is an instruction that describes a task. Write")
+    assert data.splits["train"][0]["prompt"].endswith("### Response:\n")
     tok = load_tokenizer(cfg.model)
     poser = tasks.poser_for("decoder", data, cfg.task, tok)
     feats = poser.encode(data.splits["train"])
-    for f, (_, r) in zip(feats, data.splits["train"].iterrows()):
+    for f, r in zip(feats, data.splits["train"]):  # a datasets.Dataset: rows as dicts
         n_prompt = len(tok(r["prompt"])["input_ids"])
         assert f["labels"][:n_prompt] == [-100] * n_prompt  # no loss on the prompt
         assert f["labels"][n_prompt:] == f["input_ids"][n_prompt:] and f["input_ids"][-1] == tok.eos_token_id
@@ -272,9 +272,9 @@ def test_flan_format_and_missing_fields(tmp_path):
     cfg = compose_cfg(["task=alpaca_mmlu_sample", "task.format=flan",
                        f"task.data_files.train={tasks.sources.asset('alpaca_sample/flan.jsonl')}"])
     frame = tasks.load_data(cfg.task).splits["train"]
-    assert frame.loc[3, "prompt"] == tasks.ALPACA_PROMPT_NO_INPUT.format(instruction="Question: Name the capital of "
+    assert frame[3]["prompt"] == tasks.ALPACA_PROMPT_NO_INPUT.format(instruction="Question: Name the capital of "
                                                                                      "Italy.")
-    assert frame.loc[3, "response"] == "Rome."
+    assert frame[3]["response"] == "Rome."
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n')
     with pytest.raises(ValueError, match=r"no column \['inputs', 'targets'\]"):

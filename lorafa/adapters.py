@@ -10,6 +10,9 @@ Why LoRA-FA saves memory: with A trainable, backward needs the full-width N × d
 (for dA). With W, b and A frozen, the only thing backward needs is h = s·dropout(x)Aᵀ, N × r (for dB); dx needs
 only the weights. Eager autograd gets close to that by itself but still keeps dropout's N × d_in mask; the
 LoRA-FA layer here is one autograd node (`_LoRAFAFunction`) that keeps exactly h, and redraws the mask.
+
+On a base held in 4 or 8 bits (`model.quantize`, `lorafa.quantize.QuantizedLinear`) the same holds: W is dequantized
+for the matmul and again for dx, so LoRA-FA still keeps only h; the adapters take the dtype the model was built in.
 """
 
 from __future__ import annotations
@@ -24,15 +27,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .quantize import QuantizedLinear
+
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or transformers' Conv1D (GPT-2's linear layer, weight stored transposed)."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """nn.Linear, transformers' Conv1D (GPT-2's linear layer, weight stored transposed), or a linear layer held in
+    4 or 8 bits (`lorafa.quantize.QuantizedLinear`)."""
+    return isinstance(module, (nn.Linear, QuantizedLinear)) or type(module).__name__ == "Conv1D"
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear layer."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, QuantizedLinear)):
         return module.in_features, module.out_features
     d_in, d_out = module.weight.shape  # Conv1D: y = x W + b with W: d_in × d_out
     return d_in, d_out
@@ -67,16 +73,25 @@ class _LoRAFAFunction(torch.autograd.Function):
     Regenerating costs one more Bernoulli draw per adapted layer in backward. Under gradient checkpointing the
     recomputed forward draws the same seed, since checkpointing restores the random state it started from.
     Under autocast the forward's matmuls autocast as usual and backward computes in the dtype of dy.
+    On a quantized base (`model.quantize`: `quantized` is the base layer, `weight` None) W is dequantized for the
+    forward's matmul and again for dx (`lorafa.quantize`): still only h is saved.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed: int):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed: int,
+                quantized: QuantizedLinear | None = None):
         xa = x * _dropout_mask(x, p, seed) if p > 0 else x
         h = nn.functional.linear(xa, lora_a) * scaling
         del xa
-        y = nn.functional.linear(x, weight, bias) + nn.functional.linear(h, lora_b)
+        if quantized is not None:
+            weight_x = quantized.dequantized(quantized.matmul_dtype(x))
+            y = nn.functional.linear(x, weight_x, bias)
+            del weight_x
+            y = y + nn.functional.linear(h, lora_b)
+        else:
+            y = nn.functional.linear(x, weight, bias) + nn.functional.linear(h, lora_b)
         ctx.save_for_backward(h, weight, lora_a, lora_b)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        ctx.scaling, ctx.p, ctx.seed, ctx.quantized = scaling, p, seed, quantized
         return y
 
     @staticmethod
@@ -89,8 +104,9 @@ class _LoRAFAFunction(torch.autograd.Function):
             through_adapter = ((dy @ lora_b.to(dy.dtype)) * ctx.scaling) @ lora_a.to(dy.dtype)
             if ctx.p > 0:
                 through_adapter.mul_(_dropout_mask(through_adapter, ctx.p, ctx.seed))
-            dx = (dy @ weight.to(dy.dtype)).add_(through_adapter)
-        return dx, None, None, None, db, None, None, None
+            w = ctx.quantized.dequantized(dy.dtype) if ctx.quantized is not None else weight.to(dy.dtype)
+            dx = (dy @ w).add_(through_adapter)
+        return dx, None, None, None, db, None, None, None, None
 
 
 class _LoRAFAStackedFunction(torch.autograd.Function):
@@ -218,7 +234,9 @@ class LoRALinear(nn.Module):
         self.base = base
         self.rank, self.scaling, self.p = rank, alpha / rank, float(dropout)
         self.in_features, self.out_features = linear_dims(base)
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # on a quantized base the adapters take the dtype the model was built in (the base's compute dtype)
+        dtype = base.compute_dtype if isinstance(base, QuantizedLinear) else base.weight.dtype
+        kw = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw), requires_grad=train_a)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         if init_a == "kaiming":
@@ -319,6 +337,9 @@ class LoRALinear(nn.Module):
         if frozen and torch.is_grad_enabled():
             p = self.p if self.training else 0.0
             seed = _draw_seed() if p > 0 else 0
+            if isinstance(self.base, QuantizedLinear):
+                return _LoRAFAFunction.apply(x, None, self.base.bias, self.lora_A, self.lora_B, self.scaling, p, seed,
+                                             self.base)
             return _LoRAFAFunction.apply(x, self._base_weight(), self.base.bias, self.lora_A, self.lora_B,
                                          self.scaling, p, seed)
         # LoRA (A trains) or a trainable base: plain autograd, which keeps x for dA and dropout's mask.
@@ -392,7 +413,7 @@ def save_peft(model: nn.Module, out_dir, *, family: str, base_model: str | None 
         "peft_type": "LORA", "task_type": PEFT_TASK_TYPES[family], "base_model_name_or_path": base_model,
         "r": first.rank, "lora_alpha": first.scaling * first.rank, "lora_dropout": first.p,
         "target_modules": sorted(layers), "modules_to_save": list(modules_to_save) or None,
-        "fan_in_fan_out": all(not isinstance(m.base, nn.Linear) for m in layers.values()),
+        "fan_in_fan_out": all(not isinstance(m.base, (nn.Linear, QuantizedLinear)) for m in layers.values()),
         "bias": "none", "init_lora_weights": True, "use_rslora": False, "inference_mode": True,
         # lorafa's own: A stayed frozen at its init (LoRA-FA). PEFT drops keys it does not know (with a warning)
         FROZEN_A_KEY: not any(m.lora_A.requires_grad for m in layers.values()),
@@ -600,6 +621,10 @@ def load_peft(model: nn.Module, adapter: PeftAdapter, head_modules: list[str] | 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += s·B·A, computed in fp32) and put the plain layer back:
     the result is an ordinary transformers model, for `save_pretrained` and export."""
+    for name, layer in lora_layers(model).items():
+        if isinstance(layer.base, QuantizedLinear):
+            raise TypeError(f"{name}: cannot merge an adapter into a {layer.base.kind} base layer (model.quantize); "
+                             "expected a model built without quantization")
     for name, layer in lora_layers(model).items():
         delta = layer.scaling * (layer.lora_B.float() @ layer.lora_A.float())  # d_out × d_in
         weight = layer.base.weight

@@ -108,6 +108,7 @@ def check_config(cfg) -> None:
     stacked = str(cfg.method.get("stacked", False)).lower()
     if stacked not in ("auto", "false", "true", "merged"):
         raise BadInput(f"method.stacked={cfg.method.stacked}: expected auto, false, true or merged")
+    check_quantize(cfg)
     if cfg.model.get("path"):
         check_model_dir(str(cfg.model.path))
     if cfg.model.get("adapter"):
@@ -115,6 +116,47 @@ def check_config(cfg) -> None:
         if not int(cfg.method.get("rank") or 0) > 0:
             raise BadInput(f"model.adapter={cfg.model.adapter}: method={cfg.method.get('name')} has no adapter layers "
                            "to load it into; expected an adapter method (lora, lorafa, lorafa_v2)")
+
+
+def check_quantize(cfg) -> None:
+    """`model.quantize` (nf4, int8 or null; `lorafa.quantize`): bitsandbytes importable, and only with what a frozen
+    quantized base can run with — an adapter or frozen method, one process, the eager step, a device bitsandbytes
+    has kernels for (the device `auto` resolves to is checked when the model is built)."""
+    from . import quantize
+
+    kind = cfg.model.get("quantize")
+    if kind is None:
+        return
+    where = f"model.quantize={kind}"
+    if kind not in quantize.KINDS:
+        raise BadInput(f"{where}: expected {', '.join(quantize.KINDS)} or null")
+    if cfg.method.get("train_base", False):
+        raise BadInput(f"{where}: not with method={cfg.method.get('name')}, which trains the base weights (a quantized "
+                       "weight takes no gradient); expected an adapter method (lora, lorafa, lorafa_v2) or frozen")
+    strategy = str(cfg.train.get("strategy") or "single")
+    if strategy != "single":
+        raise BadInput(f"{where}: not with train.strategy={strategy} (sharding or broadcasting the packed weights "
+                       "apart from their quantization state is untested); expected train.strategy=single")
+    compile_ = str(cfg.train.get("compile", "auto"))
+    if compile_ not in ("auto", "none"):
+        raise BadInput(f"{where}: not with train.compile={compile_} (the quantized layers run eager: untested compiled "
+                       "or in a CUDA graph); expected train.compile=auto or none")
+    device = str(cfg.get("device") or "auto")
+    if device != "auto":
+        check_quantize_device(kind, device)
+    why = quantize.available()
+    if why is not None:
+        raise BadInput(f"{where}: bitsandbytes does not import ({why}); expected it installed: "
+                       "pip install 'lorafa[quant]'")
+
+
+def check_quantize_device(kind: str, device) -> None:
+    from . import quantize
+
+    kind_of = str(device).split(":")[0]
+    if kind_of not in quantize.DEVICES:
+        raise BadInput(f"model.quantize={kind}: not on device {device} (bitsandbytes has no 4- or 8-bit kernels "
+                       f"there); expected a {', '.join(quantize.DEVICES)} device or model.quantize=null")
 
 
 def check_adapter_dir(path: str) -> None:

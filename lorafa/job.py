@@ -67,6 +67,7 @@ def identity(cfg: DictConfig, d: Dist = SINGLE) -> dict:
             "precondition_b": bool(cfg.method.get("precondition_b", False)),
             "precision": cfg.train.precision, "strategy": d.strategy, "world_size": d.world_size,
             "adapter": str(cfg.model.get("adapter") or ""),  # a PEFT adapter loaded before training (model.adapter)
+            "quantize": str(cfg.model.get("quantize") or "none"),  # the blocks' linear layers in nf4 / int8
             **protocols.columns(cfg)}
 
 

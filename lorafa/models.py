@@ -10,6 +10,8 @@ Three families, told apart from the checkpoint's own config, each with the head 
 
 `model.init=random` builds the full-size architecture from `model.arch` (the hub checkpoint's config.json, kept in
 `conf/model/*.yaml`) directly on the target device, so memory and speed at real scale need no download.
+`model.quantize=nf4|int8` then holds the linear layers of the blocks in 4 or 8 bits (`lorafa.quantize`), random
+init or pretrained alike.
 """
 
 from __future__ import annotations
@@ -142,8 +144,12 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
             return cls.from_pretrained(r, config=config, dtype=dtype, output_loading_info=True)
 
         model, info = load(ref) if sources.is_local(ref) else sources.from_hub("model weights", load, ref)
+        if mcfg.get("quantize"):  # layer by layer onto the device, before the rest: the float weights never all go
+            quantize_blocks(model, str(mcfg.quantize), device)
         model = model.to(device)
         fresh = fresh_modules(model, info.get("missing_keys") or ())
+    if mcfg.get("quantize") and (mcfg.init == "random" or not weights):
+        quantize_blocks(model, str(mcfg.quantize), device)
     fuse_relative_position_bias(model)
     no_kv_cache(model)
     heads = []
@@ -154,6 +160,17 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
     # initialised, it trains with the head rather than stay frozen at random
     heads += [n for n in fresh if not any(n == h or n.startswith(f"{h}.") for h in heads)]
     return Network(model=model, family=family, alias=alias_of(mcfg), head_modules=heads)
+
+
+def quantize_blocks(model: nn.Module, kind: str, device) -> int:
+    """`model.quantize`: the linear layers of the blocks (`block_linears`) held in `kind` (nf4 or int8) on `device`
+    (`lorafa.quantize`); embeddings, norms and heads stay as they are. Returns the number of layers quantized."""
+    from . import quantize
+
+    checks.check_quantize_device(kind, torch.device(device))
+    n = quantize.quantize(model, kind, block_linears(model), device)
+    log.info("model.quantize=%s: %d linear layers of the blocks quantized", kind, n)
+    return n
 
 
 def fresh_modules(model, missing_keys) -> list[str]:

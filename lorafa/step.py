@@ -68,6 +68,8 @@ def graph_blockers(cfg, device: torch.device) -> list[str]:
     if not m.get("train_a", True) and float(m.get("dropout", 0.0)) > 0 and int(m.get("rank", 0)) > 0:
         why.append(f"method.dropout={m.dropout} with A frozen (LoRA-FA redraws its mask from a host-side seed, "
                    "which a graph would freeze)")
+    if cfg.get("model") is not None and cfg.model.get("quantize"):
+        why.append(f"model.quantize={cfg.model.quantize} (its layers run eager, untested in a graph)")
     if cfg.get("task") is not None and cfg.task.get("packing", False):
         why.append("task.packing (transformers finds the packed examples by reading the position ids on the host)")
     return why

@@ -152,6 +152,7 @@ def test_a_streamed_job_trains_without_materialising_the_data(cfg_factory, monke
     assert row["train_steps"] == 3 and row["train_examples"] == 24 and len(row["loss_curve"]) == 3
 
 
+@pytest.mark.bad_input("task.streaming without train.max_steps, or with what needs the whole data")
 def test_streaming_refuses_what_needs_the_whole_data(cfg_factory):
     """Streaming without train.max_steps, or with what needs every example (or a saved place in the stream) up
     front — checkpoints and resumption included — is refused in one line, before any data is read."""

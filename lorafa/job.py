@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import random
 import time
 import traceback
@@ -221,8 +222,8 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     fitting = sum(p is not None and p.peak <= budget * measure.GIB for _, p in options)
     chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options), plans_fitting=fitting,
                         pred_step_s=seconds, copy_gib_per_s=rates.copy_bytes / measure.GIB,
-                        matmul_tflop_per_s=rates.matmul_flops / 1e12, fwd_tflop_per_s=rates.forward_flops / 1e12,
-                        bwd_tflop_per_s=rates.backward_flops / 1e12)
+                        matmul_tflop_per_s=rates.matmul_flops / 1e12, fwd_tflop_per_s=(rates.forward_flops or math.nan) / 1e12,
+                        bwd_tflop_per_s=(rates.backward_flops or math.nan) / 1e12)
     log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit)",
              label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), fitting)
     return chosen

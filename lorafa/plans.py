@@ -451,7 +451,7 @@ def candidates(n_blocks: int, offload: bool = True) -> list[Plan]:
     quarter of the blocks kept on the device, and every block offloaded. Offloaded blocks are spread through the
     model so that each one's copies overlap the compute of the blocks after it (in backward, before it); a run of
     offloaded blocks leaves its copies nothing to hide under (measured at llama-7b 8 × 1024: the first 8 blocks
-    offloaded and the rest checkpointed ran at 0.90 × checkpointing every block, every 2nd offloaded at 1.13 ×)."""
+    offloaded and the rest checkpointed ran at 0.90 × checkpointing every block, every 2nd offloaded at 1.12 ×)."""
     levels = [("none", False), *((f"every{k}", f"every:{k}") for k in (4, 2) if k < n_blocks), ("all", True)]
     out = []
     for name, ckpt in levels:

@@ -196,6 +196,7 @@ by_length
 
 # %%
 RUNS = ["roberta_base_movie_polarity_400", "t5_large_movie_polarity_400", "t5_large_movie_polarity_graph_400",
+        "roberta_base_movie_polarity_graph_400_seeds",
         "roberta_base_movie_polarity_400_seeds", "t5_large_movie_polarity_graph_400_timed"]
 scale = jobs[jobs["run"].isin(RUNS)] if len(jobs) and "run" in jobs else jobs
 

@@ -221,6 +221,10 @@ def test_every_path_the_readme_names_exists_and_every_docs_page_is_in_its_map():
     assert len(named) >= 10, named
     missing = sorted(n for n in named if "*" not in n and not (ROOT / n).exists())
     assert not missing, missing
+    for target, anchor in re.findall(r"\]\(((?!https?:)[^)#\s]+\.md)#([^)\s]+)\)", readme):  # GitHub's heading slugs
+        headings = re.findall(r"^#+ (.+)$", (ROOT / target).read_text(), re.MULTILINE)
+        slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+        assert anchor in slugs, f"README links {target}#{anchor}: no such heading there"
     mapped = set(re.findall(r"^\| `(docs/[\w.-]+\.md)` \|", readme, re.MULTILINE))
     pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
     assert pages == mapped, f"docs pages not in the README's map: {sorted(pages - mapped)}; gone: {sorted(mapped - pages)}"

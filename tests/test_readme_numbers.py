@@ -1,6 +1,6 @@
 """README.md's headline numbers, recomputed from the committed results/*.parquet.
 
-Every number of the README's "## Results" bullets and of the "The evidence" paragraph of its accuracy section is
+Every number of the README's "## Results" table and of the "The evidence" paragraph of its accuracy section is
 read out of the README's own sentence (a regex on the sentence that carries it) and compared, at the precision the
 README prints it, with the number the analysis computes from the committed tables. An edit of the number in the
 README, or a change of the data, fails the test that owns the sentence.
@@ -57,12 +57,16 @@ def section(title: str) -> str:
     return flat(raw_section(title))
 
 
-def bullet(title: str, name: str) -> str:
-    """The bullet `- **<name>**` of a README section, flattened."""
-    m = re.search(rf"^- \*\*{re.escape(name)}\*\*(.*?)(?=^- |^\S|\Z)", raw_section(title),
-                  re.MULTILINE | re.DOTALL)
-    assert m, f"README.md section '{title}' has no bullet '**{name}**'"
-    return flat(m.group(1))
+def headline(name: str, table: str) -> str:
+    """The result cell of the Results table's row `| **<name>** | result | setting | table |`, flattened; the row's
+    table cell must name `table` (the committed file its numbers come from)."""
+    m = re.search(rf"^\| \*\*{re.escape(name)}\*\* \|(.*)\|$", raw_section("Results"), re.MULTILINE)
+    assert m, f"README.md's Results table has no row '**{name}**'"
+    cells = [c.strip() for c in m.group(1).split(" | ")]
+    assert len(cells) == 3, f"README.md's Results row '{name}': expected result, setting, table; got {cells}"
+    assert f"`{table}`" in cells[2] and "H200" in cells[1], (
+        f"README.md's Results row '{name}' must name its device and link `{table}`: {cells[1:]}")
+    return flat(cells[0])
 
 
 def find(pattern: str, text: str, what: str) -> re.Match:
@@ -145,19 +149,19 @@ MEMORY_SENTENCE = (rf"{NUM} at (\S+), {NUM} at (\S+) and {NUM} at (\S+) (\d+)×(
 
 
 def memory_claims() -> dict[str, str]:
-    m = find(MEMORY_SENTENCE, bullet("Results", "Memory."), "peak memory LoRA ÷ LoRA-FA")
+    m = find(MEMORY_SENTENCE, headline("Memory", "memory.parquet"), "peak memory LoRA ÷ LoRA-FA")
     return {m.group(2): m.group(1), m.group(4): m.group(3), m.group(6): m.group(5)}
 
 
 @pytest.mark.parametrize("model", [
     "roberta-large", "t5-large", "llama-7b"])
-def test_memory_bullet_peak_ratio(notebook, model):
+def test_memory_row_peak_ratio(notebook, model):
     """'Peak memory, LoRA ÷ LoRA-FA, in results/memory.parquet: 1.76 at roberta-large, 1.24 at t5-large and 1.20
     at llama-7b 8×1024': `mem_peak_gib` of LoRA ÷ LoRA-FA in analysis/memory.py's rows (`frame`) of each model at
     its headline shape, the unrounded value of its table's 'LoRA peak ÷ this' on that LoRA-FA row."""
     printed = memory_claims()
     assert set(printed) == set(MEMORY_SHAPES), f"README's memory models {sorted(printed)}"
-    m = find(MEMORY_SENTENCE, bullet("Results", "Memory."), "the llama-7b shape")
+    m = find(MEMORY_SENTENCE, headline("Memory", "memory.parquet"), "the llama-7b shape")
     assert f"{m.group(7)} × {m.group(8)}" == MEMORY_SHAPES[m.group(6)], f"README's {m.group(6)} shape"
     glb, tables = notebook("memory")
     table = tables["memory"]
@@ -176,10 +180,10 @@ def test_memory_bullet_peak_ratio(notebook, model):
     same(printed[model], ratio, f"peak LoRA ÷ LoRA-FA at {model} ({peak['lora']:.4f} ÷ {peak['lorafa']:.4f} GiB)")
 
 
-def test_memory_bullet_activations(notebook):
+def test_memory_row_activations(notebook):
     """'LoRA-FA's activations are within 0.5 % of the frozen network's own': |LoRA-FA ÷ frozen − 1| of
     `mem_activations_gib`, on the three headline rows of results/memory.parquet (analysis/memory.py's rows)."""
-    m = find(MEMORY_SENTENCE, bullet("Results", "Memory."), "LoRA-FA's activations against the frozen network")
+    m = find(MEMORY_SENTENCE, headline("Memory", "memory.parquet"), "LoRA-FA's activations against the frozen network")
     bound = m.group(9)
     frame = notebook("memory")[0]["frame"]
     frame = frame.assign(label=report.variant(frame), shape=frame["batch_size"].astype(str) + " × "
@@ -194,12 +198,12 @@ def test_memory_bullet_activations(notebook):
 
 
 # ------------------------------------------------------------------------------------------------- Results: Speed
-def test_speed_bullet(notebook):
+def test_speed_row(notebook):
     """LoRA-FA ÷ full FT and ÷ LoRA per model, every job ÷ the bench's best, and the MiniLM sweep's speed-up:
     `tokens_per_s` of analysis/throughput.py's job rows (`frame`) and of the bench's best settings it sets beside
     them (`BEST`), unrounded, each checked against its table `throughput` (columns '÷ full FT', '÷ LoRA',
     'job ÷ bench'); and its `eager_sweep` / `auto` rows (sum of `wall_time_s`, eager ÷ graphed)."""
-    text = bullet("Results", "Speed.")
+    text = headline("Speed", "throughput_sweep.parquet")
     m = find(rf"LoRA-FA is {NUM}×, {NUM}× and {NUM}× full fine-tuning and {NUM}×, {NUM}× and {NUM}× LoRA at "
              r"(\S+) (\d+)×(\d+), (\S+) (\d+)×(\d+) and (\S+) (\d+)×(\d+), each job within "
              rf"{NUM}–{NUM}× of", text, "LoRA-FA's speed against full FT and LoRA")
@@ -233,12 +237,12 @@ def test_speed_bullet(notebook):
 
 
 # -------------------------------------------------------------------------------------- Results: memory budget
-def test_memory_budget_bullet(notebook):
+def test_memory_budget_row(notebook):
     """'the fastest of thirteen … plans predicted to fit; at llama-7b 8×1024, 6 of 6 budget jobs (four budgets, 20–40
     GiB, LoRA-FA; 20 and 24 GiB, LoRA) got the fastest measured plan that fits, every LoRA-FA plan's peak predicted
     within 0.1 %. Under 20 GiB LoRA-FA trains at 1.17× LoRA's speed': analysis/memory_budget.py's hand-set plans
     (`hand`), budget rows (`budgets`) and its table `memory_budget_choices`."""
-    text = bullet("Results", "Fitting a memory budget.")
+    text = headline("Fitting a memory budget", "memory_budget.parquet")
     n_plans = find(r"picks, before the job starts, the fastest of (\w+) recomputation and offloading plans", text,
                    "the number of plans").group(1)
     m = find(rf"at (\S+) (\d+)×(\d+), (\d+) of (\d+) budget jobs \((\w+) budgets, {NUM}–{NUM} GiB, LoRA-FA; {NUM} and "
@@ -311,14 +315,13 @@ def gaps(notebook) -> pd.DataFrame:
     return merged.drop(columns="_merge")
 
 
-def test_accuracy_bullet(notebook, gaps):
+def test_accuracy_row(notebook, gaps):
     """'on two real pretrained encoders and six real datasets (results/tuned_compare.parquet, 3 seeds), LoRA-FA −
     LoRA is −1.6 points on average, against −5.0 before': the mean over the model × dataset cases of the paired
     gap at the recipe and before it (analysis/tuned_compare.py's `at` / `gap`)."""
-    text = bullet("Results", "Accuracy.")
-    m = find(r"on (\w+) real pretrained encoders and (\w+) real datasets \(`results/tuned_compare\.parquet`, "
-             rf"(\d+) seeds\), LoRA-FA − LoRA is {NUM} points on average, against {NUM} before", text,
-             "the accuracy gap")
+    text = headline("Accuracy", "tuned_compare.parquet")
+    m = find(r"On (\w+) real pretrained encoders and (\w+) real datasets, (\d+) seeds, LoRA-FA − LoRA is "
+             rf"{NUM} points on average with the shipped recipe, against {NUM} before", text, "the accuracy gap")
     ok = notebook("tuned_compare")[0]["ok"]
     assert devices(ok) == {results_device()}
     assert (ok["init"] == "pretrained").all(), "README: pretrained encoders"

@@ -54,6 +54,7 @@ def _draw_seed() -> int:
         return int(torch.randint(0, 2**62, (1,)))
 
 
+# not nn.functional.dropout: it draws from the global generator and returns no mask, and backward must redraw this one
 def _dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The inverted-dropout mask (0 or 1/(1-p)) that `seed` draws for a tensor like `like`: the same mask
     every time it is asked for, on any device, without touching the global random state."""
@@ -254,6 +255,8 @@ class LoRALinear(nn.Module):
                 raise ValueError("precondition_b assumes A frozen (LoRA-FA); it does not apply with train_a")
             self.lora_B.register_hook(self._precondition)
 
+    # a gradient hook, not PEFT's create_lorafa_optimizer: that is an optimizer of its own over a PeftModel, and the
+    # step here stays torch's AdamW (fused, capturable)
     def _precondition(self, grad: torch.Tensor) -> torch.Tensor:
         if self._b_preconditioner is None or self._b_preconditioner.device != grad.device:
             a = self.lora_A.detach().double()
@@ -392,6 +395,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().cpu().contiguous()
 
 
+# PEFT's format written and read without PEFT (beside save_pretrained, PeftModel.from_pretrained, merge_and_unload:
+# this, `read_peft`, `merge`): those act on PEFT's own layers, not LoRALinear, and PEFT is a dev extra, not a dependency
 def save_peft(model: nn.Module, out_dir, *, family: str, base_model: str | None = None,
               modules_to_save: list[str] | tuple = (), write: bool = True):
     """Write the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), so that

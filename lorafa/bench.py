@@ -202,6 +202,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# a plain timed loop, not torch.utils.benchmark.Timer (whose timeit warms up twice): the rate the rows record was
+# measured by this one
 def measure_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
     """The device's bf16 matmul rate on random n³ products (mean of `reps` after 3 warm-ups), TFLOP/s."""
     if device.type != "cuda":

@@ -29,6 +29,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import nn
@@ -184,9 +185,7 @@ def shard(indices: list[int], d: Dist) -> list[int]:
     """This process's contiguous share of a global micro-batch (sizes differ by at most one)."""
     if not d.enabled:
         return indices
-    n, w = len(indices), d.world_size
-    start = d.rank * (n // w) + min(d.rank, n % w)
-    return indices[start: start + n // w + (d.rank < n % w)]
+    return np.array_split(np.asarray(indices, dtype=np.int64), d.world_size)[d.rank].tolist()
 
 
 def micro_batches(order: list[int], batch_size: int, d: Dist) -> list[list[int]]:

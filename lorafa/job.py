@@ -46,6 +46,8 @@ TRACEBACK_FILE = "traceback.txt"
 MMLU_FILE = "mmlu_subjects.json"  # instruction tasks: per-subject MMLU accuracy, beside the row
 
 
+# transformers.set_seed does this (and cuda.manual_seed_all, which torch.manual_seed covers), but it lives in
+# transformers.trainer_utils, whose import pulls in PEFT: seconds of every process's start (`train.linear_schedule`)
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -107,6 +107,8 @@ def note_saved(tensors) -> None:
             pack(t)
 
 
+# not torch's MemTracker (torch.distributed._tools.mem_tracker, private): its activations are what the forward
+# allocates, not what autograd keeps for backward
 class SavedTensorMeter:
     """Context manager counting the bytes autograd saves for backward (see the module docstring).
 

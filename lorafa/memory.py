@@ -63,6 +63,8 @@ class Prediction:
                 "pred_forward_tflop": self.flops_forward / 1e12}
 
 
+# beside torch's MemTracker (torch.distributed._tools.mem_tracker), which also keeps a live peak by category: a private
+# module, whose activations are what the forward allocates, where `lorafa.measure` counts what autograd saves
 class _LiveBytes(TorchDispatchMode):
     """Bytes of the storages alive at once on one kind of device (each created storage counted until it is freed)
     and their peak: host copies (`method.offload`) leave the device."""

@@ -122,6 +122,7 @@ def _as_one_process():
 def evaluate(model, tokenizer, tcfg: DictConfig, device: torch.device, amp: torch.dtype | None = None) -> dict:
     """{"mmlu_acc": average, "subjects": {subject: accuracy}, "mmlu_examples": n} of `model` as it is now."""
     from lm_eval import simple_evaluate
+    from lm_eval.api.metrics import aggregate_subtask_metrics
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -161,8 +162,8 @@ def evaluate(model, tokenizer, tcfg: DictConfig, device: torch.device, amp: torc
     if group in results:
         average = float(results[group]["acc,none"])
     else:  # a list of subjects: their example-weighted mean, as the group aggregates it
-        total = sum(sizes.get(s, 0) for s in per_subject)
-        average = sum(per_subject[s] * sizes.get(s, 0) for s in per_subject) / max(total, 1)
+        weights = [sizes.get(s, 0) for s in per_subject]
+        average = aggregate_subtask_metrics(list(per_subject.values()), weights) if sum(weights) else 0.0
     return {"mmlu_acc": average, "subjects": per_subject, "mmlu_examples": int(sum(sizes.get(s, 0)
                                                                                  for s in per_subject)),
             "num_fewshot": shots, "subjects_evaluated": chosen or sorted(per_subject),
@@ -190,6 +191,8 @@ def _counting(hflm_class):
 def zero_shot_prompts(tcfg: DictConfig) -> list[tuple[str, str]]:
     """(prompt, longest answer) of every test question, 0-shot, as lm-eval poses them (the subject's description,
     then the question in PROMPT's layout): from `task.mmlu_path`, else from cais/mmlu on the hub."""
+    from lm_eval.utils import apply_template
+
     from .tasks import read_table
 
     if tcfg.get("mmlu_path"):
@@ -209,9 +212,7 @@ def zero_shot_prompts(tcfg: DictConfig) -> list[tuple[str, str]]:
             import json
 
             choices = json.loads(choices)
-        choices = list(choices)
-        body = (f"{str(r['question']).strip()}\nA. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\n"
-                f"D. {choices[3]}\nAnswer:")
+        body = apply_template(PROMPT, {"question": str(r["question"]), "choices": list(choices)})  # as lm-eval does
         out.append((description(r["subject"]) + body, " D"))
     return out
 

@@ -265,6 +265,7 @@ def resolve_targets(model: nn.Module, spec, presets: DictConfig | dict | None = 
     return names
 
 
+# not transformers' `num_parameters`: a PreTrainedModel method, and `lorafa.methods.apply` takes any nn.Module
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights counted once."""
     seen, trainable, total = set(), 0, 0

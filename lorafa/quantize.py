@@ -49,6 +49,8 @@ def _ops():
     return torch.ops.bitsandbytes
 
 
+# not bitsandbytes' Linear4bit / Linear8bitLt: they hold the quantization state on the weight (Params4bit.quant_state,
+# Int8Params.SCB), not in buffers, so `lorafa.measure` (parameters and buffers) would not count it
 class QuantizedLinear(nn.Module):
     """A frozen nn.Linear whose weight is held in `kind` (nf4 or int8); y = x Wᵀ + b with W dequantized for the
     matmul. `compute_dtype`: the dtype of the dequantized W outside autocast (the float dtype it was built in)."""

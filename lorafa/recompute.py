@@ -29,6 +29,8 @@ from torch import nn
 from .adapters import _draw_seed, _dropout_mask
 
 
+# autograd functions, not torch.utils.checkpoint around each module: a checkpoint keeps the module's input (for dropout
+# and ReLU at least as large as what they keep) and recomputes all of it (RMSNorm's reduction too)
 class _SeedDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float, seed: int):

@@ -55,7 +55,9 @@ def _f1(y, p):
 
 
 def _accuracy(y, p):
-    return float(np.mean(np.asarray(y) == np.asarray(p)))
+    from sklearn.metrics import accuracy_score
+
+    return accuracy_score(y, p)
 
 
 def _matthews(y, p):
@@ -304,6 +306,8 @@ def holdout_split(train, holdout) -> dict:
     pandas frame or a `datasets.Dataset` (instruction data), and so are the two parts."""
     if not holdout:
         return {"train": train}
+    # one permutation for frames and Datasets, not sklearn's or datasets' train_test_split: they draw other slices,
+    # and the tuned rows in results/ chose on this one
     n = holdout_size(holdout, len(train))
     order = np.random.default_rng(HOLDOUT_SEED).permutation(len(train))
 
@@ -385,6 +389,8 @@ def _label_ids(values: pd.Series, labels: list[str], where: str, ints_are_ids: b
 
 
 # ---------------------------------------------------------------------------------------------------- posing
+# not transformers' DataCollatorWithPadding / DataCollatorForSeq2Seq: they pad through a tokenizer (synthetic data has
+# none) to the longest or a multiple, not to a bucket capped at max_seq_len, and know no packed windows
 def collate(features: list[dict], pad_id: int, pad_to: int | None = None,
             aligned_labels: bool = False, pad_labels_to: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad `input_ids` (pad_id, with an attention mask) and list-valued `labels` (-100); stack the rest.
@@ -587,7 +593,8 @@ class Seq2SeqPoser(Poser):
         for cand in self._candidate_tensors(batch["input_ids"].device):
             labels = cand.expand(n, -1).contiguous()
             logits = model(encoder_outputs=enc, attention_mask=batch["attention_mask"], labels=labels).logits
-            scores.append(logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1).sum(-1))
+            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+            scores.append(-nll.view(n, -1).sum(-1))  # log p(words | input)
         return torch.stack(scores, -1).argmax(-1)
 
     def finish(self, raw):

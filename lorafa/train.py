@@ -115,6 +115,8 @@ def count_tokens(batch: dict, family: str) -> int:
 GROUP_MEGABATCH = 50  # group_by_length: examples are sorted by length within runs of this many micro-batches
 
 
+# not transformers' `get_length_grouped_indices` itself: it sizes its runs by the data (≤ 50 micro-batches) and keeps
+# the batches in run order (the longest example's first), where these are shuffled
 def epoch_order(lengths: list[int], size: int, generator: torch.Generator, group: bool) -> list[int]:
     """One epoch's order of the training examples: a random permutation; with `group` (`train.group_by_length`),
     as transformers' `LengthGroupedSampler` does: the permutation cut into runs of GROUP_MEGABATCH micro-batches of

@@ -614,6 +614,7 @@ class DecoderPoser(Poser):
                 raise ValueError(f"cannot isolate the tokens of label {word!r} after {ANSWER_CUE!r}")
             self.candidates.append(full[len(anchor):] + [self.tok.eos_token_id])
         self.cue_len = len(self.tok(ANSWER_CUE, add_special_tokens=False)["input_ids"])
+        self._on_device: dict = {}  # device → the candidates as tensors
 
     def encode(self, frame):
         rows = frame.to_dict("records")
@@ -638,28 +639,46 @@ class DecoderPoser(Poser):
     def predict(self, model, batch):
         return self.from_choice(self.choose(model, batch))
 
+    # `label_scores` reads nothing on the host (tested under a simulated capture), but a decoder's evaluation
+    # forward has not yet passed a graphed job on a GPU: it runs eager in every mode until it has
+    capturable = False
+
+    def _candidate_tensors(self, device):
+        if device not in self._on_device:  # made once, outside any capture
+            self._on_device[device] = [torch.tensor(c, device=device) for c in self.candidates]
+        return self._on_device[device]
+
     @torch.no_grad()
     def choose(self, model, batch):
-        """The index of the likeliest label words after each prompt (each row's prompt length is read on the
-        host: not capturable)."""
-        ids, plen = batch["input_ids"], batch["prompt_len"]
-        n, pad = ids.shape[0], self.tok.pad_token_id
+        """The index of the likeliest label words after each prompt (`label_scores`)."""
+        return self.label_scores(model, batch).argmax(-1)
+
+    @torch.no_grad()
+    def label_scores(self, model, batch) -> torch.Tensor:
+        """log p(label words | prompt), rows × labels: each label's words written after every row's
+        prompt (`prompt_len`) in the batch's own width — widened by the longest words' extra tokens over the
+        shortest, so every row's words fit whatever its reference answer's length — one forward per label, each
+        word's log-probability read at the position before it. Device operations on static shapes only, no host
+        loop over rows. Positions past a row's words are masked; the model is causal, so they change nothing
+        before them."""
+        ids = batch["input_ids"]
+        plen = batch["prompt_len"].to(ids.device)
+        n = ids.shape[0]
+        cands = self._candidate_tensors(ids.device)
+        extra = max(len(c) for c in cands) - min(len(c) for c in cands)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        ids = torch.nn.functional.pad(ids, (0, extra), value=pad)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None, :]
         scores = []
-        for cand in self.candidates:
-            c = torch.tensor(cand, device=ids.device)
-            width = int(plen.max()) + len(cand)
-            seq = torch.full((n, width), pad, dtype=torch.long, device=ids.device)
-            mask = torch.zeros_like(seq)
-            for i in range(n):
-                p = int(plen[i])
-                seq[i, :p], seq[i, p: p + len(cand)], mask[i, : p + len(cand)] = ids[i, :p], c, 1
-            logp = model(input_ids=seq, attention_mask=mask).logits.float().log_softmax(-1)
-            # token t is predicted at position t-1
-            pos = plen.to(ids.device)[:, None] + torch.arange(len(cand), device=ids.device)[None, :] - 1
-            picked = logp.gather(1, pos[:, :, None].expand(-1, -1, logp.shape[-1])).gather(
-                -1, c.expand(n, -1)[:, :, None]).squeeze(-1)
+        for c in cands:
+            at = plen[:, None] + torch.arange(len(c), device=ids.device)[None, :]  # (n, words): where they go
+            seq = ids.scatter(1, at, c.expand(n, -1))  # what follows stays: masked, and after them
+            mask = (pos < plen[:, None] + len(c)).long()
+            logits = model(input_ids=seq, attention_mask=mask).logits  # token t is predicted at position t-1
+            before = logits.gather(1, (at - 1)[:, :, None].expand(-1, -1, logits.shape[-1])).float()
+            picked = before.log_softmax(-1).gather(-1, c.expand(n, -1)[:, :, None]).squeeze(-1)
             scores.append(picked.sum(-1))
-        return torch.stack(scores, -1).argmax(-1)
+        return torch.stack(scores, -1)
 
     def finish(self, raw):
         return self.from_choice(raw)

@@ -212,7 +212,53 @@ def test_one_pass_scoring_gives_the_loss_and_predictions_of_separate_forwards(cf
         no_pred = poser.score(model_, _inputs(batch), batch, False)[1]
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7), (float(loss), float(ref_loss))
     assert poser.finish(raw.cpu()).tolist() == ref_pred.tolist() and no_pred is None
-    assert poser.capturable == (net.family != "decoder")  # decoders read each prompt's length on the host
+    assert poser.capturable == (net.family != "decoder")  # decoders: not yet through a real capture on a GPU
+
+
+def _label_scores_row_by_row(model, poser, batch) -> torch.Tensor:
+    """A decoder's log p(label words | prompt), each row on its own: its prompt alone, each label's words after
+    it, no padding — the reference `DecoderPoser.choose`'s batched, capturable form must pick as."""
+    scores = torch.zeros(batch["input_ids"].shape[0], len(poser.candidates))
+    for i, (ids, p) in enumerate(zip(batch["input_ids"], batch["prompt_len"].tolist())):
+        for j, cand in enumerate(poser.candidates):
+            seq = torch.cat([ids[:p], torch.tensor(cand)])[None]
+            logp = model(input_ids=seq).logits[0].float().log_softmax(-1)
+            scores[i, j] = sum(logp[p + k - 1, t] for k, t in enumerate(cand))
+    return scores
+
+
+def test_decoder_label_scoring_reads_nothing_on_the_host_and_picks_as_row_by_row(cfg_factory, monkeypatch):
+    """Decoders' label scoring (`DecoderPoser.choose`), batched: under a simulated capture it reads no tensor value on
+    the host (what a graphed job's evaluation capture will need: a real capture fails at the first), and on a padded batch whose
+    labels' words differ in length its labels' log-probabilities are, row for row, those of the row scored on its own
+    (no padding), to float32 rounding, and it picks their argmax."""
+    from lorafa import models, step, tasks
+    from lorafa.train import _inputs
+
+    from .conftest import HostReads
+
+    cfg = cfg_factory("model=tiny-llama", "task.max_eval_samples=16")
+    data = tasks.load_data(cfg.task)
+    tok = models.load_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    net = models.build(cfg.model, num_labels=data.num_labels, device=CPU, dtype=torch.float32, tokenizer=tok)
+    poser = tasks.poser_for(net.family, data, cfg.task, tok)
+    poser.candidates = [poser.candidates[0], poser.candidates[1][:1] + poser.candidates[1]]  # lengths differ
+    frame = data.splits["validation"]
+    short = frame[[poser.verbalise(v) == poser.label_words()[0] for v in frame["label"]]]
+    feats = poser.encode(short)  # every reference answer the shorter words: the longer must still fit every row
+    batch = collate(feats, tok.pad_token_id, aligned_labels=True)
+    assert len(set(batch["prompt_len"].tolist())) > 1  # prompts of several lengths, padded
+    model = net.model.eval()
+    with torch.no_grad():
+        reference = _label_scores_row_by_row(model, poser, batch)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        with step.unseen_capture(), HostReads() as mode:
+            _loss, raw = poser.score(model, _inputs(batch), batch, True)
+        scores = poser.label_scores(model, batch)
+    assert mode.reads == [], mode.reads[0]
+    torch.testing.assert_close(scores, reference, rtol=1e-5, atol=1e-5)
+    assert raw.tolist() == reference.argmax(-1).tolist()
 
 
 def test_job_rows_say_how_they_stepped(cfg_factory):

@@ -50,7 +50,7 @@ def shape(g) -> str:
 # %%
 def modelled(r, same_budgets, same_hand) -> float:
     """The planner's step time for hand-set row `r` (`lorafa.plans.step_seconds`: its predicted FLOPs and host bytes,
-    its plan's timeline) at the rates a budget job of the same model and method measured; NaN where no budget row
+    its plan's timeline, its blocks' modes) at the rates (and block-mode costs, where measured) a budget job of the same model and method measured; NaN where no budget row
     carries rates or the plan is no longer a candidate."""
     rated = same_budgets.dropna(subset=[c for c in ("copy_gib_per_s", "fwd_tflop_per_s") if c in same_budgets])
     if rated.empty or "fwd_tflop_per_s" not in rated:
@@ -62,12 +62,14 @@ def modelled(r, same_budgets, same_hand) -> float:
         line = plans.timeline(plans.named(r.plan_name, n).keys(), n)
     except BadInput:
         return float("nan")
+    costs = b.get("block_extra_ms")  # each block mode's measured cost, where the budget job measured them
+    costs = {m: (f / 1e3, bw / 1e3) for m, (f, bw) in json.loads(costs).items()} if isinstance(costs, str) else {}
     rates = plans.Rates(b.matmul_tflop_per_s * 1e12, b.copy_gib_per_s * 2**30, b.fwd_tflop_per_s * 1e12,
-                        b.bwd_tflop_per_s * 1e12)
+                        b.bwd_tflop_per_s * 1e12, block_extra=costs or None)
     pred = Prediction(0, 0, 0, 0, 0, host_offload=r.pred_host_offload_gib * 2**30,
                       flops=r.pred_step_tflop * 1e12, flops_forward=r.pred_forward_tflop * 1e12)
     plain = float((same_hand["pred_step_tflop"] - same_hand["pred_forward_tflop"]).min()) * 1e12
-    return plans.step_seconds(pred, rates, line, plain)
+    return plans.step_seconds(pred, rates, line, plain, plans.block_modes(plans.named(r.plan_name, n), line))
 
 
 lines = []

@@ -214,28 +214,47 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
             layer = _layer(trial, features, config, step.resolve_mode(trial, device, steps)[0], device)
             options.append((plan, _predict(trial, device, family, num_labels, features, layer)))
             lines[plan] = plans.timeline(trial.method, n_blocks)
-            layers.setdefault("plain", layer)  # the first candidate's: nothing recomputed or offloaded
+            layers[plan.name] = layer
         except Exception as err:  # noqa: BLE001 - a plan this model cannot take is not a candidate
             log.info("plan %s: not predicted (%s: %s)", plans.describe(trial.method), type(err).__name__, err)
             options.append((plan, None))
     rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
-                                                                 layers.get("plain", "false")))
+                                                                 layers.get("none", "false")),
+                                modes=lambda: _profile_modes(cfg, device, num_labels, features, layers))
     plan, pred, seconds = plans.choose(options, budget * measure.GIB, rates, label, lines)
     fitting = sum(p is not None and p.peak <= budget * measure.GIB for _, p in options)
     chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options), plans_fitting=fitting,
                         pred_step_s=seconds, copy_gib_per_s=rates.copy_bytes / measure.GIB,
                         matmul_tflop_per_s=rates.matmul_flops / 1e12, fwd_tflop_per_s=(rates.forward_flops or math.nan) / 1e12,
-                        bwd_tflop_per_s=(rates.backward_flops or math.nan) / 1e12)
+                        bwd_tflop_per_s=(rates.backward_flops or math.nan) / 1e12,
+                        block_extra_ms=json.dumps({m: [round(1e3 * f, 3), round(1e3 * b, 3)]
+                                                   for m, (f, b) in (rates.block_extra or {}).items()}))
     log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit)",
              label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), fitting)
     return chosen
 
 
-def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str) -> tuple:
+def _profile_modes(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict],
+                   layers: dict) -> dict:
+    """{block mode: (forward seconds, backward seconds, bytes offloaded)}: `_profile` of this job's model cut to one
+    block in each mode a plan puts a block in (`lorafa.plans.BLOCK_MODES`, the one-block model's candidates;
+    offloading only where the device is not the host), each with the LoRA-FA layer its plan would run."""
+    out = {}
+    for plan in plans.candidates(1, offload=device.type == "cuda"):
+        held: dict = {}
+        _, f_s, _, b_s = _profile(cfg, device, num_labels, features, layers.get(plan.name, "false"), plan=plan,
+                                  held=held)
+        out[plan.name] = (f_s, b_s, held.get("host_bytes", 0))
+    return out
+
+
+def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
+             plan: plans.Plan | None = None, held: dict | None = None) -> tuple:
     """`lorafa.plans.profile_step` of this job's model cut to one block (`models.build(blocks=1)`), its method
-    applied as the job would apply it with nothing recomputed or offloaded, at the job's batch shape (the
-    predictor's batch: `batch_size` × `task.max_seq_len`, full length)."""
-    plain = OmegaConf.merge(cfg, {"method": plans.Plan().keys()})
+    applied as the job would apply it with nothing recomputed or offloaded (or as `plan` says: its block in that
+    plan's mode; the bytes it offloaded go into `held`), at the job's batch shape (the predictor's batch:
+    `batch_size` × `task.max_seq_len`, full length)."""
+    plain = OmegaConf.merge(cfg, {"method": (plan or plans.Plan()).keys()})
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
     amp = autocast_dtype(cfg.train.precision, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -251,7 +270,11 @@ def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: l
         batch = memory._batch(net.family, int(cfg.train.batch_size), int(cfg.task.max_seq_len), target_len,
                               num_labels, device)
         try:
-            return plans.profile_step(net.model, batch, device, amp)
+            times = plans.profile_step(net.model, batch, device, amp, count=plan is None)
+            offloaded = getattr(net.model, "lorafa_offload", None)
+            if held is not None and offloaded is not None:
+                held["host_bytes"] = offloaded.host_bytes
+            return times
         finally:
             del net, batch
             if device.type == "cuda":

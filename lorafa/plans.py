@@ -29,6 +29,7 @@ and `lorafa.memory.predict` see it as saved activations.
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -484,33 +485,43 @@ class Rates:
     """The device's measured rates the step-time model uses: matmul FLOP/s and host↔device copy bytes/s (one
     way, the mean of the two directions), and — from a profile of the job's own model cut to one block
     (`profile_step`) — the FLOP/s its forward and its backward run at (None: not profiled; the matmul rate
-    stands in)."""
+    stands in), and what one block costs in each block mode over one that keeps everything (`block_extra`:
+    measured on that one-block model in each mode; its offloaded bytes' copy time, one way each, taken out, since
+    the step-time model lays copies out itself; None: not measured, FLOPs stand in)."""
 
     matmul_flops: float
     copy_bytes: float
     forward_flops: float | None = None
     backward_flops: float | None = None
+    block_extra: dict | None = None  # block mode → (forward, backward) seconds a block in it adds (`block_modes`)
 
 
-def measure_rates(device: torch.device, profile=None) -> Rates:
+def measure_rates(device: torch.device, profile=None, modes=None) -> Rates:
     """A short profile of the device in hand: a bf16 8192³ matmul and a pinned 256 MiB host → device → host copy on
     CUDA (an fp32 1024³ matmul and a 64 MiB memory copy on CPU); each the best of 3 after a warm-up. `profile`:
     a callable giving (forward FLOPs, forward seconds, backward FLOPs, backward seconds) of the job's model
-    (`profile_step`)."""
+    (`profile_step`); `modes`: one giving {block mode: (forward seconds, backward seconds, bytes offloaded)} of
+    the job's model cut to one block, in each block mode (`BLOCK_MODES`; "none" among them)."""
+    import logging
     import time
 
-    fwd = bwd = None
+    def failed(what, err, instead):
+        logging.getLogger(__name__).warning("%s failed (%s: %s); %s", what, type(err).__name__, err, instead)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    fwd = bwd = timed = None
     if profile is not None:  # first, while nothing else of this profile holds device memory
         try:
             f_flops, f_s, b_flops, b_s = profile()
             fwd, bwd = f_flops / f_s, b_flops / b_s
         except Exception as err:  # noqa: BLE001 - the model's rates are a refinement: the matmul rate stands in
-            import logging
-
-            logging.getLogger(__name__).warning("step-time profile failed (%s: %s); the matmul rate stands in",
-                                                type(err).__name__, err)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            failed("step-time profile", err, "the matmul rate stands in")
+    if modes is not None:
+        try:
+            timed = modes()
+        except Exception as err:  # noqa: BLE001 - likewise: FLOPs stand in for the block modes' costs
+            failed("block-mode profile", err, "FLOPs stand in")
     cuda = device.type == "cuda"
     n, copy_mib = (8192, 256) if cuda else (1024, 64)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -531,16 +542,29 @@ def measure_rates(device: torch.device, profile=None) -> Rates:
 
     mm = best(lambda: a @ a)
     copy = best(lambda: (dev.copy_(host, non_blocking=cuda), host.copy_(dev, non_blocking=cuda)))
-    return Rates(matmul_flops=2 * n**3 / mm, copy_bytes=2 * copy_mib * 2**20 / copy, forward_flops=fwd,
-                 backward_flops=bwd)
+    copy_bytes = 2 * copy_mib * 2**20 / copy
+    return Rates(matmul_flops=2 * n**3 / mm, copy_bytes=copy_bytes, forward_flops=fwd, backward_flops=bwd,
+                 block_extra=block_extra(timed, copy_bytes) if timed else None)
+
+
+def block_extra(timed: dict, copy_bytes: float) -> dict:
+    """{block mode: (forward, backward) seconds one block in it adds over one in mode "none"}, from the one-block
+    model's times in each mode (`measure_rates`' `modes`): the difference, less the time its offloaded bytes take
+    one way at `copy_bytes` per second (`_pipeline` lays the copies out), never below 0 (a mode's noise)."""
+    f0, b0, _ = timed["none"]
+    return {mode: (max(0.0, f - f0 - host / copy_bytes), max(0.0, b - b0 - host / copy_bytes))
+            for mode, (f, b, host) in timed.items()}
 
 
 def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch.dtype | None,
-                 repeats: int = 3) -> tuple[float, float, float, float]:
+                 repeats: int = 3, seconds: float = 0.25, count: bool = True) -> tuple[float, float, float, float]:
     """(forward FLOPs, forward seconds, backward FLOPs, backward seconds) of `model`'s training step on `batch` —
     the job's model cut to one block, its method applied, at the job's batch shape: what the model's kernels
     (matmuls at their real shapes, attention, element-wise work) run at on this device. FLOPs by torch's counter;
-    seconds the best of `repeats` after a warm-up; gradients are let go."""
+    seconds the best of `repeats` after a warm-up, more (up to 20) for a step so short that `repeats` would time
+    less than `seconds` (short steps are the noisy ones); gradients are let go. `count=False`: times only (FLOPs
+    NaN; torch's counter hooks every module's backward, which element-wise recomputation's own `autograd.grad`
+    inside a backward does not allow)."""
     import time
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -559,9 +583,14 @@ def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch
         model.zero_grad(set_to_none=True)
         return (counter_fwd, counter.get_total_flops() - counter_fwd) if counter is not None else (t0, t1)
 
-    f_flops, b_flops = run(FlopCounterMode(display=False))  # also the warm-up
-    f_s = b_s = float("inf")
-    for _ in range(repeats):
+    f_flops, b_flops = run(FlopCounterMode(display=False)) if count else (math.nan, math.nan)  # and the warm-up
+    if not count:
+        run()
+    measure.synchronize(device)
+    start = time.perf_counter()
+    t0, t1 = run()
+    f_s, b_s = t0 - start, t1 - t0
+    for _ in range(max(repeats, min(20, int(seconds / max(t1 - start, 1e-6)))) - 1):
         measure.synchronize(device)
         start = time.perf_counter()
         t0, t1 = run()
@@ -588,23 +617,26 @@ def timeline(method, n_blocks: int) -> Timeline:
 
 
 def _pipeline(line: Timeline, forward: float, backward: float, recompute: float, offloaded_bytes: float,
-              copy_rate: float, chunks: int = 8) -> float:
+              copy_rate: float, chunks: int = 8, extra: list | None = None) -> float:
     """Seconds of a step whose blocks (uniform: the forward's and backward's seconds split evenly) run on the
     compute stream while the offloaded blocks' saved tensors go to the host and come back on one copy engine, as
     `Offload` runs them: each offloaded block's tensors leave in `chunks` pieces as its forward makes them; the
     forward waits while more than `inflight` bytes are in flight; backward starts once every copy is out; the
     tensors come back in reverse order, fetched while under `inflight` bytes ahead of their use, and a block's
-    backward waits for the piece it needs. A checkpointed block's backward first recomputes its forward."""
+    backward waits for the piece it needs. A checkpointed block's backward first recomputes its forward. `extra`:
+    each block's own added (forward, backward) seconds (`Rates.block_extra`), in place of `recompute` spread over
+    the checkpointed blocks."""
     n = line.n_blocks
     off, ckpt = set(line.offloaded), set(line.checkpointed)
     f, b = forward / n, backward / n
     r = recompute / len(ckpt) if ckpt else 0.0
+    extra = extra or [(0.0, r if i in ckpt else 0.0) for i in range(n)]
     piece = offloaded_bytes / len(off) / chunks if off else 0.0
     t = free = 0.0  # the compute stream's and the copy engine's clocks
     pending: list[float] = []  # copies out still in flight: their end times, oldest first
     for i in range(n):
         for _ in range(chunks):
-            t += f / chunks
+            t += (f + extra[i][0]) / chunks
             if i in off:
                 free = max(free, t) + piece / copy_rate
                 pending.append(free)
@@ -628,8 +660,7 @@ def _pipeline(line: Timeline, forward: float, backward: float, recompute: float,
 
     k = 0
     for i in reversed(range(n)):
-        if i in ckpt:
-            t += r
+        t += extra[i][1]
         for _ in range(chunks):
             if i in off:
                 t = max(t, ready(k))
@@ -640,18 +671,48 @@ def _pipeline(line: Timeline, forward: float, backward: float, recompute: float,
     return t
 
 
-def step_seconds(pred, rates: Rates, line: Timeline | None = None, plain_backward_flops: float | None = None) -> float:
+BLOCK_MODES = ("none", "elementwise", "all", "all_elementwise", "all_matmuls", "offload_all")  # candidates(1)
+
+
+def block_modes(plan: Plan, line: Timeline) -> tuple[str, ...]:
+    """The mode a plan puts each block in, named as the one-block model's plan that puts its block there
+    (`BLOCK_MODES`, `candidates(1)`): kept, checkpointed (keeping nothing or the matmuls' outputs) or offloaded,
+    with or without element-wise recomputation."""
+    ew = plan.recompute == "elementwise"
+    off, ckpt = set(line.offloaded), set(line.checkpointed)
+
+    def mode(i: int) -> str:
+        if i in off:
+            return "offload_all" if ew else "offload_plain"  # (not a candidate: never profiled)
+        if i in ckpt:
+            return "all_matmuls" if plan.checkpoint_policy == "matmuls" else ("all_elementwise" if ew else "all")
+        return "elementwise" if ew else "none"
+
+    return tuple(mode(i) for i in range(line.n_blocks))
+
+
+def step_seconds(pred, rates: Rates, line: Timeline | None = None, plain_backward_flops: float | None = None,
+                 modes: tuple | None = None) -> float:
     """A plan's step time, modelled: its forward FLOPs at the forward's rate, its backward's (without
     recomputation: `plain_backward_flops`, a plan's that recomputes nothing) at the backward's, what it recomputes
     at the forward's — the rates of the job's own model where profiled (`Rates`), else the matmul rate — and its
     offloaded bytes moved at the copy rate, block by block as `_pipeline` lays them out (`line`; without one,
-    the copies overlap the forward and the backward whole: max(forward, copy) + max(backward, copy))."""
+    the copies overlap the forward and the backward whole: max(forward, copy) + max(backward, copy)). Where each
+    block's mode (`modes`, `block_modes`) has a measured cost (`Rates.block_extra`), that cost stands for the
+    block's recomputation and hooks instead of FLOPs: it holds what FLOPs miss where a step is bound by the
+    host's launches, not the device (roberta-large 32 × 128: checkpointing every block measured 2.3× the plain
+    step, where its FLOPs say 1.3×)."""
     fwd_rate = rates.forward_flops or rates.matmul_flops
     bwd_rate = rates.backward_flops or rates.matmul_flops
     backward_flops = pred.flops - pred.flops_forward
     plain = min(backward_flops, plain_backward_flops) if plain_backward_flops is not None else backward_flops
     forward = pred.flops_forward / fwd_rate
     backward = plain / bwd_rate
+    if modes is not None and rates.block_extra is not None and all(m in rates.block_extra for m in modes):
+        extra = [rates.block_extra[m] for m in modes]
+        if not pred.host_offload or line is None or not line.offloaded:
+            return forward + backward + sum(f + b for f, b in extra)
+        return _pipeline(line, forward, backward, 0.0, pred.host_offload, rates.copy_bytes, extra=extra)
     recompute = (backward_flops - plain) / fwd_rate
     if not pred.host_offload:
         return forward + backward + recompute
@@ -669,7 +730,8 @@ def choose(options: list, budget_bytes: float, rates: Rates, budget_label: str, 
     lines = lines or {}
     predicted = [p for _, p in options if p is not None]
     plain = min((p.flops - p.flops_forward for p in predicted), default=None)  # a plan that recomputes nothing
-    scored = [(step_seconds(p, rates, lines.get(plan), plain), i, p.peak, plan, p)
+    scored = [(step_seconds(p, rates, lines.get(plan), plain,
+                            block_modes(plan, lines[plan]) if plan in lines else None), i, p.peak, plan, p)
               for i, (plan, p) in enumerate(options) if p is not None]
     fits = [s for s in scored if s[2] <= budget_bytes]
     if not fits:

@@ -330,6 +330,67 @@ def test_a_budget_takes_the_fastest_plan_predicted_to_fit():
     assert fallback.forward_flops is None and fallback.backward_flops is None and fallback.matmul_flops > 0
 
 
+def test_measured_block_modes_stand_for_flops_where_they_were_measured():
+    """Where each block's mode has a measured cost (`Rates.block_extra`, from the one-block model in each mode less
+    its copies' time), a plan's modelled step is the plain step plus its blocks' costs, whatever FLOPs say — the
+    roberta-large 32 × 128 case, where checkpointing costs the host's launches, not the device's FLOPs, and a
+    budget took offloading every block over checkpointing a quarter of them."""
+    from lorafa.memory import Prediction
+
+    def pred(peak_gib, tflop, host_gib=0.0):
+        return Prediction(weights=0, grads=0, optimizer=0, activations=0, peak=int(peak_gib * measure.GIB),
+                          host_offload=int(host_gib * measure.GIB), flops=int(tflop * 1e12),
+                          flops_forward=int(4e12))
+
+    n, gib = 8, measure.GIB
+    cands = {p.name: p for p in plans.candidates(n)}
+    lines = {p: plans.timeline(p.keys(), n) for p in cands.values()}
+    assert plans.block_modes(cands["none"], lines[cands["none"]]) == ("none",) * n
+    assert plans.block_modes(cands["every4_elementwise"], lines[cands["every4_elementwise"]]) == \
+        ("all_elementwise", "elementwise", "elementwise", "elementwise") * 2  # blocks 0 and 4
+    assert plans.block_modes(cands["offload_every2_keep"], lines[cands["offload_every2_keep"]]) == \
+        ("offload_all", "all_elementwise", "offload_all", "elementwise") * 2
+    assert plans.block_modes(cands["all_matmuls"], lines[cands["all_matmuls"]]) == ("all_matmuls",) * n
+    assert {m for p in cands.values() for m in plans.block_modes(p, lines[p])} == set(plans.BLOCK_MODES)
+    # the one-block model's times (s) in each mode → each mode's cost over "none", its copies (1 GiB at 50 GiB/s
+    # each way) taken out
+    timed = {"none": (0.010, 0.020, 0), "elementwise": (0.011, 0.022, 0), "all": (0.010, 0.031, 0),
+             "all_elementwise": (0.011, 0.032, 0), "all_matmuls": (0.010, 0.026, 0),
+             "offload_all": (0.045, 0.055, gib)}
+    extra = plans.block_extra(timed, 50 * gib)
+    assert extra["none"] == (0.0, 0.0) and extra["all"] == pytest.approx((0.0, 0.011))
+    assert extra["offload_all"] == pytest.approx((0.015, 0.015))
+    assert plans.block_extra({**timed, "elementwise": (0.009, 0.019, 0)}, 50 * gib)["elementwise"] == (0.0, 0.0)
+    rates = plans.Rates(matmul_flops=100e12, copy_bytes=50 * gib, forward_flops=100e12, backward_flops=100e12,
+                        block_extra=extra)
+    # FLOPs: a checkpointed block's recomputation is a fortieth of a step here; measured, 0.011 s a block
+    plain, ckpt = pred(6, 12), pred(2, 16)
+    assert plans.step_seconds(ckpt, rates, lines[cands["all"]], 8e12) == pytest.approx(0.04 + 0.08 + 0.04)
+    assert plans.step_seconds(ckpt, rates, lines[cands["all"]], 8e12, plans.block_modes(
+        cands["all"], lines[cands["all"]])) == pytest.approx(0.04 + 0.08 + n * 0.011)
+    assert plans.step_seconds(plain, rates, lines[cands["none"]], 8e12, ("none",) * n) == pytest.approx(0.12)
+    # offloading every block: the blocks' own costs on the compute stream, their copies laid out by the pipeline
+    off = plans.step_seconds(pred(1.5, 12, 8), rates, lines[cands["offload_all"]], 8e12,
+                             ("offload_all",) * n)
+    assert off >= 0.12 + n * 0.030 and off >= 2 * 8 / 50
+    fast = plans.Rates(100e12, 5000 * gib, 100e12, 100e12, block_extra=extra)  # copies that hide: the costs alone
+    assert plans.step_seconds(pred(1.5, 12, 8), fast, lines[cands["offload_all"]], 8e12, ("offload_all",) * n) \
+        == pytest.approx(0.12 + n * 0.030, rel=0.02)
+    # a mode not measured: FLOPs stand in for the whole plan
+    assert plans.step_seconds(ckpt, rates, lines[cands["all"]], 8e12, ("all_policy_x",) * n) == pytest.approx(0.16)
+    # the choice follows the measured costs: under 5 GiB every4_elementwise (2 checkpointed blocks) over offloading
+    # every block, which FLOPs alone prefer
+    options = [(cands["none"], plain), (cands["every4_elementwise"], pred(4, 13)), (cands["all"], ckpt),
+               (cands["offload_all"], pred(1.5, 12, 8))]
+    assert plans.choose(options, 5 * gib, plans.Rates(100e12, 200 * gib, 100e12, 100e12), "b", lines)[0] \
+        == cands["offload_all"]
+    assert plans.choose(options, 5 * gib, rates, "b", lines)[0] == cands["every4_elementwise"]
+    # a block-mode profile that fails leaves FLOPs standing in (a warning), never a failed job
+    fallback = plans.measure_rates(torch.device("cpu"), modes=lambda: 1 / 0)
+    assert fallback.block_extra is None and fallback.matmul_flops > 0
+    assert plans.measure_rates(torch.device("cpu"), modes=lambda: timed).block_extra["all"][1] > 0
+
+
 def test_the_step_time_model_lays_copies_out_block_by_block():
     """`plans._pipeline`, against what the llama-7b 8 × 1024 runs measured: a run of offloaded blocks leaves its
     copies nothing to hide under, the same bytes spread through the model hide under compute; and the bounds."""
@@ -370,5 +431,11 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory):
     assert tight["pred_mem_peak_gib"] <= budget and tight["mem_peak_gib"] <= budget * 1.05
     # recomputing costs FLOPs (modelled seconds come from rates each job measures: not comparable across jobs)
     assert 0 < tight["plans_fitting"] < n and tight["pred_step_tflop"] > roomy["pred_step_tflop"] > 0
+    # each block mode's cost measured on the one-block model (CPU: no offloading), "none" the reference
+    import json
+
+    costs = json.loads(tight["block_extra_ms"])
+    assert set(costs) == {p.name for p in plans.candidates(1, offload=False)} and costs["none"] == [0.0, 0.0]
+    assert all(f >= 0 and b >= 0 for f, b in costs.values()) and costs["all"][1] > 0  # a recompute costs time
     with pytest.raises(BadInput, match="train.memory_budget_gib=1e-06: no plan fits; the smallest predicted peak"):
         run(cfg_factory(*common, "train.memory_budget_gib=1e-6"))

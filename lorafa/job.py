@@ -238,13 +238,15 @@ def _profile_modes(cfg: DictConfig, device: torch.device, num_labels: int, featu
                    layers: dict) -> dict:
     """{block mode: (forward seconds, backward seconds, bytes offloaded)}: `_profile` of this job's model cut to one
     block in each mode a plan puts a block in (`lorafa.plans.BLOCK_MODES`, the one-block model's candidates;
-    offloading only where the device is not the host), each with the LoRA-FA layer its plan would run."""
+    offloading only where the device is not the host), each with the LoRA-FA layer its plan would run; per block
+    (an encoder-decoder's one-block model has an encoder and a decoder block: their mean)."""
     out = {}
     for plan in plans.candidates(1, offload=device.type == "cuda"):
         held: dict = {}
         _, f_s, _, b_s = _profile(cfg, device, num_labels, features, layers.get(plan.name, "false"), plan=plan,
                                   held=held)
-        out[plan.name] = (f_s, b_s, held.get("host_bytes", 0))
+        k = held["blocks"]  # an encoder-decoder cut to one block has two (one of each): their mean, per block
+        out[plan.name] = (f_s / k, b_s / k, held.get("host_bytes", 0) / k)
     return out
 
 
@@ -272,8 +274,9 @@ def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: l
         try:
             times = plans.profile_step(net.model, batch, device, amp, count=plan is None)
             offloaded = getattr(net.model, "lorafa_offload", None)
-            if held is not None and offloaded is not None:
-                held["host_bytes"] = offloaded.host_bytes
+            if held is not None:
+                held["blocks"] = len(plans.checkpoint_layers(net.model))
+                held["host_bytes"] = offloaded.host_bytes if offloaded is not None else 0
             return times
         finally:
             del net, batch

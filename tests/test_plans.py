@@ -391,6 +391,24 @@ def test_measured_block_modes_stand_for_flops_where_they_were_measured():
     assert plans.measure_rates(torch.device("cpu"), modes=lambda: timed).block_extra["all"][1] > 0
 
 
+def test_block_mode_costs_are_per_block_for_an_encoder_decoder(cfg_factory, monkeypatch):
+    """T5 cut to one block keeps an encoder and a decoder block: its times in each mode are halved (their mean), so
+    that a plan's cost adds one block's worth per block it names; a decoder's one block counts once."""
+    from lorafa import job
+
+    def fake(cfg, device, num_labels, features, layer, plan=None, held=None):
+        held.update(blocks=len(plans.checkpoint_layers(
+            job.models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32, blocks=1).model)),
+            host_bytes=0)
+        return 1.0, 0.010 if plan.name == "none" else 0.014, 2.0, 0.020
+    monkeypatch.setattr(job, "_profile", fake)
+    feats = [{"input_ids": [1] * 8, "labels": [1] * 4}]
+    for model, k in (("tiny-t5", 2), ("tiny-llama", 1)):
+        out = job._profile_modes(cfg_factory(f"model={model}"), torch.device("cpu"), 2, feats, {})
+        assert set(out) == {p.name for p in plans.candidates(1, offload=False)}
+        assert out["none"] == (0.010 / k, 0.020 / k, 0) and out["all"] == (0.014 / k, 0.020 / k, 0)
+
+
 def test_the_step_time_model_lays_copies_out_block_by_block():
     """`plans._pipeline`, against what the llama-7b 8 × 1024 runs measured: a run of offloaded blocks leaves its
     copies nothing to hide under, the same bytes spread through the model hide under compute; and the bounds."""

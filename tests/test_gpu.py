@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lorafa import plans
 from lorafa.job import run
 from tests.conftest import undocumented
 
@@ -280,6 +281,16 @@ def test_an_offloaded_step_peaks_lower_by_the_bytes_it_offloaded(cfg_factory):
         assert row["pred_host_offload_gib"] == pytest.approx(row["host_offload_gib"], rel=0.02), row["plan"]
     assert half["plan"].startswith("checkpoint blocks 1, 3, …, 15") and "offload every:2 blocks" in half["plan"]
     assert 0 < half["host_offload_gib"] < moved["host_offload_gib"]
+    # a budget under the plain step's peak: each block mode's cost measured on the one-block model, offloading too
+    import json
+
+    budget = 0.8 * plain["pred_mem_peak_gib"]
+    chosen = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
+    assert chosen["status"] == "ok" and chosen["plan_name"] != "none", chosen["error"]
+    assert chosen["pred_mem_peak_gib"] <= budget and chosen["mem_peak_gib"] <= 1.05 * budget
+    costs = json.loads(chosen["block_extra_ms"])
+    assert set(costs) == set(plans.BLOCK_MODES) and costs["none"] == [0.0, 0.0], costs
+    assert costs["all"][1] > 0 and all(f >= 0 and b >= 0 for f, b in costs.values()), costs
 
 
 @pytest.mark.fault("out of memory")

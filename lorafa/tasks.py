@@ -437,6 +437,7 @@ class Poser:
     def __init__(self, data: TaskData, tcfg: DictConfig, tokenizer):
         self.data, self.tcfg, self.tok = data, tcfg, tokenizer
         self.max_len = int(tcfg.max_seq_len)
+        self._on_device: dict = {}  # device → the label words (`candidates`) as tensors
 
     def encode(self, frame: pd.DataFrame) -> list[dict]:
         raise NotImplementedError
@@ -469,6 +470,19 @@ class Poser:
     def finish(self, raw):
         """Predictions from what `score` or `choose` gave, once on the host."""
         return raw
+
+    def _candidate_tensors(self, device) -> list[torch.Tensor]:
+        """Each label's words (`self.candidates`, token ids) as a tensor on `device`: made once a device, before any
+        capture (a graphed evaluation replays them)."""
+        if device not in self._on_device:
+            self._on_device[device] = [torch.tensor(c, device=device) for c in self.candidates]
+        return self._on_device[device]
+
+    @staticmethod
+    def _log_p(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """log p(words) per row: `logits` (rows × L × vocab) at the positions that predict `words` (rows × L)."""
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), words.flatten(), reduction="none")
+        return -nll.view(words.shape).sum(-1)
 
     def prompt(self, row) -> str:
         pair = row.get("text_pair")
@@ -534,16 +548,10 @@ class Seq2SeqPoser(Poser):
         self.generates = self.data.kind == "translation"
         self.target_len = int(self.tcfg.get("target_len") or self.max_len)
         self.candidates = [] if self.generates else [self.tok(w)["input_ids"] for w in self.label_words()]
-        self._on_device: dict = {}  # device → the candidates as tensors (made outside any capture)
 
     @property
     def capturable(self):
         return not self.generates
-
-    def _candidate_tensors(self, device):
-        if device not in self._on_device:
-            self._on_device[device] = [torch.tensor(c, device=device) for c in self.candidates]
-        return self._on_device[device]
 
     def encode(self, frame):
         rows = frame.to_dict("records")
@@ -593,8 +601,7 @@ class Seq2SeqPoser(Poser):
         for cand in self._candidate_tensors(batch["input_ids"].device):
             labels = cand.expand(n, -1).contiguous()
             logits = model(encoder_outputs=enc, attention_mask=batch["attention_mask"], labels=labels).logits
-            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-            scores.append(-nll.view(n, -1).sum(-1))  # log p(words | input)
+            scores.append(self._log_p(logits, labels))  # log p(words | input)
         return torch.stack(scores, -1).argmax(-1)
 
     def finish(self, raw):
@@ -614,7 +621,6 @@ class DecoderPoser(Poser):
                 raise ValueError(f"cannot isolate the tokens of label {word!r} after {ANSWER_CUE!r}")
             self.candidates.append(full[len(anchor):] + [self.tok.eos_token_id])
         self.cue_len = len(self.tok(ANSWER_CUE, add_special_tokens=False)["input_ids"])
-        self._on_device: dict = {}  # device → the candidates as tensors
 
     def encode(self, frame):
         rows = frame.to_dict("records")
@@ -643,11 +649,6 @@ class DecoderPoser(Poser):
     # forward has not yet passed a graphed job on a GPU: it runs eager in every mode until it has
     capturable = False
 
-    def _candidate_tensors(self, device):
-        if device not in self._on_device:  # made once, outside any capture
-            self._on_device[device] = [torch.tensor(c, device=device) for c in self.candidates]
-        return self._on_device[device]
-
     @torch.no_grad()
     def choose(self, model, batch):
         """The index of the likeliest label words after each prompt (`label_scores`)."""
@@ -675,9 +676,8 @@ class DecoderPoser(Poser):
             seq = ids.scatter(1, at, c.expand(n, -1))  # what follows stays: masked, and after them
             mask = (pos < plen[:, None] + len(c)).long()
             logits = model(input_ids=seq, attention_mask=mask).logits  # token t is predicted at position t-1
-            before = logits.gather(1, (at - 1)[:, :, None].expand(-1, -1, logits.shape[-1])).float()
-            picked = before.log_softmax(-1).gather(-1, c.expand(n, -1)[:, :, None]).squeeze(-1)
-            scores.append(picked.sum(-1))
+            before = logits.gather(1, (at - 1)[:, :, None].expand(-1, -1, logits.shape[-1]))
+            scores.append(self._log_p(before, c.expand(n, -1)))
         return torch.stack(scores, -1)
 
     def finish(self, raw):

@@ -59,9 +59,10 @@ def modelled(r, same_budgets, same_hand) -> float:
     arch = json.loads(r.config)["model"].get("arch") or {}
     n = int(arch.get("num_hidden_layers") or arch.get("num_layers", 0) + arch.get("num_decoder_layers", 0))
     try:
-        line = plans.timeline(plans.named(r.plan_name, n).keys(), n)
+        plan = plans.named(r.plan_name, n)
     except BadInput:
         return float("nan")
+    line = plans.timeline(plan.keys(), n)
     costs = b.get("block_extra_ms")  # each block mode's measured cost, where the budget job measured them
     costs = {m: (f / 1e3, bw / 1e3) for m, (f, bw) in json.loads(costs).items()} if isinstance(costs, str) else {}
     rates = plans.Rates(b.matmul_tflop_per_s * 1e12, b.copy_gib_per_s * 2**30, b.fwd_tflop_per_s * 1e12,
@@ -69,7 +70,7 @@ def modelled(r, same_budgets, same_hand) -> float:
     pred = Prediction(0, 0, 0, 0, 0, host_offload=r.pred_host_offload_gib * 2**30,
                       flops=r.pred_step_tflop * 1e12, flops_forward=r.pred_forward_tflop * 1e12)
     plain = float((same_hand["pred_step_tflop"] - same_hand["pred_forward_tflop"]).min()) * 1e12
-    return plans.step_seconds(pred, rates, line, plain, plans.block_modes(plans.named(r.plan_name, n), line))
+    return plans.step_seconds(pred, rates, line, plain, plans.block_modes(plan, line))
 
 
 lines = []

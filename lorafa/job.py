@@ -218,9 +218,10 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         except Exception as err:  # noqa: BLE001 - a plan this model cannot take is not a candidate
             log.info("plan %s: not predicted (%s: %s)", plans.describe(trial.method), type(err).__name__, err)
             options.append((plan, None))
+    plain: dict = {}  # the plain one-block step, profiled once: its rates, and mode "none" of the block modes
     rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
-                                                                 layers.get("none", "false")),
-                                modes=lambda: _profile_modes(cfg, device, num_labels, features, layers))
+                                                                 layers.get("none", "false"), held=plain),
+                                modes=lambda: _profile_modes(cfg, device, num_labels, features, layers, plain))
     plan, pred, seconds = plans.choose(options, budget * measure.GIB, rates, label, lines)
     fitting = sum(p is not None and p.peak <= budget * measure.GIB for _, p in options)
     chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options), plans_fitting=fitting,
@@ -235,18 +236,20 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
 
 
 def _profile_modes(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict],
-                   layers: dict) -> dict:
+                   layers: dict, plain: dict) -> dict:
     """{block mode: (forward seconds, backward seconds, bytes offloaded)}: `_profile` of this job's model cut to one
     block in each mode a plan puts a block in (`lorafa.plans.BLOCK_MODES`, the one-block model's candidates;
     offloading only where the device is not the host), each with the LoRA-FA layer its plan would run; per block
-    (an encoder-decoder's one-block model has an encoder and a decoder block: their mean)."""
+    (an encoder-decoder's one-block model has an encoder and a decoder block: their mean). Mode "none" is the
+    plain profile already made (`plain`, as `_profile` fills `held`), where there is one."""
     out = {}
     for plan in plans.candidates(1, offload=device.type == "cuda"):
-        held: dict = {}
-        _, f_s, _, b_s = _profile(cfg, device, num_labels, features, layers.get(plan.name, "false"), plan=plan,
-                                  held=held)
+        held = plain if plan.name == "none" and "times" in plain else {}
+        if "times" not in held:
+            _profile(cfg, device, num_labels, features, layers.get(plan.name, "false"), plan=plan, held=held)
+        _, f_s, _, b_s = held["times"]
         k = held["blocks"]  # an encoder-decoder cut to one block has two (one of each): their mean, per block
-        out[plan.name] = (f_s / k, b_s / k, held.get("host_bytes", 0) / k)
+        out[plan.name] = (f_s / k, b_s / k, held["host_bytes"] / k)
     return out
 
 
@@ -254,8 +257,8 @@ def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: l
              plan: plans.Plan | None = None, held: dict | None = None) -> tuple:
     """`lorafa.plans.profile_step` of this job's model cut to one block (`models.build(blocks=1)`), its method
     applied as the job would apply it with nothing recomputed or offloaded (or as `plan` says: its block in that
-    plan's mode; the bytes it offloaded go into `held`), at the job's batch shape (the predictor's batch:
-    `batch_size` × `task.max_seq_len`, full length)."""
+    plan's mode, timed only), at the job's batch shape (the predictor's batch: `batch_size` × `task.max_seq_len`,
+    full length). `held` gets the result (`times`), the model's blocks and the bytes it offloaded."""
     plain = OmegaConf.merge(cfg, {"method": (plan or plans.Plan()).keys()})
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
     amp = autocast_dtype(cfg.train.precision, device)
@@ -273,10 +276,10 @@ def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: l
                               num_labels, device)
         try:
             times = plans.profile_step(net.model, batch, device, amp, count=plan is None)
-            offloaded = getattr(net.model, "lorafa_offload", None)
             if held is not None:
-                held["blocks"] = len(plans.checkpoint_layers(net.model))
-                held["host_bytes"] = offloaded.host_bytes if offloaded is not None else 0
+                offloaded = getattr(net.model, "lorafa_offload", None)
+                held.update(times=times, blocks=len(plans.checkpoint_layers(net.model)),
+                            host_bytes=offloaded.host_bytes if offloaded is not None else 0)
             return times
         finally:
             del net, batch

@@ -671,7 +671,7 @@ def _pipeline(line: Timeline, forward: float, backward: float, recompute: float,
     return t
 
 
-BLOCK_MODES = ("none", "elementwise", "all", "all_elementwise", "all_matmuls", "offload_all")  # candidates(1)
+BLOCK_MODES = tuple(p.name for p in candidates(1))  # a one-block model's plans: one mode each
 
 
 def block_modes(plan: Plan, line: Timeline) -> tuple[str, ...]:

@@ -397,14 +397,15 @@ def test_block_mode_costs_are_per_block_for_an_encoder_decoder(cfg_factory, monk
     from lorafa import job
 
     def fake(cfg, device, num_labels, features, layer, plan=None, held=None):
-        held.update(blocks=len(plans.checkpoint_layers(
+        times = (1.0, 0.010 if plan.name == "none" else 0.014, 2.0, 0.020)
+        held.update(times=times, blocks=len(plans.checkpoint_layers(
             job.models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32, blocks=1).model)),
             host_bytes=0)
-        return 1.0, 0.010 if plan.name == "none" else 0.014, 2.0, 0.020
+        return times
     monkeypatch.setattr(job, "_profile", fake)
     feats = [{"input_ids": [1] * 8, "labels": [1] * 4}]
     for model, k in (("tiny-t5", 2), ("tiny-llama", 1)):
-        out = job._profile_modes(cfg_factory(f"model={model}"), torch.device("cpu"), 2, feats, {})
+        out = job._profile_modes(cfg_factory(f"model={model}"), torch.device("cpu"), 2, feats, {}, {})
         assert set(out) == {p.name for p in plans.candidates(1, offload=False)}
         assert out["none"] == (0.010 / k, 0.020 / k, 0) and out["all"] == (0.014 / k, 0.020 / k, 0)
 

@@ -586,16 +586,15 @@ def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch
     f_flops, b_flops = run(FlopCounterMode(display=False)) if count else (math.nan, math.nan)  # and the warm-up
     if not count:
         run()
-    measure.synchronize(device)
-    start = time.perf_counter()
-    t0, t1 = run()
-    f_s, b_s = t0 - start, t1 - t0
-    for _ in range(max(repeats, min(20, int(seconds / max(t1 - start, 1e-6)))) - 1):
+    def timed() -> tuple[float, float]:
         measure.synchronize(device)
         start = time.perf_counter()
         t0, t1 = run()
-        f_s, b_s = min(f_s, t0 - start), min(b_s, t1 - t0)
-    return float(f_flops), f_s, float(b_flops), b_s
+        return t0 - start, t1 - t0
+
+    first = timed()
+    times = [first] + [timed() for _ in range(max(repeats, min(20, int(seconds / max(sum(first), 1e-6)))) - 1)]
+    return float(f_flops), min(t[0] for t in times), float(b_flops), min(t[1] for t in times)
 
 
 @dataclass(frozen=True)

@@ -195,13 +195,15 @@ def test_a_graphed_steps_peak_counts_its_activations():
 
 @pytest.mark.parametrize("model, task", [("tiny-roberta", "synthetic"), ("tiny-t5", "synthetic"),
                                          ("tiny-llama", "synthetic"), ("tiny-roberta", "movie_polarity"),
-                                         ("tiny-t5", "movie_polarity")])
+                                         ("tiny-t5", "movie_polarity"), ("tiny-llama", "movie_polarity")])
 def test_a_graphed_job_trains_like_an_eager_one(cfg_factory, model, task):
     """`train.compile=graph` (compiled blocks, the whole step captured) and `eager_graph` train step for step as
     eager does — same loss curve within bf16 tolerance (model dropout off: a graph draws its masks from another
     point of the stream) — from graphs that really ran (shapes captured, steps replayed), with the same measured
     memory split (the measured steps run eager). movie_polarity: padded batches with masks, several length
-    buckets, an epoch's partial last batch (T5's compiled decoder blocks once recompiled inside such a capture)."""
+    buckets, an epoch's partial last batch (T5's compiled decoder blocks once recompiled inside such a capture).
+    A decoder's prompts and answers spread over more length buckets, each with its one-time reads (measured and
+    warm-up steps): it runs twice the steps."""
     import numpy as np
 
     from lorafa import step
@@ -209,7 +211,8 @@ def test_a_graphed_job_trains_like_an_eager_one(cfg_factory, model, task):
     data = (["task.max_seq_len=64", "task.target_len=16"] if task == "synthetic"  # real data: max 80 tokens here
             else ["task.max_seq_len=96", "task.max_train_samples=200", "task.max_eval_samples=256",
                   "train.eval_batch_size=16"])  # several eval batches a length bucket: captured, then replayed
-    common = [f"model={model}", "method=lorafa", f"task={task}", *data, "train.batch_size=16", "train.max_steps=24",
+    steps = 48 if (model, task) == ("tiny-llama", "movie_polarity") else 24
+    common = [f"model={model}", "method=lorafa", f"task={task}", *data, "train.batch_size=16", f"train.max_steps={steps}",
               "train.log_every=5", "train.bucket=16", *NO_DROPOUT[model]]
     rows = {mode: run(cfg_factory(*common, f"train.compile={mode}")) for mode in ("none", "eager_graph", "graph")}
     eager = rows["none"]
@@ -218,10 +221,10 @@ def test_a_graphed_job_trains_like_an_eager_one(cfg_factory, model, task):
         assert row["graph_failures"] == 0, (mode, row["graph_error"])
         assert row["mem_activations_gib"] == eager["mem_activations_gib"], \
             (mode, row["mem_activations_gib"], eager["mem_activations_gib"])
-        assert row["optimizer_impl"] == "fused" and row["log_reads"] < 24, (mode, row["log_reads"])
+        assert row["optimizer_impl"] == "fused" and row["log_reads"] < steps, (mode, row["log_reads"])
     for mode in step.GRAPHED:
         row = rows[mode]
-        assert row["graph_shapes"] >= 1 and row["graph_replays"] >= 24 - 2 - (step.GRAPH_WARMUP + 1) * 4 - 1, \
+        assert row["graph_shapes"] >= 1 and row["graph_replays"] >= steps - 2 - (step.GRAPH_WARMUP + 1) * 4 - 1, \
             (mode, row["graph_shapes"], row["graph_replays"])
         assert row["mem_graph_pool_gib"] > 0, (mode, row["mem_graph_pool_gib"])
         if task != "synthetic":  # buckets 64 and 80 met, each its own graph

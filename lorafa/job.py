@@ -222,17 +222,39 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
                                                                  layers.get("none", "false"), held=plain),
                                 modes=lambda: _profile_modes(cfg, device, num_labels, features, layers, plain))
-    plan, pred, seconds = plans.choose(options, budget * measure.GIB, rates, label, lines)
-    fitting = sum(p is not None and p.peak <= budget * measure.GIB for _, p in options)
-    chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options), plans_fitting=fitting,
+    fitting = plans.ranked(options, budget * measure.GIB, rates, label, lines)
+    short = plans.shortlist(fitting, int(cfg.train.get("plan_trials", 0) or 0))
+    timed = ({p.name: _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p) for _, p, _ in short}
+             if len(short) > 1 else {})
+    plan, pred, seconds = plans.pick_timed(short, timed)
+    chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options),
+                        plans_fitting=len(fitting), plan_modelled=fitting[0][1].name,
+                        plans_timed_ms=json.dumps({k: None if v is None else round(1e3 * v, 3)
+                                                   for k, v in timed.items()}),
                         pred_step_s=seconds, copy_gib_per_s=rates.copy_bytes / measure.GIB,
                         matmul_tflop_per_s=rates.matmul_flops / 1e12, fwd_tflop_per_s=(rates.forward_flops or math.nan) / 1e12,
                         bwd_tflop_per_s=(rates.backward_flops or math.nan) / 1e12,
                         block_extra_ms=json.dumps({m: [round(1e3 * f, 3), round(1e3 * b, 3)]
                                                    for m, (f, b) in (rates.block_extra or {}).items()}))
-    log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit)",
-             label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), fitting)
+    log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit%s)",
+             label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), len(fitting),
+             "; timed " + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items())
+             if timed else "")
     return chosen
+
+
+def _trial(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
+           plan: plans.Plan) -> float | None:
+    """Seconds of one forward and backward of the job's whole model under `plan` (`_profile`, best of 3 after a
+    warm-up; no optimizer step: it is the same under every plan), or None where it fails (a warning)."""
+    try:
+        _, f_s, _, b_s = _profile(cfg, device, num_labels, features, layer, plan=plan, blocks=None)
+        return f_s + b_s
+    except Exception as err:  # noqa: BLE001 - a plan that cannot be timed is left out of the choice
+        log.warning("plan %s: trial failed (%s: %s); not chosen", plan.name, type(err).__name__, err)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
 
 
 def _profile_modes(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict],
@@ -254,8 +276,9 @@ def _profile_modes(cfg: DictConfig, device: torch.device, num_labels: int, featu
 
 
 def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
-             plan: plans.Plan | None = None, held: dict | None = None) -> tuple:
-    """`lorafa.plans.profile_step` of this job's model cut to one block (`models.build(blocks=1)`), its method
+             plan: plans.Plan | None = None, held: dict | None = None, blocks: int | None = 1) -> tuple:
+    """`lorafa.plans.profile_step` of this job's model cut to one block (`models.build(blocks=1)`; `blocks=None`:
+    the whole model, random init), its method
     applied as the job would apply it with nothing recomputed or offloaded (or as `plan` says: its block in that
     plan's mode, timed only), at the job's batch shape (the predictor's batch: `batch_size` × `task.max_seq_len`,
     full length). `held` gets the result (`times`), the model's blocks and the bytes it offloaded."""
@@ -263,7 +286,8 @@ def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: l
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
     amp = autocast_dtype(cfg.train.precision, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        net = models.build(cfg.model, num_labels=num_labels, device=device, dtype=dtype, blocks=1)
+        net = models.build(cfg.model, num_labels=num_labels, device=device, dtype=dtype, blocks=blocks,
+                           weights=False)  # the architecture, random init: speed needs no weights
         methods.apply(net, plain.method, cfg.model.get("target_modules"),
                       frozen_dtype=frozen_weight_dtype(cfg.train, device),
                       stacked=layer)

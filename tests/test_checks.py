@@ -84,6 +84,8 @@ CASES = {
                            "train.plan=all: not with train.memory_budget_gib"),
     "memory budget not positive": (["train.memory_budget_gib=0"],
                                    "train.memory_budget_gib=0: expected a number > 0 (GiB) or null"),
+    "plan trials negative": (["train.memory_budget_gib=4", "train.plan_trials=-1"],
+                             "train.plan_trials=-1: expected an integer ≥ 0"),
     "checkpoint policy unknown": (["method.checkpoint_policy=some"],
                                   "method.checkpoint_policy=some: expected one of full, matmuls, matmuls_attention"),
 }
@@ -112,7 +114,7 @@ KIND = {"rank 0": "method.rank out of range", "rank negative": "method.rank out 
         "offload with compiled blocks": "method.offload with compiled blocks",
         "plan unknown": "an unknown train.plan, or one with a budget",
         "plan with a budget": "an unknown train.plan, or one with a budget",
-        "memory budget not positive": "a memory budget ≤ 0 or that no plan fits"}
+        "memory budget not positive": "a memory budget ≤ 0 or that no plan fits", "plan trials negative": STEP_OPTION}
 assert set(KIND) == set(CASES), set(KIND) ^ set(CASES)
 
 

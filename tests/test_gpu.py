@@ -294,6 +294,8 @@ def test_an_offloaded_step_peaks_lower_by_the_bytes_it_offloaded(cfg_factory):
     costs = json.loads(chosen["block_extra_ms"])
     assert set(costs) == set(plans.BLOCK_MODES) and costs["none"] == [0.0, 0.0], costs
     assert costs["all"][1] > 0 and all(f >= 0 and b >= 0 for f, b in costs.values()), costs
+    trials = json.loads(chosen["plans_timed_ms"])  # the shortlist timed on the whole model, offloading too
+    assert chosen["plan_name"] in trials or trials == {}, trials
 
 
 @pytest.mark.fault("out of memory")

@@ -391,6 +391,42 @@ def test_measured_block_modes_stand_for_flops_where_they_were_measured():
     assert plans.measure_rates(torch.device("cpu"), modes=lambda: timed).block_extra["all"][1] > 0
 
 
+def test_a_budget_times_the_plans_the_model_cannot_tell_apart_and_takes_the_fastest_timed():
+    """The step-time model ranks the fitting plans (`ranked`); those modelled within 1.5× of the fastest, at most
+    `train.plan_trials` of them, are timed on the job's model (`shortlist`), and the fastest timed is chosen
+    (`pick_timed`) — what a host-bound step needs (roberta-large 32 × 128: the model put `offload_all` first,
+    0.15 s, and it ran 0.25 s; checkpointing every 2nd block, modelled 0.22 s, ran 0.17 s). A failed trial is
+    out; none timed, or one plan only: the model's choice."""
+    from lorafa.memory import Prediction
+
+    def pred(peak_gib, tflop):
+        return Prediction(weights=0, grads=0, optimizer=0, activations=0, peak=int(peak_gib * measure.GIB),
+                          host_offload=0, flops=int(tflop * 1e12), flops_forward=int(tflop * 1e12 / 3))
+
+    rates = plans.Rates(matmul_flops=100e12, copy_bytes=50 * measure.GIB)
+    a, b, c, d, e = (plans.Plan(x, name=n) for x, n in
+                     ((False, "a"), ("every:4", "b"), ("every:2", "c"), ("first:1", "d"), (True, "e")))
+    options = [(a, pred(50, 10)), (b, pred(9, 11)), (c, pred(8, 12)), (d, pred(9.5, 10.5)), (e, pred(4, 30)),
+               (plans.Plan("last:1", name="f"), None)]
+    fitting = plans.ranked(options, 10 * measure.GIB, rates, "b")
+    assert [p.name for _, p, _ in fitting] == ["d", "b", "c", "e"]  # a does not fit; f was not predicted
+    assert [s for s, _, _ in fitting] == sorted(s for s, _, _ in fitting)
+    assert plans.choose(options, 10 * measure.GIB, rates, "b")[0] == d
+    short = plans.shortlist(fitting, 4)
+    assert [p.name for _, p, _ in short] == ["d", "b", "c"]  # e: 30 TFLOP, modelled 3× d's step
+    assert [p.name for _, p, _ in plans.shortlist(fitting, 2)] == ["d", "b"]
+    assert plans.shortlist(fitting, 0) == fitting[:1] and plans.shortlist([], 4) == []
+    # the fastest timed wins whatever the model said; its modelled seconds come with it
+    plan, prediction, seconds = plans.pick_timed(short, {"d": 0.30, "b": 0.31, "c": 0.20})
+    assert plan == c and prediction.peak == int(8 * measure.GIB) and seconds == short[2][0]
+    assert plans.pick_timed(short, {"d": 0.30, "b": None, "c": None})[0] == d  # failed trials are out
+    assert plans.pick_timed(short, {"d": None, "b": 0.5, "c": None})[0] == b
+    assert plans.pick_timed(short, {})[0] == d and plans.pick_timed(short, {"d": None, "b": None})[0] == d
+    assert plans.pick_timed(short, {"d": 0.2, "b": 0.2, "c": 0.2})[0] == d  # a tie: the modelled faster
+    assert plans.pick_timed(short, {"d": 0.205, "b": 0.21, "c": 0.2})[0] == d  # within 3 %: as fast
+    assert plans.pick_timed(short, {"d": 0.207, "b": 0.205, "c": 0.2})[0] == b
+
+
 def test_block_mode_costs_are_per_block_for_an_encoder_decoder(cfg_factory, monkeypatch):
     """T5 cut to one block keeps an encoder and a decoder block: its times in each mode are halved (their mean), so
     that a plan's cost adds one block's worth per block it names; a decoder's one block counts once."""
@@ -432,15 +468,16 @@ def test_the_step_time_model_lays_copies_out_block_by_block():
 
 
 @pytest.mark.bad_input("a memory budget ≤ 0 or that no plan fits")
-def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory):
+def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypatch):
     common = ["model=tiny-llama", "task=synthetic", "task.max_seq_len=64", "train.batch_size=8",
               "train.max_steps=2", "task.num_train=32", "task.num_eval=8"]
     plain = run(cfg_factory(*common))
-    roomy = run(cfg_factory(*common, "train.memory_budget_gib=100"))
+    roomy = run(cfg_factory(*common, "train.memory_budget_gib=100", "train.plan_trials=0"))  # the model alone
     n = len(plans.candidates(2, offload=False))  # tiny-llama: 2 blocks (no every:K); CPU: nothing to offload to
     assert roomy["plan"] == "none" and roomy["budget_gib"] == 100 and roomy["plans_considered"] == n == 5
     assert roomy["plans_fitting"] == n and roomy["config_hash"] != plain["config_hash"]
     budget = 0.9 * plain["pred_mem_peak_gib"]  # below the plain step's peak and element-wise recomputation's
+    monkeypatch.setattr(plans, "TRIAL_MARGIN", 100.0)  # a tiny model's modelled steps are noise: time them all
     tight = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
     from lorafa import memory  # every prediction above made once: the plain job's, the budgets' plans (reused)
 
@@ -456,5 +493,20 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory):
     costs = json.loads(tight["block_extra_ms"])
     assert set(costs) == {p.name for p in plans.candidates(1, offload=False)} and costs["none"] == [0.0, 0.0]
     assert all(f >= 0 and b >= 0 for f, b in costs.values()) and costs["all"][1] > 0  # a recompute costs time
+    # the fitting plans the model ranks first were timed on the whole model; the fastest timed ran
+    trials = json.loads(tight["plans_timed_ms"])
+    assert 2 <= len(trials) <= 4 and tight["plan_modelled"] in trials and all(v > 0 for v in trials.values())
+    assert next(iter(trials)) == tight["plan_modelled"]  # timed in the model's order
+    assert tight["plan_name"] == next(k for k, v in trials.items() if v <= 1.03 * min(trials.values())), trials
+    assert json.loads(roomy["plans_timed_ms"]) == {} and roomy["plan_name"] == roomy["plan_modelled"] == "none"
+    # the job runs the plan its trials found fastest, not the model's: trials timed so that the last is fastest
+    from lorafa import job
+
+    calls = []
+    monkeypatch.setattr(job, "_trial", lambda cfg, device, n, f, layer, plan: 1.0 - 0.1 * len(calls.append(0) or calls))
+    last = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
+    order = list(json.loads(last["plans_timed_ms"]))
+    assert len(order) >= 2 and last["plan_name"] == order[-1] != last["plan_modelled"] == order[0], order
+    assert last["plan"] == plans.describe(plans.named(order[-1], 2, offload=False).keys())
     with pytest.raises(BadInput, match="train.memory_budget_gib=1e-06: no plan fits; the smallest predicted peak"):
         run(cfg_factory(*common, "train.memory_budget_gib=1e-6"))

@@ -392,7 +392,7 @@ def test_measured_block_modes_stand_for_flops_where_they_were_measured():
 
 
 def test_a_budget_times_the_plans_the_model_cannot_tell_apart_and_takes_the_fastest_timed():
-    """The step-time model ranks the fitting plans (`ranked`); those modelled within 1.5× of the fastest, at most
+    """The step-time model ranks the fitting plans (`ranked`); those modelled within 2× of the fastest, at most
     `train.plan_trials` of them, are timed on the job's model (`shortlist`), and the fastest timed is chosen
     (`pick_timed`) — what a host-bound step needs (roberta-large 32 × 128: the model put `offload_all` first,
     0.15 s, and it ran 0.25 s; checkpointing every 2nd block, modelled 0.22 s, ran 0.17 s). A failed trial is

@@ -112,6 +112,9 @@ for r in budgets.itertuples(index=False):
                    f"{fastest['plan_name']} ({fastest['tokens_per_s']:,.0f})",
                    "chosen ÷ fastest": "—" if fastest is None or not ok else
                    f"{r.tokens_per_s / fastest['tokens_per_s']:.3f}",
+                   "model's own pick": (getattr(r, "plan_modelled", None) or "—") if ok else "—",
+                   "timed (ms, fwd + bwd)": ", ".join(f"{k} {v:.0f}" for k, v in json.loads(timed).items()) or "—"
+                   if ok and isinstance(timed := getattr(r, "plans_timed_ms", None), str) else "—",
                    "modelled step s": f"{r.pred_step_s:.3f}" if ok else "—",
                    "measured step s": f"{r.step_time_s:.3f}" if ok else "—"})
 report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
@@ -120,7 +123,9 @@ report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
                           ("The chosen plan's tokens/s is that of its own job; the fastest fitting plan's, of the "
                           "hand-set job of that plan in the same sweep. Modelled step: the planner's step-time model "
                           "(FLOPs at the rates profiled on the model cut to one block, copies laid out block by "
-                          "block).")])
+                          "block). Model's own pick: the plan the step-time model put first; timed: the "
+                          "shortlist it timed on the whole model before choosing (`train.plan_trials`; — where the "
+                          "job did not).")])
 
 # %%
 models = list(hand["model"].unique())

@@ -207,28 +207,37 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         raise BadInput(f"{label}: plans are chosen for one process; expected train.strategy=single")
     steps = total_steps(len(features), cfg.train, d)
     n_blocks = _n_blocks(config, family)
-    options, lines, layers = [], {}, {}
-    for plan in plans.candidates(n_blocks, offload=device.type == "cuda"):  # CPU: host = device
+    lines, layers = {}, {}
+
+    def predict(plan: plans.Plan):
+        """The plan's prediction (None where this model cannot take it); its timeline and layer noted."""
         trial = OmegaConf.merge(cfg, {"method": plan.keys()})
         try:
             layer = _layer(trial, features, config, step.resolve_mode(trial, device, steps)[0], device)
-            options.append((plan, _predict(trial, device, family, num_labels, features, layer)))
-            lines[plan] = plans.timeline(trial.method, n_blocks)
-            layers[plan.name] = layer
+            pred = _predict(trial, device, family, num_labels, features, layer)
         except Exception as err:  # noqa: BLE001 - a plan this model cannot take is not a candidate
             log.info("plan %s: not predicted (%s: %s)", plans.describe(trial.method), type(err).__name__, err)
-            options.append((plan, None))
+            return None
+        lines[plan] = plans.timeline(trial.method, n_blocks)
+        layers[plan.name] = layer
+        return pred
+
+    options = [(plan, predict(plan)) for plan in plans.candidates(n_blocks, offload=device.type == "cuda")]
+    # (CPU: host = device, nothing to offload to)
     plain: dict = {}  # the plain one-block step, profiled once: its rates, and mode "none" of the block modes
     rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
                                                                  layers.get("none", "false"), held=plain),
                                 modes=lambda: _profile_modes(cfg, device, num_labels, features, layers, plain))
     fitting = plans.ranked(options, budget * measure.GIB, rates, label, lines)
     short = plans.shortlist(fitting, int(cfg.train.get("plan_trials", 0) or 0))
+    # the room each shortlisted plan leaves under the budget, spent on keeping checkpointed blocks; ranked again
+    filled = [plans.fill(plan, pred, lines[plan], budget * measure.GIB, predict) for _, plan, pred in short]
+    short = plans.ranked(filled, budget * measure.GIB, rates, label, lines, plans.plain_backward(options))
     timed = ({p.name: _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p) for _, p, _ in short}
              if len(short) > 1 else {})
     plan, pred, seconds = plans.pick_timed(short, timed)
     chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options),
-                        plans_fitting=len(fitting), plan_modelled=fitting[0][1].name,
+                        plans_fitting=len(fitting), plan_modelled=short[0][1].name,
                         plans_timed_ms=json.dumps({k: None if v is None else round(1e3 * v, 3)
                                                    for k, v in timed.items()}),
                         pred_step_s=seconds, copy_gib_per_s=rates.copy_bytes / measure.GIB,

@@ -32,7 +32,7 @@ import itertools
 import math
 import weakref
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -472,12 +472,22 @@ def candidates(n_blocks: int, offload: bool = True) -> list[Plan]:
 
 
 def named(name: str, n_blocks: int, offload: bool = True) -> Plan:
-    """`train.plan=NAME`: the candidate of that name for a model of `n_blocks` blocks (bad input naming those
-    there are otherwise)."""
+    """`train.plan=NAME`: the candidate of that name for a model of `n_blocks` blocks, or `NAME+keepK` — that
+    candidate with K of its checkpointed blocks kept (`keeping`: what a budget chooses when it has room; the row's
+    `plan_name` runs again as it is) — bad input naming those there are otherwise."""
     plans = {p.name: p for p in candidates(n_blocks, offload)}
-    if name not in plans:
-        raise BadInput(f"train.plan={name}: expected one of {', '.join(plans)} (this model and device)")
-    return plans[name]
+    base, _, keep = name.partition("+keep")
+    if base not in plans or (keep and not keep.isdigit()):
+        raise BadInput(f"train.plan={name}: expected one of {', '.join(plans)} (this model and device), "
+                       "each optionally +keepK")
+    if not keep:
+        return plans[base]
+    line = timeline(plans[base].keys(), n_blocks)
+    m = len(line.checkpointed)
+    if not 0 < int(keep) <= m:
+        raise BadInput(f"train.plan={name}: " + (f"{base} checkpoints {m} blocks; expected +keepK with 1 ≤ K ≤ {m}"
+                                                 if m else f"{base} checkpoints no block: nothing to keep"))
+    return keeping(plans[base], line, int(keep))
 
 
 @dataclass(frozen=True)
@@ -725,14 +735,20 @@ TRIAL_MARGIN = 2.0  # a plan modelled within this factor of the fastest fitting 
 TRIAL_TOLERANCE = 0.03  # timed within this fraction of the fastest: as fast (`pick_timed`)
 
 
-def ranked(options: list, budget_bytes: float, rates: Rates, budget_label: str, lines: dict | None = None) -> list:
+def plain_backward(options: list) -> float | None:
+    """The backward FLOPs of a step that recomputes nothing: the least of the predicted `options`'."""
+    return min((p.flops - p.flops_forward for _, p in options if p is not None), default=None)
+
+
+def ranked(options: list, budget_bytes: float, rates: Rates, budget_label: str, lines: dict | None = None,
+           plain: float | None = None) -> list:
     """Every plan whose predicted peak fits the budget, fastest modelled first (ties: the one listed first —
     `candidates` lists the less intrusive first; the model counts element-wise recomputation as free), as
     (modelled seconds, plan, prediction), from `options`: (plan, prediction) pairs, a prediction None where it
-    failed; `lines`: each plan's `Timeline`. None fits: bad input naming the smallest predicted peak and its plan."""
+    failed; `lines`: each plan's `Timeline`; `plain`: `plain_backward` of all the candidates (default: of
+    `options`). None fits: bad input naming the smallest predicted peak and its plan."""
     lines = lines or {}
-    predicted = [p for _, p in options if p is not None]
-    plain = min((p.flops - p.flops_forward for p in predicted), default=None)  # a plan that recomputes nothing
+    plain = plain_backward(options) if plain is None else plain
     scored = [(step_seconds(p, rates, lines.get(plan), plain,
                             block_modes(plan, lines[plan]) if plan in lines else None), i, p.peak, plan, p)
               for i, (plan, p) in enumerate(options) if p is not None]
@@ -763,6 +779,42 @@ def shortlist(fitting: list, trials: int, margin: float | None = None) -> list:
         return fitting[:1]
     margin, best = TRIAL_MARGIN if margin is None else margin, fitting[0][0]
     return [f for f in fitting if f[0] <= margin * best][:trials]
+
+
+def keeping(plan: Plan, line: Timeline, k: int) -> Plan:
+    """`plan` with `k` of its checkpointed blocks kept instead (saving their activations, recomputing nothing),
+    spread evenly over them; named `<name>+keep<k>`. What a budget's room above a plan's peak buys (`fill`)."""
+    ckpt = list(line.checkpointed)
+    k = max(0, min(k, len(ckpt)))
+    if not k:
+        return plan
+    kept = {ckpt[int((i + 0.5) * len(ckpt) / k)] for i in range(k)}
+    rest = tuple(i for i in ckpt if i not in kept)
+    return replace(plan, gradient_checkpointing=rest or False, name=f"{plan.name}+keep{k}")
+
+
+def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tuple:
+    """The most of `plan`'s checkpointed blocks that can be kept under the budget (`keeping`), from `predict(plan)`
+    (its prediction, or None): each kept block adds about the same bytes to the peak (its saved activations, all
+    alive at the end of the forward), so the count comes from the peak with every one kept, and is checked by
+    predicting it (one block fewer while it does not fit). Returns (plan, prediction); the plan itself where no
+    block can be kept."""
+    m = len(line.checkpointed)
+    if not m:
+        return plan, pred
+    every = predict(keeping(plan, line, m))
+    if every is None:
+        return plan, pred
+    if every.peak <= budget_bytes:
+        return keeping(plan, line, m), every
+    per_block = (every.peak - pred.peak) / m
+    k = int((budget_bytes - pred.peak) // per_block) if per_block > 0 else 0
+    while 0 < k < m:
+        got = predict(keeping(plan, line, k))
+        if got is not None and got.peak <= budget_bytes:
+            return keeping(plan, line, k), got
+        k -= 1
+    return plan, pred
 
 
 def pick_timed(short: list, timed: dict, tolerance: float = TRIAL_TOLERANCE):

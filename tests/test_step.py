@@ -212,7 +212,7 @@ def test_one_pass_scoring_gives_the_loss_and_predictions_of_separate_forwards(cf
         no_pred = poser.score(model_, _inputs(batch), batch, False)[1]
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7), (float(loss), float(ref_loss))
     assert poser.finish(raw.cpu()).tolist() == ref_pred.tolist() and no_pred is None
-    assert poser.capturable == (net.family != "decoder")  # decoders: not yet through a real capture on a GPU
+    assert poser.capturable  # every family's scoring forward may be captured (generation is not: another poser)
 
 
 def _label_scores_row_by_row(model, poser, batch) -> torch.Tensor:
@@ -229,7 +229,7 @@ def _label_scores_row_by_row(model, poser, batch) -> torch.Tensor:
 
 def test_decoder_label_scoring_reads_nothing_on_the_host_and_picks_as_row_by_row(cfg_factory, monkeypatch):
     """Decoders' label scoring (`DecoderPoser.choose`), batched: under a simulated capture it reads no tensor value on
-    the host (what a graphed job's evaluation capture will need: a real capture fails at the first), and on a padded batch whose
+    the host (what a graphed job's evaluation capture needs: a real capture fails at the first), and on a padded batch whose
     labels' words differ in length its labels' log-probabilities are, row for row, those of the row scored on its own
     (no padding), to float32 rounding, and it picks their argmax."""
     from lorafa import models, step, tasks

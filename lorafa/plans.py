@@ -808,7 +808,7 @@ def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tupl
     if every.peak <= budget_bytes:
         return keeping(plan, line, m), every
     per_block = (every.peak - pred.peak) / m
-    k = int((budget_bytes - pred.peak) // per_block) if per_block > 0 else 0
+    k = min(m - 1, int((budget_bytes - pred.peak) // per_block)) if per_block > 0 else 0
     while 0 < k < m:
         got = predict(keeping(plan, line, k))
         if got is not None and got.peak <= budget_bytes:

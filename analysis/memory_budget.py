@@ -112,6 +112,8 @@ for r in budgets.itertuples(index=False):
                    f"{fastest['plan_name']} ({fastest['tokens_per_s']:,.0f})",
                    "chosen ÷ fastest": "—" if fastest is None or not ok else
                    f"{r.tokens_per_s / fastest['tokens_per_s']:.3f}",
+                   "within 5 %": "—" if fastest is None or not ok else
+                   ("yes" if r.tokens_per_s >= 0.95 * fastest["tokens_per_s"] else "no"),
                    "model's own pick": (getattr(r, "plan_modelled", None) or "—") if ok else "—",
                    "timed (ms, fwd + bwd)": ", ".join(f"{k} {v:.0f}" for k, v in json.loads(timed).items()) or "—"
                    if ok and isinstance(timed := getattr(r, "plans_timed_ms", None), str) else "—",

@@ -202,6 +202,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     model among those whose predicted peak fits the budget — chosen before anything is built, logged, and named in
     the row (`plan`, `plan_name`, `budget_gib`, `plans_considered`, `plans_fitting`, `pred_step_s`)."""
     budget = float(cfg.train.memory_budget_gib)
+    budget_bytes = budget * measure.GIB
     label = f"train.memory_budget_gib={cfg.train.memory_budget_gib}"
     if d.enabled:
         raise BadInput(f"{label}: plans are chosen for one process; expected train.strategy=single")
@@ -228,11 +229,11 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
                                                                  layers.get("none", "false"), held=plain),
                                 modes=lambda: _profile_modes(cfg, device, num_labels, features, layers, plain))
-    fitting = plans.ranked(options, budget * measure.GIB, rates, label, lines)
+    fitting = plans.ranked(options, budget_bytes, rates, label, lines)
     short = plans.shortlist(fitting, int(cfg.train.get("plan_trials", 0) or 0))
     # the room each shortlisted plan leaves under the budget, spent on keeping checkpointed blocks; ranked again
-    filled = [plans.fill(plan, pred, lines[plan], budget * measure.GIB, predict) for _, plan, pred in short]
-    short = plans.ranked(filled, budget * measure.GIB, rates, label, lines, plans.plain_backward(options))
+    filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in short]
+    short = plans.ranked(filled, budget_bytes, rates, label, lines, plans.plain_backward(options))
     timed = ({p.name: _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p) for _, p, _ in short}
              if len(short) > 1 else {})
     plan, pred, seconds = plans.pick_timed(short, timed)
@@ -287,17 +288,17 @@ def _profile_modes(cfg: DictConfig, device: torch.device, num_labels: int, featu
 def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
              plan: plans.Plan | None = None, held: dict | None = None, blocks: int | None = 1) -> tuple:
     """`lorafa.plans.profile_step` of this job's model cut to one block (`models.build(blocks=1)`; `blocks=None`:
-    the whole model, random init), its method
-    applied as the job would apply it with nothing recomputed or offloaded (or as `plan` says: its block in that
-    plan's mode, timed only), at the job's batch shape (the predictor's batch: `batch_size` × `task.max_seq_len`,
-    full length). `held` gets the result (`times`), the model's blocks and the bytes it offloaded."""
-    plain = OmegaConf.merge(cfg, {"method": (plan or plans.Plan()).keys()})
+    the whole model, random init), its method applied as the job would apply it with nothing recomputed or
+    offloaded (or as `plan` says, timed only), at the job's batch shape (the predictor's batch: `batch_size` ×
+    `task.max_seq_len`, full length). `held` gets the result (`times`), the model's blocks and the bytes it
+    offloaded."""
+    applied = OmegaConf.merge(cfg, {"method": (plan or plans.Plan()).keys()})
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
     amp = autocast_dtype(cfg.train.precision, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         net = models.build(cfg.model, num_labels=num_labels, device=device, dtype=dtype, blocks=blocks,
                            weights=False)  # the architecture, random init: speed needs no weights
-        methods.apply(net, plain.method, cfg.model.get("target_modules"),
+        methods.apply(net, applied.method, cfg.model.get("target_modules"),
                       frozen_dtype=frozen_weight_dtype(cfg.train, device),
                       stacked=layer)
         net.model.train()

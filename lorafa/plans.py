@@ -596,6 +596,7 @@ def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch
     f_flops, b_flops = run(FlopCounterMode(display=False)) if count else (math.nan, math.nan)  # and the warm-up
     if not count:
         run()
+
     def timed() -> tuple[float, float]:
         measure.synchronize(device)
         start = time.perf_counter()
@@ -802,17 +803,19 @@ def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tupl
     m = len(line.checkpointed)
     if not m:
         return plan, pred
-    every = predict(keeping(plan, line, m))
+    every_kept = keeping(plan, line, m)
+    every = predict(every_kept)
     if every is None:
         return plan, pred
     if every.peak <= budget_bytes:
-        return keeping(plan, line, m), every
+        return every_kept, every
     per_block = (every.peak - pred.peak) / m
     k = min(m - 1, int((budget_bytes - pred.peak) // per_block)) if per_block > 0 else 0
     while 0 < k < m:
-        got = predict(keeping(plan, line, k))
+        kept = keeping(plan, line, k)
+        got = predict(kept)
         if got is not None and got.peak <= budget_bytes:
-            return keeping(plan, line, k), got
+            return kept, got
         k -= 1
     return plan, pred
 

@@ -238,16 +238,17 @@ def test_speed_row(notebook):
 
 # -------------------------------------------------------------------------------------- Results: memory budget
 def test_memory_budget_row(notebook):
-    """'the fastest of thirteen … plans predicted to fit; at llama-7b 8×1024, 6 of 6 budget jobs (four budgets, 20–40
-    GiB, LoRA-FA; 20 and 24 GiB, LoRA) got the fastest measured plan that fits, every LoRA-FA plan's peak predicted
-    within 0.1 %. Under 20 GiB LoRA-FA trains at 1.17× LoRA's speed': analysis/memory_budget.py's hand-set plans
-    (`hand`), budget rows (`budgets`) and its table `memory_budget_choices`."""
+    """'the fastest plan predicted to fit: thirteen … plans, …. At llama-7b 8×1024, 8 of 8 budget jobs (20–40 GiB,
+    LoRA-FA; 20–24 GiB, LoRA) ran within 5 % of the fastest other measured plan that fits (0.997–1.085× it); every
+    plan's peak predicted within 0.02 %. Under 20.6 GiB (1.15× LoRA with full checkpointing) LoRA-FA trains at 1.23×
+    that, and 1.20× LoRA's own fastest plan there': analysis/memory_budget.py's hand-set plans (`hand`), budget rows
+    (`budgets`) and its table `memory_budget_choices`."""
     text = headline("Fitting a memory budget", "memory_budget.parquet")
-    n_plans = find(r"picks, before the job starts, the fastest of (\w+) recomputation and offloading plans", text,
-                   "the number of plans").group(1)
-    m = find(rf"at (\S+) (\d+)×(\d+), (\d+) of (\d+) budget jobs \((\w+) budgets, {NUM}–{NUM} GiB, LoRA-FA; {NUM} and "
-             rf"{NUM} GiB, LoRA\) got the fastest measured plan that fits(?: and the others ran at {NUM}× it)?, every "
-             rf"LoRA-FA plan's peak predicted within {NUM} %", text, "the budgets")
+    n_plans = find(r"picks, before the job starts, the fastest plan predicted to fit: (\w+) recomputation and "
+                   r"offloading plans", text, "the number of plans").group(1)
+    m = find(rf"At (\S+) (\d+)×(\d+), (\d+) of (\d+) budget jobs \({NUM}–{NUM} GiB, LoRA-FA; {NUM}–{NUM} GiB, "
+             rf"LoRA\) ran within 5 % of the fastest other measured plan that fits \({NUM}–{NUM}× it\); every "
+             rf"plan's peak predicted within {NUM} %", text, "the budgets")
     model, batch, seq = m.group(1), int(m.group(2)), int(m.group(3))
     glb, tables = notebook("memory_budget")
     hand, budgets, frame = glb["hand"], glb["budgets"], glb["frame"]
@@ -257,40 +258,41 @@ def test_memory_budget_row(notebook):
     assert set(zip(budgets["batch_size"], budgets["seq_len"])) == {(batch, seq)}, f"README: {model} {batch}×{seq}"
 
     fa_hand = hand[hand["method"] == "lorafa"]
-    assert fa_hand["plan_name"].nunique() == count(n_plans), (
-        f"README: {n_plans} plans; LoRA-FA at {model} measured {fa_hand['plan_name'].nunique()}")
+    named = fa_hand[~fa_hand["plan_name"].str.contains("+keep", regex=False)]  # a <plan>+keepK is not a candidate
+    assert named["plan_name"].nunique() == count(n_plans), (
+        f"README: {n_plans} plans; LoRA-FA at {model} measured {named['plan_name'].nunique()}")
     assert set(budgets["plans_considered"]) == {count(n_plans)}, (
         f"README: {n_plans} plans; the budgets considered {sorted(set(budgets['plans_considered']))}")
 
-    for method, label, lo, hi, k in (("lorafa", "LoRA-FA", 7, 8, 6), ("lora", "LoRA", 9, 10, None)):
+    for method, label, lo, hi in (("lorafa", "LoRA-FA", 6, 7), ("lora", "LoRA", 8, 9)):
         sizes = sorted(budgets[budgets["method"] == method]["budget_gib"].unique())
-        if k is not None:
-            assert len(sizes) == count(m.group(k)), f"README: {m.group(k)} {label} budgets; the data has {sizes}"
         same(m.group(lo), min(sizes), f"the smallest {label} budget (GiB)")
         same(m.group(hi), max(sizes), f"the largest {label} budget (GiB)")
 
     choices = tables["memory_budget_choices"]
     choices = choices[choices["model"] == model]
     assert len(choices) == len(budgets) == int(m.group(5)) and (choices["fits"] == "yes").all(), choices.to_string()
-    fastest = choices["fastest fitting (measured)"].str.replace(r" \(.*\)$", "", regex=True)
-    right, wrong = choices[choices["chosen"] == fastest], choices[choices["chosen"] != fastest]
-    assert len(right) == int(m.group(4)), f"README: {m.group(4)} got the fastest; the data:\n{choices.to_string()}"
-    if len(wrong):
-        same(m.group(11), pd.to_numeric(wrong["chosen ÷ fastest"]).min(), "the others' speed against the fastest")
-    else:
-        assert m.group(11) is None, "README: the others' speed, but every budget got the fastest"
+    assert (choices["within 5 %"] == "yes").sum() == int(m.group(4)), (
+        f"README: {m.group(4)} within 5 %; the data:\n{choices.to_string()}")
+    ratio = pd.to_numeric(choices["chosen ÷ fastest"])
+    same(m.group(10), ratio.min(), "the slowest budget's speed against the fastest other fitting plan")
+    same(m.group(11), ratio.max(), "the fastest budget's speed against the fastest other fitting plan")
 
-    fa = frame[(frame["model"] == model) & (frame["method"] == "lorafa") & (frame["status"] == "ok")]
-    assert len(fa) == len(fa_hand) + len(budgets[budgets["method"] == "lorafa"])
-    err = 100 * (fa["pred_mem_peak_gib"] / fa["mem_peak_gib"] - 1).abs().max()
+    ok = frame[(frame["model"] == model) & (frame["status"] == "ok")]
+    assert len(ok) == len(hand) + len(budgets[budgets["status"] == "ok"])
+    err = 100 * (ok["pred_mem_peak_gib"] / ok["mem_peak_gib"] - 1).abs().max()
     bound = m.group(12)
     assert round(err, decimals(bound)) <= num(bound), (
-        f"README: every LoRA-FA plan's peak predicted within {bound} %; the data's worst is {err:.3f} %")
+        f"README: every plan's peak predicted within {bound} %; the data's worst is {err:.3f} %")
 
-    under = find(rf"Under (\d+) GiB LoRA-FA trains at {NUM}× LoRA's speed", text, "the speed under a budget")
+    under = find(rf"Under {NUM} GiB \({NUM}× LoRA with full checkpointing\) LoRA-FA trains at {NUM}× that, and "
+                 rf"{NUM}× LoRA's own fastest plan there", text, "the speed under a budget")
     cap = num(under.group(1))
-    best = {method: g[g["mem_peak_gib"] <= cap]["tokens_per_s"].max() for method, g in hand.groupby("method")}
-    same(under.group(2), best["lorafa"] / best["lora"], f"LoRA-FA ÷ LoRA, each its fastest plan under {cap:g} GiB")
+    full = hand[(hand["method"] == "lora") & (hand["plan_name"] == "all")].iloc[0]
+    same(under.group(2), cap / full["mem_peak_gib"], "the cap ÷ LoRA with full checkpointing's peak")
+    best = {method: g[g["mem_peak_gib"] <= cap]["tokens_per_s"].max() for method, g in ok.groupby("method")}
+    same(under.group(3), best["lorafa"] / full["tokens_per_s"], f"LoRA-FA's fastest under {cap:g} GiB ÷ LoRA, all")
+    same(under.group(4), best["lorafa"] / best["lora"], f"LoRA-FA ÷ LoRA, each its fastest plan under {cap:g} GiB")
 
 
 # ----------------------------------------------------------------------------------------- the accuracy numbers

@@ -102,8 +102,9 @@ def check_config(cfg) -> None:
             raise BadInput(f"train.plan={cfg.train.plan}: not with train.memory_budget_gib (the budget chooses the "
                              "plan); expected one of them")
     if plans.parse(cfg.method.get("offload", False), "method.offload")[0] != "none" and compile_ == "blocks":
-        raise BadInput("train.compile=blocks: not with method.offload (its saved-tensor hooks run outside "
-                       "compiled code); expected train.compile=auto or none")
+        raise BadInput("train.compile=blocks: not with method.offload (while its saved-tensor hooks are active the "
+                       "compiled blocks' training forward runs eager autograd: nothing would be compiled); expected "
+                       "train.compile=auto or none")
     need("method.offload_min_kib", lambda v: v >= 0, "a number ≥ 0")
     need("method.offload_inflight_mib", lambda v: v > 0, "a number > 0")
     stacked = str(cfg.method.get("stacked", False)).lower()

@@ -295,6 +295,30 @@ def test_memory_budget_row(notebook):
     same(under.group(4), best["lorafa"] / best["lora"], f"LoRA-FA ÷ LoRA, each its fastest plan under {cap:g} GiB")
 
 
+def test_fit_the_memory_you_have_table():
+    """The README's plan table ('## Fit the memory you have'): each plan's peak and tokens/s are its hand-set
+    LoRA-FA job's in `results/memory_budget.parquet` at the named model and shape, and LoRA's full checkpointing the
+    same."""
+    text = raw_section("Fit the memory you have")
+    m = find(r"What each costs at (\S+) (\d+)×(\d+), LoRA-FA", text, "the plan table's setting")
+    model, batch, seq = m.group(1), int(m.group(2)), int(m.group(3))
+    frame = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")
+    hand = frame[(frame["model"] == model) & frame["budget_gib"].isna() & (frame["status"] == "ok")
+                 & (frame["batch_size"] == batch) & (frame["seq_len"] == seq)]
+    assert devices(hand) == {results_device()}
+    rows = re.findall(rf"^\| `([^`]+)` \| (.*?) \| {NUM} \| {NUM}k \|$", text, re.MULTILINE)
+    assert len(rows) >= 5, f"README: the plan table reads {rows}"
+    for plan, what, peak, speed in rows:
+        got = hand[(hand["method"] == "lorafa") & (hand["plan_name"] == plan)]
+        assert len(got) == 1, f"README names plan {plan}: {len(got)} hand-set LoRA-FA rows at {model}"
+        same(peak, got["mem_peak_gib"].iloc[0], f"{plan}'s peak (GiB)")
+        same(speed, got["tokens_per_s"].iloc[0] / 1000, f"{plan}'s tokens/s (thousands)")
+    lora = find(rf"LoRA the same: {NUM} GiB, {NUM}k", text, "LoRA with full checkpointing")
+    full = hand[(hand["method"] == "lora") & (hand["plan_name"] == "all")]
+    same(lora.group(1), full["mem_peak_gib"].iloc[0], "LoRA all's peak (GiB)")
+    same(lora.group(2), full["tokens_per_s"].iloc[0] / 1000, "LoRA all's tokens/s (thousands)")
+
+
 # ----------------------------------------------------------------------------------------- the accuracy numbers
 @pytest.fixture(scope="module")
 def gaps(notebook) -> pd.DataFrame:

@@ -100,6 +100,7 @@ report.write_table(pd.DataFrame(lines), EXPERIMENT, title="Memory plans: peak (m
 # %%
 checks = []
 measured = frame[frame["status"] == "ok"]
+assert frame.index.is_unique  # a budget row is told from the others by its index
 for i, r in zip(budgets.index, budgets.itertuples(index=False)):
     # every other plan measured in the sweep (hand-set, or chosen by another budget) that fits this budget
     same = measured[(measured["model"] == r.model) & (measured["method"] == r.method) & (measured.index != i)]
@@ -128,8 +129,8 @@ report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
                           ("The chosen plan's tokens/s is that of its own job; the fastest fitting plan's, of the "
                           "fastest other job of the same sweep (a hand-set plan, or another budget's choice) whose "
                           "measured peak fits the budget; chosen ÷ fastest above 1: faster than all of them. "
-                          "A plan named <plan>+keepK keeps K of <plan>'s checkpointed blocks. Modelled step: the planner's step-time model "
-                          "(FLOPs at the rates profiled on the model cut to one block, copies laid out block by "
+                          "A plan named <plan>+keepK keeps K of <plan>'s checkpointed blocks. Modelled step: the "
+                          "planner's step-time model (FLOPs at the rates profiled on the model cut to one block, copies laid out block by "
                           "block). Model's own pick: the plan the step-time model put first; timed: the "
                           "shortlist it timed on the whole model before choosing (`train.plan_trials`; — where the "
                           "job did not).")])

@@ -101,10 +101,11 @@ def check_config(cfg) -> None:
         if cfg.train.get("plan"):
             raise BadInput(f"train.plan={cfg.train.plan}: not with train.memory_budget_gib (the budget chooses the "
                              "plan); expected one of them")
-    if plans.parse(cfg.method.get("offload", False), "method.offload")[0] != "none" and compile_ == "blocks":
-        raise BadInput("train.compile=blocks: not with method.offload (while its saved-tensor hooks are active the "
-                       "compiled blocks' training forward runs eager autograd: nothing would be compiled); expected "
-                       "train.compile=auto or none")
+    if (plans.parse(cfg.method.get("offload", False), "method.offload")[0] != "none" and compile_ == "blocks"
+            and str(cfg.method.get("offload_ops", "all")) == "linear_outputs"):
+        raise BadInput("train.compile=blocks: not with method.offload_ops=linear_outputs (a compiled block's linear "
+                       "outputs are inside its graph, where the offload cannot tell them); expected "
+                       "method.offload_ops=all, or train.compile=auto or none")
     need("method.offload_min_kib", lambda v: v >= 0, "a number ≥ 0")
     need("method.offload_inflight_mib", lambda v: v > 0, "a number > 0")
     stacked = str(cfg.method.get("stacked", False)).lower()

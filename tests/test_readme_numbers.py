@@ -295,16 +295,15 @@ def test_memory_budget_row(notebook):
     same(under.group(4), best["lorafa"] / best["lora"], f"LoRA-FA ÷ LoRA, each its fastest plan under {cap:g} GiB")
 
 
-def test_fit_the_memory_you_have_plans():
+def test_fit_the_memory_you_have_plans(notebook):
     """The README's plan costs ('## Fit the memory you have': "`none` 47.9 GiB at 14.6k tokens/s; `elementwise` (…)
     38.5 at 14.3k; …"): each plan's peak and tokens/s are its hand-set LoRA-FA job's in `results/memory_budget.parquet`
     at the named model and shape, and LoRA with every block checkpointed the same."""
     text = section("Fit the memory you have")
     m = find(r"At (\S+) (\d+)×(\d+), LoRA-FA", text, "the plans' setting")
     model, batch, seq = m.group(1), int(m.group(2)), int(m.group(3))
-    frame = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")
-    hand = frame[(frame["model"] == model) & frame["budget_gib"].isna() & (frame["status"] == "ok")
-                 & (frame["batch_size"] == batch) & (frame["seq_len"] == seq)]
+    hand = notebook("memory_budget")[0]["hand"]  # the notebook's hand-set plans (no budget, status ok)
+    hand = hand[(hand["model"] == model) & (hand["batch_size"] == batch) & (hand["seq_len"] == seq)]
     assert devices(hand) == {results_device()}
     rows = re.findall(rf"`([^`]+)`(?: \([^)]*\))? {NUM}(?: GiB)? at {NUM}k", text)
     assert len(rows) >= 5, f"README: the plans read {rows}"

@@ -233,7 +233,8 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     short = plans.shortlist(fitting, int(cfg.train.get("plan_trials", 0) or 0))
     # the room each shortlisted plan leaves under the budget, spent on keeping checkpointed blocks; ranked again
     filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in short]
-    short = plans.ranked(filled, budget_bytes, rates, label, lines, plans.plain_backward(options))
+    short = plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates, label, lines,
+                         plans.plain_backward(options))
     timed = ({p.name: _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p) for _, p, _ in short}
              if len(short) > 1 else {})
     plan, pred, seconds = plans.pick_timed(short, timed)

@@ -820,6 +820,20 @@ def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tupl
     return plan, pred
 
 
+def distinct(filled: list, named: list) -> list:
+    """`fill`'s (plan, prediction) pairs, each plan that is one of the `named` candidates under another name (every
+    checkpointed block kept: `every4+keep6` is `none`) given that name, and each plan once (the first): a plan is
+    timed once, under the name a user would set."""
+    names = {plan: plan for plan in named}  # (a plan's equality and hash leave its name out)
+    out, seen = [], set()
+    for plan, pred in filled:
+        plan = names.get(plan, plan)
+        if plan not in seen:
+            seen.add(plan)
+            out.append((plan, pred))
+    return out
+
+
 def pick_timed(short: list, timed: dict, tolerance: float = TRIAL_TOLERANCE):
     """The shortlisted plan (`shortlist`) whose timed step (`timed`: plan name → seconds, None where its trial
     failed) was the shortest — the modelled faster of those timed within `tolerance` of the shortest, which a

@@ -518,6 +518,22 @@ def test_a_budget_spends_its_room_on_keeping_checkpointed_blocks(cfg_factory):
             plans.named(bad, n)
 
 
+def test_a_filled_plan_that_is_another_candidate_is_named_and_timed_as_that_one():
+    """A plan whose checkpointed blocks are all kept is another candidate (`every4+keep2` of 8 blocks is `none`):
+    `plans.distinct` gives it that candidate's name and lists it once, so a budget does not time one plan twice
+    (roberta-large on an H200 timed `none` and `every4+keep6` side by side and chose the latter's name)."""
+    n = 8
+    named = plans.candidates(n, offload=False)
+    every4 = plans.named("every4", n, offload=False)
+    line = plans.timeline(every4.keys(), n)
+    all_kept = plans.keeping(every4, line, len(line.checkpointed))
+    one_kept = plans.keeping(every4, line, 1)
+    assert all_kept.name == "every4+keep2" and all_kept == plans.named("none", n, offload=False)
+    filled = [(all_kept, "p1"), (one_kept, "p2"), (plans.named("none", n, offload=False), "p3"), (every4, "p4")]
+    out = plans.distinct(filled, named)
+    assert [(p.name, pred) for p, pred in out] == [("none", "p1"), ("every4+keep1", "p2"), ("every4", "p4")]
+
+
 def test_block_mode_costs_are_per_block_for_an_encoder_decoder(cfg_factory, monkeypatch):
     """T5 cut to one block keeps an encoder and a decoder block: its times in each mode are halved (their mean), so
     that a plan's cost adds one block's worth per block it names; a decoder's one block counts once."""
@@ -584,7 +600,10 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
 
     costs = json.loads(tight["block_extra_ms"])
     assert set(costs) == {p.name for p in plans.candidates(1, offload=False)} and costs["none"] == [0.0, 0.0]
-    assert all(f >= 0 and b >= 0 for f, b in costs.values()) and costs["all"][1] > 0  # a recompute costs time
+    # a recompute costs backward time: on a tiny model one mode's cost is within a loaded CPU's noise (measured 0
+    # for `all` at times), the three whole-block recomputations together are not
+    assert all(f >= 0 and b >= 0 for f, b in costs.values())
+    assert max(costs[m][1] for m in ("all", "all_elementwise", "all_matmuls")) > 0, costs
     # the fitting plans the model ranks first were timed on the whole model; the fastest timed ran
     trials = json.loads(tight["plans_timed_ms"])
     assert 2 <= len(trials) <= 4 and tight["plan_modelled"] in trials and all(v > 0 for v in trials.values())

@@ -243,8 +243,8 @@ def test_memory_budget_row(notebook):
     plan's peak predicted within 0.02 %. Under 20.6 GiB (1.15× LoRA with full checkpointing) LoRA-FA trains at 1.23×
     that, and 1.20× LoRA's own fastest plan there. At roberta-large 32×128, whose steps are bound by the host, 3 of 8
     budgets did, and one plan ran 1.52× faster in one job than in another of the same run; peaks there within 2.2 %':
-    analysis/memory_budget.py's hand-set plans (`hand`), budget rows
-    (`budgets`) and its table `memory_budget_choices`."""
+    analysis/memory_budget.py's hand-set plans (`hand`), budget rows (`budgets`) and its table
+    `memory_budget_choices`."""
     text = headline("Fitting a memory budget", "memory_budget.parquet")
     n_plans = find(r"picks, before the job starts, the fastest plan predicted to fit: (\w+) recomputation and "
                    r"offloading plans", text, "the number of plans").group(1)

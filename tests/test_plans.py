@@ -610,6 +610,10 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert next(iter(trials)) == tight["plan_modelled"]  # timed in the model's order
     assert tight["plan_name"] == next(k for k, v in trials.items() if v <= 1.03 * min(trials.values())), trials
     assert json.loads(roomy["plans_timed_ms"]) == {} and roomy["plan_name"] == roomy["plan_modelled"] == "none"
+    # where choosing took its time: each phase measured, within the job's wall time; no trials, no time in them
+    phases = [tight[k] for k in ("plan_predict_s", "plan_profile_s", "plan_trials_s")]
+    assert all(t > 0 for t in phases) and sum(phases) < tight["wall_time_s"], phases
+    assert roomy["plan_trials_s"] < 0.1 * tight["plan_trials_s"], (roomy["plan_trials_s"], tight["plan_trials_s"])
     # the job runs the plan its trials found fastest, not the model's: trials timed so that the last is fastest
     from lorafa import job
 

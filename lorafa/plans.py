@@ -773,9 +773,9 @@ def choose(options: list, budget_bytes: float, rates: Rates, budget_label: str, 
 def shortlist(fitting: list, trials: int, margin: float | None = None) -> list:
     """The plans worth timing on the job's own model (`ranked`'s entries): the first `trials` of those modelled
     within `margin` × the fastest's seconds. Where a step is bound by the host's kernel launches and copies,
-    the model can miss by more than the plans differ (roberta-large 32 × 128 on an H200: `offload_all` modelled
-    0.15 s, measured 0.25; checkpointing every 2nd block with element-wise recomputation modelled 0.22, measured
-    0.17); timing a few of them settles it. The margin covers the largest miss seen (1.65×)."""
+    the model can miss by more than the plans differ (roberta-large 32 × 128 on an H200, LoRA-FA: `offload_all`
+    modelled 0.116 s, measured 0.164; checkpointing every 2nd block with element-wise recomputation modelled 0.170,
+    measured 0.099); timing a few of them settles it. The margin covers the largest miss seen (1.72×)."""
     if not fitting or trials < 1:
         return fitting[:1]
     margin, best = TRIAL_MARGIN if margin is None else margin, fitting[0][0]

@@ -131,9 +131,9 @@ report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
                           "measured peak fits the budget; chosen ÷ fastest above 1: faster than all of them. "
                           "A plan named <plan>+keepK keeps K of <plan>'s checkpointed blocks. Modelled step: the "
                           "planner's step-time model (FLOPs at the rates profiled on the model cut to one block, "
-                          "copies laid out block by block). Model's own pick: the plan the step-time model put first; timed: the "
-                          "shortlist it timed on the whole model before choosing (`train.plan_trials`; — where the "
-                          "job did not).")])
+                          "copies laid out block by block). Model's own pick: the plan the step-time model put "
+                          "first; timed: the shortlist it timed on the whole model before choosing "
+                          "(`train.plan_trials`; — where the job did not).")])
 
 # %%
 models = list(hand["model"].unique())

@@ -223,36 +223,32 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         layers[plan.name] = layer
         return pred
 
-    clock = [time.perf_counter()]  # where choosing takes its time: predicting, profiling, trials (columns)
-
-    def lap() -> float:
-        clock.append(time.perf_counter())
-        return clock[-1] - clock[-2]
-
+    started = time.perf_counter()  # where choosing takes its time: predicting, profiling, trials (columns)
     options = [(plan, predict(plan)) for plan in plans.candidates(n_blocks, offload=device.type == "cuda")]
     # (CPU: host = device, nothing to offload to)
-    predict_s = lap()
+    predicted = time.perf_counter()
     plain: dict = {}  # the plain one-block step, profiled once: its rates, and mode "none" of the block modes
     rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
                                                                  layers.get("none", "false"), held=plain),
                                 modes=lambda: _profile_modes(cfg, device, num_labels, features, layers, plain))
-    profile_s = lap()
+    profiled = time.perf_counter()
     fitting = plans.ranked(options, budget_bytes, rates, label, lines)
     short = plans.shortlist(fitting, int(cfg.train.get("plan_trials", 0) or 0))
     # the room each shortlisted plan leaves under the budget, spent on keeping checkpointed blocks; ranked again
     filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in short]
     short = plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates, label, lines,
                          plans.plain_backward(options))
-    predict_s += lap()
+    filled_at = time.perf_counter()
     timed = ({p.name: _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p) for _, p, _ in short}
              if len(short) > 1 else {})
-    trials_s = lap()
+    trials_s = time.perf_counter() - filled_at
     plan, pred, seconds = plans.pick_timed(short, timed)
     chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options),
                         plans_fitting=len(fitting), plan_modelled=short[0][1].name,
                         plans_timed_ms=json.dumps({k: None if v is None else round(1e3 * v, 3)
                                                    for k, v in timed.items()}),
-                        pred_step_s=seconds, plan_predict_s=predict_s, plan_profile_s=profile_s,
+                        pred_step_s=seconds, plan_predict_s=(predicted - started) + (filled_at - profiled),
+                        plan_profile_s=profiled - predicted,
                         plan_trials_s=trials_s, copy_gib_per_s=rates.copy_bytes / measure.GIB,
                         matmul_tflop_per_s=rates.matmul_flops / 1e12, fwd_tflop_per_s=(rates.forward_flops or math.nan) / 1e12,
                         bwd_tflop_per_s=(rates.backward_flops or math.nan) / 1e12,

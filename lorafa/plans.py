@@ -229,17 +229,17 @@ class Offload:
     between forward and backward.
 
     On CUDA each tensor goes to pinned host memory on a side stream, overlapping the forward's compute; its device
-    copy is held until the host copy is done, and at most `inflight_bytes` of such copies are in flight (past that
-    the forward waits for the oldest), so the device never holds more than that on the offload's account. When
+    copy is held until newer copies push it past `inflight_bytes` (the forward then waits for the oldest copy to
+    finish and lets its device tensor go), so the device holds at most that on the offload's account. When
     backward starts, the copies still in flight are waited for; then the tensors come back in the reverse of the
     order they left, prefetched on the side stream up to `inflight_bytes` ahead of their use, and the compute
     stream waits only for the copy it needs. Tensors under `min_bytes` (`method.offload_min_kib`) and the model's
     own parameters stay. What stays is told to `lorafa.measure` as saved (these hooks are the innermost during the
     forward: a measurement's own hooks do not see it); `host_bytes` is what the last forward put on the host.
 
-    The same bookkeeping runs without streams on CPU and on fake tensors (`lorafa.memory.predict`), where no copy
-    is ever done early: the prediction holds the worst case, `inflight_bytes` in flight, which is what a forward
-    whose copies are slower than its compute meets."""
+    The same bookkeeping runs without streams on CPU and on fake tensors (`lorafa.memory.predict`). A copy that
+    finishes early is not let go early, so the device's memory comes back at the same points as in the prediction
+    whatever the copies' speed."""
 
     def __init__(self, model: nn.Module, blocks: list[int], min_bytes: int, inflight_bytes: int,
                  linear_outputs: bool = False):
@@ -308,16 +308,10 @@ class Offload:
         return made is not None and measure.storage_id(made) == measure.storage_id(t)
 
     def _drain(self, limit: int) -> None:
-        """Let go of the device copies whose host copy is done; wait for the oldest while more than `limit` bytes
-        are in flight. Nothing is done early on CPU or fake tensors (the worst case)."""
-        keep = []
-        for held in self._pending:
-            if held.copied is not None and held.copied.query():
-                self._pending_bytes -= held.nbytes
-                held.dev = None
-            else:
-                keep.append(held)
-        self._pending = keep
+        """Wait for the oldest copies while more than `limit` bytes are in flight, letting their device tensors go.
+        A copy that finished early is not let go early: the device's memory comes back at the same points on every
+        run and in the prediction, which keeps the same books on CPU and fake tensors (it holds at most the
+        `inflight_bytes` the prediction counts anyway)."""
         while self._pending and self._pending_bytes > limit:
             held = self._pending.pop(0)
             if held.copied is not None:

@@ -333,7 +333,8 @@ class Offload:
             return seen[1]
         nbytes = t.numel() * t.element_size()
         streams = t.device.type == "cuda" and not _is_fake(t)
-        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, device="cpu", pin_memory=streams)
+        # (its strides kept where it is dense: a compiled block's backward asserts the strides it saved with)
+        host = torch.empty_like(t, device="cpu", pin_memory=streams)
         held = _Held(t.device, host, nbytes)
         if streams:
             if self.stream is None:
@@ -361,7 +362,7 @@ class Offload:
             # freed by autograd after its use, it goes straight back to the compute stream's pool; `record_stream`
             # would keep it counted until the device caught up with the host
             current = torch.cuda.current_stream(held.device)
-            held.fetched = torch.empty(held.host.size(), dtype=held.host.dtype, device=held.device)
+            held.fetched = torch.empty_like(held.host, device=held.device)
             self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):
                 held.fetched.copy_(held.host, non_blocking=True)

@@ -241,6 +241,23 @@ def test_offloading_named_blocks_keeps_its_copies_in_flight_bounded_and_prefetch
     assert max(seen["ahead"]) <= largest and off._ahead == 0
 
 
+def test_an_offloaded_tensor_comes_back_with_its_strides():
+    """A compiled block's backward asserts the strides of what it saved (on an H200 a transposed attention tensor
+    came back contiguous and the step failed): a dense tensor comes back from the host with its strides, a
+    non-dense one (a slice) contiguous, each with its values."""
+    _, applied, _ = _net("tiny-llama", offload=True, offload_min_kib=0)
+    off = applied.offload
+    off._reset()
+    off._block = 0
+    dense = torch.randn(2, 8, 16).transpose(1, 2)
+    sliced = torch.randn(4, 32)[:, :8]
+    held = [off._pack(t) for t in (dense, sliced)]
+    assert all(isinstance(h, plans._Held) for h in held)
+    back = [off._unpack(h) for h in reversed(held)][::-1]
+    assert back[0].stride() == dense.stride() != (16 * 8, 8, 1) and torch.equal(back[0], dense)
+    assert back[1].is_contiguous() and torch.equal(back[1], sliced)
+
+
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-roberta", "tiny-t5"])
 def test_offloading_linear_outputs_moves_only_those(model):
     """`method.offload_ops=linear_outputs`: of what the offloaded blocks save, only the outputs of their linear

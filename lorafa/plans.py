@@ -218,7 +218,7 @@ class _Held:
         self.device, self.host, self.nbytes = device, host, nbytes
         self.uses = 1  # times autograd saved it (a tensor saved by several ops is one copy)
         self.copied = None  # CUDA event: the host copy is done
-        self.dev = None  # the device tensor, held until its host copy is done
+        self.dev = None  # the device tensor, held until newer copies push it past the in-flight bound
         self.fetched = None  # the copy back on the device, until autograd has used it `uses` times
         self.ready = None  # CUDA event: the copy back is done
 

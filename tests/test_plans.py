@@ -241,6 +241,36 @@ def test_offloading_named_blocks_keeps_its_copies_in_flight_bounded_and_prefetch
     assert max(seen["ahead"]) <= largest and off._ahead == 0
 
 
+def test_an_offload_lets_go_of_a_finished_copy_only_past_its_bound():
+    """On a GPU a copy to the host may finish early; its device tensor is still held until newer copies push it past
+    the in-flight bound (then the oldest go first), so the device's memory comes back where the prediction, whose
+    copies never finish early, says — on every run. Events stand in for CUDA's: every copy has finished."""
+    class Finished:
+        def __init__(self):
+            self.waited = 0
+
+        def query(self):
+            return True
+
+        def synchronize(self):
+            self.waited += 1
+
+    _, applied, _ = _net("tiny-llama", offload=True, offload_min_kib=0)
+    off = applied.offload
+    off._reset()
+    held = []
+    for _ in range(4):
+        h = plans._Held(torch.device("cpu"), torch.empty(0), 100)
+        h.copied, h.dev = Finished(), torch.zeros(1)
+        held.append(h)
+    off._pending, off._pending_bytes = list(held), 400
+    off._drain(250)
+    assert [h.dev is None for h in held] == [True, True, False, False] and off._pending_bytes == 200
+    assert [h.copied.waited for h in held] == [1, 1, 0, 0]
+    off._drain(0)  # backward starts: every copy done and let go
+    assert all(h.dev is None for h in held) and off._pending == [] and off._pending_bytes == 0
+
+
 def test_an_offloaded_tensor_comes_back_with_its_strides():
     """A compiled block's backward asserts the strides of what it saved (on an H200 a transposed attention tensor
     came back contiguous and the step failed): a dense tensor comes back from the host with its strides, a

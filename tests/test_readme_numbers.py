@@ -315,6 +315,25 @@ def test_memory_budget_row(notebook):
     same(under.group(3), best["lorafa"] / full["tokens_per_s"], f"LoRA-FA's fastest under {cap:g} GiB ÷ LoRA, all")
     same(under.group(4), best["lorafa"] / best["lora"], f"LoRA-FA ÷ LoRA, each its fastest plan under {cap:g} GiB")
 
+    # compiled blocks and the offload plans re-measured: results/memory_plan_checks_h200.parquet
+    checks = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h200.parquet")
+    assert devices(checks) == {results_device()} and set(checks["experiment"]) == {"memory_plan_checks"}
+    comp = find(rf"Compiled blocks run LoRA's full checkpointing {NUM}× faster, and in that run LoRA-FA's fastest "
+                rf"plan under {NUM} GiB is {NUM}× it", text, "compiled blocks")
+    ref = checks[checks["check"] == "compiled_references"]
+    ref = ref[(ref["status"] == "ok") & (ref["model"] == model) & (ref["compile_mode"] == "blocks")]
+    assert len(ref) and ref["git_sha"].nunique() == 1, "the compiled references: one run"
+    lora_all = ref[(ref["method"] == "lora") & (ref["plan_name"] == "all")]["tokens_per_s"].item()
+    same(comp.group(1), lora_all / full["tokens_per_s"], "LoRA full checkpointing, compiled ÷ eager")
+    same(comp.group(2), cap, "the compiled comparison's cap (GiB)")
+    fa = ref[(ref["method"] == "lorafa") & (ref["mem_peak_gib"] <= cap)]["tokens_per_s"].max()
+    same(comp.group(3), fa / lora_all, "LoRA-FA's fastest compiled plan under the cap ÷ LoRA full checkpointing")
+    held = find(rf"peaks there within {NUM} %, and within {NUM} % since offloaded copies are held to their bound",
+                text, "the offload plans re-measured")
+    bound = checks[(checks["check"] == "inflight_bound") & (checks["status"] == "ok") & (checks["model"] == other)]
+    assert len(bound) >= 9 and (bound["host_offload_gib"] > 0).all()
+    same(held.group(2), worst_peak_error(bound), f"the worst predicted peak's error at {other}, copies held (%)")
+
 
 def test_fit_the_memory_you_have_plans(notebook):
     """The README's plan costs ('## Fit the memory you have': "`none` 47.9 GiB at 14.6k tokens/s; `elementwise` (…)

@@ -239,14 +239,16 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     short = plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates, label, lines,
                          plans.plain_backward(options))
     filled_at = time.perf_counter()
-    timed = ({p.name: _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p) for _, p, _ in short}
-             if len(short) > 1 else {})
+    modes = {p.name: _run_mode(cfg, p, device, steps) for _, p, _ in short} if len(short) > 1 else {}
+    timed = {p.name: _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p, mode=modes[p.name])
+             for _, p, _ in short} if modes else {}
     trials_s = time.perf_counter() - filled_at
     plan, pred, seconds = plans.pick_timed(short, timed)
     chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options),
                         plans_fitting=len(fitting), plan_modelled=short[0][1].name,
                         plans_timed_ms=json.dumps({k: None if v is None else round(1e3 * v, 3)
                                                    for k, v in timed.items()}),
+                        plans_timed_modes=json.dumps(modes),
                         pred_step_s=seconds, plan_predict_s=(predicted - started) + (filled_at - profiled),
                         plan_profile_s=profiled - predicted,
                         plan_trials_s=trials_s, copy_gib_per_s=rates.copy_bytes / measure.GIB,
@@ -261,12 +263,24 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     return chosen
 
 
-def _trial(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
-           plan: plans.Plan) -> float | None:
-    """Seconds of one forward and backward of the job's whole model under `plan` (`_profile`, best of 3 after a
-    warm-up; no optimizer step: it is the same under every plan), or None where it fails (a warning)."""
+def _run_mode(cfg: DictConfig, plan: plans.Plan, device: torch.device, steps: int) -> str:
+    """The `train.compile` mode the job would run under `plan` (`lorafa.step.resolve_mode`; "none" where that
+    plan cannot run the mode asked for)."""
+    from .checks import BadInput
+
     try:
-        _, f_s, _, b_s = _profile(cfg, device, num_labels, features, layer, plan=plan, blocks=None)
+        return step.resolve_mode(OmegaConf.merge(cfg, {"method": plan.keys()}), device, steps)[0]
+    except BadInput:
+        return "none"
+
+
+def _trial(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
+           plan: plans.Plan, mode: str = "none") -> float | None:
+    """Seconds of one forward and backward of the job's whole model under `plan` (`_profile`, best of 3 after a
+    warm-up; no optimizer step: it is the same under every plan), its blocks compiled where the job would run the
+    plan in a compiled mode (`mode`; compiled in the warm-up), or None where it fails (a warning)."""
+    try:
+        _, f_s, _, b_s = _profile(cfg, device, num_labels, features, layer, plan=plan, blocks=None, mode=mode)
         return f_s + b_s
     except Exception as err:  # noqa: BLE001 - a plan that cannot be timed is left out of the choice
         log.warning("plan %s: trial failed (%s: %s); not chosen", plan.name, type(err).__name__, err)
@@ -294,12 +308,13 @@ def _profile_modes(cfg: DictConfig, device: torch.device, num_labels: int, featu
 
 
 def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
-             plan: plans.Plan | None = None, held: dict | None = None, blocks: int | None = 1) -> tuple:
+             plan: plans.Plan | None = None, held: dict | None = None, blocks: int | None = 1,
+             mode: str = "none") -> tuple:
     """`lorafa.plans.profile_step` of this job's model cut to one block (`models.build(blocks=1)`; `blocks=None`:
     the whole model, random init), its method applied as the job would apply it with nothing recomputed or
     offloaded (or as `plan` says, timed only), at the job's batch shape (the predictor's batch: `batch_size` ×
-    `task.max_seq_len`, full length). `held` gets the result (`times`), the model's blocks and the bytes it
-    offloaded."""
+    `task.max_seq_len`, full length), its blocks compiled where `mode` compiles (`compile_blocks`). `held` gets
+    the result (`times`), the model's blocks and the bytes it offloaded."""
     applied = OmegaConf.merge(cfg, {"method": (plan or plans.Plan()).keys()})
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
     amp = autocast_dtype(cfg.train.precision, device)
@@ -309,6 +324,7 @@ def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: l
         methods.apply(net, applied.method, cfg.model.get("target_modules"),
                       frozen_dtype=frozen_weight_dtype(cfg.train, device),
                       stacked=layer)
+        compile_blocks(net.model, cfg.train, mode)
         net.model.train()
         target_len = None
         if net.family == "encoder-decoder":

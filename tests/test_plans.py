@@ -622,6 +622,41 @@ def test_the_step_time_model_lays_copies_out_block_by_block():
 
 
 @pytest.mark.bad_input("a memory budget ≤ 0 or that no plan fits")
+def test_a_budget_times_its_shortlist_in_the_mode_the_job_runs(cfg_factory, monkeypatch):
+    """A budget's trials time each shortlisted plan as the job would run it: with `train.compile=blocks` each trial
+    model's blocks are compiled (in the warm-up, not timed), since compiling changes what recomputation costs
+    against copies and so the plans' order (`docs/memory_plans.md`); the row names each plan's mode. Watched
+    independently: `compile_blocks` on the trials' models. aot_eager, as the other compiled-blocks tests."""
+    import json
+
+    import torch._dynamo
+
+    from lorafa import job
+
+    common = ["model=tiny-llama", "task=synthetic", "task.max_seq_len=64", "train.batch_size=8",
+              "train.max_steps=2", "task.num_train=32", "task.num_eval=8"]
+    budget = 0.9 * run(cfg_factory(*common))["pred_mem_peak_gib"]  # below the plain step's peak
+    compiled, real = [], job.compile_blocks
+
+    def watched(model, tcfg, mode):
+        n = real(model, tcfg, mode)
+        compiled.append((mode, n))
+        return n
+
+    monkeypatch.setattr(job, "compile_blocks", watched)
+    monkeypatch.setattr(plans, "TRIAL_MARGIN", 100.0)  # a tiny model's modelled steps are noise: time them
+    torch._dynamo.reset()
+    row = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_trials=2",
+                          "train.compile=blocks", "train.compile_backend=aot_eager"))
+    assert row["status"] == "ok" and row["compile_mode"] == "blocks", row["error"]
+    trials = json.loads(row["plans_timed_ms"])
+    assert len(trials) == 2 and all(v > 0 for v in trials.values()), trials
+    assert json.loads(row["plans_timed_modes"]) == dict.fromkeys(trials, "blocks")
+    # each trial's whole model (2 blocks) compiled, and the job's own; the one-block profiles stay eager
+    assert compiled.count(("blocks", 2)) == len(trials) + 1, compiled
+    assert {mode for mode, _ in compiled} == {"blocks", "none"}, compiled
+
+
 def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypatch):
     common = ["model=tiny-llama", "task=synthetic", "task.max_seq_len=64", "train.batch_size=8",
               "train.max_steps=2", "task.num_train=32", "task.num_eval=8"]
@@ -657,6 +692,7 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert next(iter(trials)) == tight["plan_modelled"]  # timed in the model's order
     assert tight["plan_name"] == next(k for k, v in trials.items() if v <= 1.03 * min(trials.values())), trials
     assert json.loads(roomy["plans_timed_ms"]) == {} and roomy["plan_name"] == roomy["plan_modelled"] == "none"
+    assert json.loads(tight["plans_timed_modes"]) == dict.fromkeys(trials, "none")  # train.compile=auto, CPU: eager
     # where choosing took its time: each phase measured, within the job's wall time; no trials, no time in them
     phases = [tight[k] for k in ("plan_predict_s", "plan_profile_s", "plan_trials_s")]
     assert all(t > 0 for t in phases) and sum(phases) < tight["wall_time_s"], phases
@@ -665,7 +701,7 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     from lorafa import job
 
     calls = []
-    monkeypatch.setattr(job, "_trial", lambda cfg, device, n, f, layer, plan: 1.0 - 0.1 * len(calls.append(0) or calls))
+    monkeypatch.setattr(job, "_trial", lambda cfg, device, n, f, layer, plan, mode: 1.0 - 0.1 * len(calls.append(0) or calls))
     last = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
     assert len(memory._CACHE) == made  # the same budget again: nothing predicted anew
     order = list(json.loads(last["plans_timed_ms"]))

@@ -187,7 +187,8 @@ def test_analysis_on_the_committed_results(tmp_path):
         assert f"| {model} " in memory, model
     assert "H200" in memory
     for name in ("memory_vs_batch", "memory_vs_seq", "memory_vs_rank", "throughput", "memory_budget",
-                 "memory_budget_choices"):
+                 "memory_budget_choices", "memory_plan_checks_repeat", "memory_plan_checks_inflight",
+                 "memory_plan_checks_compiled"):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name
     check_index_page(tmp_path)

@@ -1,0 +1,93 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Checks on the memory plans: repeats, the in-flight bound, compiled blocks
+# Rows of `results/memory_plan_checks_h200.parquet` (jobs of `experiments/memory_budget.yaml`, `experiment` set to
+# `memory_plan_checks`, the check in `check`; the commands are in `results/README.md`): one plan's speed over
+# repeated processes, the offload plans' peak and speed at three in-flight bounds, and checkpointing and
+# offloading with compiled blocks beside eager (`docs/memory_plans.md`).
+
+# %%
+import json
+
+import pandas as pd
+
+from lorafa import report
+
+P = report.params()
+EXPERIMENT = "memory_plan_checks"
+frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
+frame = frame.assign(**{c: frame[c] if c in frame else None  # (a table without these rows lacks their columns)
+                        for c in ("check", "plan_name", "budget_gib", "host_offload_gib", "compile_mode", "config")})
+ok = frame[frame["status"] == "ok"]
+
+
+def label(r) -> str:
+    """The plan as the sweep named it: a budget's choice says so."""
+    return f"{r.budget_gib:g} GiB budget → {r.plan_name}" if pd.notna(r.budget_gib) else r.plan_name
+
+
+def bound(config: str) -> float:
+    return float(json.loads(config)["method"].get("offload_inflight_mib", 512))
+
+
+def error(r) -> str:
+    return f"{100 * (r.pred_mem_peak_gib / r.mem_peak_gib - 1):+.3f}"
+
+
+# %%
+rep = ok[ok["check"] == "repeat"]
+lines = []
+for (model, method, name), g in rep.assign(shown=[label(r) for r in rep.itertuples()]).groupby(
+        ["model", "method", "shown"], sort=False):
+    speeds = g.sort_values("seed")["tokens_per_s"]
+    lines.append({"model": model, "method": method, "plan": name, "peak GiB": f"{g['mem_peak_gib'].max():.2f}",
+                  "tokens/s by process": " / ".join(f"{v:,.0f}" for v in speeds),
+                  "median": f"{speeds.median():,.0f}", "max ÷ min": f"{speeds.max() / speeds.min():.2f}"})
+repeat = pd.DataFrame(lines)
+report.write_table(repeat, f"{EXPERIMENT}_repeat",
+                   title="One plan's speed over repeated processes (roberta-large 32×128, eager, H200)",
+                   notes=["Each process (seed = process) ran these jobs in this order, then the first plan chosen by the "
+                          "budget again by hand; that job's row shares its configuration with the first one's, so the "
+                          "table keeps one.",
+                          report.provenance(rep)])
+repeat
+
+# %%
+inf = ok[ok["check"] == "inflight_bound"]
+inf = inf.assign(bound=[bound(c) for c in inf["config"]])
+inflight = pd.DataFrame([{"model": r.model, "method": r.method, "plan": r.plan_name,
+                          "offload_inflight_mib": f"{r.bound:g}", "peak GiB": f"{r.mem_peak_gib:.3f}",
+                          "predicted GiB": f"{r.pred_mem_peak_gib:.3f}", "error %": error(r),
+                          "host GiB": f"{r.host_offload_gib:.2f}", "tokens/s": f"{r.tokens_per_s:,.0f}"}
+                         for r in inf.sort_values(["plan_name", "bound"], ascending=[True, False]).itertuples()])
+report.write_table(inflight, f"{EXPERIMENT}_inflight",
+                   title="Offload plans at three in-flight bounds, copies held to the bound (eager, H200)",
+                   notes=["error %: predicted ÷ measured peak − 1.", report.provenance(inf)])
+inflight
+
+# %%
+comp = frame[frame["check"].isin(["offload_compiled", "compiled_references"])]
+compiled = pd.DataFrame([{"model": r.model, "method": r.method, "plan": r.plan_name, "train.compile": r.compile_mode,
+                          "run": f"{r.check} ({str(r.git_sha)[:7]})", "status": r.status,
+                          "peak GiB": f"{r.mem_peak_gib:.2f}" if r.status == "ok" else "—",
+                          "error %": error(r) if r.status == "ok" else "—",
+                          "tokens/s": f"{r.tokens_per_s:,.0f}" if r.status == "ok" else "—"}
+                         for r in comp.sort_values(["plan_name", "method", "compile_mode"]).itertuples()])
+report.write_table(compiled, f"{EXPERIMENT}_compiled",
+                   title="Checkpointing and offloading with compiled blocks beside eager (llama-7b 8×1024, H200)",
+                   notes=["train.compile=blocks compiles each transformer block (inductor); none: eager. A run is "
+                          "one device call; the two ran one after the other on one machine.",
+                          report.provenance(comp)])
+compiled

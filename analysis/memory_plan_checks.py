@@ -28,7 +28,7 @@ from lorafa import report
 P = report.params()
 EXPERIMENT = "memory_plan_checks"
 frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
-frame = frame.assign(**{c: frame[c] if c in frame else None  # (a table without these rows lacks their columns)
+frame = frame.assign(**{c: frame.get(c)  # (a table without these rows lacks their columns)
                         for c in ("check", "plan_name", "budget_gib", "host_offload_gib", "compile_mode", "config")})
 ok = frame[frame["status"] == "ok"]
 
@@ -58,9 +58,9 @@ for (model, method, name), g in rep.assign(shown=[label(r) for r in rep.itertupl
 repeat = pd.DataFrame(lines)
 report.write_table(repeat, f"{EXPERIMENT}_repeat",
                    title="One plan's speed over repeated processes (roberta-large 32×128, eager, H200)",
-                   notes=["Each process (seed = process) ran these jobs in this order, then the first plan chosen by the "
-                          "budget again by hand; that job's row shares its configuration with the first one's, so the "
-                          "table keeps one.",
+                   notes=[("Each process (seed = process) ran these jobs in this order, then elementwise again; that "
+                           "job's row shares its configuration with the first elementwise one's, so the table keeps "
+                           "one."),
                           report.provenance(rep)])
 repeat
 

@@ -87,7 +87,7 @@ compiled = pd.DataFrame([{"model": r.model, "method": r.method, "plan": r.plan_n
                          for r in comp.sort_values(["plan_name", "method", "compile_mode"]).itertuples()])
 report.write_table(compiled, f"{EXPERIMENT}_compiled",
                    title="Checkpointing and offloading with compiled blocks beside eager (llama-7b 8×1024, H200)",
-                   notes=["train.compile=blocks compiles each transformer block (inductor); none: eager. A run is "
-                          "one device call; the two ran one after the other on one machine.",
+                   notes=[("train.compile=blocks compiles each transformer block (inductor); none: eager. A run is "
+                           "one device call; the two ran one after the other on one machine."),
                           report.provenance(comp)])
 compiled

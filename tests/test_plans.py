@@ -621,7 +621,6 @@ def test_the_step_time_model_lays_copies_out_block_by_block():
     assert free == pytest.approx(0.4) and held > free + 0.05
 
 
-@pytest.mark.bad_input("a memory budget ≤ 0 or that no plan fits")
 def test_a_budget_times_its_shortlist_in_the_mode_the_job_runs(cfg_factory, monkeypatch):
     """A budget's trials time each shortlisted plan as the job would run it: with `train.compile=blocks` each trial
     model's blocks are compiled (in the warm-up, not timed), since compiling changes what recomputation costs
@@ -657,6 +656,7 @@ def test_a_budget_times_its_shortlist_in_the_mode_the_job_runs(cfg_factory, monk
     assert {mode for mode, _ in compiled} == {"blocks", "none"}, compiled
 
 
+@pytest.mark.bad_input("a memory budget ≤ 0 or that no plan fits")
 def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypatch):
     common = ["model=tiny-llama", "task=synthetic", "task.max_seq_len=64", "train.batch_size=8",
               "train.max_steps=2", "task.num_train=32", "task.num_eval=8"]

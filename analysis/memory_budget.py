@@ -19,7 +19,8 @@
 # to host memory) and the plan each budget chose (`train.memory_budget_gib`), for LoRA and LoRA-FA: measured peak
 # beside the predicted one, host memory, tokens/s (every step eager), and the step time the planner's model gives
 # each plan (at the rates a budget job of the same sweep measured) beside the measured one. Checks per budget: the
-# chosen plan fits and is within 5 % of the fastest other measured plan that fits (hand-set, or another budget's).
+# chosen plan fits and is within 5 % of the fastest other measured plan that fits (hand-set, or another budget's);
+# where the sweep ran several passes (`seed=0,1,2`), each plan's speed is the median of its jobs.
 
 # %%
 import json
@@ -76,13 +77,19 @@ def modelled(r, same_budgets, same_hand) -> float:
 lines = []
 for (model, method), g in hand.groupby(["model", "method"], sort=False):
     base = g[g["plan_name"] == "all"]["tokens_per_s"]
-    base = float(base.iloc[0]) if len(base) else float("nan")
+    base = float(base.median()) if len(base) else float("nan")
     same_budgets = budgets[(budgets["model"] == model) & (budgets["method"] == method)]
-    for r in g.sort_values("mem_peak_gib", ascending=False).itertuples(index=False):
+    # one line per plan: its first job's columns, with tokens/s and step time the median of its jobs (several
+    # passes: `seed=0,1,2`) and its peak the largest
+    first = g.groupby("plan_name", sort=False).head(1).set_index("plan_name")
+    per_plan = g.groupby("plan_name", sort=False)
+    first = first.assign(tokens_per_s=per_plan["tokens_per_s"].median(), step_time_s=per_plan["step_time_s"].median(),
+                         mem_peak_gib=per_plan["mem_peak_gib"].max(), jobs=per_plan.size()).reset_index()
+    for r in first.sort_values("mem_peak_gib", ascending=False).itertuples(index=False):
         err = 100 * (r.pred_mem_peak_gib / r.mem_peak_gib - 1)
         step_s = modelled(r, same_budgets, g)
         lines.append({"model": model, "batch × seq": shape(g), "method": report.method_label(method),
-                      "plan": r.plan_name, "peak GiB": f"{r.mem_peak_gib:.2f}",
+                      "plan": r.plan_name, "jobs": r.jobs, "peak GiB": f"{r.mem_peak_gib:.2f}",
                       "predicted GiB": f"{r.pred_mem_peak_gib:.2f} ({err:+.1f} %)",
                       "host GiB": f"{r.host_offload_gib:.1f}" if r.host_offload_gib else "—",
                       "tokens/s": f"{r.tokens_per_s:,.0f}", "÷ all checkpointed": f"{r.tokens_per_s / base:.2f}",
@@ -98,42 +105,65 @@ report.write_table(pd.DataFrame(lines), EXPERIMENT, title="Memory plans: peak (m
                           "Command: python run.py -m experiments=memory_budget [model=roberta-large]."])
 
 # %%
+def pass_of(rows: pd.DataFrame) -> pd.Series:
+    """Each row's pass of the sweep: its seed (`seed=0,1,2` repeats every plan and budget, one pass after another)."""
+    return rows["seed"] if "seed" in rows else pd.Series(0, index=rows.index)
+
+
 checks = []
 measured = frame[frame["status"] == "ok"]
-assert frame.index.is_unique  # a budget row is told from the others by its index
-for i, r in zip(budgets.index, budgets.itertuples(index=False)):
-    # every other plan measured in the sweep (hand-set, or chosen by another budget) that fits this budget
-    same = measured[(measured["model"] == r.model) & (measured["method"] == r.method) & (measured.index != i)]
-    fits = same[same["mem_peak_gib"] <= r.budget_gib]
-    fastest = fits.loc[fits["tokens_per_s"].idxmax()] if len(fits) else None
-    ok = r.status == "ok"
-    checks.append({"model": r.model, "method": report.method_label(r.method), "budget GiB": f"{r.budget_gib:g}",
-                   "chosen": r.plan_name if ok else r.status, "peak GiB": f"{r.mem_peak_gib:.2f}" if ok else "—",
-                   "fits": "yes" if ok and r.mem_peak_gib <= r.budget_gib else "no",
-                   "tokens/s": f"{r.tokens_per_s:,.0f}" if ok else "—",
+assert frame.index.is_unique  # a budget's rows are told from the others by their index
+for (model, method, budget), grp in budgets.groupby(["model", "method", "budget_gib"], sort=False):
+    # a budget's jobs (one per pass) against every other plan measured in the sweep (hand-set, or chosen by another
+    # budget) that fits it, each plan's speed the median over its jobs
+    ok_rows = grp[grp["status"] == "ok"]
+    ok = len(ok_rows) == len(grp)
+    same = measured[(measured["model"] == model) & (measured["method"] == method) & ~measured.index.isin(grp.index)]
+    by_plan = same.groupby("plan_name").agg(peak=("mem_peak_gib", "max"), speed=("tokens_per_s", "median"))
+    fits = by_plan[by_plan["peak"] <= budget]
+    fastest = fits["speed"].idxmax() if len(fits) else None
+    speed = float(ok_rows["tokens_per_s"].median()) if ok else float("nan")
+    ratio = speed / fits.loc[fastest, "speed"] if fastest is not None and ok else float("nan")
+    paired = []  # the budget's job ÷ the fastest plan's in the same pass (side by side)
+    if fastest is not None and ok:
+        theirs = same[same["plan_name"] == fastest]
+        theirs = theirs["tokens_per_s"].groupby(pass_of(theirs)).median()
+        paired = [t / theirs[k] for k, t in zip(pass_of(ok_rows), ok_rows["tokens_per_s"]) if k in theirs.index]
+    chosen = ok_rows["plan_name"].value_counts(sort=False)
+    runs = len(grp)
+    checks.append({"model": model, "method": report.method_label(method), "budget GiB": f"{budget:g}",
+                   "jobs": runs,
+                   "chosen": ", ".join(n if k == 1 else f"{n} ×{k}" for n, k in chosen.items()) if ok
+                   else ", ".join(sorted(set(grp["status"]) - {"ok"})),
+                   "peak GiB": f"{ok_rows['mem_peak_gib'].max():.2f}" if ok else "—",
+                   "fits": "yes" if ok and (ok_rows["mem_peak_gib"] <= budget).all() else "no",
+                   "tokens/s": f"{speed:,.0f}" if ok else "—",
                    "fastest fitting (measured)": "—" if fastest is None else
-                   f"{fastest['plan_name']} ({fastest['tokens_per_s']:,.0f})",
-                   "chosen ÷ fastest": "—" if fastest is None or not ok else
-                   f"{r.tokens_per_s / fastest['tokens_per_s']:.3f}",
-                   "within 5 %": "—" if fastest is None or not ok else
-                   ("yes" if r.tokens_per_s >= 0.95 * fastest["tokens_per_s"] else "no"),
-                   "model's own pick": pick if ok and isinstance(pick := getattr(r, "plan_modelled", None), str)
-                   and pick else "—",
+                   f"{fastest} ({fits.loc[fastest, 'speed']:,.0f})",
+                   "chosen ÷ fastest": "—" if math.isnan(ratio) else f"{ratio:.3f}",
+                   "within 5 %": "—" if math.isnan(ratio) else ("yes" if ratio >= 0.95 else "no"),
+                   "paired by pass": "—" if len(paired) < 2 else
+                   f"{min(paired):.3f}–{max(paired):.3f} ({len(paired)} passes)",
+                   "model's own pick": ", ".join(sorted(set(ok_rows["plan_modelled"].dropna()) - {""})) or "—"
+                   if ok and "plan_modelled" in ok_rows else "—",
                    "timed (ms, fwd + bwd)": ", ".join(f"{k} {v:.0f}" for k, v in json.loads(timed).items()) or "—"
-                   if ok and isinstance(timed := getattr(r, "plans_timed_ms", None), str) else "—",
-                   "modelled step s": f"{r.pred_step_s:.3f}" if ok else "—",
-                   "measured step s": f"{r.step_time_s:.3f}" if ok else "—"})
+                   if ok and isinstance(timed := ok_rows.iloc[0].get("plans_timed_ms"), str) else "—",
+                   "modelled step s": f"{ok_rows['pred_step_s'].median():.3f}" if ok else "—",
+                   "measured step s": f"{ok_rows['step_time_s'].median():.3f}" if ok else "—"})
 report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
                    title="What each memory budget chose, against the fastest measured plan that fits",
                    notes=[report.provenance(budgets),
-                          ("The chosen plan's tokens/s is that of its own job; the fastest fitting plan's, of the "
-                          "fastest other job of the same sweep (a hand-set plan, or another budget's choice) whose "
-                          "measured peak fits the budget; chosen ÷ fastest above 1: faster than all of them. "
+                          ("The chosen plan's tokens/s is that of its own job — the median of its jobs where the "
+                          "sweep ran several passes (`seed=0,1,2`: every plan and budget once per pass, one pass "
+                          "after another); the fastest fitting plan's, of the fastest other plan of the same sweep "
+                          "(hand-set, or another budget's choice; the median of its jobs) whose measured peak fits "
+                          "the budget; chosen ÷ fastest above 1: faster than all of them. Paired by pass: the "
+                          "budget's job ÷ that plan's in the same pass, lowest–highest. "
                           "A plan named <plan>+keepK keeps K of <plan>'s checkpointed blocks. Modelled step: the "
                           "planner's step-time model (FLOPs at the rates profiled on the model cut to one block, "
                           "copies laid out block by block). Model's own pick: the plan the step-time model put "
                           "first; timed: the shortlist it timed on the whole model before choosing "
-                          "(`train.plan_trials`; — where the job did not).")])
+                          "(`train.plan_trials`; the first pass's; — where the job did not).")])
 
 # %%
 models = list(hand["model"].unique())
@@ -145,9 +175,13 @@ else:
     for ax, model in zip(axes[0], models):
         g = hand[hand["model"] == model]
         for method, marker in (("lora", "o"), ("lorafa", "s")):
-            m = g[g["method"] == method].sort_values("mem_peak_gib")
+            m = g[g["method"] == method]
             if m.empty:
                 continue
+            # one point per plan: its peak and the median of its jobs' tokens/s (several passes: `seed=0,1,2`)
+            m = m.groupby("plan_name", as_index=False).agg(mem_peak_gib=("mem_peak_gib", "max"),
+                                                           tokens_per_s=("tokens_per_s", "median"))
+            m = m.sort_values("mem_peak_gib")
             front, best = [], -1.0
             for r in m.itertuples(index=False):  # the Pareto front: faster than every smaller plan
                 if r.tokens_per_s > best:
@@ -161,6 +195,8 @@ else:
                 ax.annotate(r.plan_name, (r.mem_peak_gib, r.tokens_per_s), fontsize=6, alpha=0.7,
                             xytext=(3, 2), textcoords="offset points")
             chosen = budgets[(budgets["model"] == model) & (budgets["method"] == method) & (budgets["status"] == "ok")]
+            chosen = chosen.groupby("budget_gib").agg(mem_peak_gib=("mem_peak_gib", "max"),
+                                                      tokens_per_s=("tokens_per_s", "median"))
             ax.scatter(chosen["mem_peak_gib"], chosen["tokens_per_s"], marker="*", s=160, facecolors="none",
                        edgecolors=pts.get_facecolor()[0], linewidths=1.2,
                        label=f"{report.method_label(method)}: chosen by a budget")

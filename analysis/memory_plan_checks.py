@@ -78,8 +78,10 @@ report.write_table(inflight, f"{EXPERIMENT}_inflight",
 inflight
 
 # %%
-comp = frame[frame["check"].isin(["offload_compiled", "compiled_references"])]
-compiled = pd.DataFrame([{"model": r.model, "method": r.method, "plan": r.plan_name, "train.compile": r.compile_mode,
+comp = frame[frame["check"].isin(["offload_compiled", "compiled_references", "budget_compiled"])]
+compiled = pd.DataFrame([{"model": r.model, "method": r.method, "plan": r.plan_name,
+                          "budget GiB": "—" if pd.isna(r.budget_gib) else f"{r.budget_gib:g}",
+                          "train.compile": r.compile_mode,
                           "run": f"{r.check} ({str(r.git_sha)[:7]})", "status": r.status,
                           "peak GiB": f"{r.mem_peak_gib:.2f}" if r.status == "ok" else "—",
                           "error %": error(r) if r.status == "ok" else "—",
@@ -88,6 +90,8 @@ compiled = pd.DataFrame([{"model": r.model, "method": r.method, "plan": r.plan_n
 report.write_table(compiled, f"{EXPERIMENT}_compiled",
                    title="Checkpointing and offloading with compiled blocks beside eager (llama-7b 8×1024, H200)",
                    notes=[("train.compile=blocks compiles each transformer block (inductor); none: eager. A run is "
-                           "one device call; the two ran one after the other on one machine."),
+                           "one device call; offload_compiled and compiled_references ran one after the other on "
+                           "one machine. budget_compiled: a budget job with compiled blocks (its shortlist timed "
+                           "compiled) beside full checkpointing compiled, in one run."),
                           report.provenance(comp)])
 compiled

@@ -107,8 +107,11 @@ def test_memory_budget_compares_each_plans_median_over_passes(tmp_path, monkeypa
     committed = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")
     fa = committed[(committed["model"] == "roberta-large") & (committed["method"] == "lorafa")]
     template = {"every2_elementwise": fa[fa["plan_name"] == "every2_elementwise"].iloc[0],  # 2.2 GiB
-                "elementwise": fa[(fa["plan_name"] == "elementwise") & fa["budget_gib"].isna()].iloc[0],  # 3.15 GiB
-                "budget": fa[fa["budget_gib"] == 3.25].iloc[0]}  # chose elementwise
+                "elementwise": fa[(fa["plan_name"] == "elementwise") & fa["budget_gib"].isna()].iloc[0]}  # 3.15 GiB
+    budget = fa[fa["budget_gib"] == 3.25].iloc[0].copy()  # its columns; the plan it chose: elementwise
+    for column in ("plan", "plan_name", "mem_peak_gib", "pred_mem_peak_gib"):
+        budget[column] = template["elementwise"][column]
+    template["budget"] = budget
     speeds = {"every2_elementwise": (100, 100, 100), "elementwise": (90, 120, 95), "budget": (80, 98, 99)}
     rows = []
     for seed in range(3):

@@ -246,8 +246,8 @@ def test_memory_budget_row(notebook):
     """'the fastest plan predicted to fit: thirteen … plans, …. At llama-7b 8×1024, 10 of 10 budget jobs (20–40 GiB,
     LoRA-FA; 20–40 GiB, LoRA) ran within 5 % of the fastest other measured plan that fits (0.997–1.121× it); every
     plan's peak predicted within 0.02 %. Under 20.6 GiB (1.15× LoRA with full checkpointing) LoRA-FA trains at 1.23×
-    that, and 1.20× LoRA's own fastest plan there. At roberta-large 32×128, whose steps are bound by the host, 3 of 8
-    budgets did, and one plan ran 1.52× faster in one job than in another of the same run; peaks there within 2.2 %':
+    that, and 1.20× LoRA's own fastest plan there. … At roberta-large 32×128, whose steps are bound by the host, 6 of 8
+    budgets did, and one plan ran 1.26× faster in one job than in another of the same run; peaks there within 0.07 %':
     analysis/memory_budget.py's hand-set plans (`hand`), budget rows (`budgets`) and its table
     `memory_budget_choices`."""
     text = headline("Fitting a memory budget", "memory_budget.parquet")
@@ -329,11 +329,6 @@ def test_memory_budget_row(notebook):
     same(comp.group(2), cap, "the compiled comparison's cap (GiB)")
     fa = ref[(ref["method"] == "lorafa") & (ref["mem_peak_gib"] <= cap)]["tokens_per_s"].max()
     same(comp.group(3), fa / lora_all, "LoRA-FA's fastest compiled plan under the cap ÷ LoRA full checkpointing")
-    held = find(rf"peaks there within {NUM} %, and within {NUM} % since offloaded copies are held to their bound",
-                text, "the offload plans re-measured")
-    bound = checks[(checks["check"] == "inflight_bound") & (checks["status"] == "ok") & (checks["model"] == other)]
-    assert len(bound) >= 9 and (bound["host_offload_gib"] > 0).all()
-    same(held.group(2), worst_peak_error(bound), f"the worst predicted peak's error at {other}, copies held (%)")
 
 
 def test_fit_the_memory_you_have_plans(notebook):

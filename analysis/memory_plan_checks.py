@@ -78,7 +78,7 @@ report.write_table(inflight, f"{EXPERIMENT}_inflight",
 inflight
 
 # %%
-comp = frame[frame["check"].isin(["offload_compiled", "compiled_references", "budget_compiled"])]
+comp = frame[frame["check"].isin(["offload_compiled", "compiled_references", "budget_compiled", "compiled_pair"])]
 compiled = pd.DataFrame([{"model": r.model, "method": r.method, "plan": r.plan_name,
                           "budget GiB": "—" if pd.isna(r.budget_gib) else f"{r.budget_gib:g}",
                           "train.compile": r.compile_mode,
@@ -92,6 +92,7 @@ report.write_table(compiled, f"{EXPERIMENT}_compiled",
                    notes=[("train.compile=blocks compiles each transformer block (inductor); none: eager. A run is "
                            "one device call; offload_compiled and compiled_references ran one after the other on "
                            "one machine. budget_compiled: a budget job with compiled blocks (its shortlist timed "
-                           "compiled) beside full checkpointing compiled, in one run."),
+                           "compiled) beside full checkpointing compiled, in one run; compiled_pair: full "
+                           "checkpointing and that budget's choice set by hand, both methods, in one later run."),
                           report.provenance(comp)])
 compiled

@@ -224,7 +224,11 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         return pred
 
     started = time.perf_counter()  # where choosing takes its time: predicting, profiling, trials (columns)
-    options = [(plan, predict(plan)) for plan in plans.candidates(n_blocks, offload=device.type == "cuda")]
+    candidates = plans.candidates(n_blocks, offload=device.type == "cuda")
+    trials = int(cfg.train.get("plan_trials", 0) or 0)
+    log.info("%s: choosing among %d plans — predicting each on fake tensors, profiling the device%s", label,
+             len(candidates), f", then timing up to {trials} on the whole model" if trials else "")
+    options = [(plan, predict(plan)) for plan in candidates]
     # (CPU: host = device, nothing to offload to)
     predicted = time.perf_counter()
     plain: dict = {}  # the plain one-block step, profiled once: its rates, and mode "none" of the block modes
@@ -233,7 +237,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                 modes=lambda: _profile_modes(cfg, device, num_labels, features, layers, plain))
     profiled = time.perf_counter()
     fitting = plans.ranked(options, budget_bytes, rates, label, lines)
-    short = plans.shortlist(fitting, int(cfg.train.get("plan_trials", 0) or 0))
+    short = plans.shortlist(fitting, trials)
     # the room each shortlisted plan leaves under the budget, spent on keeping checkpointed blocks; ranked again
     filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in short]
     short = plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates, label, lines,
@@ -244,22 +248,24 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
              for _, p, _ in short} if modes else {}
     trials_s = time.perf_counter() - filled_at
     plan, pred, seconds = plans.pick_timed(short, timed)
+    predict_s = (predicted - started) + (filled_at - profiled)
     chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options),
                         plans_fitting=len(fitting), plan_modelled=short[0][1].name,
                         plans_timed_ms=json.dumps({k: None if v is None else round(1e3 * v, 3)
                                                    for k, v in timed.items()}),
                         plans_timed_modes=json.dumps(modes),
-                        pred_step_s=seconds, plan_predict_s=(predicted - started) + (filled_at - profiled),
+                        pred_step_s=seconds, plan_predict_s=predict_s,
                         plan_profile_s=profiled - predicted,
                         plan_trials_s=trials_s, copy_gib_per_s=rates.copy_bytes / measure.GIB,
                         matmul_tflop_per_s=rates.matmul_flops / 1e12, fwd_tflop_per_s=(rates.forward_flops or math.nan) / 1e12,
                         bwd_tflop_per_s=(rates.backward_flops or math.nan) / 1e12,
                         block_extra_ms=json.dumps({m: [round(1e3 * f, 3), round(1e3 * b, 3)]
                                                    for m, (f, b) in (rates.block_extra or {}).items()}))
-    log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit%s)",
+    log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit%s); "
+             "chosen in %.0f s (predicting %.0f s, profiling %.0f s, trials %.0f s)",
              label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), len(fitting),
              "; timed " + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items())
-             if timed else "")
+             if timed else "", time.perf_counter() - started, predict_s, profiled - predicted, trials_s)
     return chosen
 
 

@@ -657,7 +657,7 @@ def test_a_budget_times_its_shortlist_in_the_mode_the_job_runs(cfg_factory, monk
 
 
 @pytest.mark.bad_input("a memory budget ≤ 0 or that no plan fits")
-def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypatch):
+def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypatch, caplog):
     common = ["model=tiny-llama", "task=synthetic", "task.max_seq_len=64", "train.batch_size=8",
               "train.max_steps=2", "task.num_train=32", "task.num_eval=8"]
     plain = run(cfg_factory(*common))
@@ -667,7 +667,16 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert roomy["plans_fitting"] == n and roomy["config_hash"] != plain["config_hash"]
     budget = 0.9 * plain["pred_mem_peak_gib"]  # below the plain step's peak and element-wise recomputation's
     monkeypatch.setattr(plans, "TRIAL_MARGIN", 100.0)  # a tiny model's modelled steps are noise: time them all
-    tight = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="lorafa.job"):
+        tight = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
+    # the log says what the pause before training is, and where its seconds went
+    assert f"train.memory_budget_gib={budget}: choosing among {n} plans — predicting each on fake tensors, " \
+           "profiling the device, then timing up to 4 on the whole model" in caplog.text, caplog.text
+    took = re.search(r"chosen in (\d+) s \(predicting (\d+) s, profiling (\d+) s, trials (\d+) s\)", caplog.text)
+    assert took and int(took.group(2)) == round(tight["plan_predict_s"]), caplog.text
     from lorafa import memory  # every prediction made once: a process reuses it
 
     made = len(memory._CACHE)

@@ -1,4 +1,4 @@
-"""Predict a run's memory before it starts: `predict(...)` dry-runs two training steps on fake tensors.
+"""Predict a run's memory before it starts: `predict(...)` dry-runs a training step on fake tensors.
 
     from lorafa.memory import predict
     p = predict(model_cfg, method_cfg, batch_size=8, seq_len=1024, device="cuda")   # allocates nothing
@@ -7,15 +7,16 @@
 The model is built from its config alone (no weights are read) inside PyTorch's `FakeTensorMode`: every tensor
 carries shape, dtype and device but no storage, so a 7B model "builds" in seconds on any machine. The method is
 applied by the same code path as a real job (`lorafa.methods.apply`: adapters, frozen-weight dtype, recomputation,
-checkpointing), and two optimizer steps run on a synthetic batch of exactly batch_size × seq_len under the same
-autocast as the job. What is counted is what `lorafa.measure` measures on a real run:
+checkpointing), the optimizer's state is made as a first step leaves it, and one training step runs on a synthetic
+batch of exactly batch_size × seq_len under the same autocast as the job: a steady-state step, as a job's second and
+later steps are. What is counted is what `lorafa.measure` measures on a real run:
 
 - weights, gradients and optimizer state: the distinct storages of parameters and buffers, of `.grad` after the
-  first backward, and of AdamW's state after the first step;
+  backward, and of AdamW's state;
 - activations: the bytes autograd saves during one forward, through the same saved-tensor hooks, each storage
   once, parameters excluded — the bytes of exactly the tensors the real code would save, whatever the model,
   the transformers version or the attention kernel the device picks;
-- peak: on CUDA, the most bytes alive at once during the two steps (every storage created, freed when its last
+- peak: on CUDA, the most bytes alive at once during that step (every storage created, freed when its last
   reference dies: what the caching allocator's `max_memory_allocated` reads) plus the cuBLAS workspaces
   (`CUDA_WORKSPACE_BYTES`, a measured constant); elsewhere the sum of the four parts, as the CPU rows define it.
 
@@ -56,6 +57,8 @@ class Prediction:
     host_offload: int = 0  # bytes the forward puts in host memory (`method.offload`): not on the device
     flops: int = 0  # one step's forward and backward (recomputation included), counted by torch's FLOP counter
     flops_forward: int = 0  # of which the forward's
+    tracked_peak: int = 0  # the most bytes alive at once on the device during a steady-state step (CUDA: `peak` less
+    # the cuBLAS workspaces)
 
     def columns(self) -> dict[str, float]:
         return {**{f"pred_mem_{k}_gib": getattr(self, k) / GIB for k in PARTS},
@@ -185,42 +188,38 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
                 saved.setdefault(measure.storage_id(t), t.untyped_storage().nbytes())
             return measure.kept(t)
 
-        grads = opt_bytes = host = flops = flops_forward = 0
-        peaks = []
-        # CPU: the peak is the sum of the four counts, all known after one step; CUDA: the allocator's peak of a
-        # steady-state step (the second, once optimizer state exists)
-        for step in range(2 if device.type == "cuda" else 1):
-            tracker.reset_peak()
-            hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else nullcontext()
-            kept = measure.counting(pack) if step == 0 else nullcontext()  # a selective checkpoint's cache
-            counter = _Flops() if step == 0 else nullcontext()
-            with counter:
-                with hooks, kept, (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
-                    loss = model(**batch).loss
-                if step == 0:
-                    flops_forward = counter.total
-                loss.backward()
-            del loss
-            if step == 0:
-                flops = counter.total
-            if step == 0:
-                grads = _distinct_bytes(p.grad for p in trainable if p.grad is not None)
-                host = getattr(getattr(model, "lorafa_offload", None), "host_bytes", 0)
-            if optimizer is not None:
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-                optimizer.step()
-                if step == 0:
-                    opt_bytes = _distinct_bytes(v for st in optimizer.state.values() for v in st.values())
+        opt_bytes = 0
+        if optimizer is not None:
+            # the state a first step leaves (AdamW's moments), made without running the model: the step below is
+            # then a steady-state one, as a job's second and later steps are (whose peak the allocator reports)
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            opt_bytes = _distinct_bytes(v for st in optimizer.state.values() for v in st.values())
             model.zero_grad(set_to_none=True)
-            peaks.append(tracker.peak)
+        # one training step: what autograd saves (and a selective checkpoint's cache), FLOPs, gradients, host copies
+        tracker.reset_peak()
+        with _Flops() as counter:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), measure.counting(pack), \
+                    (torch.autocast(device.type, dtype=amp) if amp else nullcontext()):
+                loss = model(**batch).loss
+            flops_forward = counter.total
+            loss.backward()
+        del loss
+        flops = counter.total
+        grads = _distinct_bytes(p.grad for p in trainable if p.grad is not None)
+        host = getattr(getattr(model, "lorafa_offload", None), "host_bytes", 0)
+        if optimizer is not None:
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        tracked = tracker.peak
         activations = sum(saved.values())
-    if device.type == "cuda":
-        peak = max(peaks) + cuda_workspace
-    else:
-        peak = weights + grads + opt_bytes + activations
+    # CUDA: the allocator's peak of that step; elsewhere the sum of the four counts, as the CPU rows define the peak
+    peak = tracked + cuda_workspace if device.type == "cuda" else weights + grads + opt_bytes + activations
     return Prediction(weights=weights, grads=grads, optimizer=opt_bytes, activations=activations, peak=peak,
-                      host_offload=host, flops=flops, flops_forward=flops_forward)
+                      host_offload=host, flops=flops, flops_forward=flops_forward, tracked_peak=tracked)
 
 
 _CACHE: dict = {}  # predictions made in this process (a sweep's jobs, a budget's plans): by everything they read

@@ -113,3 +113,47 @@ def test_cuda_prediction_within_5_percent(cfg_factory, model):
     assert row["status"] == "ok", row["error"]
     for part in PARTS:
         assert row[f"pred_mem_{part}_gib"] == pytest.approx(row[f"mem_{part}_gib"], rel=0.05), part
+
+
+def _two_steps_tracked(model_cfg, method_cfg, batch_size: int, seq_len: int, target_len: int) -> tuple:
+    """The reference for `predict`'s steady-state step: two training steps from a fresh optimizer, as a job runs
+    them, on fake tensors; (the most bytes alive at once over both, the saved bytes of the first, its FLOPs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lorafa import methods, models
+    from lorafa.step import masking_as
+
+    tracker = memory._LiveBytes("cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True), tracker, masking_as(memory._never_traced):
+        net = models.build(model_cfg, num_labels=2, device=torch.device("cpu"), dtype=torch.float32, weights=False)
+        methods.apply(net, method_cfg, model_cfg.get("target_modules"))
+        net.model.train()
+        trainable = [p for p in net.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
+        batch = memory._batch(net.family, batch_size, seq_len, target_len, 2, torch.device("cpu"))
+        peaks, flops = [], []
+        for _ in range(2):
+            tracker.reset_peak()
+            with memory._Flops() as counter:
+                net.model(**batch).loss.backward()
+            flops.append(counter.total)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            net.model.zero_grad(set_to_none=True)
+            peaks.append(tracker.peak)
+    return max(peaks), flops
+
+
+@pytest.mark.parametrize("model,plan", [("tiny-llama", ""), ("tiny-llama", "method.gradient_checkpointing=every:2"),
+                                        ("tiny-llama", "method.recompute=elementwise"),
+                                        ("tiny-llama", "method.offload=every:2"),
+                                        ("tiny-roberta", "method.gradient_checkpointing=every:2"),
+                                        ("tiny-t5", "method.offload=every:2")])
+def test_the_predicted_step_is_a_jobs_steady_state_step(model, plan):
+    """`predict` makes the optimizer's state as a first step leaves it and dry-runs one step: the most bytes alive
+    at once in it are the most over a job's first two steps (the first builds the state; from the second on every
+    step is the same), for each kind of plan — checkpointing, element-wise recomputation, offloading."""
+    cfg = compose_cfg([f"model={model}", "method=lorafa", *SYNTH, *([plan] if plan else [])])
+    pred = memory.predict(cfg.model, cfg.method, batch_size=4, seq_len=32, target_len=16, device="cpu")
+    peak, flops = _two_steps_tracked(cfg.model, cfg.method, 4, 32, 16)
+    assert pred.tracked_peak == peak and pred.flops == flops[0] == flops[1], (pred, peak, flops)

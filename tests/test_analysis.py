@@ -210,6 +210,13 @@ def test_notebooks_are_jupytext_notebooks(path):
     assert "report.params()" in path.read_text(), "reads its inputs from the parameters python -m analysis sets"
 
 
+def test_the_analysis_readme_lists_every_notebook():
+    """analysis/README.md's table names every notebook, so a user finds what each writes."""
+    page = (ROOT / "analysis" / "README.md").read_text()
+    missing = [p.name for p in NOTEBOOKS if f"| `{p.name}` |" not in page]
+    assert not missing, f"analysis/README.md does not list {missing}"
+
+
 # -------------------------------------------------------------------------------------------------- the runs
 def test_analysis_on_the_committed_results(tmp_path):
     from analysis.__main__ import main

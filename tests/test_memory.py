@@ -117,7 +117,7 @@ def test_cuda_prediction_within_5_percent(cfg_factory, model):
 
 def _two_steps_tracked(model_cfg, method_cfg, batch_size: int, seq_len: int, target_len: int) -> tuple:
     """The reference for `predict`'s steady-state step: two training steps from a fresh optimizer, as a job runs
-    them, on fake tensors; (the most bytes alive at once over both, the saved bytes of the first, its FLOPs)."""
+    them, on fake tensors; (the most bytes alive at once over both, each step's FLOPs)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lorafa import methods, models

@@ -208,19 +208,22 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         raise BadInput(f"{label}: plans are chosen for one process; expected train.strategy=single")
     steps = total_steps(len(features), cfg.train, d)
     n_blocks = _n_blocks(config, family)
-    lines, layers = {}, {}
+    lines, layers, run_modes = {}, {}, {}
 
     def predict(plan: plans.Plan):
-        """The plan's prediction (None where this model cannot take it); its timeline and layer noted."""
+        """The plan's prediction (None where this model cannot take it); its timeline, layer and the
+        `train.compile` mode the job would run it in (`lorafa.step.resolve_mode`) noted."""
         trial = OmegaConf.merge(cfg, {"method": plan.keys()})
         try:
-            layer = _layer(trial, features, config, step.resolve_mode(trial, device, steps)[0], device)
+            mode = step.resolve_mode(trial, device, steps)[0]
+            layer = _layer(trial, features, config, mode, device)
             pred = _predict(trial, device, family, num_labels, features, layer)
         except Exception as err:  # noqa: BLE001 - a plan this model cannot take is not a candidate
             log.info("plan %s: not predicted (%s: %s)", plans.describe(trial.method), type(err).__name__, err)
             return None
         lines[plan] = plans.timeline(trial.method, n_blocks)
         layers[plan.name] = layer
+        run_modes[plan.name] = mode
         return pred
 
     started = time.perf_counter()  # where choosing takes its time: predicting, profiling, trials (columns)
@@ -243,7 +246,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     short = plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates, label, lines,
                          plans.plain_backward(options))
     filled_at = time.perf_counter()
-    modes = {p.name: _run_mode(cfg, p, device, steps) for _, p, _ in short} if len(short) > 1 else {}
+    modes = {p.name: run_modes[p.name] for _, p, _ in short} if len(short) > 1 else {}
     timed = {p.name: _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p, mode=modes[p.name])
              for _, p, _ in short} if modes else {}
     trials_s = time.perf_counter() - filled_at
@@ -267,17 +270,6 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
              "; timed " + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items())
              if timed else "", time.perf_counter() - started, predict_s, profiled - predicted, trials_s)
     return chosen
-
-
-def _run_mode(cfg: DictConfig, plan: plans.Plan, device: torch.device, steps: int) -> str:
-    """The `train.compile` mode the job would run under `plan` (`lorafa.step.resolve_mode`; "none" where that
-    plan cannot run the mode asked for)."""
-    from .checks import BadInput
-
-    try:
-        return step.resolve_mode(OmegaConf.merge(cfg, {"method": plan.keys()}), device, steps)[0]
-    except BadInput:
-        return "none"
 
 
 def _trial(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,

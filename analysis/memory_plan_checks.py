@@ -96,3 +96,34 @@ report.write_table(compiled, f"{EXPERIMENT}_compiled",
                            "checkpointing and that budget's choice set by hand, both methods, in one later run."),
                           report.provenance(comp)])
 compiled
+
+# %%
+# The prediction dry-runs one training step after making the optimizer's state directly (it used to run two):
+# each one-step prediction beside the two-step one of the same plan in results/memory_budget.parquet.
+one = ok[ok["check"] == "one_step_prediction"]
+budget_rows = report.rows(report.load(P.results), "memory_budget")
+earlier = {}
+if not budget_rows.empty:
+    for r in budget_rows[budget_rows["status"] == "ok"].itertuples():
+        key = (r.model, r.method, r.plan_name, None if pd.isna(r.budget_gib) else float(r.budget_gib))
+        earlier.setdefault(key, r)
+lines = []
+for r in one.itertuples():
+    before = earlier.get((r.model, r.method, r.plan_name, None if pd.isna(r.budget_gib) else float(r.budget_gib)))
+    lines.append({"model": r.model, "method": r.method, "plan": label(r), "peak GiB": f"{r.mem_peak_gib:.3f}",
+                  "predicted GiB": f"{r.pred_mem_peak_gib:.3f}", "error %": error(r),
+                  "two-step prediction": "—" if before is None else
+                  ("the same, to the byte" if before.pred_mem_peak_gib == r.pred_mem_peak_gib
+                   else f"{before.pred_mem_peak_gib:.4f} ({str(before.git_sha)[:7]})"),
+                  "predicting s": "—" if pd.isna(r.plan_predict_s) else f"{r.plan_predict_s:.0f}",
+                  "tokens/s": f"{r.tokens_per_s:,.0f}"})
+one_step = pd.DataFrame(lines, columns=["model", "method", "plan", "peak GiB", "predicted GiB", "error %",
+                                        "two-step prediction", "predicting s", "tokens/s"])
+report.write_table(one_step, f"{EXPERIMENT}_one_step",
+                   title="The prediction with one dry-run step, on the GPU (llama-7b 8×1024, eager, H200)",
+                   notes=[("error %: predicted ÷ measured peak − 1. Two-step prediction: the same plan's row in "
+                           "results/memory_budget.parquet, predicted with two dry-run steps at an earlier commit "
+                           "(— where the table has none). Predicting s: the seconds a budget job spent predicting "
+                           "its candidates (`plan_predict_s`)."),
+                          report.provenance(one)])
+one_step

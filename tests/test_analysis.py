@@ -133,6 +133,27 @@ def test_memory_budget_compares_each_plans_median_over_passes(tmp_path, monkeypa
     assert choice["paired by pass"] == "0.800–0.990 (3 passes)"
     plans_ = tables["memory_budget"].set_index("plan")
     assert plans_.loc["elementwise", "jobs"] == 3 and plans_.loc["elementwise", "tokens/s"] == "95"
+    # how far each hand-set plan moves between passes: every2_elementwise not at all, elementwise 120 ÷ 90
+    (spread,) = tables["memory_budget_repeats"].to_dict("records")
+    assert spread["passes"] == 3 and spread["plans repeated"] == 2 and spread["within 5 % of itself"] == "1 of 2"
+    assert spread["max ÷ min, median"] == "1.167" and spread["max ÷ min, largest"] == "1.333 (elementwise)"
+
+
+def test_the_one_step_prediction_on_the_gpu_predicts_the_two_step_peaks():
+    """results/memory_plan_checks_h200.parquet, `one_step_prediction`: jobs whose prediction dry-ran one step
+    (after making the optimizer's state directly) predict, to the byte, the peak the same plan's row of
+    results/memory_budget.parquet was predicted with two steps, and within 0.02 % of the measured peak
+    (docs/memory.md, docs/memory_plans.md)."""
+    checks = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h200.parquet")
+    one = checks[(checks["check"] == "one_step_prediction") & (checks["status"] == "ok")]
+    budget = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")
+    key = ["model", "method", "plan_name", "budget_gib", "batch_size", "seq_len"]
+    both = one.merge(budget[budget["status"] == "ok"], on=key, suffixes=("", "_two"))
+    assert len(one) >= 4 and len(both) == len(one), both[key]
+    assert (both["git_sha"] != both["git_sha_two"]).all()  # two commits: the two-step rows are the earlier ones
+    assert (both["pred_mem_peak_gib"] == both["pred_mem_peak_gib_two"]).all(), both[key + ["pred_mem_peak_gib",
+                                                                                         "pred_mem_peak_gib_two"]]
+    assert ((both["pred_mem_peak_gib"] / both["mem_peak_gib"] - 1).abs() < 2e-4).all()
 
 
 def test_tables_and_figures_are_written_in_both_formats(tmp_path):
@@ -233,8 +254,8 @@ def test_analysis_on_the_committed_results(tmp_path):
         assert f"| {model} " in memory, model
     assert "H200" in memory
     for name in ("memory_vs_batch", "memory_vs_seq", "memory_vs_rank", "throughput", "memory_budget",
-                 "memory_budget_choices", "memory_plan_checks_repeat", "memory_plan_checks_inflight",
-                 "memory_plan_checks_compiled"):
+                 "memory_budget_choices", "memory_budget_repeats", "memory_plan_checks_repeat",
+                 "memory_plan_checks_inflight", "memory_plan_checks_compiled", "memory_plan_checks_one_step"):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name
     check_index_page(tmp_path)

@@ -27,7 +27,8 @@ from lorafa import report
 
 P = report.params()
 EXPERIMENT = "memory_plan_checks"
-frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
+loaded = report.load(P.results)
+frame = report.rows(loaded, EXPERIMENT, ok_only=False)
 frame = frame.assign(**{c: frame.get(c)  # (a table without these rows lacks their columns)
                         for c in ("check", "plan_name", "budget_gib", "host_offload_gib", "compile_mode", "config")})
 ok = frame[frame["status"] == "ok"]
@@ -100,16 +101,18 @@ compiled
 # %%
 # The prediction dry-runs one training step after making the optimizer's state directly (it used to run two):
 # each one-step prediction beside the two-step one of the same plan in results/memory_budget.parquet.
+def plan_key(r) -> tuple:
+    """A row's model, method, plan and budget (None for a hand-set plan)."""
+    return r.model, r.method, r.plan_name, None if pd.isna(r.budget_gib) else float(r.budget_gib)
+
+
 one = ok[ok["check"] == "one_step_prediction"]
-budget_rows = report.rows(report.load(P.results), "memory_budget")
-earlier = {}
-if not budget_rows.empty:
-    for r in budget_rows[budget_rows["status"] == "ok"].itertuples():
-        key = (r.model, r.method, r.plan_name, None if pd.isna(r.budget_gib) else float(r.budget_gib))
-        earlier.setdefault(key, r)
+earlier = {}  # each plan's first ok row of results/memory_budget.parquet (or none, where it is not loaded)
+for r in report.rows(loaded, "memory_budget").itertuples():
+    earlier.setdefault(plan_key(r), r)
 lines = []
 for r in one.itertuples():
-    before = earlier.get((r.model, r.method, r.plan_name, None if pd.isna(r.budget_gib) else float(r.budget_gib)))
+    before = earlier.get(plan_key(r))
     lines.append({"model": r.model, "method": r.method, "plan": label(r), "peak GiB": f"{r.mem_peak_gib:.3f}",
                   "predicted GiB": f"{r.pred_mem_peak_gib:.3f}", "error %": error(r),
                   "two-step prediction": "—" if before is None else

@@ -216,12 +216,15 @@ class Throughput:
     """Tokens and samples per second over the steps after warm-up, timed without a synchronisation per step: a
     window opens at a point where the device is idle (`synced`, after a read of the step's accumulators) and
     closes at the next one, and its steps' host-side token counts (`add`) are credited to it. Time spent outside
-    training (evaluation) is left out: `synced(..., resume=False)` closes a window without opening the next."""
+    training (evaluation) is left out: `synced(..., resume=False)` closes a window without opening the next. Each
+    window's seconds per step are kept in order (`step_time_windows_s`): how steady the step was within the job,
+    beside how it compares with another job's."""
 
     def __init__(self, device: torch.device, warmup_steps: int):
         self.device, self.warmup = device, warmup_steps
         self.steps = self.tokens = self.samples = 0
         self.seconds = 0.0
+        self.windows: list[float] = []  # seconds per step of each closed window, in order
         self._t0 = None
         self._open = [0, 0, 0]  # steps, tokens, samples in the open window
 
@@ -239,6 +242,7 @@ class Throughput:
         now = time.perf_counter()
         if self._t0 is not None and self._open[0]:
             self.seconds += now - self._t0
+            self.windows.append((now - self._t0) / self._open[0])
             self.steps += self._open[0]
             self.tokens += self._open[1]
             self.samples += self._open[2]
@@ -248,6 +252,8 @@ class Throughput:
     def columns(self) -> dict[str, float]:
         if self.steps == 0:
             nan = float("nan")
-            return {"tokens_per_s": nan, "samples_per_s": nan, "step_time_s": nan, "timed_steps": 0}
+            return {"tokens_per_s": nan, "samples_per_s": nan, "step_time_s": nan, "timed_steps": 0,
+                    "step_time_windows_s": []}
         return {"tokens_per_s": self.tokens / self.seconds, "samples_per_s": self.samples / self.seconds,
-                "step_time_s": self.seconds / self.steps, "timed_steps": self.steps}
+                "step_time_s": self.seconds / self.steps, "timed_steps": self.steps,
+                "step_time_windows_s": list(self.windows)}

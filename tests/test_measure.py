@@ -75,6 +75,7 @@ def test_throughput_leaves_out_warmup_steps_and_time_between_windows(monkeypatch
     cols = t.columns()
     assert cols["timed_steps"] == 4 and t.seconds == 1 + 2 + 3
     assert cols["tokens_per_s"] == 40 / 6 and cols["samples_per_s"] == 4 / 6
+    assert cols["step_time_windows_s"] == [0.5, 2.0, 3.0]  # each window's seconds per step, in order
     assert measure.Throughput(torch.device("cpu"), 5).columns()["timed_steps"] == 0
 
 

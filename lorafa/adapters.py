@@ -62,6 +62,14 @@ def _dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.empty_like(like).bernoulli_(1.0 - p, generator=g).div_(1.0 - p)
 
 
+@torch.compiler.disable
+def _lorafa_with_dropout(x, weight, bias, lora_a, lora_b, scaling: float, p: float, quantized):
+    """The LoRA-FA layer with adapter dropout: its mask's seed drawn and used in one eager call. Under torch.compile
+    (`train.compile=blocks`) the block's graph breaks here; a seed that came back into compiled code would be a
+    constant of the code after it, which would compile again for every draw until torch.compile gave up."""
+    return _LoRAFAFunction.apply(x, weight, bias, lora_a, lora_b, scaling, p, _draw_seed(), quantized)
+
+
 class _LoRAFAFunction(torch.autograd.Function):
     """A LoRA-FA layer in one autograd node, for when W, b and A are all frozen:
 
@@ -339,12 +347,13 @@ class LoRALinear(nn.Module):
                                                 self.out_features)
         if frozen and torch.is_grad_enabled():
             p = self.p if self.training else 0.0
-            seed = _draw_seed() if p > 0 else 0
-            if isinstance(self.base, QuantizedLinear):
-                return _LoRAFAFunction.apply(x, None, self.base.bias, self.lora_A, self.lora_B, self.scaling, p, seed,
-                                             self.base)
-            return _LoRAFAFunction.apply(x, self._base_weight(), self.base.bias, self.lora_A, self.lora_B,
-                                         self.scaling, p, seed)
+            quantized = self.base if isinstance(self.base, QuantizedLinear) else None
+            weight = None if quantized is not None else self._base_weight()
+            if p > 0:
+                return _lorafa_with_dropout(x, weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, p,
+                                            quantized)
+            return _LoRAFAFunction.apply(x, weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, 0.0, 0,
+                                         quantized)
         # LoRA (A trains) or a trainable base: plain autograd, which keeps x for dA and dropout's mask.
         # Scale the N × r product, not the N × d_out one: fewer flops, and a multiply by a Python scalar saves
         # nothing for backward.

@@ -47,7 +47,14 @@ def _dropout_forward(self: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.dropout(x, self.p, self.training)
     if self.p >= 1:
         return torch.zeros_like(x)
-    return _SeedDropout.apply(x, float(self.p), _draw_seed())
+    return _seeded_dropout(x, float(self.p))
+
+
+@torch.compiler.disable
+def _seeded_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The seed drawn and used in one eager call, also under torch.compile: a seed that came back into compiled code
+    would be a constant of it (see `lorafa.adapters._lorafa_with_dropout`)."""
+    return _SeedDropout.apply(x, p, _draw_seed())
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -21,6 +21,12 @@ the settings alternates between rounds, so slow drift (clocks, temperature) fall
 setting's tokens/s is its median over rounds; a method's best setting (`best=True`) is its fastest. LoRA-FA's
 layer is part of the setting (`--layers`, column `layer`): `two_matmul` (`_LoRAFAFunction`), `stacked` (W and A
 in one matrix, `_LoRAFAStackedFunction`) or `merged` (W + s·B·A formed for the step, `_LoRAFAMergedFunction`).
+So is a memory plan (`--plans`, column `plan_name`: the names `train.plan` takes, `lorafa.plans`, e.g. `none all
+offload_all all+keep4`; default: none given, the method as configured): plans compared side by side, interleaved,
+where jobs one after another would measure each at another moment of the host's speed.
+
+    python -m lorafa.bench --models roberta-large --methods lorafa --modes eager --layers two_matmul \
+        --override method.dropout=0.1 --plans none elementwise all offload_all --rounds 5 --out /tmp/plans.parquet
 
 MFU: the FLOPs of one training step are counted once per setting with `torch.utils.flop_counter` (forward and
 backward as executed: LoRA-FA has no weight-gradient matmuls), and `--peak-tflops` is the device's bf16 matmul
@@ -81,16 +87,25 @@ class Setting:
     """One (method, mode) built on the device: model, optimizer, one batch, and its step function."""
 
     def __init__(self, cfg, mode: str, device: torch.device, scope: str = "blocks"):
-        from . import methods, models
+        from . import methods, models, plans
         from .train import autocast_dtype, frozen_weight_dtype, make_optimizer
 
         torch.manual_seed(0)
         self.mode, self.device = mode, device
         self.amp = autocast_dtype(str(cfg.train.precision), device)
         net = models.build(cfg.model, num_labels=2, device=device, dtype=torch.float32)
-        applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"),
+        method = cfg.method
+        if cfg.train.get("plan"):  # a memory plan's method keys, as a job with `train.plan` takes them
+            from omegaconf import OmegaConf
+
+            plan = plans.named(str(cfg.train.plan), len(plans.checkpoint_layers(net.model)),
+                               offload=device.type == "cuda")
+            method = OmegaConf.merge(cfg.method, plan.keys())
+        applied = methods.apply(net, method, cfg.model.get("target_modules"),
                                 frozen_dtype=frozen_weight_dtype(cfg.train, device))
         self.trainable = applied.trainable_params
+        self.plan = plans.describe(method)
+        self.checkpointed_blocks = applied.checkpointed_blocks
         self.model = net.model.train()
         self.optimizer = make_optimizer(self.model, cfg.train, fused=device.type == "cuda",
                                         capturable=mode.endswith("graph"),
@@ -332,7 +347,8 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
            "mem_peak_gib": (torch.cuda.max_memory_allocated(device) - held) / gib if cuda else float("nan"),
            "mem_reserved_gib": (torch.cuda.max_memory_reserved(device) - reserved) / gib if cuda else float("nan"),
            "mem_held_gib": held / gib if cuda else float("nan"), "flops": flops,
-           "trainable_params": s.trainable, "warmup_s": warmup_s, "compiled_graphs": graphs, "graph_breaks": breaks,
+           "trainable_params": s.trainable, "plan": s.plan, "checkpointed_blocks": s.checkpointed_blocks,
+           "host_offload_gib": _host_offload_gib(s.model), "warmup_s": warmup_s, "compiled_graphs": graphs, "graph_breaks": breaks,
            "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
     if profile_to is not None:
         out.update(profile_steps(s, 3, profile_to))
@@ -353,6 +369,12 @@ def _raise_stopped(signum, frame):
     raise Stopped(signal.Signals(signum).name)
 
 
+def _host_offload_gib(model) -> float:
+    """Saved tensors the last step held on the host (`lorafa.plans.Offload`); 0 without offloading."""
+    offloaded = getattr(model, "lorafa_offload", None)
+    return offloaded.host_bytes / 1024**3 if offloaded is not None else 0.0
+
+
 LAYERS = ("stacked", "two_matmul", "merged")  # LoRA-FA's layers (`lorafa.adapters`)
 STACKED_KEY = {"two_matmul": "false", "stacked": "true", "merged": "merged"}  # their `method.stacked`
 
@@ -370,9 +392,10 @@ def layer_variants(method: str, layers=LAYERS) -> list[str]:
 
 def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tuple[int, int], device: torch.device,
                 warmup: int, steps: int, rounds: int, layers=LAYERS, scope: str = "blocks",
-                profile_dir: Path | None = None, overrides: list[str] = (), log=print) -> list[dict]:
+                profile_dir: Path | None = None, overrides: list[str] = (), plans=(), log=print) -> list[dict]:
     batch, seq = shape
-    settings = [(m, mode, lay) for m in methods for mode in modes for lay in layer_variants(m, layers)]
+    settings = [(m, mode, lay, plan) for m in methods for mode in modes for lay in layer_variants(m, layers)
+                for plan in (plans or [""])]
     times: dict[tuple, list[float]] = {s: [] for s in settings}
     info: dict[tuple, dict] = {}
     at = {"round": 0}
@@ -386,7 +409,7 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
         gc.collect()
     rows = []
     for key in settings:
-        method, mode, layer = key
+        method, mode, layer, plan = key
         slot, t = info.get(key, {}), times[key]
         ok = bool(t)
         step = statistics.median(t) if ok else float("nan")
@@ -394,7 +417,9 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
         rows.append({"model": model, "method": method, "batch_size": batch, "seq_len": seq,
                      "compiled": mode != "eager", "compile_mode": mode,
                      "compile_scope": "none" if mode == "eager" else scope,
-                     "layer": layer, "stacked": layer in ("stacked", "merged"), "status": status,
+                     "layer": layer, "stacked": layer in ("stacked", "merged"), "plan_name": plan,
+                     "plan": slot.get("plan", ""), "checkpointed_blocks": slot.get("checkpointed_blocks", 0),
+                     "host_offload_gib": slot.get("host_offload_gib", float("nan")), "status": status,
                      "stopped": stopped,
                      "error": slot.get("error", stopped if status == "stopped" else ""),
                      "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),
@@ -419,9 +444,10 @@ def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup,
         at["round"] = r + 1
         order = settings if r % 2 == 0 else settings[::-1]
         for key in order:
-            method, mode, layer = key
-            cfg = compose(model, method, batch, seq, [f"device={device.type}", *overrides], layer=layer)
-            name = method if layer in ("none", "two_matmul") else f"{method}_{layer}"
+            method, mode, layer, plan = key
+            cfg = compose(model, method, batch, seq, [f"device={device.type}", *overrides,
+                                                      *([f"train.plan={plan}"] if plan else [])], layer=layer)
+            name = (method if layer in ("none", "two_matmul") else f"{method}_{layer}") + (f"_{plan}" if plan else "")
             held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             failed = False
             started = time.perf_counter()
@@ -506,8 +532,12 @@ def _finish(frame: pd.DataFrame, peak: float, device: torch.device, run_id: str 
     table = table.assign(device=results.device_name(device), torch_version=torch.__version__,
                          transformers_version=transformers.__version__, git_sha=sha, git_dirty=dirty,
                          experiment="bench", schema_version=results.SCHEMA_VERSION, run_id=run_id, command=command)
+    if "plan_name" in table:  # memory plans compared (`--plans`): not the methods' benchmark (`analysis/speed.py`)
+        table.loc[table["plan_name"] != "", "experiment"] = "bench_plans"
     keys = ["model", "method", "batch_size", "seq_len", "compile_mode", "compile_scope", "stacked", "layer", "steps",
             "warmup_steps", "rounds", "device", "git_sha", "git_dirty", "torch_version"]
+    if "plan_name" in table and (table["plan_name"] != "").any():  # rows without a plan keep their keys
+        keys.append("plan_name")
     table["config_hash"] = [hashlib.sha256(json.dumps([str(r[k]) for k in keys]).encode()).hexdigest()[:16]
                             for _, r in table[keys].iterrows()]
     return table
@@ -534,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="profile 3 more steps of each setting (first round): DIR/<setting>.txt, and the "
                              "device_busy_frac column (kernel time ÷ step time)")
+    parser.add_argument("--plans", nargs="+", default=[], metavar="PLAN",
+                        help="memory plans, each a setting of its own (`train.plan` names: none, all, offload_all, "
+                             "all+keep4, ...; default: the method as configured)")
     parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every setting (e.g. model.arch.hidden_dropout_prob=0)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul rate (default: measured)")
@@ -565,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model} {shape[0]}×{shape[1]}: {', '.join(args.methods)} × {', '.join(modes)}", flush=True)
             rows += bench_model(model, args.methods, modes, shape=shape, device=device, warmup=args.warmup,
                                 steps=args.steps, rounds=args.rounds, layers=args.layers, scope=args.compile_scope,
-                                profile_dir=args.profile, overrides=args.override,
+                                profile_dir=args.profile, overrides=args.override, plans=args.plans,
                                 log=lambda s: print(s, flush=True))
             table = _finish(pd.DataFrame(rows), peak, device, run_id, command)
             # after each model (an interrupted run keeps what it measured), append-only (`results.append_rows`):
@@ -580,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     best = table[table["best"]]
-    cols = ["model", "method", "compile_mode", "layer", "tokens_per_s", "step_time_s", "mem_peak_gib", "mfu",
+    cols = ["model", "method", "compile_mode", "layer", *(["plan_name"] if args.plans else []), "tokens_per_s", "step_time_s", "mem_peak_gib", "mfu",
             "vs_full_best", "vs_lora_best", "rounds"]
     print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for model, g in best.groupby("model", sort=False):

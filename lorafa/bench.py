@@ -25,7 +25,7 @@ So is a memory plan (`--plans`, column `plan_name`: the names `train.plan` takes
 offload_all all+keep4`; default: none given, the method as configured): plans compared side by side, interleaved,
 where jobs one after another would measure each at another moment of the host's speed.
 
-    python -m lorafa.bench --models roberta-large --methods lorafa --modes eager --layers two_matmul \
+    python -m lorafa.bench --models roberta-large --methods lorafa --modes eager --layers two_matmul \\
         --override method.dropout=0.1 --plans none elementwise all offload_all --rounds 5 --out /tmp/plans.parquet
 
 MFU: the FLOPs of one training step are counted once per setting with `torch.utils.flop_counter` (forward and

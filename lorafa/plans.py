@@ -829,6 +829,21 @@ def distinct(filled: list, named: list) -> list:
     return out
 
 
+def to_retime(short: list, timed: dict, margin: float) -> list[str]:
+    """The shortlisted plans (`shortlist`) timed again after every one was timed once: those timed within `margin`
+    of the fastest (`timed`: plan name → seconds, None where a trial failed), in the reverse of the first pass's
+    order; none where fewer than two are that close. Where a step is bound by the host, the host's speed can drift
+    between one trial and the next (roberta-large 32 × 128 on an H200: a fixed Python loop took 204–441 ms from
+    one minute to the next), so a plan timed at a slow moment loses to one timed at a fast one; timed again in
+    reverse order, each close plan gets the other end of the drift, and keeps its better time."""
+    ok = {name: t for name, t in timed.items() if t is not None}
+    if len(ok) < 2 or margin <= 0:
+        return []
+    fastest = min(ok.values())
+    close = [plan.name for _, plan, _ in short if plan.name in ok and ok[plan.name] <= (1 + margin) * fastest]
+    return close[::-1] if len(close) >= 2 else []
+
+
 def pick_timed(short: list, timed: dict, tolerance: float = TRIAL_TOLERANCE):
     """The shortlisted plan (`shortlist`) whose timed step (`timed`: plan name → seconds, None where its trial
     failed) was the shortest — the modelled faster of those timed within `tolerance` of the shortest, which a

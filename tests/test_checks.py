@@ -87,6 +87,8 @@ CASES = {
                                    "train.memory_budget_gib=0: expected a number > 0 (GiB) or null"),
     "plan trials negative": (["train.memory_budget_gib=4", "train.plan_trials=-1"],
                              "train.plan_trials=-1: expected an integer ≥ 0"),
+    "plan retime negative": (["train.memory_budget_gib=4", "train.plan_retime=-0.1"],
+                             "train.plan_retime=-0.1: expected a number ≥ 0"),
     "checkpoint policy unknown": (["method.checkpoint_policy=some"],
                                   "method.checkpoint_policy=some: expected one of full, matmuls, matmuls_attention"),
 }
@@ -115,7 +117,8 @@ KIND = {"rank 0": "method.rank out of range", "rank negative": "method.rank out 
         "offloaded linear outputs with compiled blocks": "method.offload_ops=linear_outputs with compiled blocks",
         "plan unknown": "an unknown train.plan, or one with a budget",
         "plan with a budget": "an unknown train.plan, or one with a budget",
-        "memory budget not positive": "a memory budget ≤ 0 or that no plan fits", "plan trials negative": STEP_OPTION}
+        "memory budget not positive": "a memory budget ≤ 0 or that no plan fits", "plan trials negative": STEP_OPTION,
+        "plan retime negative": STEP_OPTION}
 assert set(KIND) == set(CASES), set(KIND) ^ set(CASES)
 
 

@@ -166,6 +166,60 @@ report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
                           "(`train.plan_trials`; the first pass's; — where the job did not).")])
 
 # %%
+# The budgets' choices against the same plans timed side by side (`python -m lorafa.bench --plans`: one process,
+# each plan built, warmed up and timed in turn, round after round in alternating order; tokens/s the median over
+# rounds), where jobs one after another measure each plan at another moment of the host's speed.
+side = report.rows(report.load(P.results), "bench_plans")
+side_lines = []
+if len(side):
+    keys = ["model", "method", "batch_size", "seq_len"]
+    side = side[side["run_id"] == side.groupby(keys)["run_id"].transform("max")]  # each model's latest run
+for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby(["model", "method", "budget_gib"],
+                                                                            sort=False):
+    batch, seq = int(grp["batch_size"].iloc[0]), int(grp["seq_len"].iloc[0])
+    bench = side[(side["model"] == model) & (side["method"] == method) & (side["batch_size"] == batch)
+                 & (side["seq_len"] == seq)] if len(side) else side
+    if bench.empty:
+        continue
+    speed = bench.groupby("plan_name")["tokens_per_s"].max()  # a plan at its fastest LoRA-FA layer, if several
+    spread = bench.groupby("plan_name")["step_time_all_s"].agg(
+        lambda t: max(max(v) / min(v) for v in t if len(v)) if any(len(v) for v in t) else float("nan"))
+    sweep = measured[(measured["model"] == model) & (measured["method"] == method)]
+    peaks = sweep.groupby("plan_name")["mem_peak_gib"].max()  # a job's measured peak; else the bench's own
+    peak = {p: float(peaks.get(p, bench.loc[bench["plan_name"] == p, "mem_peak_gib"].max())) for p in speed.index}
+    fits = [p for p in speed.index if peak[p] <= budget]
+    fastest = max(fits, key=lambda p: speed[p]) if fits else None
+    chosen = list(dict.fromkeys(grp.sort_values("seed" if "seed" in grp else "budget_gib")["plan_name"]))
+    ratios = {c: speed[c] / speed[fastest] if fastest is not None and c in speed.index else float("nan")
+              for c in chosen}
+    side_lines.append({"model": model, "batch × seq": f"{batch} × {seq}", "method": report.method_label(method),
+                       "budget GiB": f"{budget:g}", "chosen (by pass)": ", ".join(chosen),
+                       "chosen, side by side": ", ".join(f"{speed[c]:,.0f}" if c in speed.index else "not timed"
+                                                         for c in chosen),
+                       "fastest fitting, side by side": "—" if fastest is None else
+                       f"{fastest} ({speed[fastest]:,.0f})",
+                       "chosen ÷ fastest": ", ".join("—" if math.isnan(r) else f"{r:.3f}" for r in ratios.values()),
+                       "within 5 %": f"{sum(r >= 0.95 for r in ratios.values())} of {len(ratios)}",
+                       "rounds": int(bench["rounds"].min()), "plans timed": len(speed),
+                       "one plan over rounds, max ÷ min": f"{spread.median():.3f} median, {spread.max():.3f} largest"})
+report.write_table(pd.DataFrame(side_lines, columns=[
+                       "model", "batch × seq", "method", "budget GiB", "chosen (by pass)", "chosen, side by side",
+                       "fastest fitting, side by side", "chosen ÷ fastest", "within 5 %", "rounds", "plans timed",
+                       "one plan over rounds, max ÷ min"]),
+                   f"{EXPERIMENT}_side_by_side",
+                   title="What each memory budget chose, against the plans timed side by side",
+                   notes=[report.provenance(side) if len(side) else "No rows of `python -m lorafa.bench --plans`.",
+                          ("Each plan chosen by a budget (in any pass of the sweep) and every other plan timed by "
+                           "`python -m lorafa.bench --plans` in one process, interleaved: each built, warmed up and "
+                           "timed for --steps optimizer steps in turn, round after round in alternating order; "
+                           "tokens/s the median over rounds (the model's latest bench run, at the sweep's batch and "
+                           "length). A plan fits where its measured peak in the sweep's jobs (else the bench's own) "
+                           "is within the budget. One plan over rounds: its slowest round's step ÷ its fastest."),
+                          ("Command: python -m lorafa.bench --models MODEL --shape 32x128 --methods lora lorafa "
+                           "--modes eager --layers two_matmul --override method.dropout=0.1 --plans PLAN... "
+                           "--rounds 3")])
+
+# %%
 # How far one hand-set plan's speed moves between passes: the noise a budget's 5 % check is read against.
 spread_lines = []
 for (model, method), g in hand.groupby(["model", "method"], sort=False):

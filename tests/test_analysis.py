@@ -139,6 +139,48 @@ def test_memory_budget_compares_each_plans_median_over_passes(tmp_path, monkeypa
     assert spread["max ÷ min, median"] == "1.167" and spread["max ÷ min, largest"] == "1.333 (elementwise)"
 
 
+def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, monkeypatch):
+    """`python -m lorafa.bench --plans` rows (experiment `bench_plans`): each budget's chosen plans against the
+    fastest plan that fits, both timed side by side in the model's latest bench run; a plan fits by its measured
+    peak in the sweep's jobs, else by the bench's own; a plan's spread over rounds beside it."""
+    import runpy
+
+    import matplotlib.pyplot as plt
+
+    committed = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")
+    fa = committed[(committed["model"] == "roberta-large") & (committed["method"] == "lorafa")
+                   & (committed["seed"] == 1)]
+    sweep = fa[(fa["plan_name"].isin(["every2_elementwise", "elementwise", "none"]) & fa["budget_gib"].isna())
+               | (fa["budget_gib"] == 3.25)]
+    assert sorted(sweep["plan_name"]) == ["elementwise", "elementwise", "every2_elementwise", "none"]  # 3.25: elementwise
+    sweep.to_parquet(tmp_path / "sweep.parquet")
+    bench = []
+    for run_id, speeds in (("20261204T0100", {"elementwise": 500.0}),  # an earlier run: not read
+                           ("20261205T0100", {"elementwise": 98.0, "every2_elementwise": 100.0, "none": 110.0,
+                                              "offload_all": 105.0})):
+        for plan, speed in speeds.items():
+            bench.append({"experiment": "bench_plans", "model": "roberta-large", "method": "lorafa",
+                          "batch_size": 32, "seq_len": 128, "plan_name": plan, "layer": "two_matmul",
+                          "status": "ok", "tokens_per_s": speed, "rounds": 3, "run_id": run_id,
+                          "step_time_all_s": [1.0, 1.1, 1.2] if plan == "none" else [1.0, 1.0, 1.02],
+                          "mem_peak_gib": {"offload_all": 1.4, "none": 1.0}.get(plan, 9.0), "device": "NVIDIA H200"})
+    pd.DataFrame(bench).to_parquet(tmp_path / "bench.parquet")
+    tables: dict = {}
+    monkeypatch.setattr(report, "_PARAMS", report.Params(results=[str(tmp_path / "*.parquet")], out=tmp_path))
+    monkeypatch.setattr(report, "write_table", lambda table, name, **_: tables.__setitem__(name, table) or [])
+    monkeypatch.setattr(report, "save_figure", lambda fig, name, **kw: plt.close(fig) or [])
+    runpy.run_path(str(ROOT / "analysis" / "memory_budget.py"), run_name="__main__")
+
+    (row,) = tables["memory_budget_side_by_side"].to_dict("records")
+    assert row["budget GiB"] == "3.25" and row["chosen (by pass)"] == "elementwise"
+    assert row["chosen, side by side"] == "98"  # the latest run's median, not the earlier run's
+    # `none` (110) peaks above 3.25 GiB in the sweep's jobs, whatever the bench read; `offload_all` has no sweep
+    # row: by the bench's 1.4 GiB it fits, and is the fastest that does
+    assert row["fastest fitting, side by side"] == "offload_all (105)"
+    assert row["chosen ÷ fastest"] == "0.933" and row["within 5 %"] == "0 of 1" and row["plans timed"] == 4
+    assert row["one plan over rounds, max ÷ min"] == "1.020 median, 1.200 largest" and row["rounds"] == 3
+
+
 def test_the_one_step_prediction_on_the_gpu_predicts_the_two_step_peaks():
     """results/memory_plan_checks_h200.parquet, `one_step_prediction`: jobs whose prediction dry-ran one step
     (after making the optimizer's state directly) predict, to the byte, the peak the same plan's row of

@@ -105,6 +105,9 @@ class Setting:
                                 frozen_dtype=frozen_weight_dtype(cfg.train, device))
         self.trainable = applied.trainable_params
         self.plan = plans.describe(method)
+        # torch's FLOP counter hooks every module's backward, which element-wise recomputation's own autograd.grad
+        # inside a backward does not allow: such a setting's FLOPs (and MFU) stay NaN
+        self.counts_flops = str(method.get("recompute", "none")) == "none"
         self.checkpointed_blocks = applied.checkpointed_blocks
         self.model = net.model.train()
         self.optimizer = make_optimizer(self.model, cfg.train, fused=device.type == "cuda",
@@ -326,7 +329,7 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     s = Setting(cfg, mode, device, scope)
     from torch._dynamo.utils import counters
 
-    flops = s.flops() if count_flops else None
+    flops = s.flops() if count_flops and s.counts_flops else None
     counters.clear()
     t0 = time.perf_counter()
     s.prepare()  # compiles lazily; the graph modes take CAPTURE_WARMUP of the warm-up steps and capture

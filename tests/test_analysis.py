@@ -96,14 +96,24 @@ def test_score_table_puts_published_numbers_and_deltas_beside_ours():
     assert len(table[table["ours"] == "—"]) == 16  # all published rows listed on their own
 
 
-def test_memory_budget_compares_each_plans_median_over_passes(tmp_path, monkeypatch):
-    """A sweep run three times over (`seed=0,1,2`, one pass after another): each budget is judged by the median of
-    its jobs against the fastest fitting plan's median, and each pass's pair is shown beside it. Here the first
-    pass alone would call the budget 0.80 × the fastest plan; the medians say 0.98 ×."""
+def memory_budget_tables(results, out, monkeypatch) -> dict:
+    """analysis/memory_budget.py run on `results` (a parquet path or glob): its tables by name."""
     import runpy
 
     import matplotlib.pyplot as plt
 
+    tables: dict = {}
+    monkeypatch.setattr(report, "_PARAMS", report.Params(results=[str(results)], out=out))
+    monkeypatch.setattr(report, "write_table", lambda table, name, **_: tables.__setitem__(name, table) or [])
+    monkeypatch.setattr(report, "save_figure", lambda fig, name, **kw: plt.close(fig) or [])
+    runpy.run_path(str(ROOT / "analysis" / "memory_budget.py"), run_name="__main__")
+    return tables
+
+
+def test_memory_budget_compares_each_plans_median_over_passes(tmp_path, monkeypatch):
+    """A sweep run three times over (`seed=0,1,2`, one pass after another): each budget is judged by the median of
+    its jobs against the fastest fitting plan's median, and each pass's pair is shown beside it. Here the first
+    pass alone would call the budget 0.80 × the fastest plan; the medians say 0.98 ×."""
     committed = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")
     fa = committed[(committed["model"] == "roberta-large") & (committed["method"] == "lorafa")]
     template = {"every2_elementwise": fa[fa["plan_name"] == "every2_elementwise"].iloc[0],  # 2.2 GiB
@@ -120,11 +130,7 @@ def test_memory_budget_compares_each_plans_median_over_passes(tmp_path, monkeypa
             r["seed"], r["tokens_per_s"], r["config_hash"] = seed, float(speed[seed]), f"{key}{seed}"
             rows.append(r)
     pd.DataFrame(rows).to_parquet(tmp_path / "passes.parquet")
-    tables: dict = {}
-    monkeypatch.setattr(report, "_PARAMS", report.Params(results=[str(tmp_path / "passes.parquet")], out=tmp_path))
-    monkeypatch.setattr(report, "write_table", lambda table, name, **_: tables.__setitem__(name, table) or [])
-    monkeypatch.setattr(report, "save_figure", lambda fig, name, **kw: plt.close(fig) or [])
-    runpy.run_path(str(ROOT / "analysis" / "memory_budget.py"), run_name="__main__")
+    tables = memory_budget_tables(tmp_path / "passes.parquet", tmp_path, monkeypatch)
 
     (choice,) = tables["memory_budget_choices"].to_dict("records")
     assert choice["jobs"] == 3 and choice["chosen"] == "elementwise ×3" and choice["tokens/s"] == "98"
@@ -143,9 +149,7 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     """`python -m lorafa.bench --plans` rows (experiment `bench_plans`): each budget's chosen plans against the
     fastest plan that fits, both timed side by side in the model's latest bench run; a plan fits by its measured
     peak in the sweep's jobs, else by the bench's own; a plan's spread over rounds beside it."""
-    import runpy
 
-    import matplotlib.pyplot as plt
 
     committed = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")
     fa = committed[(committed["model"] == "roberta-large") & (committed["method"] == "lorafa")
@@ -165,11 +169,7 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
                           "step_time_all_s": [1.0, 1.1, 1.2] if plan == "none" else [1.0, 1.0, 1.02],
                           "mem_peak_gib": {"offload_all": 1.4, "none": 1.0}.get(plan, 9.0), "device": "NVIDIA H200"})
     pd.DataFrame(bench).to_parquet(tmp_path / "bench.parquet")
-    tables: dict = {}
-    monkeypatch.setattr(report, "_PARAMS", report.Params(results=[str(tmp_path / "*.parquet")], out=tmp_path))
-    monkeypatch.setattr(report, "write_table", lambda table, name, **_: tables.__setitem__(name, table) or [])
-    monkeypatch.setattr(report, "save_figure", lambda fig, name, **kw: plt.close(fig) or [])
-    runpy.run_path(str(ROOT / "analysis" / "memory_budget.py"), run_name="__main__")
+    tables = memory_budget_tables(tmp_path / "*.parquet", tmp_path, monkeypatch)
 
     (row,) = tables["memory_budget_side_by_side"].to_dict("records")
     assert row["budget GiB"] == "3.25" and row["chosen (by pass)"] == "elementwise"

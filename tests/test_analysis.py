@@ -149,8 +149,6 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     """`python -m lorafa.bench --plans` rows (experiment `bench_plans`): each budget's chosen plans against the
     fastest plan that fits, both timed side by side in the model's latest bench run; a plan fits by its measured
     peak in the sweep's jobs, else by the bench's own; a plan's spread over rounds beside it."""
-
-
     committed = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")
     fa = committed[(committed["model"] == "roberta-large") & (committed["method"] == "lorafa")
                    & (committed["seed"] == 1)]

@@ -351,7 +351,8 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
            "mem_reserved_gib": (torch.cuda.max_memory_reserved(device) - reserved) / gib if cuda else float("nan"),
            "mem_held_gib": held / gib if cuda else float("nan"), "flops": flops,
            "trainable_params": s.trainable, "plan": s.plan, "checkpointed_blocks": s.checkpointed_blocks,
-           "host_offload_gib": _host_offload_gib(s.model), "warmup_s": warmup_s, "compiled_graphs": graphs, "graph_breaks": breaks,
+           "host_offload_gib": _host_offload_gib(s.model), "warmup_s": warmup_s, "compiled_graphs": graphs,
+           "graph_breaks": breaks,
            "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
     if profile_to is not None:
         out.update(profile_steps(s, 3, profile_to))
@@ -450,7 +451,8 @@ def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup,
             method, mode, layer, plan = key
             cfg = compose(model, method, batch, seq, [f"device={device.type}", *overrides,
                                                       *([f"train.plan={plan}"] if plan else [])], layer=layer)
-            name = (method if layer in ("none", "two_matmul") else f"{method}_{layer}") + (f"_{plan}" if plan else "")
+            name = (method if layer in ("none", "two_matmul") else f"{method}_{layer}") \
+                + (f"_{plan}" if plan else "")
             held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             failed = False
             started = time.perf_counter()
@@ -616,8 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     best = table[table["best"]]
-    cols = ["model", "method", "compile_mode", "layer", *(["plan_name"] if args.plans else []), "tokens_per_s", "step_time_s", "mem_peak_gib", "mfu",
-            "vs_full_best", "vs_lora_best", "rounds"]
+    cols = ["model", "method", "compile_mode", "layer", *(["plan_name"] if args.plans else []), "tokens_per_s",
+            "step_time_s", "mem_peak_gib", "mfu", "vs_full_best", "vs_lora_best", "rounds"]
     print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for model, g in best.groupby("model", sort=False):
         fa = g[g["method"] == "lorafa"]

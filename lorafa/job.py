@@ -271,11 +271,12 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                         bwd_tflop_per_s=(rates.backward_flops or math.nan) / 1e12,
                         block_extra_ms=json.dumps({m: [round(1e3 * f, 3), round(1e3 * b, 3)]
                                                    for m, (f, b) in (rates.block_extra or {}).items()}))
+    timed_text = "; timed " + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items()) \
+        + (f"; timed again, best kept: {', '.join(retimed)}" if retimed else "") if timed else ""
     log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit%s); "
              "chosen in %.0f s (predicting %.0f s, profiling %.0f s, trials %.0f s)",
-             label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), len(fitting),
-             "; timed " + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items())
-             + (f"; timed again, best kept: {', '.join(retimed)}" if retimed else "") if timed else "", time.perf_counter() - started, predict_s, profiled - predicted, trials_s)
+             label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), len(fitting), timed_text,
+             time.perf_counter() - started, predict_s, profiled - predicted, trials_s)
     return chosen
 
 

@@ -182,14 +182,14 @@ for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby([
     if bench.empty:
         continue
     speed = bench.groupby("plan_name")["tokens_per_s"].max()  # a plan at its fastest LoRA-FA layer, if several
-    spread = bench.groupby("plan_name")["step_time_all_s"].agg(
-        lambda t: max(max(v) / min(v) for v in t if len(v)) if any(len(v) for v in t) else float("nan"))
+    per_row = bench["step_time_all_s"].map(lambda t: max(t) / min(t) if len(t) else float("nan"))
+    spread = per_row.groupby(bench["plan_name"]).max()  # one plan's slowest round ÷ its fastest
     sweep = measured[(measured["model"] == model) & (measured["method"] == method)]
     peaks = sweep.groupby("plan_name")["mem_peak_gib"].max()  # a job's measured peak; else the bench's own
     peak = {p: float(peaks.get(p, bench.loc[bench["plan_name"] == p, "mem_peak_gib"].max())) for p in speed.index}
     fits = [p for p in speed.index if peak[p] <= budget]
     fastest = max(fits, key=lambda p: speed[p]) if fits else None
-    chosen = list(dict.fromkeys(grp.sort_values("seed" if "seed" in grp else "budget_gib")["plan_name"]))
+    chosen = list(dict.fromkeys(grp.loc[pass_of(grp).sort_values().index, "plan_name"]))  # in pass order
     ratios = {c: speed[c] / speed[fastest] if fastest is not None and c in speed.index else float("nan")
               for c in chosen}
     side_lines.append({"model": model, "batch × seq": f"{batch} × {seq}", "method": report.method_label(method),

@@ -120,6 +120,12 @@ class Setting:
         self.forward, self.scope, self.graph = self.model, scope, None
         self.steps_taken, self.loss = 0, None  # optimizer steps taken by `prepare`; the last step's loss
 
+    def host_offload_gib(self) -> float:
+        """Saved tensors the last step held on the host (`lorafa.plans.host_bytes`), GiB."""
+        from . import plans
+
+        return plans.host_bytes(self.model) / 1024**3
+
     def prepare(self) -> None:
         """Compile and/or capture for the setting's mode (after `flops`, which counts the eager model)."""
         from .distributed import transformer_blocks
@@ -351,7 +357,7 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
            "mem_reserved_gib": (torch.cuda.max_memory_reserved(device) - reserved) / gib if cuda else float("nan"),
            "mem_held_gib": held / gib if cuda else float("nan"), "flops": flops,
            "trainable_params": s.trainable, "plan": s.plan, "checkpointed_blocks": s.checkpointed_blocks,
-           "host_offload_gib": _host_offload_gib(s.model), "warmup_s": warmup_s, "compiled_graphs": graphs,
+           "host_offload_gib": s.host_offload_gib(), "warmup_s": warmup_s, "compiled_graphs": graphs,
            "graph_breaks": breaks,
            "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
     if profile_to is not None:
@@ -371,12 +377,6 @@ class Stopped(BaseException):
 
 def _raise_stopped(signum, frame):
     raise Stopped(signal.Signals(signum).name)
-
-
-def _host_offload_gib(model) -> float:
-    """Saved tensors the last step held on the host (`lorafa.plans.Offload`); 0 without offloading."""
-    offloaded = getattr(model, "lorafa_offload", None)
-    return offloaded.host_bytes / 1024**3 if offloaded is not None else 0.0
 
 
 LAYERS = ("stacked", "two_matmul", "merged")  # LoRA-FA's layers (`lorafa.adapters`)

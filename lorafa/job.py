@@ -247,13 +247,15 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                          plans.plain_backward(options))
     filled_at = time.perf_counter()
     modes = {p.name: run_modes[p.name] for _, p, _ in short} if len(short) > 1 else {}
-    timed = {p.name: _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p, mode=modes[p.name])
-             for _, p, _ in short} if modes else {}
+
+    def trial(p: plans.Plan) -> float | None:
+        return _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p, mode=modes[p.name])
+
+    timed = {p.name: trial(p) for _, p, _ in short} if modes else {}
     retimed = plans.to_retime(short, timed, float(cfg.train.get("plan_retime", 0.0) or 0.0))
     by_name = {p.name: p for _, p, _ in short}
     for name in retimed:  # a second pass, in reverse order, over the plans the first could not tell apart
-        again = _trial(cfg, device, num_labels, features, layers.get(name, "false"), by_name[name],
-                       mode=modes[name])
+        again = trial(by_name[name])
         if again is not None:
             timed[name] = min(timed[name], again)
     trials_s = time.perf_counter() - filled_at
@@ -341,9 +343,8 @@ def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: l
         try:
             times = plans.profile_step(net.model, batch, device, amp, count=plan is None)
             if held is not None:
-                offloaded = getattr(net.model, "lorafa_offload", None)
                 held.update(times=times, blocks=len(plans.checkpoint_layers(net.model)),
-                            host_bytes=offloaded.host_bytes if offloaded is not None else 0)
+                            host_bytes=plans.host_bytes(net.model))
             return times
         finally:
             del net, batch

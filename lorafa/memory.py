@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import measure, methods, models
+from . import measure, methods, models, plans
 from .measure import GIB
 from .step import masking_as
 
@@ -208,7 +208,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
         del loss
         flops = counter.total
         grads = _distinct_bytes(p.grad for p in trainable if p.grad is not None)
-        host = getattr(getattr(model, "lorafa_offload", None), "host_bytes", 0)
+        host = plans.host_bytes(model)
         if optimizer is not None:
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)

@@ -404,6 +404,12 @@ class Offload:
         return out
 
 
+def host_bytes(model: nn.Module) -> int:
+    """The bytes of saved tensors the last forward of `model` held on the host (`Offload`); 0 without offloading."""
+    offloaded = getattr(model, "lorafa_offload", None)
+    return offloaded.host_bytes if offloaded is not None else 0
+
+
 def offload(model: nn.Module, method) -> Offload | None:
     """`method.offload` (a set of blocks, as `method.gradient_checkpointing`): an `Offload` on the model (None when
     no block is named)."""

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from . import distributed, measure, protocols
+from . import distributed, measure, plans, protocols
 from . import step as step_mod
 from .checks import BadInput
 from .distributed import SINGLE, Dist
@@ -602,8 +602,7 @@ def _group_step(stepper: step_mod.TrainStep, wrapped: nn.Module, model: nn.Modul
                 loss = wrapped(**batch).loss
             if step == 0 and j == 0:
                 memory.activations = meter.bytes
-                offloaded = getattr(model, "lorafa_offload", None)
-                memory.host_offload = offloaded.host_bytes if offloaded is not None else 0
+                memory.host_offload = plans.host_bytes(model)
             # DDP/FSDP average over processes: × world_size × share gives the whole micro-batch's mean
             (loss * (share * dist.world_size / len(group))).backward()
         part = loss.detach().float() * share

@@ -118,11 +118,16 @@ for (model, method, budget), grp in budgets.groupby(["model", "method", "budget_
     # budget) that fits it, each plan's speed the median over its jobs
     ok_rows = grp[grp["status"] == "ok"]
     ok = len(ok_rows) == len(grp)
+    # only passes that also ran the hand-set plans: a pass of budgets alone ran at another moment of the host's
+    # speed than every plan it would be compared with, so its jobs count in jobs, chosen and fits, not in speed
+    hand_passes = set(pass_of(hand[(hand["model"] == model) & (hand["method"] == method)]))
     same = measured[(measured["model"] == model) & (measured["method"] == method) & ~measured.index.isin(grp.index)]
+    same = same[pass_of(same).isin(hand_passes)]
     by_plan = same.groupby("plan_name").agg(peak=("mem_peak_gib", "max"), speed=("tokens_per_s", "median"))
     fits = by_plan[by_plan["peak"] <= budget]
     fastest = fits["speed"].idxmax() if len(fits) else None
-    speed = float(ok_rows["tokens_per_s"].median()) if ok else float("nan")
+    with_hand = pass_of(ok_rows).isin(hand_passes)
+    speed = float(ok_rows.loc[with_hand, "tokens_per_s"].median()) if ok and with_hand.any() else float("nan")
     ratio = speed / fits.loc[fastest, "speed"] if fastest is not None and ok else float("nan")
     paired = []  # the budget's job ÷ the fastest plan's in the same pass (side by side)
     if fastest is not None and ok:
@@ -137,7 +142,7 @@ for (model, method, budget), grp in budgets.groupby(["model", "method", "budget_
                    else ", ".join(sorted(set(grp["status"]) - {"ok"})),
                    "peak GiB": f"{ok_rows['mem_peak_gib'].max():.2f}" if ok else "—",
                    "fits": "yes" if ok and (ok_rows["mem_peak_gib"] <= budget).all() else "no",
-                   "tokens/s": f"{speed:,.0f}" if ok else "—",
+                   "tokens/s": f"{speed:,.0f}" if not math.isnan(speed) else "—",
                    "fastest fitting (measured)": "—" if fastest is None else
                    f"{fastest} ({fits.loc[fastest, 'speed']:,.0f})",
                    "chosen ÷ fastest": "—" if math.isnan(ratio) else f"{ratio:.3f}",
@@ -155,7 +160,8 @@ report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
                    notes=[report.provenance(budgets),
                           ("The chosen plan's tokens/s is that of its own job — the median of its jobs where the "
                           "sweep ran several passes (`seed=0,1,2`: every plan and budget once per pass, one pass "
-                          "after another); the fastest fitting plan's, of the fastest other plan of the same sweep "
+                          "after another), over the passes that also ran the hand-set plans (a pass of budgets alone "
+                          "counts in jobs, chosen and fits, not in tokens/s); the fastest fitting plan's, of the fastest other plan of the same sweep "
                           "(hand-set, or another budget's choice; the median of its jobs) whose measured peak fits "
                           "the budget; chosen ÷ fastest above 1: faster than all of them. Paired by pass: the "
                           "budget's job ÷ that plan's in the same pass, lowest–highest. "
@@ -170,7 +176,7 @@ report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
 # each plan built, warmed up and timed in turn, round after round in alternating order; tokens/s the median over
 # rounds), where jobs one after another measure each plan at another moment of the host's speed.
 side = report.rows(report.load(P.results), "bench_plans")
-side_lines = []
+side_lines, side_jobs = [], []
 if len(side):
     keys = ["model", "method", "batch_size", "seq_len"]
     side = side[side["run_id"] == side.groupby(keys)["run_id"].transform("max")]  # each model's latest run
@@ -192,6 +198,17 @@ for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby([
     chosen = list(dict.fromkeys(grp.loc[pass_of(grp).sort_values().index, "plan_name"]))  # in pass order
     ratios = {c: speed[c] / speed[fastest] if fastest is not None and c in speed.index else float("nan")
               for c in chosen}
+    # each chosen plan's tokens/s ÷ the fastest fitting plan's, round by round (each pair timed in the same round)
+    best_row = bench.loc[bench.groupby("plan_name")["tokens_per_s"].idxmax()].set_index("plan_name")
+    rounds_of = best_row["step_time_all_s"].map(list)  # a plan's step time per round (its fastest layer's row)
+    paired = {c: [f / t for f, t in zip(rounds_of[fastest], rounds_of[c])]
+              if fastest is not None and c in speed.index and len(rounds_of[c]) == len(rounds_of[fastest]) else []
+              for c in chosen}
+    for k, job in grp.iterrows():  # each pass's choice, for the table by pass below
+        retimed = job.get("plans_retimed")
+        side_jobs.append({"model": model, "method": method, "pass": pass_of(grp)[k], "git_sha": job["git_sha"],
+                          "retimed": isinstance(retimed, str), "ratio": ratios[job["plan_name"]],
+                          "slower": bool(paired[job["plan_name"]]) and max(paired[job["plan_name"]]) < 0.95})
     side_lines.append({"model": model, "batch × seq": f"{batch} × {seq}", "method": report.method_label(method),
                        "budget GiB": f"{budget:g}", "chosen (by pass)": ", ".join(chosen),
                        "chosen, side by side": ", ".join(f"{speed[c]:,.0f}" if c in speed.index else "not timed"
@@ -200,11 +217,16 @@ for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby([
                        f"{fastest} ({speed[fastest]:,.0f})",
                        "chosen ÷ fastest": ", ".join("—" if math.isnan(r) else f"{r:.3f}" for r in ratios.values()),
                        "within 5 %": f"{sum(r >= 0.95 for r in ratios.values())} of {len(ratios)}",
+                       "paired by round": ", ".join(f"{min(p):.2f}–{max(p):.2f}" if p else "—"
+                                                    for p in paired.values()),
+                       "below 0.95 every round": f"{sum(bool(p) and max(p) < 0.95 for p in paired.values())} of "
+                                                 f"{len(paired)}",
                        "rounds": int(bench["rounds"].min()), "plans timed": len(speed),
                        "one plan over rounds, max ÷ min": f"{spread.median():.3f} median, {spread.max():.3f} largest"})
 report.write_table(pd.DataFrame(side_lines, columns=[
                        "model", "batch × seq", "method", "budget GiB", "chosen (by pass)", "chosen, side by side",
-                       "fastest fitting, side by side", "chosen ÷ fastest", "within 5 %", "rounds", "plans timed",
+                       "fastest fitting, side by side", "chosen ÷ fastest", "within 5 %", "paired by round",
+                       "below 0.95 every round", "rounds", "plans timed",
                        "one plan over rounds, max ÷ min"]),
                    f"{EXPERIMENT}_side_by_side",
                    title="What each memory budget chose, against the plans timed side by side",
@@ -214,10 +236,42 @@ report.write_table(pd.DataFrame(side_lines, columns=[
                            "timed for --steps optimizer steps in turn, round after round in alternating order; "
                            "tokens/s the median over rounds (the model's latest bench run, at the sweep's batch and "
                            "length). A plan fits where its measured peak in the sweep's jobs (else the bench's own) "
-                           "is within the budget. One plan over rounds: its slowest round's step ÷ its fastest."),
+                           "is within the budget. Paired by round: the chosen plan's tokens/s ÷ the fastest "
+                           "fitting plan's in the same round, lowest–highest; below 0.95 every round: chosen plans slower than 0.95 × "
+                           "in every round, beyond the rounds' noise. One plan over rounds: its slowest round's "
+                           "step ÷ its fastest."),
                           ("Command: python -m lorafa.bench --models MODEL --shape 32x128 --methods lora lorafa "
                            "--modes eager --layers two_matmul --override method.dropout=0.1 --plans PLAN... "
                            "--rounds 3")])
+
+# %%
+# The same verdict pass by pass: which passes' budget jobs chose plans that, timed side by side, are within 5 % of the
+# fastest that fits (a pass whose trials re-timed the close plans, `train.plan_retime`, beside those that did not).
+by_pass = []
+for (model, method, k), g in pd.DataFrame(side_jobs, columns=["model", "method", "pass", "git_sha", "retimed",
+                                                              "ratio", "slower"]).groupby(
+        ["model", "method", "pass"], sort=False):
+    timed = g["ratio"].notna()
+    by_pass.append({"model": model, "method": report.method_label(method), "pass (seed)": int(k),
+                    "commit": ", ".join(sorted(g["git_sha"].astype(str).str[:7].unique())),
+                    "close trials re-timed": "yes" if g["retimed"].all() else "no" if not g["retimed"].any()
+                    else "some", "budgets": len(g), "chosen plan timed side by side": int(timed.sum()),
+                    "within 5 %": int((g.loc[timed, "ratio"] >= 0.95).sum()),
+                    "below 0.95 every round": int(g["slower"].sum()),
+                    "chosen ÷ fastest": "—" if not timed.any() else
+                    f"{g.loc[timed, 'ratio'].min():.3f}–{g.loc[timed, 'ratio'].max():.3f}"})
+report.write_table(pd.DataFrame(by_pass, columns=[
+                       "model", "method", "pass (seed)", "commit", "close trials re-timed", "budgets",
+                       "chosen plan timed side by side", "within 5 %", "below 0.95 every round", "chosen ÷ fastest"]),
+                   f"{EXPERIMENT}_side_by_side_passes",
+                   title="Each pass's budget choices, judged on the plans timed side by side",
+                   notes=[report.provenance(side) if len(side) else "No rows of `python -m lorafa.bench --plans`.",
+                          ("Per pass of the sweep (`seed`) and method: its budget jobs' chosen plans against the "
+                           "fastest fitting plan of the model's latest `python -m lorafa.bench --plans` run (the "
+                           "side-by-side table): how many of the chosen plans that run timed, how many came within "
+                           "5 % of the fastest, and how many were below 0.95 × it in every round. Close trials "
+                           "re-timed: the pass's jobs timed the plans within `train.plan_retime` of the fastest "
+                           "trial a second time.")])
 
 # %%
 # How far one hand-set plan's speed moves between passes: the noise a budget's 5 % check is read against.

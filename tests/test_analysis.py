@@ -129,11 +129,22 @@ def test_memory_budget_compares_each_plans_median_over_passes(tmp_path, monkeypa
             r = template[key].copy()
             r["seed"], r["tokens_per_s"], r["config_hash"] = seed, float(speed[seed]), f"{key}{seed}"
             rows.append(r)
+    # a fourth pass of budgets alone, on a faster host: jobs, not speeds to compare with the other passes' plans
+    # (nor is another budget's choice there a plan to compare with)
+    r = template["budget"].copy()
+    r["seed"], r["tokens_per_s"], r["config_hash"] = 3, 500.0, "budget3"
+    rows.append(r)
+    other = template["budget"].copy()
+    other["seed"], other["tokens_per_s"], other["config_hash"], other["budget_gib"] = 3, 600.0, "other3", 3.0
+    other["plan_name"], other["mem_peak_gib"] = "every2", 2.3
+    rows.append(other)
     pd.DataFrame(rows).to_parquet(tmp_path / "passes.parquet")
     tables = memory_budget_tables(tmp_path / "passes.parquet", tmp_path, monkeypatch)
 
-    (choice,) = tables["memory_budget_choices"].to_dict("records")
-    assert choice["jobs"] == 3 and choice["chosen"] == "elementwise ×3" and choice["tokens/s"] == "98"
+    choices = tables["memory_budget_choices"]
+    assert list(choices["budget GiB"]) == ["3.25", "3"] and choices["tokens/s"].iloc[1] == "—"
+    (choice,) = choices[choices["budget GiB"] == "3.25"].to_dict("records")
+    assert choice["jobs"] == 4 and choice["chosen"] == "elementwise ×4" and choice["tokens/s"] == "98"
     assert choice["fastest fitting (measured)"] == "every2_elementwise (100)"  # the hand-set elementwise: median 95
     assert choice["chosen ÷ fastest"] == "0.980" and choice["within 5 %"] == "yes"
     assert choice["paired by pass"] == "0.800–0.990 (3 passes)"
@@ -155,7 +166,10 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     sweep = fa[(fa["plan_name"].isin(["every2_elementwise", "elementwise", "none"]) & fa["budget_gib"].isna())
                | (fa["budget_gib"] == 3.25)]
     assert sorted(sweep["plan_name"]) == ["elementwise", "elementwise", "every2_elementwise", "none"]  # 3.25: elementwise
-    sweep.to_parquet(tmp_path / "sweep.parquet")
+    again = sweep[sweep["budget_gib"] == 3.25].copy()  # a third pass of the budget alone, its close trials re-timed
+    again["seed"], again["plan_name"], again["mem_peak_gib"], again["plans_retimed"] = 2, "every2_elementwise", 2.2, "[]"
+    again["config_hash"] = "again"
+    pd.concat([sweep, again]).to_parquet(tmp_path / "sweep.parquet")
     bench = []
     for run_id, speeds in (("20261204T0100", {"elementwise": 500.0}),  # an earlier run: not read
                            ("20261205T0100", {"elementwise": 98.0, "every2_elementwise": 100.0, "none": 110.0,
@@ -164,19 +178,25 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
             bench.append({"experiment": "bench_plans", "model": "roberta-large", "method": "lorafa",
                           "batch_size": 32, "seq_len": 128, "plan_name": plan, "layer": "two_matmul",
                           "status": "ok", "tokens_per_s": speed, "rounds": 3, "run_id": run_id,
-                          "step_time_all_s": [1.0, 1.1, 1.2] if plan == "none" else [1.0, 1.0, 1.02],
+                          "step_time_all_s": {"none": [1.0, 1.1, 1.2], "elementwise": [1.0, 1.2, 1.1]}.get(
+                              plan, [1.0, 1.0, 1.02]),
                           "mem_peak_gib": {"offload_all": 1.4, "none": 1.0}.get(plan, 9.0), "device": "NVIDIA H200"})
     pd.DataFrame(bench).to_parquet(tmp_path / "bench.parquet")
     tables = memory_budget_tables(tmp_path / "*.parquet", tmp_path, monkeypatch)
 
     (row,) = tables["memory_budget_side_by_side"].to_dict("records")
-    assert row["budget GiB"] == "3.25" and row["chosen (by pass)"] == "elementwise"
-    assert row["chosen, side by side"] == "98"  # the latest run's median, not the earlier run's
+    assert row["budget GiB"] == "3.25" and row["chosen (by pass)"] == "elementwise, every2_elementwise"
+    assert row["chosen, side by side"] == "98, 100"  # the latest run's median, not the earlier run's
     # `none` (110) peaks above 3.25 GiB in the sweep's jobs, whatever the bench read; `offload_all` has no sweep
     # row: by the bench's 1.4 GiB it fits, and is the fastest that does
     assert row["fastest fitting, side by side"] == "offload_all (105)"
-    assert row["chosen ÷ fastest"] == "0.933" and row["within 5 %"] == "0 of 1" and row["plans timed"] == 4
-    assert row["one plan over rounds, max ÷ min"] == "1.020 median, 1.200 largest" and row["rounds"] == 3
+    assert row["chosen ÷ fastest"] == "0.933, 0.952" and row["within 5 %"] == "1 of 2" and row["plans timed"] == 4
+    # round by round, elementwise's step ÷ offload_all's: 1.0 ÷ 1.0, 1.0 ÷ 1.2, 1.02 ÷ 1.1 — as fast in one round
+    assert row["paired by round"] == "0.83–1.00, 1.00–1.00" and row["below 0.95 every round"] == "0 of 2"
+    passes = tables["memory_budget_side_by_side_passes"].set_index("pass (seed)")
+    assert list(passes.index) == [1, 2] and list(passes["close trials re-timed"]) == ["no", "yes"]
+    assert list(passes["within 5 %"]) == [0, 1] and list(passes["chosen ÷ fastest"]) == ["0.933–0.933", "0.952–0.952"]
+    assert row["one plan over rounds, max ÷ min"] == "1.110 median, 1.200 largest" and row["rounds"] == 3
 
 
 def test_the_one_step_prediction_on_the_gpu_predicts_the_two_step_peaks():
@@ -294,7 +314,8 @@ def test_analysis_on_the_committed_results(tmp_path):
         assert f"| {model} " in memory, model
     assert "H200" in memory
     for name in ("memory_vs_batch", "memory_vs_seq", "memory_vs_rank", "throughput", "memory_budget",
-                 "memory_budget_choices", "memory_budget_repeats", "memory_plan_checks_repeat",
+                 "memory_budget_choices", "memory_budget_repeats", "memory_budget_side_by_side",
+                 "memory_budget_side_by_side_passes", "memory_plan_checks_repeat",
                  "memory_plan_checks_inflight", "memory_plan_checks_compiled", "memory_plan_checks_one_step"):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name

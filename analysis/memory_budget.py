@@ -329,6 +329,7 @@ else:
                 ax.annotate(r.plan_name, (r.mem_peak_gib, r.tokens_per_s), fontsize=6, alpha=0.7,
                             xytext=(3, 2), textcoords="offset points")
             chosen = budgets[(budgets["model"] == model) & (budgets["method"] == method) & (budgets["status"] == "ok")]
+            chosen = chosen[pass_of(chosen).isin(set(pass_of(g[g["method"] == method])))]  # as the choices table
             chosen = chosen.groupby("budget_gib").agg(mem_peak_gib=("mem_peak_gib", "max"),
                                                       tokens_per_s=("tokens_per_s", "median"))
             ax.scatter(chosen["mem_peak_gib"], chosen["tokens_per_s"], marker="*", s=160, facecolors="none",

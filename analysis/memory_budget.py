@@ -223,6 +223,7 @@ for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby([
                                                  f"{len(paired)}",
                        "rounds": int(bench["rounds"].min()), "plans timed": len(speed),
                        "one plan over rounds, max ÷ min": f"{spread.median():.3f} median, {spread.max():.3f} largest"})
+side_source = report.provenance(side) if len(side) else "No rows of `python -m lorafa.bench --plans`."
 report.write_table(pd.DataFrame(side_lines, columns=[
                        "model", "batch × seq", "method", "budget GiB", "chosen (by pass)", "chosen, side by side",
                        "fastest fitting, side by side", "chosen ÷ fastest", "within 5 %", "paired by round",
@@ -230,15 +231,15 @@ report.write_table(pd.DataFrame(side_lines, columns=[
                        "one plan over rounds, max ÷ min"]),
                    f"{EXPERIMENT}_side_by_side",
                    title="What each memory budget chose, against the plans timed side by side",
-                   notes=[report.provenance(side) if len(side) else "No rows of `python -m lorafa.bench --plans`.",
+                   notes=[side_source,
                           ("Each plan chosen by a budget (in any pass of the sweep) and every other plan timed by "
                            "`python -m lorafa.bench --plans` in one process, interleaved: each built, warmed up and "
                            "timed for --steps optimizer steps in turn, round after round in alternating order; "
                            "tokens/s the median over rounds (the model's latest bench run, at the sweep's batch and "
                            "length). A plan fits where its measured peak in the sweep's jobs (else the bench's own) "
                            "is within the budget. Paired by round: the chosen plan's tokens/s ÷ the fastest "
-                           "fitting plan's in the same round, lowest–highest; below 0.95 every round: chosen plans slower than 0.95 × "
-                           "in every round, beyond the rounds' noise. One plan over rounds: its slowest round's "
+                           "fitting plan's in the same round, lowest–highest; below 0.95 every round: chosen plans "
+                           "slower than 0.95 × in every round, beyond the rounds' noise. One plan over rounds: its slowest round's "
                            "step ÷ its fastest."),
                           ("Command: python -m lorafa.bench --models MODEL --shape 32x128 --methods lora lorafa "
                            "--modes eager --layers two_matmul --override method.dropout=0.1 --plans PLAN... "
@@ -265,7 +266,7 @@ report.write_table(pd.DataFrame(by_pass, columns=[
                        "chosen plan timed side by side", "within 5 %", "below 0.95 every round", "chosen ÷ fastest"]),
                    f"{EXPERIMENT}_side_by_side_passes",
                    title="Each pass's budget choices, judged on the plans timed side by side",
-                   notes=[report.provenance(side) if len(side) else "No rows of `python -m lorafa.bench --plans`.",
+                   notes=[side_source,
                           ("Per pass of the sweep (`seed`) and method: its budget jobs' chosen plans against the "
                            "fastest fitting plan of the model's latest `python -m lorafa.bench --plans` run (the "
                            "side-by-side table): how many of the chosen plans that run timed, how many came within "

@@ -190,3 +190,70 @@ def test_memory_budget_sweeps_every_plan_a_budget_considers_and_each_budget():
                 assert job["train"]["memory_budget_gib"] == budgets[int(variant[-1]) - 1]
             else:
                 assert job["train"]["plan"] == variant and job["train"]["memory_budget_gib"] is None
+
+
+def side_by_side_module():
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import memory_budget_side_by_side
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    return memory_budget_side_by_side
+
+
+def test_side_by_side_times_every_plan_the_sweep_ran_at_its_setting():
+    """experiments/memory_budget_side_by_side.py on the committed sweep: per method, every plan a job of the model
+    ran (hand-set, and each budget's choice in any pass) at the rows' batch, length, dropout and LoRA-FA layer;
+    rows that disagree on the shape are bad input, as is a method the sweep did not run."""
+    import pandas as pd
+
+    from lorafa.checks import BadInput
+
+    side = side_by_side_module()
+    sweep = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")
+    for model, shape, dropout, fa_layer in (("roberta-large", (32, 128), 0.1, "two_matmul"),
+                                            ("llama-7b", (8, 1024), 0.0, "merged")):
+        got = {s["method"]: s for s in side.from_sweep(sweep, model)}
+        assert sorted(got) == ["lora", "lorafa"]
+        for method, s in got.items():
+            ran = sweep[(sweep["model"] == model) & (sweep["method"] == method) & (sweep["status"] == "ok")]
+            assert sorted(s["plans"]) == sorted(set(ran["plan_name"])) and len(s["plans"]) == len(set(s["plans"]))
+            chosen = set(ran.loc[ran["budget_gib"].notna(), "plan_name"])
+            assert chosen <= set(s["plans"]) and s["plans"][0] == "none"  # the experiment's order first
+            assert (s["batch_size"], s["seq_len"], s["dropout"]) == (*shape, dropout)
+        assert got["lorafa"]["layer"] == fa_layer and got["lora"]["layer"] == "two_matmul"
+    assert "offload_every2+keep11" in side.from_sweep(sweep, "roberta-large", ["lorafa"])[0]["plans"]  # pass 2's
+    bent = sweep.copy()
+    bent.loc[bent.index[(bent["model"] == "roberta-large") & (bent["method"] == "lora")][0], "batch_size"] = 16
+    with pytest.raises(BadInput, match=r"batch_size \[16, 32\]"):
+        side.from_sweep(bent, "roberta-large")
+    with pytest.raises(BadInput, match="no ok row of them"):
+        side.from_sweep(sweep[sweep["method"] == "lora"], "roberta-large", ["lorafa"])
+    # --plans: the experiment's own setting for the model (its default entry for one it does not name)
+    (fa,) = side.from_plans(["none", "all"], "roberta-large", ["lorafa"])
+    assert (fa["batch_size"], fa["seq_len"], fa["dropout"], fa["plans"]) == (32, 128, 0.1, ["none", "all"])
+    assert [(s["method"], s["batch_size"], s["seq_len"]) for s in side.from_plans(["all"], "tiny-llama")] == [
+        ("lora", 4, 64), ("lorafa", 4, 64)]
+
+
+def test_side_by_side_runs_the_bench_once_per_method_under_one_run_id(tmp_path):
+    """A tiny sweep's plans, timed for real on the CPU: one bench run per method, each with its own plans, one
+    run_id, the sweep's adapter dropout in every command."""
+    import pandas as pd
+
+    side = side_by_side_module()
+    base = {"experiment": "memory_budget", "model": "tiny-llama", "status": "ok", "batch_size": 2, "seq_len": 16,
+            "dropout": 0.1}
+    rows = [{**base, "method": "lora", "plan_name": p, "layer": "none"} for p in ("none", "all")] + \
+           [{**base, "method": "lorafa", "plan_name": p, "layer": "two_matmul"} for p in ("all", "all+keep1")] + \
+           [{**base, "method": "lorafa", "plan_name": "elementwise", "layer": "two_matmul", "status": "failed"}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "sweep.parquet")
+    out = tmp_path / "side.parquet"
+    assert side.main(["--model", "tiny-llama", "--sweep", str(tmp_path / "sweep.parquet"), "--device", "cpu",
+                      "--rounds", "1", "--steps", "1", "--warmup", "1", "--run-id", "R1", "--out", str(out)]) == 0
+    table = pd.read_parquet(out)
+    assert {m: sorted(g["plan_name"]) for m, g in table.groupby("method")} == {
+        "lora": ["all", "none"], "lorafa": ["all", "all+keep1"]}  # a failed job's plan is not timed
+    assert (table["status"] == "ok").all() and set(table["run_id"]) == {"R1"}
+    assert set(table["experiment"]) == {"bench_plans"} and set(zip(table["batch_size"], table["seq_len"])) == {(2, 16)}
+    assert table["command"].str.contains("--override method.dropout=0.1 ", regex=False).all()

@@ -190,7 +190,7 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     # `none` (110) peaks above 3.25 GiB in the sweep's jobs, whatever the bench read; `offload_all` has no sweep
     # row: by the bench's 1.4 GiB it fits, and is the fastest that does
     assert row["fastest fitting, side by side"] == "offload_all (105)"
-    assert row["chosen ÷ fastest"] == "0.933, 0.952" and row["within 5 %"] == "1 of 2" and row["plans timed"] == 4
+    assert row["chosen ÷ fastest"] == "0.933, 0.952" and row["within 5 %"] == "1 of 2 timed" and row["plans timed"] == 4
     # round by round, elementwise's step ÷ offload_all's: 1.0 ÷ 1.0, 1.0 ÷ 1.2, 1.02 ÷ 1.1 — as fast in one round
     assert row["paired by round"] == "0.83–1.00, 1.00–1.00" and row["below 0.95 every round"] == "0 of 2"
     passes = tables["memory_budget_side_by_side_passes"].set_index("pass (seed)")

@@ -120,8 +120,10 @@ for (model, method, budget), grp in budgets.groupby(["model", "method", "budget_
     ok = len(ok_rows) == len(grp)
     # only passes that also ran the hand-set plans: a pass of budgets alone ran at another moment of the host's
     # speed than every plan it would be compared with, so its jobs count in jobs, chosen and fits, not in speed
-    hand_passes = set(pass_of(hand[(hand["model"] == model) & (hand["method"] == method)]))
+    # (a sweep of budgets alone: each budget against the others, every pass)
     same = measured[(measured["model"] == model) & (measured["method"] == method) & ~measured.index.isin(grp.index)]
+    hand_passes = set(pass_of(hand[(hand["model"] == model) & (hand["method"] == method)])) \
+        or set(pass_of(same)) | set(pass_of(grp))
     same = same[pass_of(same).isin(hand_passes)]
     by_plan = same.groupby("plan_name").agg(peak=("mem_peak_gib", "max"), speed=("tokens_per_s", "median"))
     fits = by_plan[by_plan["peak"] <= budget]
@@ -161,7 +163,8 @@ report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
                           ("The chosen plan's tokens/s is that of its own job — the median of its jobs where the "
                           "sweep ran several passes (`seed=0,1,2`: every plan and budget once per pass, one pass "
                           "after another), over the passes that also ran the hand-set plans (a pass of budgets alone "
-                          "counts in jobs, chosen and fits, not in tokens/s); the fastest fitting plan's, of the fastest other plan of the same sweep "
+                          "counts in jobs, chosen and fits, not in tokens/s); the fastest fitting plan's, of the "
+                          "fastest other plan of those passes "
                           "(hand-set, or another budget's choice; the median of its jobs) whose measured peak fits "
                           "the budget; chosen ÷ fastest above 1: faster than all of them. Paired by pass: the "
                           "budget's job ÷ that plan's in the same pass, lowest–highest. "
@@ -240,8 +243,8 @@ report.write_table(pd.DataFrame(side_lines, columns=[
                            "length). A plan fits where its measured peak in the sweep's jobs (else the bench's own) "
                            "is within the budget. Paired by round: the chosen plan's tokens/s ÷ the fastest "
                            "fitting plan's in the same round, lowest–highest; below 0.95 every round: chosen plans "
-                           "slower than 0.95 × in every round, beyond the rounds' noise. One plan over rounds: its slowest round's "
-                           "step ÷ its fastest."),
+                           "slower than 0.95 × in every round, beyond the rounds' noise. One plan over rounds: its "
+                           "slowest round's step ÷ its fastest."),
                           ("Command: python experiments/memory_budget_side_by_side.py --model MODEL (every plan "
                            "the sweep's jobs ran; each method's `python -m lorafa.bench --plans` line is in its "
                            "rows' `command`).")])

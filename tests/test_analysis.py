@@ -148,6 +148,11 @@ def test_memory_budget_compares_each_plans_median_over_passes(tmp_path, monkeypa
     assert choice["fastest fitting (measured)"] == "every2_elementwise (100)"  # the hand-set elementwise: median 95
     assert choice["chosen ÷ fastest"] == "0.980" and choice["within 5 %"] == "yes"
     assert choice["paired by pass"] == "0.800–0.990 (3 passes)"
+    # a sweep of budgets alone: each budget against the other budgets' choices, over every pass
+    pd.DataFrame(rows).query("budget_gib.notna()", engine="python").to_parquet(tmp_path / "passes.parquet")
+    alone = memory_budget_tables(tmp_path / "passes.parquet", tmp_path, monkeypatch)["memory_budget_choices"]
+    (judged,) = alone[alone["budget GiB"] == "3.25"].to_dict("records")
+    assert judged["fastest fitting (measured)"] == "every2 (600)" and judged["chosen ÷ fastest"] == "0.164"
     plans_ = tables["memory_budget"].set_index("plan")
     assert plans_.loc["elementwise", "jobs"] == 3 and plans_.loc["elementwise", "tokens/s"] == "95"
     # how far each hand-set plan moves between passes: every2_elementwise not at all, elementwise 120 ÷ 90

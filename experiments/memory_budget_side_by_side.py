@@ -42,11 +42,13 @@ def from_sweep(sweep, model: str, methods: list[str] | None = None) -> list[dict
     """Per method of the sweep's ok rows at `model`: the plans its jobs ran (in the sweep's order), its batch size,
     length, adapter dropout and LoRA-FA layer — bad input where the rows disagree on one of them (two shapes: two
     sweeps to time apart) or where the sweep has no row of a method asked for."""
+    from lorafa import report
     from lorafa.bench import LAYERS
     from lorafa.checks import BadInput
 
     named = list(_experiment()["plans"])
-    rows = sweep[(sweep["experiment"] == EXPERIMENT) & (sweep["model"] == model) & (sweep["status"] == "ok")]
+    rows = report.rows(sweep, EXPERIMENT)  # its ok rows
+    rows = rows[rows["model"] == model]
     have = list(dict.fromkeys(rows["method"]))
     if not have:
         raise BadInput(f"no ok rows of experiment {EXPERIMENT} at model {model} in the sweep "
@@ -92,9 +94,7 @@ def bench_argv(s: dict, model: str, args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import pandas as pd
-
-    from lorafa import bench
+    from lorafa import bench, report
     from lorafa.checks import BadInput
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args.run_id = args.run_id or time.strftime("%Y%m%dT%H%M%S")
     try:
         todo = from_plans(args.plans, args.model, args.methods) if args.plans \
-            else from_sweep(pd.read_parquet(args.sweep), args.model, args.methods)
+            else from_sweep(report.load([str(args.sweep)]), args.model, args.methods)
     except BadInput as err:
         parser.error(str(err))
     for s in todo:

@@ -537,11 +537,11 @@ def _finish(frame: pd.DataFrame, peak: float, device: torch.device, run_id: str 
     table = table.assign(device=results.device_name(device), torch_version=torch.__version__,
                          transformers_version=transformers.__version__, git_sha=sha, git_dirty=dirty,
                          experiment="bench", schema_version=results.SCHEMA_VERSION, run_id=run_id, command=command)
-    if "plan_name" in table:  # memory plans compared (`--plans`): not the methods' benchmark (`analysis/speed.py`)
-        table.loc[table["plan_name"] != "", "experiment"] = "bench_plans"
+    planned = table["plan_name"] != ""  # memory plans compared (`--plans`): not the methods' benchmark (speed.py)
+    table.loc[planned, "experiment"] = "bench_plans"
     keys = ["model", "method", "batch_size", "seq_len", "compile_mode", "compile_scope", "stacked", "layer", "steps",
             "warmup_steps", "rounds", "device", "git_sha", "git_dirty", "torch_version"]
-    if "plan_name" in table and (table["plan_name"] != "").any():  # rows without a plan keep their keys
+    if planned.any():  # rows without a plan keep their keys
         keys.append("plan_name")
     table["config_hash"] = [hashlib.sha256(json.dumps([str(r[k]) for k in keys]).encode()).hexdigest()[:16]
                             for _, r in table[keys].iterrows()]

@@ -207,11 +207,17 @@ for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby([
     paired = {c: [f / t for f, t in zip(rounds_of[fastest], rounds_of[c])]
               if fastest is not None and c in speed.index and len(rounds_of[c]) == len(rounds_of[fastest]) else []
               for c in chosen}
+    # their geometric mean and 95 % interval over rounds: within 5 % where the interval lies above 0.95, below
+    # where it lies under it, unresolved where it straddles 0.95 (or one round gives no interval)
+    interval = {c: report.paired_ratio(paired[c]) for c in chosen}
+    verdict = {c: "within 5 %" if lo >= 0.95 else "below 0.95" if hi < 0.95 else "unresolved"
+               for c, (_, lo, hi) in interval.items()}
     for k, job in grp.iterrows():  # each pass's choice, for the table by pass below
         retimed = job.get("plans_retimed")
         side_jobs.append({"model": model, "method": method, "pass": pass_of(grp)[k], "git_sha": job["git_sha"],
                           "retimed": isinstance(retimed, str), "ratio": ratios[job["plan_name"]],
-                          "slower": bool(paired[job["plan_name"]]) and max(paired[job["plan_name"]]) < 0.95})
+                          "slower": bool(paired[job["plan_name"]]) and max(paired[job["plan_name"]]) < 0.95,
+                          "verdict": verdict[job["plan_name"]] if paired[job["plan_name"]] else "not timed"})
     side_lines.append({"model": model, "batch × seq": f"{batch} × {seq}", "method": report.method_label(method),
                        "budget GiB": f"{budget:g}", "chosen (by pass)": ", ".join(chosen),
                        "chosen, side by side": ", ".join(f"{speed[c]:,.0f}" if c in speed.index else "not timed"
@@ -225,14 +231,17 @@ for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby([
                                                     for p in paired.values()),
                        "below 0.95 every round": f"{sum(bool(p) and max(p) < 0.95 for p in paired.values())} of "
                                                  f"{sum(bool(p) for p in paired.values())}",
+                       "paired, 95 % interval": ", ".join("—" if not paired[c] else f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
+                                                          for c, (m, lo, hi) in interval.items()),
+                       "interval verdict": ", ".join(verdict[c] if paired[c] else "not timed" for c in chosen),
                        "rounds": int(bench["rounds"].min()), "plans timed": len(speed),
                        "one plan over rounds, max ÷ min": f"{spread.median():.3f} median, {spread.max():.3f} largest"})
 side_source = report.provenance(side) if len(side) else "No rows of `python -m lorafa.bench --plans`."
 report.write_table(pd.DataFrame(side_lines, columns=[
                        "model", "batch × seq", "method", "budget GiB", "chosen (by pass)", "chosen, side by side",
                        "fastest fitting, side by side", "chosen ÷ fastest", "within 5 %", "paired by round",
-                       "below 0.95 every round", "rounds", "plans timed",
-                       "one plan over rounds, max ÷ min"]),
+                       "below 0.95 every round", "paired, 95 % interval", "interval verdict", "rounds",
+                       "plans timed", "one plan over rounds, max ÷ min"]),
                    f"{EXPERIMENT}_side_by_side",
                    title="What each memory budget chose, against the plans timed side by side",
                    notes=[side_source,
@@ -243,7 +252,11 @@ report.write_table(pd.DataFrame(side_lines, columns=[
                            "length). A plan fits where its measured peak in the sweep's jobs (else the bench's own) "
                            "is within the budget. Paired by round: the chosen plan's tokens/s ÷ the fastest "
                            "fitting plan's in the same round, lowest–highest; below 0.95 every round: chosen plans "
-                           "slower than 0.95 × in every round, beyond the rounds' noise. One plan over rounds: its "
+                           "slower than 0.95 × in every round. Paired, 95 % interval: the geometric mean of those "
+                           "per-round ratios and its Student-t interval (on their logarithms, rounds − 1 degrees "
+                           "of freedom); interval verdict: within 5 % where the whole interval is at or above "
+                           "0.95, below 0.95 where all of it is under, unresolved where it straddles 0.95 (the "
+                           "rounds' noise is larger than the difference). One plan over rounds: its "
                            "slowest round's step ÷ its fastest."),
                           ("Command: python experiments/memory_budget_side_by_side.py --model MODEL (every plan "
                            "the sweep's jobs ran; each method's `python -m lorafa.bench --plans` line is in its "
@@ -254,7 +267,7 @@ report.write_table(pd.DataFrame(side_lines, columns=[
 # fastest that fits (a pass whose trials re-timed the close plans, `train.plan_retime`, beside those that did not).
 by_pass = []
 for (model, method, k), g in pd.DataFrame(side_jobs, columns=["model", "method", "pass", "git_sha", "retimed",
-                                                              "ratio", "slower"]).groupby(
+                                                              "ratio", "slower", "verdict"]).groupby(
         ["model", "method", "pass"], sort=False):
     timed = g["ratio"].notna()
     by_pass.append({"model": model, "method": report.method_label(method), "pass (seed)": int(k),
@@ -263,18 +276,24 @@ for (model, method, k), g in pd.DataFrame(side_jobs, columns=["model", "method",
                     else "some", "budgets": len(g), "chosen plan timed side by side": int(timed.sum()),
                     "within 5 %": int((g.loc[timed, "ratio"] >= 0.95).sum()),
                     "below 0.95 every round": int(g["slower"].sum()),
+                    "interval: within 5 %": int((g["verdict"] == "within 5 %").sum()),
+                    "interval: below 0.95": int((g["verdict"] == "below 0.95").sum()),
+                    "interval: unresolved": int((g["verdict"] == "unresolved").sum()),
                     "chosen ÷ fastest": "—" if not timed.any() else
                     f"{g.loc[timed, 'ratio'].min():.3f}–{g.loc[timed, 'ratio'].max():.3f}"})
 report.write_table(pd.DataFrame(by_pass, columns=[
                        "model", "method", "pass (seed)", "commit", "close trials re-timed", "budgets",
-                       "chosen plan timed side by side", "within 5 %", "below 0.95 every round", "chosen ÷ fastest"]),
+                       "chosen plan timed side by side", "within 5 %", "below 0.95 every round",
+                       "interval: within 5 %", "interval: below 0.95", "interval: unresolved", "chosen ÷ fastest"]),
                    f"{EXPERIMENT}_side_by_side_passes",
                    title="Each pass's budget choices, judged on the plans timed side by side",
                    notes=[side_source,
                           ("Per pass of the sweep (`seed`) and method: its budget jobs' chosen plans against the "
                            "fastest fitting plan of the model's latest `python -m lorafa.bench --plans` run (the "
                            "side-by-side table): how many of the chosen plans that run timed, how many came within "
-                           "5 % of the fastest, and how many were below 0.95 × it in every round. Close trials "
+                           "5 % of the fastest, and how many were below 0.95 × it in every round; interval: how "
+                           "many the paired 95 % interval over rounds puts within 5 %, below 0.95, or neither "
+                           "(the side-by-side table). Close trials "
                            "re-timed: the pass's jobs timed the plans within `train.plan_retime` of the fastest "
                            "trial a second time.")])
 

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (results/ and analysis/ live beside lorafa/)
@@ -189,6 +190,24 @@ def paired_difference(frame: pd.DataFrame, a: str, b: str, *, value: str = "pape
             lo = hi = math.nan
         out.append({**dict(zip(by, key)), "diff": mean, "ci_low": lo, "ci_high": hi, "pairs": n})
     return pd.DataFrame(out)
+
+
+def paired_ratio(ratios, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of ratios paired by round (one plan's speed ÷ another's, each pair timed in the
+    same round): a Student-t interval on their logarithms (`scipy.stats.ttest_1samp`), back on the ratio scale.
+    One ratio: no interval (NaN); identical ratios: that ratio at both ends."""
+    from scipy import stats
+
+    logs = np.log(np.asarray(list(ratios), dtype=float))
+    if len(logs) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(np.exp(logs.mean()))
+    if len(logs) < 2:
+        return mean, math.nan, math.nan
+    if np.ptp(logs) == 0:
+        return mean, mean, mean
+    ci = stats.ttest_1samp(logs, 0.0).confidence_interval(confidence)
+    return mean, float(np.exp(ci.low)), float(np.exp(ci.high))
 
 
 def format_ci(row, digits: int = 2) -> str:

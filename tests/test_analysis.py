@@ -174,34 +174,48 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     again = sweep[sweep["budget_gib"] == 3.25].copy()  # a third pass of the budget alone, its close trials re-timed
     again["seed"], again["plan_name"], again["mem_peak_gib"], again["plans_retimed"] = 2, "every2_elementwise", 2.2, "[]"
     again["config_hash"] = "again"
-    pd.concat([sweep, again]).to_parquet(tmp_path / "sweep.parquet")
+    third = again.copy()  # a fourth pass whose budget chose `all`: slower than the fastest in every round, by little
+    third["seed"], third["plan_name"], third["config_hash"] = 3, "all", "third"
+    pd.concat([sweep, again, third]).to_parquet(tmp_path / "sweep.parquet")
     bench = []
     for run_id, speeds in (("20261204T0100", {"elementwise": 500.0}),  # an earlier run: not read
                            ("20261205T0100", {"elementwise": 98.0, "every2_elementwise": 100.0, "none": 110.0,
-                                              "offload_all": 105.0})):
+                                              "offload_all": 105.0, "all": 90.0})):
         for plan, speed in speeds.items():
             bench.append({"experiment": "bench_plans", "model": "roberta-large", "method": "lorafa",
                           "batch_size": 32, "seq_len": 128, "plan_name": plan, "layer": "two_matmul",
                           "status": "ok", "tokens_per_s": speed, "rounds": 3, "run_id": run_id,
-                          "step_time_all_s": {"none": [1.0, 1.1, 1.2], "elementwise": [1.0, 1.2, 1.1]}.get(
-                              plan, [1.0, 1.0, 1.02]),
-                          "mem_peak_gib": {"offload_all": 1.4, "none": 1.0}.get(plan, 9.0), "device": "NVIDIA H200"})
+                          "step_time_all_s": {"none": [1.0, 1.1, 1.2], "elementwise": [1.0, 1.2, 1.1],
+                                              "all": [1.1, 1.12, 1.14]}.get(plan, [1.0, 1.0, 1.02]),
+                          "mem_peak_gib": {"offload_all": 1.4, "none": 1.0, "all": 1.0}.get(plan, 9.0),
+                          "device": "NVIDIA H200"})
     pd.DataFrame(bench).to_parquet(tmp_path / "bench.parquet")
     tables = memory_budget_tables(tmp_path / "*.parquet", tmp_path, monkeypatch)
 
     (row,) = tables["memory_budget_side_by_side"].to_dict("records")
-    assert row["budget GiB"] == "3.25" and row["chosen (by pass)"] == "elementwise, every2_elementwise"
-    assert row["chosen, side by side"] == "98, 100"  # the latest run's median, not the earlier run's
+    assert row["budget GiB"] == "3.25" and row["chosen (by pass)"] == "elementwise, every2_elementwise, all"
+    assert row["chosen, side by side"] == "98, 100, 90"  # the latest run's median, not the earlier run's
     # `none` (110) peaks above 3.25 GiB in the sweep's jobs, whatever the bench read; `offload_all` has no sweep
     # row: by the bench's 1.4 GiB it fits, and is the fastest that does
     assert row["fastest fitting, side by side"] == "offload_all (105)"
-    assert row["chosen ÷ fastest"] == "0.933, 0.952" and row["within 5 %"] == "1 of 2 timed" and row["plans timed"] == 4
+    assert row["chosen ÷ fastest"] == "0.933, 0.952, 0.857" and row["within 5 %"] == "1 of 3 timed"
+    assert row["plans timed"] == 5
     # round by round, elementwise's step ÷ offload_all's: 1.0 ÷ 1.0, 1.0 ÷ 1.2, 1.02 ÷ 1.1 — as fast in one round
-    assert row["paired by round"] == "0.83–1.00, 1.00–1.00" and row["below 0.95 every round"] == "0 of 2"
+    assert row["paired by round"] == "0.83–1.00, 1.00–1.00, 0.89–0.91" and row["below 0.95 every round"] == "1 of 3"
+    # the per-round ratios' geometric mean and Student-t interval on their logs (2 degrees of freedom): elementwise
+    # straddles 0.95, every2_elementwise is offload_all's equal in every round, all is under 0.95 as a whole
+    logs = np.log([1.0 / 1.0, 1.0 / 1.2, 1.02 / 1.1])
+    half = 4.302653 * logs.std(ddof=1) / np.sqrt(3)
+    expected = f"{np.exp(logs.mean()):.2f} [{np.exp(logs.mean() - half):.2f}, {np.exp(logs.mean() + half):.2f}]"
+    assert row["paired, 95 % interval"] == f"{expected}, 1.00 [1.00, 1.00], 0.90 [0.88, 0.92]", row
+    assert row["interval verdict"] == "unresolved, within 5 %, below 0.95"
     passes = tables["memory_budget_side_by_side_passes"].set_index("pass (seed)")
-    assert list(passes.index) == [1, 2] and list(passes["close trials re-timed"]) == ["no", "yes"]
-    assert list(passes["within 5 %"]) == [0, 1] and list(passes["chosen ÷ fastest"]) == ["0.933–0.933", "0.952–0.952"]
-    assert row["one plan over rounds, max ÷ min"] == "1.110 median, 1.200 largest" and row["rounds"] == 3
+    assert list(passes.index) == [1, 2, 3] and list(passes["close trials re-timed"]) == ["no", "yes", "yes"]
+    assert list(passes["within 5 %"]) == [0, 1, 0]
+    assert list(passes["chosen ÷ fastest"]) == ["0.933–0.933", "0.952–0.952", "0.857–0.857"]
+    assert list(passes["interval: within 5 %"]) == [0, 1, 0] and list(passes["interval: below 0.95"]) == [0, 0, 1]
+    assert list(passes["interval: unresolved"]) == [1, 0, 0] and list(passes["below 0.95 every round"]) == [0, 0, 1]
+    assert row["one plan over rounds, max ÷ min"] == "1.036 median, 1.200 largest" and row["rounds"] == 3
 
 
 def test_the_one_step_prediction_on_the_gpu_predicts_the_two_step_peaks():

@@ -13,8 +13,13 @@ length and adapter dropout of the sweep's rows (with `--plans`: of `memory_budge
 LoRA-FA on the layer the sweep's jobs ran (with `--plans`: two_matmul). Methods run one after another under one
 `run_id` (give `--run-id` to join separate commands, e.g. one method per time-limited device call). `python -m
 analysis --only memory_budget` then judges each budget's choice against the fastest plan of the model's latest
-run that fits (tables `memory_budget_side_by_side`, `memory_budget_side_by_side_passes`). An H200 takes 6–7 min a
-method at roberta-large (16–18 plans, 3 rounds of 5 + 15 steps).
+run that fits (tables `memory_budget_side_by_side`, `memory_budget_side_by_side_passes`).
+
+How: `side_by_side` in the yaml's setting for the model, else each plan rebuilt every round (3 rounds of 5 warm-up
+and 15 timed steps; a 7B model's plans do not fit on one device together). roberta-large keeps every plan on the
+device (`bench --resident`) and times 24 rounds of 3 steps: two plans' steps in a round are seconds apart, so a
+ratio paired by round cancels the host's drift, and 24 rounds give its interval. --resident/--no-resident,
+--rounds, --steps and --warmup override it.
 """
 
 from __future__ import annotations
@@ -84,12 +89,26 @@ def from_plans(plans: list[str], model: str, methods: list[str] | None = None) -
              "dropout": float(s.dropout), "layer": "two_matmul"} for method in methods or METHODS]
 
 
+TIMING = {"resident": False, "rounds": 3, "steps": 15, "warmup": 5}  # where the yaml names no `side_by_side`
+
+
+def timing(model: str, args) -> dict:
+    """How to time `model`'s plans: the command line's --resident/--rounds/--steps/--warmup, else `side_by_side` in
+    `memory_budget.yaml`'s setting for the model, else `TIMING` (each plan rebuilt every round: a 7B model's plans
+    do not fit on one device together)."""
+    table = _experiment()["setting"]
+    given = dict(table[model].get("side_by_side") or {}) if model in table else {}
+    return {k: getattr(args, k) if getattr(args, k) is not None else given.get(k, v) for k, v in TIMING.items()}
+
+
 def bench_argv(s: dict, model: str, args) -> list[str]:
     """The `python -m lorafa.bench` command line for one method's plans."""
+    t = timing(model, args)
     return ["--models", model, "--shape", f"{s['batch_size']}x{s['seq_len']}", "--methods", s["method"],
             "--modes", "eager", "--layers", s["layer"], "--override", f"method.dropout={s['dropout']:g}",
-            "--plans", *s["plans"], "--rounds", str(args.rounds), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--device", args.device, "--run-id", args.run_id, "--out", str(args.out),
+            "--plans", *s["plans"], "--rounds", str(t["rounds"]), "--steps", str(t["steps"]),
+            "--warmup", str(t["warmup"]), *(["--resident"] if t["resident"] else []), "--device", args.device,
+            "--run-id", args.run_id, "--out", str(args.out),
             *(["--peak-tflops", f"{args.peak_tflops:g}"] if args.peak_tflops else [])]
 
 
@@ -105,9 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="time these plans (`train.plan` names) instead of the sweep's")
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                         help="default: every method the sweep ran (with --plans: lora lorafa)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=15, help="timed optimizer steps per plan and round")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps per plan and round")
+    parser.add_argument("--resident", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep every plan on the device and time many short rounds (`bench --resident`), or "
+                             "rebuild each plan every round (default: the model's `side_by_side` in "
+                             "memory_budget.yaml, else rebuilt)")
+    parser.add_argument("--rounds", type=int, default=None, help="default: the yaml's, else 3")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per plan and round "
+                        "(default: the yaml's, else 15)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps per plan (and round, "
+                        "where plans are rebuilt; default: the yaml's, else 5)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul rate (default: measured)")
     parser.add_argument("--run-id", default=None, help="the rows' run_id (default: the start time)")

@@ -60,6 +60,7 @@ METHODS = ("full", "lora", "lorafa", "lorafa_v2")
 MODES = ("eager", "compile", "graph", "compile_graph", "cudagraphs")
 CUDA_MODES = ("graph", "compile_graph", "cudagraphs")
 DEFAULT_CUDA_MODES = ("eager", "compile", "graph", "compile_graph")
+COMPILED_MODES = {"compile", "compile_graph", "cudagraphs"}  # torch.compile: shares dynamo's caches
 SHAPES = {"roberta-base": (32, 128), "roberta-large": (32, 128), "t5-large": (32, 128), "t5-base": (32, 128),
           "llama-7b": (4, 512), "llama-13b": (4, 512)}
 DEFAULT_SHAPE = (4, 32)  # tiny models (smoke runs)
@@ -317,9 +318,10 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 
 def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool,
-                profile_to: Path | None = None, scope: str = "blocks") -> dict:
+                profile_to: Path | None = None, scope: str = "blocks", keep: bool = False) -> dict:
     """Build, warm up, time `steps` optimizer steps, free. Returns step time, peak memory, (once) FLOPs, and
-    with `profile_to` the device-busy time per step (`profile_steps`, after the timed steps).
+    with `profile_to` the device-busy time per step (`profile_steps`, after the timed steps). `keep`: do not free;
+    the built setting is returned as `setting`, for `time_steps` in later rounds (`--resident`).
 
     `mem_peak_gib`: the most allocated by one training step (weights, gradients, optimizer state, activations),
     less what was allocated before the setting was built (`mem_held_gib`: what earlier settings left, ~0). Without
@@ -346,11 +348,7 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     if s.graph is None:  # a graph's peak was started before its capture
         _reset_peak_memory(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        s.step()
-    _sync(device)
-    elapsed = (time.perf_counter() - t0) / steps
+    elapsed = time_steps(s, steps)
     cuda, gib = device.type == "cuda", 1024**3
     out = {"step_time_s": elapsed, "tokens": s.tokens,
            "mem_peak_gib": (torch.cuda.max_memory_allocated(device) - held) / gib if cuda else float("nan"),
@@ -362,12 +360,24 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
            "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
     if profile_to is not None:
         out.update(profile_steps(s, 3, profile_to))
+    if keep:
+        return {**out, "setting": s}
     del s
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     torch._dynamo.reset()  # the next setting compiles its own model
     return out
+
+
+def time_steps(s: Setting, steps: int) -> float:
+    """Seconds per optimizer step over `steps` steps of a built setting (synchronised before and after)."""
+    _sync(s.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        s.step()
+    _sync(s.device)
+    return (time.perf_counter() - t0) / steps
 
 
 class Stopped(BaseException):
@@ -396,7 +406,8 @@ def layer_variants(method: str, layers=LAYERS) -> list[str]:
 
 def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tuple[int, int], device: torch.device,
                 warmup: int, steps: int, rounds: int, layers=LAYERS, scope: str = "blocks",
-                profile_dir: Path | None = None, overrides: list[str] = (), plans=(), log=print) -> list[dict]:
+                profile_dir: Path | None = None, overrides: list[str] = (), plans=(), resident: bool = False,
+                log=print) -> list[dict]:
     batch, seq = shape
     settings = [(m, mode, lay, plan) for m in methods for mode in modes for lay in layer_variants(m, layers)
                 for plan in (plans or [""])]
@@ -405,7 +416,8 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
     at = {"round": 0}
     try:
         _run_rounds(model, settings, times, info, at, device=device, batch=batch, seq=seq, warmup=warmup,
-                    steps=steps, rounds=rounds, scope=scope, profile_dir=profile_dir, overrides=overrides, log=log)
+                    steps=steps, rounds=rounds, scope=scope, profile_dir=profile_dir, overrides=overrides,
+                    resident=resident, log=log)
         stopped = ""
     except (Stopped, KeyboardInterrupt) as why:
         stopped = f"stopped by {why or type(why).__name__} in round {at['round']} of {rounds}"
@@ -438,56 +450,103 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                      "final_loss": slot.get("final_loss", float("nan")),
                      "optimizer_steps": slot.get("optimizer_steps", 0),
                      "compiled_graphs": slot.get("compiled_graphs", 0), "graph_breaks": slot.get("graph_breaks", 0),
-                     "warmup_steps": warmup})
+                     "warmup_steps": warmup, "resident": resident})
     return rows
 
 
 def _run_rounds(model, settings, times, info, at, *, device, batch, seq, warmup, steps, rounds, scope, profile_dir,
-                overrides=(), log=print):
-    for r in range(rounds):
-        at["round"] = r + 1
-        order = settings if r % 2 == 0 else settings[::-1]
-        for key in order:
-            method, mode, layer, plan = key
-            cfg = compose(model, method, batch, seq, [f"device={device.type}", *overrides,
-                                                      *([f"train.plan={plan}"] if plan else [])], layer=layer)
-            name = (method if layer in ("none", "two_matmul") else f"{method}_{layer}") \
-                + (f"_{plan}" if plan else "")
-            held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            failed = False
-            started = time.perf_counter()
-            try:
-                first = key not in info
-                res = run_setting(cfg, mode, device, warmup, steps, count_flops=first, scope=scope,
-                                  profile_to=profile_dir / f"{model}_{batch}x{seq}_{name}_{mode}.txt"
-                                  if profile_dir is not None and first else None)
-            except Exception as err:  # noqa: BLE001 - an expected failure (OOM, a compile error) is a row
-                oom = isinstance(err, torch.cuda.OutOfMemoryError)
-                head = (str(err).splitlines() or [""])[0]
-                info.setdefault(key, {}).update(status="oom" if oom else "failed",
-                                                error=f"{type(err).__name__}: {head}")
-                log(f"  round {r + 1} {model} {name:17s} {mode:10s} {info[key]['error'][:160]}")
-                if not oom:  # the whole story on stderr: a failed capture or compile is found from it
-                    import traceback
+                overrides=(), resident=False, log=print):
+    """Every setting once a round, in alternating order. `resident`: each setting is built (warm-up, memory, FLOPs)
+    in the first round and kept, and later rounds only time its `steps` steps, so that rounds are short and many:
+    two settings' steps in one round are seconds apart, not a build and warm-up of every other setting apart."""
+    live: dict[tuple, Setting] = {}
+    try:
+        for r in range(rounds):
+            at["round"] = r + 1
+            order = settings if r % 2 == 0 else settings[::-1]
+            for key in order:
+                if resident and key in info and key not in live:  # failed when built: not built again
+                    continue
+                if key in live:
+                    _time_resident(key, live, times, info, r, model, steps, device, log)
+                    continue
+                _build_and_time(key, live if resident else None, times, info, r, model=model, device=device,
+                                batch=batch, seq=seq, warmup=warmup, steps=steps, scope=scope,
+                                profile_dir=profile_dir, overrides=overrides, log=log)
+    finally:
+        live.clear()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-                    traceback.print_exc(limit=-12)
-                failed = True
-            if failed:  # cleaned up here, not in `except`: the exception's frames hold the setting's model
-                _free_after_failure(device, held, log)
-                continue
-            times[key].append(res["step_time_s"])
-            slot = info.setdefault(key, {})
-            slot.setdefault("warmup_s", res["warmup_s"])  # the first round's: a cold compile
-            mem = ("mem_peak_gib", "mem_reserved_gib", "mem_held_gib")
-            slot.update({k: v for k, v in res.items() if v is not None and k not in ("step_time_s", "warmup_s", *mem)})
-            for k in mem:  # the most any round saw (NaN off CUDA)
-                if k in res and (k not in slot or res[k] > slot[k]):
-                    slot[k] = res[k]
-            log(f"  round {r + 1} {model} {name:17s} {mode:10s} {res['step_time_s'] * 1e3:8.2f} ms/step "
-                f"{res['tokens'] / res['step_time_s']:10.0f} tok/s  {res.get('mem_peak_gib', float('nan')):6.2f} GiB  "
-                f"setting {time.perf_counter() - started:4.0f} s")
-            if res.get("kernels_ms"):
-                log("    kernels, ms a step: " + ", ".join(f"{k} {v:.2f}" for k, v in res["kernels_ms"].items()))
+
+def _setting_name(key) -> str:
+    method, _, layer, plan = key
+    return (method if layer in ("none", "two_matmul") else f"{method}_{layer}") + (f"_{plan}" if plan else "")
+
+
+def _time_resident(key, live, times, info, r, model, steps, device, log) -> None:
+    """A later round of a kept setting: its `steps` steps timed, nothing rebuilt or measured again."""
+    name, mode = _setting_name(key), key[1]
+    try:
+        step = time_steps(live[key], steps)
+    except Exception as err:  # noqa: BLE001 - kept settings share the device: one that stops fitting is dropped
+        live.pop(key)
+        info[key]["error"] = f"round {r + 1}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        log(f"  round {r + 1} {model} {name:17s} {mode:10s} dropped: {info[key]['error'][:160]}")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return
+    times[key].append(step)
+    log(f"  round {r + 1} {model} {name:17s} {mode:10s} {step * 1e3:8.2f} ms/step "
+        f"{live[key].tokens / step:10.0f} tok/s  (kept)")
+
+
+def _build_and_time(key, live, times, info, r, *, model, device, batch, seq, warmup, steps, scope, profile_dir,
+                    overrides, log) -> None:
+    """Build a setting, warm it up, time it and measure its memory (`run_setting`); kept in `live` unless None."""
+    method, mode, layer, plan = key
+    cfg = compose(model, method, batch, seq, [f"device={device.type}", *overrides,
+                                              *([f"train.plan={plan}"] if plan else [])], layer=layer)
+    name = _setting_name(key)
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    failed = False
+    started = time.perf_counter()
+    try:
+        first = key not in info
+        res = run_setting(cfg, mode, device, warmup, steps, count_flops=first, scope=scope,
+                          profile_to=profile_dir / f"{model}_{batch}x{seq}_{name}_{mode}.txt"
+                          if profile_dir is not None and first else None, keep=live is not None)
+    except Exception as err:  # noqa: BLE001 - an expected failure (OOM, a compile error) is a row
+        oom = isinstance(err, torch.cuda.OutOfMemoryError)
+        head = (str(err).splitlines() or [""])[0]
+        info.setdefault(key, {}).update(status="oom" if oom else "failed",
+                                        error=f"{type(err).__name__}: {head}")
+        log(f"  round {r + 1} {model} {name:17s} {mode:10s} {info[key]['error'][:160]}")
+        if not oom:  # the whole story on stderr: a failed capture or compile is found from it
+            import traceback
+
+            traceback.print_exc(limit=-12)
+        failed = True
+    if failed:  # cleaned up here, not in `except`: the exception's frames hold the setting's model
+        _free_after_failure(device, held, log)
+        return
+    if live is not None:
+        live[key] = res.pop("setting")
+    times[key].append(res["step_time_s"])
+    slot = info.setdefault(key, {})
+    slot.setdefault("warmup_s", res["warmup_s"])  # the first round's: a cold compile
+    mem = ("mem_peak_gib", "mem_reserved_gib", "mem_held_gib")
+    slot.update({k: v for k, v in res.items() if v is not None and k not in ("step_time_s", "warmup_s", *mem)})
+    for k in mem:  # the most any round saw (NaN off CUDA)
+        if k in res and (k not in slot or res[k] > slot[k]):
+            slot[k] = res[k]
+    log(f"  round {r + 1} {model} {name:17s} {mode:10s} {res['step_time_s'] * 1e3:8.2f} ms/step "
+        f"{res['tokens'] / res['step_time_s']:10.0f} tok/s  {res.get('mem_peak_gib', float('nan')):6.2f} GiB  "
+        f"setting {time.perf_counter() - started:4.0f} s")
+    if res.get("kernels_ms"):
+        log("    kernels, ms a step: " + ", ".join(f"{k} {v:.2f}" for k, v in res["kernels_ms"].items()))
 
 
 def _free_after_failure(device: torch.device, held: int, log) -> None:
@@ -543,6 +602,8 @@ def _finish(frame: pd.DataFrame, peak: float, device: torch.device, run_id: str 
             "warmup_steps", "rounds", "device", "git_sha", "git_dirty", "torch_version"]
     if planned.any():  # rows without a plan keep their keys
         keys.append("plan_name")
+    if table["resident"].any():  # so do rows of rebuilt settings
+        keys.append("resident")
     table["config_hash"] = [hashlib.sha256(json.dumps([str(r[k]) for k in keys]).encode()).hexdigest()[:16]
                             for _, r in table[keys].iterrows()]
     return table
@@ -572,6 +633,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans", nargs="+", default=[], metavar="PLAN",
                         help="memory plans, each a setting of its own (`train.plan` names: none, all, offload_all, "
                              "all+keep4, ...; default: the method as configured)")
+    parser.add_argument("--resident", action="store_true",
+                        help="build each setting once (first round: warm-up, memory, FLOPs) and keep it on the "
+                             "device; later rounds only time --steps steps of each, so rounds can be short and "
+                             "many (eager and graph modes; column resident)")
     parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every setting (e.g. model.arch.hidden_dropout_prob=0)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul rate (default: measured)")
@@ -588,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes or (list(DEFAULT_CUDA_MODES) if device.type == "cuda" else ["eager"])
     if device.type != "cuda" and set(modes) & set(CUDA_MODES):
         parser.error(f"--modes {' '.join(sorted(set(modes) & set(CUDA_MODES)))} need a CUDA device")
+    if args.resident and set(modes) & COMPILED_MODES:
+        parser.error(f"--resident with --modes {' '.join(sorted(set(modes) & COMPILED_MODES))}: compiled settings "
+                     "share torch.compile's caches, and each is compiled afresh (torch._dynamo.reset) when freed")
     peak = args.peak_tflops or measure_matmul_tflops(device)
     if device.type == "cuda":
         print(f"bf16 matmul rate: {peak:.0f} TFLOP/s ({'given' if args.peak_tflops else 'measured, 8192³'})")
@@ -604,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_model(model, args.methods, modes, shape=shape, device=device, warmup=args.warmup,
                                 steps=args.steps, rounds=args.rounds, layers=args.layers, scope=args.compile_scope,
                                 profile_dir=args.profile, overrides=args.override, plans=args.plans,
-                                log=lambda s: print(s, flush=True))
+                                resident=args.resident, log=lambda s: print(s, flush=True))
             table = _finish(pd.DataFrame(rows), peak, device, run_id, command)
             # after each model (an interrupted run keeps what it measured), append-only (`results.append_rows`):
             # earlier runs' rows stay; the same setting by the same commit on the same device is not added twice

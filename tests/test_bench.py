@@ -152,6 +152,40 @@ def test_memory_plans_are_settings_of_their_own(tmp_path):
     assert math.isnan(table.loc["elementwise", "step_flops"]) and (table.drop("elementwise")["step_flops"] > 0).all()
 
 
+def test_resident_settings_are_built_once_and_timed_every_round(tmp_path, monkeypatch):
+    """`--resident`: each plan is built, warmed up and measured in the first round and kept; later rounds only time
+    its steps (short rounds, many of them, for ratios paired by round). The rows are those of rebuilt settings —
+    the same losses, one step time per round — and say `resident`; a setting that failed when built is not built
+    again; compiled modes are refused."""
+    built = []
+    real = bench.Setting.__init__
+
+    def counting(self, cfg, *a, **k):
+        built.append(str(cfg.train.plan))
+        real(self, cfg, *a, **k)
+
+    monkeypatch.setattr(bench.Setting, "__init__", counting)
+    out = tmp_path / "resident.parquet"
+    base = ["--models", "tiny-llama", "--device", "cpu", "--methods", "lorafa", "--layers", "two_matmul",
+            "--warmup", "1", "--steps", "1", "--out", str(out)]
+    argv = [*base, "--rounds", "4", "--plans", "none", "all", "offload_nowhere"]
+    assert bench.main([*argv, "--resident"]) == 0
+    assert sorted(built) == ["all", "none", "offload_nowhere"]  # the bad plan fails once, is not built again
+    table = pd.read_parquet(out).set_index("plan_name")
+    ok = table.loc[["none", "all"]]
+    assert (ok["status"] == "ok").all() and (ok["rounds"] == 4).all() and table["resident"].all()
+    assert ok["step_time_all_s"].map(len).tolist() == [4, 4] and (ok["tokens_per_s"] > 0).all()
+    assert table.loc["offload_nowhere", "status"] == "failed"
+    assert ok.loc["all", "checkpointed_blocks"] == 2 and ok.loc["all", "optimizer_steps"] == 2  # the first round's
+    built.clear()
+    assert bench.main([*base, "--rounds", "2", "--plans", "none", "all"]) == 0
+    assert sorted(built) == ["all", "all", "none", "none"]  # without it: built again every round
+    again = pd.read_parquet(out)
+    assert again["config_hash"].is_unique and set(again["resident"]) == {True, False}
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--resident", "--modes", "compile"])
+
+
 def test_a_failing_setting_is_a_row_and_the_others_still_run(monkeypatch, capsys):
     real = bench.run_setting
 

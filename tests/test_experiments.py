@@ -236,6 +236,30 @@ def test_side_by_side_times_every_plan_the_sweep_ran_at_its_setting():
         ("lora", 4, 64), ("lorafa", 4, 64)]
 
 
+def test_side_by_side_times_each_model_as_its_yaml_says(capsys):
+    """How plans are timed comes from `side_by_side` in memory_budget.yaml's setting for the model: roberta-large
+    keeps every plan on the device and times many short rounds; a model without one (llama-7b: its plans do not
+    fit on a device together) rebuilds each plan every round; the command line overrides either, key by key."""
+    from omegaconf import OmegaConf
+
+    side = side_by_side_module()
+    yaml = OmegaConf.load(ROOT / "experiments" / "memory_budget.yaml").setting
+    common = ["--plans", "none", "all", "--methods", "lorafa", "--run-id", "R", "--out", "/tmp/x.parquet", "--dry-run"]
+
+    def line(*argv):
+        assert side.main(list(argv)) == 0
+        return capsys.readouterr().out.splitlines()[-1]
+
+    rl = yaml["roberta-large"].side_by_side
+    assert f"--rounds {rl.rounds} --steps {rl.steps} --warmup 5 --resident " in line("--model", "roberta-large", *common)
+    assert rl.resident and rl.rounds >= 20 and "side_by_side" not in yaml["llama-7b"]
+    assert "--rounds 3 --steps 15 --warmup 5 --device" in line("--model", "llama-7b", *common)
+    assert f"--rounds 5 --steps {rl.steps} --warmup 5 --device" in line("--model", "roberta-large", "--no-resident",
+                                                                         "--rounds", "5", *common)
+    assert "--rounds 3 --steps 15 --warmup 2 --resident " in line("--model", "llama-7b", "--resident", "--warmup", "2",
+                                                                   *common)
+
+
 def test_side_by_side_runs_the_bench_once_per_method_under_one_run_id(tmp_path):
     """A tiny sweep's plans, timed for real on the CPU: one bench run per method, each with its own plans, one
     run_id, the sweep's adapter dropout in every command."""

@@ -28,6 +28,11 @@ where jobs one after another would measure each at another moment of the host's 
     python -m lorafa.bench --models roberta-large --methods lorafa --modes eager --layers two_matmul \\
         --override method.dropout=0.1 --plans none elementwise all offload_all --rounds 5 --out /tmp/plans.parquet
 
+`--resident` builds each setting once, in the first round (warm-up, memory, FLOPs as above), keeps it on the
+device, and has later rounds only time `--steps` steps of each: rounds of seconds, not of a build and warm-up of
+every setting, so many short rounds fit in a run and a ratio paired by round compares steps seconds apart (eager and
+graph modes; where every setting fits on the device at once; column `resident`).
+
 MFU: the FLOPs of one training step are counted once per setting with `torch.utils.flop_counter` (forward and
 backward as executed: LoRA-FA has no weight-gradient matmuls), and `--peak-tflops` is the device's bf16 matmul
 rate, measured here on 8192³ products unless given; `mfu` = step FLOPs / step time / that rate.

@@ -193,6 +193,31 @@ def test_a_graphed_steps_peak_counts_its_activations():
     assert 0.9 * peaks["eager"] <= peaks["graph"] <= 1.1 * peaks["eager"] + 0.07, peaks
 
 
+def test_resident_settings_measure_the_peaks_rebuilt_ones_do(tmp_path):
+    """`bench --resident` keeps every setting on the device: a setting built after others measures its own peak
+    (what it allocated beyond what was there), the same as when each is built alone, eager and graphed, offloaded
+    plans included; later rounds only time it (roberta-large on the H200: within 8 KiB for 36 plans)."""
+    import pandas as pd
+
+    from lorafa import bench
+
+    out = {}
+    for resident in (False, True):
+        path = tmp_path / f"{resident}.parquet"
+        assert bench.main(["--models", "tiny-llama", "--shape", "16x256", "--methods", "lora", "lorafa",
+                           "--modes", "eager", "graph", "--layers", "two_matmul", "--plans", "none", "all",
+                           "offload_all", "--rounds", "3", "--steps", "2", "--warmup", "4", "--peak-tflops", "1",
+                           "--out", str(path), *(["--resident"] if resident else [])]) == 0
+        out[resident] = pd.read_parquet(path).set_index(["method", "compile_mode", "plan_name"]).sort_index()
+    both = out[False].join(out[True], rsuffix="_kept")
+    ok = both[(both["status"] == "ok") & (both["status_kept"] == "ok")]
+    assert len(ok) >= 8, both[["status", "status_kept", "error", "error_kept"]]
+    assert (ok["rounds_kept"] == 3).all() and ok["resident_kept"].all()
+    assert (ok["mem_peak_gib_kept"] - ok["mem_peak_gib"]).abs().max() < 1e-3, ok[["mem_peak_gib", "mem_peak_gib_kept"]]
+    assert (ok["mem_held_gib_kept"] > 0).any()  # settings were built with others on the device
+
+
+
 @pytest.mark.parametrize("model, task", [("tiny-roberta", "synthetic"), ("tiny-t5", "synthetic"),
                                          ("tiny-llama", "synthetic"), ("tiny-roberta", "movie_polarity"),
                                          ("tiny-t5", "movie_polarity"), ("tiny-llama", "movie_polarity")])

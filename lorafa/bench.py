@@ -107,6 +107,9 @@ class Setting:
             plan = plans.named(str(cfg.train.plan), len(plans.checkpoint_layers(net.model)),
                                offload=device.type == "cuda")
             method = OmegaConf.merge(cfg.method, plan.keys())
+            if mode.endswith("graph") and method.get("offload", False):  # a failed capture can abort the process
+                raise ValueError(f"plan {cfg.train.plan} in mode {mode}: offloading is not captured in a CUDA graph "
+                                 "(host copies on a side stream, decided per tensor on the host)")
         applied = methods.apply(net, method, cfg.model.get("target_modules"),
                                 frozen_dtype=frozen_weight_dtype(cfg.train, device))
         self.trainable = applied.trainable_params

@@ -210,8 +210,11 @@ def test_resident_settings_measure_the_peaks_rebuilt_ones_do(tmp_path):
                            "--out", str(path), *(["--resident"] if resident else [])]) == 0
         out[resident] = pd.read_parquet(path).set_index(["method", "compile_mode", "plan_name"]).sort_index()
     both = out[False].join(out[True], rsuffix="_kept")
+    graphed_offload = both.xs(("graph", "offload_all"), level=["compile_mode", "plan_name"])
+    assert (graphed_offload[["status", "status_kept"]] == "failed").all().all()  # refused before any capture
+    assert graphed_offload["error"].str.contains("not captured").all()
     ok = both[(both["status"] == "ok") & (both["status_kept"] == "ok")]
-    assert len(ok) >= 8, both[["status", "status_kept", "error", "error_kept"]]
+    assert len(ok) == 10, both[["status", "status_kept", "error", "error_kept"]]
     assert (ok["rounds_kept"] == 3).all() and ok["resident_kept"].all()
     assert (ok["mem_peak_gib_kept"] - ok["mem_peak_gib"]).abs().max() < 1e-3, ok[["mem_peak_gib", "mem_peak_gib_kept"]]
     assert (ok["mem_held_gib_kept"] > 0).any()  # settings were built with others on the device

@@ -331,7 +331,8 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     the built setting is returned as `setting`, for `time_steps` in later rounds (`--resident`).
 
     `mem_peak_gib`: the most allocated by one training step (weights, gradients, optimizer state, activations),
-    less what was allocated before the setting was built (`mem_held_gib`: what earlier settings left, ~0). Without
+    less what was allocated before the setting was built (`mem_held_gib`: what earlier settings left, ~0; with
+    `--resident`, the settings kept before it: on an H200 the peaks come out the same to 8 KiB). Without
     a CUDA graph that is the peak over the timed steps; with one it is the capture's peak, because a replay
     allocates nothing and a graph's activations are free blocks of its private pool between replays (counting
     only the timed replays, as commit 6703f21 did, left activations out: t5-large LoRA 1.57 GiB, weights alone).

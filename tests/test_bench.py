@@ -186,6 +186,27 @@ def test_resident_settings_are_built_once_and_timed_every_round(tmp_path, monkey
         bench.main([*argv, "--resident", "--modes", "compile"])
 
 
+def test_a_kept_setting_whose_step_fails_is_dropped_with_the_rounds_it_finished(monkeypatch):
+    """`--resident`: kept settings share the device, so one may stop fitting; it is dropped (freed, not timed
+    again), its row keeps the rounds it finished and says in which round it failed; the others run on."""
+    real, calls = bench.time_steps, {"n": 0}
+
+    def flaky(s, steps):
+        if str(s.plan) != "none":
+            calls["n"] += 1
+            if calls["n"] == 3:  # `all`'s third timing: round 3
+                raise RuntimeError("CUDA out of memory (simulated)")
+        return real(s, steps)
+
+    monkeypatch.setattr(bench, "time_steps", flaky)
+    rows = bench.bench_model("tiny-llama", ["lorafa"], ["eager"], shape=(2, 16), device=bench.torch.device("cpu"),
+                             warmup=1, steps=1, rounds=4, layers=["two_matmul"], plans=["none", "all"], resident=True)
+    by = {r["plan_name"]: r for r in rows}
+    assert by["none"]["rounds"] == 4 and by["none"]["error"] == ""
+    assert by["all"]["rounds"] == 2 and by["all"]["status"] == "ok" and calls["n"] == 3
+    assert by["all"]["error"] == "round 3: RuntimeError: CUDA out of memory (simulated)"
+
+
 def test_a_failing_setting_is_a_row_and_the_others_still_run(monkeypatch, capsys):
     real = bench.run_setting
 

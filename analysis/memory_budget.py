@@ -210,14 +210,14 @@ for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby([
     # their geometric mean and 95 % interval over rounds: within 5 % where the interval lies above 0.95, below
     # where it lies under it, unresolved where it straddles 0.95 (or one round gives no interval)
     interval = {c: report.paired_ratio(paired[c]) for c in chosen}
-    verdict = {c: "within 5 %" if lo >= 0.95 else "below 0.95" if hi < 0.95 else "unresolved"
-               for c, (_, lo, hi) in interval.items()}
+    verdict = {c: "not timed" if not paired[c] else "within 5 %" if lo >= 0.95 else "below 0.95" if hi < 0.95
+               else "unresolved" for c, (_, lo, hi) in interval.items()}
     for k, job in grp.iterrows():  # each pass's choice, for the table by pass below
         retimed = job.get("plans_retimed")
         side_jobs.append({"model": model, "method": method, "pass": pass_of(grp)[k], "git_sha": job["git_sha"],
                           "retimed": isinstance(retimed, str), "ratio": ratios[job["plan_name"]],
                           "slower": bool(paired[job["plan_name"]]) and max(paired[job["plan_name"]]) < 0.95,
-                          "verdict": verdict[job["plan_name"]] if paired[job["plan_name"]] else "not timed"})
+                          "verdict": verdict[job["plan_name"]]})
     side_lines.append({"model": model, "batch × seq": f"{batch} × {seq}", "method": report.method_label(method),
                        "budget GiB": f"{budget:g}", "chosen (by pass)": ", ".join(chosen),
                        "chosen, side by side": ", ".join(f"{speed[c]:,.0f}" if c in speed.index else "not timed"
@@ -233,7 +233,7 @@ for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby([
                                                  f"{sum(bool(p) for p in paired.values())}",
                        "paired, 95 % interval": ", ".join("—" if not paired[c] else f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
                                                           for c, (m, lo, hi) in interval.items()),
-                       "interval verdict": ", ".join(verdict[c] if paired[c] else "not timed" for c in chosen),
+                       "interval verdict": ", ".join(verdict.values()),
                        "rounds": int(bench["rounds"].min()), "plans timed": len(speed),
                        "one plan over rounds, max ÷ min": f"{spread.median():.3f} median, {spread.max():.3f} largest"})
 side_source = report.provenance(side) if len(side) else "No rows of `python -m lorafa.bench --plans`."

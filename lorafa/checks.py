@@ -98,6 +98,7 @@ def check_config(cfg) -> None:
     if cfg.train.get("memory_budget_gib") is not None:
         need("train.memory_budget_gib", positive, "a number > 0 (GiB) or null")
         need("train.plan_trials", lambda v: v >= 0 and v == int(v), "an integer ≥ 0 (0: the step-time model chooses)")
+        need("train.plan_trial_s", lambda v: v >= 0, "a number ≥ 0 (seconds a trial times, at least 3 steps)")
         need("train.plan_retime", lambda v: v >= 0, "a number ≥ 0 (0: each plan timed once)")
         if cfg.train.get("plan"):
             raise BadInput(f"train.plan={cfg.train.plan}: not with train.memory_budget_gib (the budget chooses the "

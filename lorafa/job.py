@@ -248,8 +248,14 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     filled_at = time.perf_counter()
     modes = {p.name: run_modes[p.name] for _, p, _ in short} if len(short) > 1 else {}
 
-    def trial(p: plans.Plan) -> float | None:
-        return _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p, mode=modes[p.name])
+    trial_s = float(cfg.train.get("plan_trial_s", 1.0))
+    trial_steps: dict = {}  # plan name → each of its trials' timed steps (seconds; None: the trial failed)
+
+    def trial(p: plans.Plan) -> float | None:  # its fastest timed step (a slow host only ever adds time)
+        got = _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p, mode=modes[p.name],
+                     seconds=trial_s)
+        trial_steps.setdefault(p.name, []).append(got)
+        return min(got) if got else None
 
     timed = {p.name: trial(p) for _, p, _ in short} if modes else {}
     retimed = plans.to_retime(short, timed, float(cfg.train.get("plan_retime", 0.0) or 0.0))
@@ -266,6 +272,8 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                         plans_timed_ms=json.dumps({k: None if v is None else round(1e3 * v, 3)
                                                    for k, v in timed.items()}),
                         plans_timed_modes=json.dumps(modes), plans_retimed=json.dumps(retimed),
+                        plans_trial_steps_ms=json.dumps({k: [None if t is None else [round(1e3 * x, 3) for x in t]
+                                                             for t in v] for k, v in trial_steps.items()}),
                         pred_step_s=seconds, plan_predict_s=predict_s,
                         plan_profile_s=profiled - predicted,
                         plan_trials_s=trials_s, copy_gib_per_s=rates.copy_bytes / measure.GIB,
@@ -283,13 +291,16 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
 
 
 def _trial(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
-           plan: plans.Plan, mode: str = "none") -> float | None:
-    """Seconds of one forward and backward of the job's whole model under `plan` (`_profile`, best of 3 after a
-    warm-up; no optimizer step: it is the same under every plan), its blocks compiled where the job would run the
-    plan in a compiled mode (`mode`; compiled in the warm-up), or None where it fails (a warning)."""
+           plan: plans.Plan, mode: str = "none", seconds: float = 1.0) -> list[float] | None:
+    """The seconds of each forward and backward of the job's whole model under `plan` timed after a warm-up
+    (`_profile`: at least 3 steps and `seconds` of them, at most 20; no optimizer step: it is the same under every
+    plan), its blocks compiled where the job would run the plan in a compiled mode (`mode`; compiled in the
+    warm-up), or None where it fails (a warning)."""
     try:
-        _, f_s, _, b_s = _profile(cfg, device, num_labels, features, layer, plan=plan, blocks=None, mode=mode)
-        return f_s + b_s
+        steps: list = []
+        _profile(cfg, device, num_labels, features, layer, plan=plan, blocks=None, mode=mode, seconds=seconds,
+                 steps=steps)
+        return [f_s + b_s for f_s, b_s in steps]
     except Exception as err:  # noqa: BLE001 - a plan that cannot be timed is left out of the choice
         log.warning("plan %s: trial failed (%s: %s); not chosen", plan.name, type(err).__name__, err)
         if device.type == "cuda":
@@ -317,12 +328,13 @@ def _profile_modes(cfg: DictConfig, device: torch.device, num_labels: int, featu
 
 def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
              plan: plans.Plan | None = None, held: dict | None = None, blocks: int | None = 1,
-             mode: str = "none") -> tuple:
+             mode: str = "none", seconds: float = 0.25, steps: list | None = None) -> tuple:
     """`lorafa.plans.profile_step` of this job's model cut to one block (`models.build(blocks=1)`; `blocks=None`:
     the whole model, random init), its method applied as the job would apply it with nothing recomputed or
     offloaded (or as `plan` says, timed only), at the job's batch shape (the predictor's batch: `batch_size` ×
-    `task.max_seq_len`, full length), its blocks compiled where `mode` compiles (`compile_blocks`). `held` gets
-    the result (`times`), the model's blocks and the bytes it offloaded."""
+    `task.max_seq_len`, full length), its blocks compiled where `mode` compiles (`compile_blocks`), timed for at
+    least `seconds` (`steps`: gets each timed step's forward and backward seconds). `held` gets the result
+    (`times`), the model's blocks and the bytes it offloaded."""
     applied = OmegaConf.merge(cfg, {"method": (plan or plans.Plan()).keys()})
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
     amp = autocast_dtype(cfg.train.precision, device)
@@ -341,7 +353,8 @@ def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: l
         batch = memory._batch(net.family, int(cfg.train.batch_size), int(cfg.task.max_seq_len), target_len,
                               num_labels, device)
         try:
-            times = plans.profile_step(net.model, batch, device, amp, count=plan is None)
+            times = plans.profile_step(net.model, batch, device, amp, count=plan is None, seconds=seconds,
+                                       steps=steps)
             if held is not None:
                 held.update(times=times, blocks=len(plans.checkpoint_layers(net.model)),
                             host_bytes=plans.host_bytes(net.model))

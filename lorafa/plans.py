@@ -568,14 +568,15 @@ def block_extra(timed: dict, copy_bytes: float) -> dict:
 
 
 def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch.dtype | None,
-                 repeats: int = 3, seconds: float = 0.25, count: bool = True) -> tuple[float, float, float, float]:
+                 repeats: int = 3, seconds: float = 0.25, count: bool = True,
+                 steps: list | None = None) -> tuple[float, float, float, float]:
     """(forward FLOPs, forward seconds, backward FLOPs, backward seconds) of `model`'s training step on `batch` —
     the job's model cut to one block, its method applied, at the job's batch shape: what the model's kernels
     (matmuls at their real shapes, attention, element-wise work) run at on this device. FLOPs by torch's counter;
     seconds the best of `repeats` after a warm-up, more (up to 20) for a step so short that `repeats` would time
     less than `seconds` (short steps are the noisy ones); gradients are let go. `count=False`: times only (FLOPs
     NaN; torch's counter hooks every module's backward, which element-wise recomputation's own `autograd.grad`
-    inside a backward does not allow)."""
+    inside a backward does not allow). `steps`: gets each timed step's (forward seconds, backward seconds)."""
     import time
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -606,6 +607,8 @@ def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch
 
     first = timed()
     times = [first] + [timed() for _ in range(max(repeats, min(20, int(seconds / max(sum(first), 1e-6)))) - 1)]
+    if steps is not None:
+        steps.extend(times)
     return float(f_flops), min(t[0] for t in times), float(b_flops), min(t[1] for t in times)
 
 

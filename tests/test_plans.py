@@ -712,6 +712,14 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert tight["plan_name"] == next(k for k, v in trials.items() if v <= 1.03 * min(trials.values())), trials
     assert json.loads(roomy["plans_timed_ms"]) == {} and roomy["plan_name"] == roomy["plan_modelled"] == "none"
     assert json.loads(tight["plans_timed_modes"]) == dict.fromkeys(trials, "none")  # train.compile=auto, CPU: eager
+    # each trial timed a second of steps (`train.plan_trial_s`; a tiny model's step takes milliseconds, so the
+    # cap of 20), each plan's time its fastest step over its trials; with no seconds asked, 3 steps
+    steps = json.loads(tight["plans_trial_steps_ms"])
+    assert set(steps) == set(trials) and all(len(t) == 20 for v in steps.values() for t in v), steps
+    assert all(trials[k] == min(min(t) for t in v) for k, v in steps.items()), (trials, steps)
+    few = json.loads(run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_trial_s=0",
+                                     "task.num_eval=5"))["plans_trial_steps_ms"])
+    assert few and all(len(t) == 3 for v in few.values() for t in v), few
     # where choosing took its time: each phase measured, within the job's wall time; no trials, no time in them
     phases = [tight[k] for k in ("plan_predict_s", "plan_profile_s", "plan_trials_s")]
     assert all(t > 0 for t in phases) and sum(phases) < tight["wall_time_s"], phases
@@ -720,7 +728,8 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     from lorafa import job
 
     calls = []
-    monkeypatch.setattr(job, "_trial", lambda cfg, device, n, f, layer, plan, mode: 1.0 - 0.1 * len(calls.append(0) or calls))
+    monkeypatch.setattr(job, "_trial", lambda cfg, device, n, f, layer, plan, mode, seconds:
+                        [1.0 - 0.1 * len(calls.append(0) or calls)])
     last = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
     assert len(memory._CACHE) == made  # the same budget again: nothing predicted anew
     order = list(json.loads(last["plans_timed_ms"]))
@@ -731,10 +740,10 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     # timed 5 % slow the first time (the host at a slow moment) and fast the second wins; timed once, it loses
     times = {}
 
-    def drifting(cfg, device, n, f, layer, plan, mode):
+    def drifting(cfg, device, n, f, layer, plan, mode, seconds):
         times.setdefault("first", plan.name)
         times[plan.name] = times.get(plan.name, 0) + 1
-        return (0.105 if times[plan.name] == 1 else 0.09) if plan.name == times["first"] else 0.1
+        return [(0.105 if times[plan.name] == 1 else 0.09) if plan.name == times["first"] else 0.1]
 
     monkeypatch.setattr(job, "_trial", drifting)
     again = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "task.num_eval=7"))

@@ -354,3 +354,25 @@ def test_sigterm_writes_the_rounds_finished(tmp_path):
     assert sorted(table["method"]) == ["full", "lora"] and (table["status"] == "ok").all()
     assert set(table["rounds"]) <= {2, 3} and (table["rounds"] >= 2).all() and (table["tokens_per_s"] > 0).all()
     assert table["stopped"].str.startswith("stopped by SIGTERM").all()
+
+
+def test_an_offloading_plan_is_refused_in_a_graph_mode_before_anything_is_built(monkeypatch):
+    """A plan that offloads decides per saved tensor on the host and copies on a side stream: nothing a CUDA graph
+    can capture, and a failed capture aborted the process on the GPU. A graph mode refuses it when the setting is
+    made, before the model's method is applied. (CPU has no offloading plans: the device's check is lifted.)"""
+    import torch
+
+    from lorafa import methods, plans
+
+    real = plans.named
+    monkeypatch.setattr(plans, "named", lambda name, n, offload=True: real(name, n, offload=True))
+    applied = []
+    monkeypatch.setattr(methods, "apply", lambda *a, **k: applied.append(1) or (_ for _ in ()).throw(
+        AssertionError("the method was applied")))
+    cfg = bench.compose("tiny-llama", "lorafa", 2, 8, ["device=cpu", "train.plan=offload_all"], layer="two_matmul")
+    for mode in ("graph", "compile_graph"):
+        with pytest.raises(ValueError, match="plan offload_all in mode .*graph: offloading is not captured"):
+            bench.Setting(cfg, mode, torch.device("cpu"))
+    assert not applied
+    with pytest.raises(AssertionError, match="the method was applied"):  # eager takes it
+        bench.Setting(cfg, "eager", torch.device("cpu"))

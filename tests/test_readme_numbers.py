@@ -248,8 +248,8 @@ def test_memory_budget_row(notebook):
     plan's peak predicted within 0.02 %. Under 20.6 GiB (1.15× LoRA with full checkpointing) LoRA-FA trains at 1.23×
     that, and 1.20× LoRA's own fastest plan there. … At roberta-large 32×128, whose steps are bound by the host, 4 of 8
     budgets did on medians over 2 passes of the sweep; timed side by side (every plan kept on the device, 24 paired
-    rounds), the passes that time close trials twice, as jobs do by default, chose 14 of 15 timed plans within 5 % of
-    the fastest fitting plan, and the paired 95 % interval put 11 within 5 % and 1 below (the earlier passes: 8 of
+    rounds), the passes that time close trials twice, as jobs do by default, chose 32 of 40 timed plans within 5 % of
+    the fastest fitting plan, and the paired 95 % interval put 30 within 5 % and 3 below (the earlier passes: 9 of
     16; 3 below); peaks there within 0.07 %': analysis/memory_budget.py's hand-set plans (`hand`),
     budget rows (`budgets`) and its tables `memory_budget_choices`, `memory_budget_side_by_side` and
     `memory_budget_side_by_side_passes`."""

@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import math
+import os
 import random
 import time
 import traceback
@@ -240,30 +241,40 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                 modes=lambda: _profile_modes(cfg, device, num_labels, features, layers, plain))
     profiled = time.perf_counter()
     fitting = plans.ranked(options, budget_bytes, rates, label, lines)
-    short = plans.shortlist(fitting, trials)
-    # the room each shortlisted plan leaves under the budget, spent on keeping checkpointed blocks; ranked again
-    filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in short]
+    # every plan worth timing with the room it leaves under the budget spent on keeping checkpointed blocks (a plan
+    # that checkpoints every block and keeps 9 is not the plan that keeps none), ranked again; the first timed
+    near = plans.shortlist(fitting, len(fitting) if trials else 0)
+    filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in near]
     short = plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates, label, lines,
-                         plans.plain_backward(options))
+                         plans.plain_backward(options))[:max(1, trials)]
     filled_at = time.perf_counter()
     modes = {p.name: run_modes[p.name] for _, p, _ in short} if len(short) > 1 else {}
 
-    trial_s = float(cfg.train.get("plan_trial_s", 1.0))
+    trial_s = float(cfg.train.plan_trial_s)
     trial_steps: dict = {}  # plan name → each of its trials' timed steps (seconds; None: the trial failed)
+    # all the shortlisted plans' models on the device at once, timed in alternation, where their predicted peaks
+    # fit in what the device has free (with a tenth to spare); else one after another
+    together = bool(modes) and bool(cfg.train.plan_interleave) \
+        and sum(pred.peak for _, _, pred in short) <= 0.9 * _room(device)
+    if together:  # each plan's time: its median step (the steps alternate: the host's drift is shared)
+        got = _trials_together(cfg, device, num_labels, features, layers, [p for _, p, _ in short], modes, trial_s)
+        trial_steps = {name: [t] for name, t in got.items()}
+        timed = {name: None if not t else float(np.median(t)) for name, t in got.items()}
+        retimed = []
+    else:
+        def trial(p: plans.Plan) -> float | None:  # its fastest timed step (a slow host only ever adds time)
+            got = _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p, mode=modes[p.name],
+                         seconds=trial_s)
+            trial_steps.setdefault(p.name, []).append(got)
+            return min(got) if got else None
 
-    def trial(p: plans.Plan) -> float | None:  # its fastest timed step (a slow host only ever adds time)
-        got = _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p, mode=modes[p.name],
-                     seconds=trial_s)
-        trial_steps.setdefault(p.name, []).append(got)
-        return min(got) if got else None
-
-    timed = {p.name: trial(p) for _, p, _ in short} if modes else {}
-    retimed = plans.to_retime(short, timed, float(cfg.train.get("plan_retime", 0.0) or 0.0))
-    by_name = {p.name: p for _, p, _ in short}
-    for name in retimed:  # a second pass, in reverse order, over the plans the first could not tell apart
-        again = trial(by_name[name])
-        if again is not None:
-            timed[name] = min(timed[name], again)
+        timed = {p.name: trial(p) for _, p, _ in short} if modes else {}
+        retimed = plans.to_retime(short, timed, float(cfg.train.get("plan_retime", 0.0) or 0.0))
+        by_name = {p.name: p for _, p, _ in short}
+        for name in retimed:  # a second pass, in reverse order, over the plans the first could not tell apart
+            again = trial(by_name[name])
+            if again is not None:
+                timed[name] = min(timed[name], again)
     trials_s = time.perf_counter() - filled_at
     plan, pred, seconds = plans.pick_timed(short, timed)
     predict_s = (predicted - started) + (filled_at - profiled)
@@ -272,6 +283,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                         plans_timed_ms=json.dumps({k: None if v is None else round(1e3 * v, 3)
                                                    for k, v in timed.items()}),
                         plans_timed_modes=json.dumps(modes), plans_retimed=json.dumps(retimed),
+                        plans_trials_together=together,
                         plans_trial_steps_ms=json.dumps({k: [None if t is None else [round(1e3 * x, 3) for x in t]
                                                              for t in v] for k, v in trial_steps.items()}),
                         pred_step_s=seconds, plan_predict_s=predict_s,
@@ -281,7 +293,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                         bwd_tflop_per_s=(rates.backward_flops or math.nan) / 1e12,
                         block_extra_ms=json.dumps({m: [round(1e3 * f, 3), round(1e3 * b, 3)]
                                                    for m, (f, b) in (rates.block_extra or {}).items()}))
-    timed_text = "; timed " + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items()) \
+    timed_text = ("; timed together, median step: " if together else "; timed ") + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items()) \
         + (f"; timed again, best kept: {', '.join(retimed)}" if retimed else "") if timed else ""
     log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit%s); "
              "chosen in %.0f s (predicting %.0f s, profiling %.0f s, trials %.0f s)",
@@ -291,7 +303,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
 
 
 def _trial(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
-           plan: plans.Plan, mode: str = "none", seconds: float = 1.0) -> list[float] | None:
+           plan: plans.Plan, mode: str, seconds: float) -> list[float] | None:
     """The seconds of each forward and backward of the job's whole model under `plan` timed after a warm-up
     (`_profile`: at least 3 steps and `seconds` of them, at most 20; no optimizer step: it is the same under every
     plan), its blocks compiled where the job would run the plan in a compiled mode (`mode`; compiled in the
@@ -306,6 +318,49 @@ def _trial(cfg: DictConfig, device: torch.device, num_labels: int, features: lis
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return None
+
+
+def _trials_together(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layers: dict,
+                     short: list, modes: dict, seconds: float) -> dict:
+    """{plan name: each timed step's seconds (forward and backward), or None where it failed (a warning)}: the job's
+    whole model under each of the `short` plans (`_timing_model`, in the mode the job would run it, warmed up by one
+    step), all of them on the device at once, their steps timed in alternation (`plans.interleave`: at least 3
+    rounds and `seconds` of steps per plan, at most 20)."""
+    built, out = {}, {}
+
+    def failed(name, err):
+        log.warning("plan %s: trial failed (%s: %s); not chosen", name, type(err).__name__, err)
+        built.pop(name, None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            for plan in short:
+                try:
+                    net, batch, amp = _timing_model(cfg, device, num_labels, features, layers.get(plan.name, "false"),
+                                                    plan, None, modes[plan.name])
+                    built[plan.name] = (net, plans.step_timer(net.model, batch, device, amp))
+                    built[plan.name][1]()  # the warm-up (and compiling, in a compiled mode)
+                except Exception as err:  # noqa: BLE001 - a plan that cannot be timed is left out of the choice
+                    out[plan.name] = None
+                    failed(plan.name, err)
+            timers = {name: (lambda t=timer: sum(t())) for name, (_, timer) in built.items()}
+            out.update(plans.interleave(timers, seconds, on_error=failed))
+        finally:
+            built.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {plan.name: out.get(plan.name) for plan in short}
+
+
+def _room(device: torch.device) -> float:
+    """Bytes this process could still take on `device`: the device's free memory and what torch's allocator holds
+    unused (CUDA), or the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def _profile_modes(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict],
@@ -326,33 +381,41 @@ def _profile_modes(cfg: DictConfig, device: torch.device, num_labels: int, featu
     return out
 
 
+def _timing_model(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
+                  plan: plans.Plan | None, blocks: int | None, mode: str) -> tuple:
+    """(net, batch, autocast dtype): this job's model cut to `blocks` blocks (`models.build(blocks=)`; None: the
+    whole model), random init, its method applied as the job would apply it with nothing recomputed or offloaded
+    (or as `plan` says), its blocks compiled where `mode` compiles (`compile_blocks`), and a batch of the job's
+    shape (the predictor's batch: `batch_size` × `task.max_seq_len`, full length) — what `_profile` and the trials
+    time. Build it under `torch.random.fork_rng`: the job's own random stream is left as it was."""
+    applied = OmegaConf.merge(cfg, {"method": (plan or plans.Plan()).keys()})
+    dtype = getattr(torch, cfg.model.get("dtype") or "float32")
+    net = models.build(cfg.model, num_labels=num_labels, device=device, dtype=dtype, blocks=blocks,
+                       weights=False)  # the architecture, random init: speed needs no weights
+    methods.apply(net, applied.method, cfg.model.get("target_modules"),
+                  frozen_dtype=frozen_weight_dtype(cfg.train, device), stacked=layer)
+    compile_blocks(net.model, cfg.train, mode)
+    net.model.train()
+    target_len = None
+    if net.family == "encoder-decoder":
+        target_len = int(cfg.task.get("target_len") or 0) if cfg.task.get("kind") == "synthetic" else 0
+        target_len = target_len or max(len(f["labels"]) for f in features)
+    batch = memory._batch(net.family, int(cfg.train.batch_size), int(cfg.task.max_seq_len), target_len,
+                          num_labels, device)
+    return net, batch, autocast_dtype(cfg.train.precision, device)
+
+
 def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layer: str,
              plan: plans.Plan | None = None, held: dict | None = None, blocks: int | None = 1,
              mode: str = "none", seconds: float = 0.25, steps: list | None = None) -> tuple:
-    """`lorafa.plans.profile_step` of this job's model cut to one block (`models.build(blocks=1)`; `blocks=None`:
-    the whole model, random init), its method applied as the job would apply it with nothing recomputed or
-    offloaded (or as `plan` says, timed only), at the job's batch shape (the predictor's batch: `batch_size` ×
-    `task.max_seq_len`, full length), its blocks compiled where `mode` compiles (`compile_blocks`), timed for at
-    least `seconds` (`steps`: gets each timed step's forward and backward seconds). `held` gets the result
-    (`times`), the model's blocks and the bytes it offloaded."""
-    applied = OmegaConf.merge(cfg, {"method": (plan or plans.Plan()).keys()})
-    dtype = getattr(torch, cfg.model.get("dtype") or "float32")
-    amp = autocast_dtype(cfg.train.precision, device)
+    """`lorafa.plans.profile_step` of `_timing_model` (by default cut to one block; `blocks=None`: the whole
+    model), timed for at least `seconds` (`steps`: gets each timed step's forward and backward seconds); `plan`:
+    timed only (no FLOPs counted). `held` gets the result (`times`), the model's blocks and the bytes it
+    offloaded."""
+    net = batch = None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        net = models.build(cfg.model, num_labels=num_labels, device=device, dtype=dtype, blocks=blocks,
-                           weights=False)  # the architecture, random init: speed needs no weights
-        methods.apply(net, applied.method, cfg.model.get("target_modules"),
-                      frozen_dtype=frozen_weight_dtype(cfg.train, device),
-                      stacked=layer)
-        compile_blocks(net.model, cfg.train, mode)
-        net.model.train()
-        target_len = None
-        if net.family == "encoder-decoder":
-            target_len = int(cfg.task.get("target_len") or 0) if cfg.task.get("kind") == "synthetic" else 0
-            target_len = target_len or max(len(f["labels"]) for f in features)
-        batch = memory._batch(net.family, int(cfg.train.batch_size), int(cfg.task.max_seq_len), target_len,
-                              num_labels, device)
         try:
+            net, batch, amp = _timing_model(cfg, device, num_labels, features, layer, plan, blocks, mode)
             times = plans.profile_step(net.model, batch, device, amp, count=plan is None, seconds=seconds,
                                        steps=steps)
             if held is not None:

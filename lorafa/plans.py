@@ -567,6 +567,28 @@ def block_extra(timed: dict, copy_bytes: float) -> dict:
             for mode, (f, b, host) in timed.items()}
 
 
+def step_timer(model: nn.Module, batch: dict, device: torch.device, amp: torch.dtype | None):
+    """A callable that runs one training step's forward and backward of `model` on `batch` (no optimizer step: it
+    is the same under every plan; gradients let go) and returns its (forward seconds, backward seconds), the
+    device synchronized around each: what `profile_step` and the budget's trials (`interleave`) time."""
+    import time
+
+    def timed() -> tuple[float, float]:
+        measure.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            loss = model(**batch).loss
+        measure.synchronize(device)
+        t0 = time.perf_counter()
+        loss.backward()
+        measure.synchronize(device)
+        t1 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        return t0 - start, t1 - t0
+
+    return timed
+
+
 def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch.dtype | None,
                  repeats: int = 3, seconds: float = 0.25, count: bool = True,
                  steps: list | None = None) -> tuple[float, float, float, float]:
@@ -577,39 +599,49 @@ def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch
     less than `seconds` (short steps are the noisy ones); gradients are let go. `count=False`: times only (FLOPs
     NaN; torch's counter hooks every module's backward, which element-wise recomputation's own `autograd.grad`
     inside a backward does not allow). `steps`: gets each timed step's (forward seconds, backward seconds)."""
-    import time
-
     from torch.utils.flop_counter import FlopCounterMode
 
-    def run(counter=None):
-        with counter or nullcontext():
+    timed = step_timer(model, batch, device, amp)
+    f_flops = b_flops = math.nan
+    if count:  # the warm-up, counted
+        with FlopCounterMode(display=False) as counter:
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                 loss = model(**batch).loss
-            measure.synchronize(device)
-            t0 = time.perf_counter()
-            if counter is not None:
-                counter_fwd = counter.get_total_flops()
+            f_flops = counter.get_total_flops()
             loss.backward()
-            measure.synchronize(device)
-            t1 = time.perf_counter()
+            b_flops = counter.get_total_flops() - f_flops
         model.zero_grad(set_to_none=True)
-        return (counter_fwd, counter.get_total_flops() - counter_fwd) if counter is not None else (t0, t1)
-
-    f_flops, b_flops = run(FlopCounterMode(display=False)) if count else (math.nan, math.nan)  # and the warm-up
-    if not count:
-        run()
-
-    def timed() -> tuple[float, float]:
-        measure.synchronize(device)
-        start = time.perf_counter()
-        t0, t1 = run()
-        return t0 - start, t1 - t0
-
+    else:
+        timed()
     first = timed()
     times = [first] + [timed() for _ in range(max(repeats, min(20, int(seconds / max(sum(first), 1e-6)))) - 1)]
     if steps is not None:
         steps.extend(times)
     return float(f_flops), min(t[0] for t in times), float(b_flops), min(t[1] for t in times)
+
+
+def interleave(steps: dict, seconds: float, least: int = 3, most: int = 20, on_error=None) -> dict:
+    """{name: [seconds of each of its steps]}: each of `steps` (name → a callable that runs one step and returns
+    its seconds) run once a round, in alternating order (forward, then backward), round after round — at least
+    `least` rounds and until the steps took `seconds` × their number, at most `most` rounds. Where a step's speed
+    is bound by the host, the host's speed drifts (roberta-large 32 × 128 on an H200: a fixed Python loop took
+    204–441 ms from one minute to the next); plans timed one after another meet different moments of it, plans
+    timed in alternation the same ones. A step that raises is left out of the later rounds (`on_error(name,
+    err)` is called) and its name maps to None."""
+    out: dict = {name: [] for name in steps}
+    live = list(steps)
+    for r in range(most):
+        for name in (live if r % 2 == 0 else live[::-1]):
+            try:
+                out[name].append(float(steps[name]()))
+            except Exception as err:  # noqa: BLE001 - the caller says what a failed step means
+                out[name] = None
+                if on_error is not None:
+                    on_error(name, err)
+        live = [name for name in live if out[name] is not None]
+        if not live or (r + 1 >= least and sum(sum(out[n]) for n in live) >= seconds * len(live)):
+            break
+    return out
 
 
 @dataclass(frozen=True)

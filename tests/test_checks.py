@@ -91,6 +91,8 @@ CASES = {
                                     "train.plan_trial_s=-1: expected a number ≥ 0"),
     "plan retime negative": (["train.memory_budget_gib=4", "train.plan_retime=-0.1"],
                              "train.plan_retime=-0.1: expected a number ≥ 0"),
+    "plan interleave not a bool": (["train.memory_budget_gib=4", "train.plan_interleave=sometimes"],
+                                   "train.plan_interleave=sometimes: expected true or false"),
     "checkpoint policy unknown": (["method.checkpoint_policy=some"],
                                   "method.checkpoint_policy=some: expected one of full, matmuls, matmuls_attention"),
 }
@@ -120,7 +122,8 @@ KIND = {"rank 0": "method.rank out of range", "rank negative": "method.rank out 
         "plan unknown": "an unknown train.plan, or one with a budget",
         "plan with a budget": "an unknown train.plan, or one with a budget",
         "memory budget not positive": "a memory budget ≤ 0 or that no plan fits", "plan trials negative": STEP_OPTION,
-        "plan trial seconds negative": STEP_OPTION, "plan retime negative": STEP_OPTION}
+        "plan trial seconds negative": STEP_OPTION, "plan retime negative": STEP_OPTION,
+        "plan interleave not a bool": STEP_OPTION}
 assert set(KIND) == set(CASES), set(KIND) ^ set(CASES)
 
 

@@ -3,6 +3,7 @@ plain step, the blocks named really recompute, and what a policy keeps is counte
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -627,6 +628,36 @@ def test_the_step_time_model_lays_copies_out_block_by_block():
     assert free == pytest.approx(0.4) and held > free + 0.05
 
 
+def test_interleaved_trials_share_the_hosts_drift():
+    """`plans.interleave` times its steps a round at a time in alternating order, for at least 3 rounds and the
+    seconds asked per step, at most 20, a failing step left out. Against a host that slows down steadily (each
+    step 1 % slower than the one before), plan b (5 % faster than a) timed after a one after another loses; timed
+    in alternation it wins on medians."""
+    clock = {"n": 0}
+
+    def step(base):
+        def run():
+            clock["n"] += 1
+            return base * 1.01 ** clock["n"]
+        return run
+
+    apart = {name: np.median([step(base)() for _ in range(10)]) for name, base in (("a", 0.1), ("b", 0.095))}
+    assert apart["b"] > apart["a"]  # the drift, not the plan
+    clock["n"] = 0
+    got = plans.interleave({"a": step(0.1), "b": step(0.095)}, seconds=1.0)
+    assert len(got["a"]) == len(got["b"]) == 10  # 1 s each: 10 rounds of two ~0.1 s steps (and a bit of drift)
+    assert np.median(got["b"]) < np.median(got["a"])
+    assert got["a"][1] > got["b"][1] * 1.05 > got["b"][0] * 1.05  # round 2 ran b first: a the later, the slower
+    assert {len(v) for v in plans.interleave({"a": lambda: 0.0, "b": lambda: 0.0}, 1.0).values()} == {20}
+    assert {len(v) for v in plans.interleave({"a": lambda: 1.0}, 0.0).values()} == {3}
+    errors = []
+
+    def broken():
+        raise RuntimeError("out of memory")
+    got = plans.interleave({"a": lambda: 0.1, "bad": broken}, 0.5, on_error=lambda n, e: errors.append((n, str(e))))
+    assert got["bad"] is None and errors == [("bad", "out of memory")] and len(got["a"]) == 5
+
+
 def test_a_budget_times_its_shortlist_in_the_mode_the_job_runs(cfg_factory, monkeypatch):
     """A budget's trials time each shortlisted plan as the job would run it: with `train.compile=blocks` each trial
     model's blocks are compiled (in the warm-up, not timed), since compiling changes what recomputation costs
@@ -712,16 +743,30 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert tight["plan_name"] == next(k for k, v in trials.items() if v <= 1.03 * min(trials.values())), trials
     assert json.loads(roomy["plans_timed_ms"]) == {} and roomy["plan_name"] == roomy["plan_modelled"] == "none"
     assert json.loads(tight["plans_timed_modes"]) == dict.fromkeys(trials, "none")  # train.compile=auto, CPU: eager
-    # each trial timed a second of steps (`train.plan_trial_s`: as many as its first step says fit in it, at least
-    # 3, at most 20; a tiny model's step takes milliseconds), each plan's time its fastest step over its trials;
-    # with no seconds asked, 3 steps
+    # the shortlisted plans' models timed side by side, a step of each a round (`train.plan_interleave`, the
+    # default; a CPU's available memory holds them): as many rounds as a second of steps per plan takes
+    # (`train.plan_trial_s`), at least 3, at most 20, and no more; each plan's time its median step
+    assert tight["plans_trials_together"] is True and json.loads(tight["plans_retimed"]) == []
     steps = json.loads(tight["plans_trial_steps_ms"])
-    assert set(steps) == set(trials), steps
-    assert all(abs(len(t) - max(3, min(20, int(1e3 / t[0])))) <= 1 for v in steps.values() for t in v), steps
-    assert all(trials[k] == min(min(t) for t in v) for k, v in steps.items()), (trials, steps)
+    assert set(steps) == set(trials) and all(len(v) == 1 for v in steps.values()), steps
+    rounds = {len(v[0]) for v in steps.values()}
+    k = max(rounds)
+    assert len(rounds) == 1 and 3 <= k <= 20, steps
+    total = lambda r: sum(sum(v[0][:r]) for v in steps.values())  # ms over the first r rounds
+    assert (k == 20 or total(k) >= 1e3 * len(steps)) and (k == 3 or total(k - 1) < 1e3 * len(steps)), steps
+    assert all(trials[n] == pytest.approx(float(np.median(v[0])), abs=1e-3) for n, v in steps.items()), (trials, steps)
     few = json.loads(run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_trial_s=0",
                                      "task.num_eval=5"))["plans_trial_steps_ms"])
     assert few and all(len(t) == 3 for v in few.values() for t in v), few
+    # one after another (`train.plan_interleave=false`): each trial a second of steps (as many as its first step
+    # says fit in it, at least 3, at most 20; a tiny model's step takes milliseconds), each plan's time its fastest
+    # step over its trials
+    apart = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_interleave=false",
+                            "task.num_eval=4"))
+    steps, trials_apart = json.loads(apart["plans_trial_steps_ms"]), json.loads(apart["plans_timed_ms"])
+    assert apart["plans_trials_together"] is False and set(steps) == set(trials_apart) and len(steps) >= 2, steps
+    assert all(abs(len(t) - max(3, min(20, int(1e3 / t[0])))) <= 1 for v in steps.values() for t in v), steps
+    assert all(trials_apart[k] == min(min(t) for t in v) for k, v in steps.items()), (trials_apart, steps)
     # where choosing took its time: each phase measured, within the job's wall time; no trials, no time in them
     phases = [tight[k] for k in ("plan_predict_s", "plan_profile_s", "plan_trials_s")]
     assert all(t > 0 for t in phases) and sum(phases) < tight["wall_time_s"], phases
@@ -732,7 +777,9 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     calls = []
     monkeypatch.setattr(job, "_trial", lambda cfg, device, n, f, layer, plan, mode, seconds:
                         [1.0 - 0.1 * len(calls.append(0) or calls)])
+    monkeypatch.setattr(job, "_room", lambda device: 0.0)  # no room for the shortlist at once: one after another
     last = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
+    assert last["plans_trials_together"] is False
     assert len(memory._CACHE) == made  # the same budget again: nothing predicted anew
     order = list(json.loads(last["plans_timed_ms"]))
     assert len(order) >= 2 and last["plan_name"] == order[-1] != last["plan_modelled"] == order[0], order
@@ -748,12 +795,14 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
         return [(0.105 if times[plan.name] == 1 else 0.09) if plan.name == times["first"] else 0.1]
 
     monkeypatch.setattr(job, "_trial", drifting)
-    again = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "task.num_eval=7"))
+    again = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "task.num_eval=7",
+                            "train.plan_interleave=false"))
     order = list(json.loads(again["plans_timed_ms"]))
     assert json.loads(again["plans_retimed"]) == order[::-1] and len(order) >= 2
     assert again["plan_name"] == again["plan_modelled"] == order[0] and json.loads(again["plans_timed_ms"])[order[0]] == 90
     times.clear()
-    once = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "task.num_eval=6", "train.plan_retime=0"))
+    once = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "task.num_eval=6", "train.plan_retime=0",
+                           "train.plan_interleave=false"))
     timed_once = list(json.loads(once["plans_timed_ms"]))  # (each job measures its own rates: its own order)
     assert json.loads(once["plans_retimed"]) == [] and once["plan_name"] == timed_once[1] != once["plan_modelled"]
     with pytest.raises(BadInput, match="train.memory_budget_gib=1e-06: no plan fits; the smallest predicted peak"):

@@ -241,12 +241,11 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                 modes=lambda: _profile_modes(cfg, device, num_labels, features, layers, plain))
     profiled = time.perf_counter()
     fitting = plans.ranked(options, budget_bytes, rates, label, lines)
-    # every plan worth timing with the room it leaves under the budget spent on keeping checkpointed blocks (a plan
-    # that checkpoints every block and keeps 9 is not the plan that keeps none), ranked again; the first timed
-    near = plans.shortlist(fitting, len(fitting) if trials else 0)
-    filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in near]
+    short = plans.shortlist(fitting, trials)
+    # the room each shortlisted plan leaves under the budget, spent on keeping checkpointed blocks; ranked again
+    filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in short]
     short = plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates, label, lines,
-                         plans.plain_backward(options))[:max(1, trials)]
+                         plans.plain_backward(options))
     filled_at = time.perf_counter()
     modes = {p.name: run_modes[p.name] for _, p, _ in short} if len(short) > 1 else {}
 
@@ -262,19 +261,22 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         timed = {name: None if not t else float(np.median(t)) for name, t in got.items()}
         retimed = []
     else:
-        def trial(p: plans.Plan) -> float | None:  # its fastest timed step (a slow host only ever adds time)
-            got = _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p, mode=modes[p.name],
-                         seconds=trial_s)
-            trial_steps.setdefault(p.name, []).append(got)
-            return min(got) if got else None
+        def trial(p: plans.Plan) -> None:
+            trial_steps.setdefault(p.name, []).append(
+                _trial(cfg, device, num_labels, features, layers.get(p.name, "false"), p, mode=modes[p.name],
+                       seconds=trial_s))
 
-        timed = {p.name: trial(p) for _, p, _ in short} if modes else {}
-        retimed = plans.to_retime(short, timed, float(cfg.train.get("plan_retime", 0.0) or 0.0))
+        def fastest(name: str) -> float | None:  # its fastest timed step over its trials (a slow host only adds)
+            return min((min(t) for t in trial_steps[name] if t), default=None)
+
+        for _, p, _ in short if modes else []:
+            trial(p)
+        retimed = plans.to_retime(short, {n: fastest(n) for n in trial_steps},
+                                  float(cfg.train.get("plan_retime", 0.0) or 0.0))
         by_name = {p.name: p for _, p, _ in short}
         for name in retimed:  # a second pass, in reverse order, over the plans the first could not tell apart
-            again = trial(by_name[name])
-            if again is not None:
-                timed[name] = min(timed[name], again)
+            trial(by_name[name])
+        timed = {n: fastest(n) for n in trial_steps}
     trials_s = time.perf_counter() - filled_at
     plan, pred, seconds = plans.pick_timed(short, timed)
     predict_s = (predicted - started) + (filled_at - profiled)

@@ -27,6 +27,7 @@ import json
 import math
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from lorafa import plans, report
@@ -180,20 +181,26 @@ report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
 # rounds), where jobs one after another measure each plan at another moment of the host's speed.
 side = report.rows(report.load(P.results), "bench_plans")
 side_lines, side_jobs = [], []
-if len(side):
-    keys = ["model", "method", "batch_size", "seq_len"]
-    side = side[side["run_id"] == side.groupby(keys)["run_id"].transform("max")]  # each model's latest run
-for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby(["model", "method", "budget_gib"],
-                                                                            sort=False):
-    batch, seq = int(grp["batch_size"].iloc[0]), int(grp["seq_len"].iloc[0])
-    bench = side[(side["model"] == model) & (side["method"] == method) & (side["batch_size"] == batch)
-                 & (side["seq_len"] == seq)] if len(side) else side
-    if bench.empty:
-        continue
+keys = ["model", "method", "batch_size", "seq_len"]
+runs = side.groupby(keys)["run_id"].transform(lambda r: r.rank(method="dense", ascending=False)) \
+    if len(side) else pd.Series(dtype=float)
+earlier = side[runs == 2] if len(side) else side  # each model's run before the latest: the passes judged on it too
+side = side[runs == 1] if len(side) else side  # each model's latest run
+
+
+def trials_of(job: pd.Series) -> str:
+    """How a budget job timed its shortlist: side by side (`plans_trials_together`), or one after another with the
+    close ones timed again (`plans_retimed` recorded) or once."""
+    together = job.get("plans_trials_together")
+    if isinstance(together, (bool, np.bool_)) and together:
+        return "side by side"
+    return "apart, close re-timed" if isinstance(job.get("plans_retimed"), str) else "apart, once"
+
+
+def judge(grp: pd.DataFrame, bench: pd.DataFrame, budget: float) -> dict:
+    """A budget's chosen plans (`grp`: its jobs, every pass) against the fastest fitting plan of one bench run."""
     speed = bench.groupby("plan_name")["tokens_per_s"].max()  # a plan at its fastest LoRA-FA layer, if several
-    per_row = bench["step_time_all_s"].map(lambda t: max(t) / min(t) if len(t) else float("nan"))
-    spread = per_row.groupby(bench["plan_name"]).max()  # one plan's slowest round ÷ its fastest
-    sweep = measured[(measured["model"] == model) & (measured["method"] == method)]
+    sweep = measured[(measured["model"] == grp["model"].iloc[0]) & (measured["method"] == grp["method"].iloc[0])]
     peaks = sweep.groupby("plan_name")["mem_peak_gib"].max()  # a job's measured peak; else the bench's own
     peak = {p: float(peaks.get(p, bench.loc[bench["plan_name"] == p, "mem_peak_gib"].max())) for p in speed.index}
     fits = [p for p in speed.index if peak[p] <= budget]
@@ -213,11 +220,29 @@ for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby([
     verdict = {c: "not timed" if not paired[c] else "within 5 %" if lo >= 0.95 else "below 0.95" if hi < 0.95
                else "unresolved" for c, (_, lo, hi) in interval.items()}
     for k, job in grp.iterrows():  # each pass's choice, for the table by pass below
-        retimed = job.get("plans_retimed")
-        side_jobs.append({"model": model, "method": method, "pass": pass_of(grp)[k], "git_sha": job["git_sha"],
-                          "retimed": isinstance(retimed, str), "ratio": ratios[job["plan_name"]],
+        side_jobs.append({"model": job["model"], "method": job["method"], "pass": pass_of(grp)[k],
+                          "git_sha": job["git_sha"], "trials": trials_of(job), "run": bench["run_id"].iloc[0],
+                          "rounds": int(bench["rounds"].min()), "ratio": ratios[job["plan_name"]],
                           "slower": bool(paired[job["plan_name"]]) and max(paired[job["plan_name"]]) < 0.95,
                           "verdict": verdict[job["plan_name"]]})
+    return {"speed": speed, "fastest": fastest, "chosen": chosen, "ratios": ratios, "paired": paired,
+            "interval": interval, "verdict": verdict}
+
+
+for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby(["model", "method", "budget_gib"],
+                                                                            sort=False):
+    batch, seq = int(grp["batch_size"].iloc[0]), int(grp["seq_len"].iloc[0])
+    bench, before = ((rows[(rows["model"] == model) & (rows["method"] == method) & (rows["batch_size"] == batch)
+                           & (rows["seq_len"] == seq)] if len(rows) else rows) for rows in (side, earlier))
+    if bench.empty:
+        continue
+    if len(before):
+        judge(grp, before, budget)  # (its passes only)
+    j = judge(grp, bench, budget)
+    speed, fastest, chosen, ratios, paired = j["speed"], j["fastest"], j["chosen"], j["ratios"], j["paired"]
+    interval, verdict = j["interval"], j["verdict"]
+    per_row = bench["step_time_all_s"].map(lambda t: max(t) / min(t) if len(t) else float("nan"))
+    spread = per_row.groupby(bench["plan_name"]).max()  # one plan's slowest round ÷ its fastest
     side_lines.append({"model": model, "batch × seq": f"{batch} × {seq}", "method": report.method_label(method),
                        "budget GiB": f"{budget:g}", "chosen (by pass)": ", ".join(chosen),
                        "chosen, side by side": ", ".join(f"{speed[c]:,.0f}" if c in speed.index else "not timed"
@@ -263,17 +288,18 @@ report.write_table(pd.DataFrame(side_lines, columns=[
                            "rows' `command`).")])
 
 # %%
-# The same verdict pass by pass: which passes' budget jobs chose plans that, timed side by side, are within 5 % of the
-# fastest that fits (a pass whose trials re-timed the close plans, `train.plan_retime`, beside those that did not).
+# The same verdict pass by pass, on the latest bench run and the one before it: which passes' budget jobs chose plans
+# that, timed side by side, are within 5 % of the fastest that fits (by how the pass's jobs timed their shortlists).
 by_pass = []
-for (model, method, k), g in pd.DataFrame(side_jobs, columns=["model", "method", "pass", "git_sha", "retimed",
-                                                              "ratio", "slower", "verdict"]).groupby(
-        ["model", "method", "pass"], sort=False):
+for (model, method, run, k), g in pd.DataFrame(side_jobs, columns=[
+        "model", "method", "pass", "git_sha", "trials", "run", "rounds", "ratio", "slower", "verdict"]).groupby(
+        ["model", "method", "run", "pass"], sort=False):
     timed = g["ratio"].notna()
-    by_pass.append({"model": model, "method": report.method_label(method), "pass (seed)": int(k),
+    by_pass.append({"model": model, "method": report.method_label(method), "side-by-side run": run,
+                    "rounds": int(g["rounds"].iloc[0]), "pass (seed)": int(k),
                     "commit": ", ".join(sorted(g["git_sha"].astype(str).str[:7].unique())),
-                    "close trials re-timed": "yes" if g["retimed"].all() else "no" if not g["retimed"].any()
-                    else "some", "budgets": len(g), "chosen plan timed side by side": int(timed.sum()),
+                    "trials": ", ".join(sorted(g["trials"].unique())), "budgets": len(g),
+                    "chosen plan timed side by side": int(timed.sum()),
                     "within 5 %": int((g.loc[timed, "ratio"] >= 0.95).sum()),
                     "below 0.95 every round": int(g["slower"].sum()),
                     "interval: within 5 %": int((g["verdict"] == "within 5 %").sum()),
@@ -281,21 +307,24 @@ for (model, method, k), g in pd.DataFrame(side_jobs, columns=["model", "method",
                     "interval: unresolved": int((g["verdict"] == "unresolved").sum()),
                     "chosen ÷ fastest": "—" if not timed.any() else
                     f"{g.loc[timed, 'ratio'].min():.3f}–{g.loc[timed, 'ratio'].max():.3f}"})
-report.write_table(pd.DataFrame(by_pass, columns=[
-                       "model", "method", "pass (seed)", "commit", "close trials re-timed", "budgets",
-                       "chosen plan timed side by side", "within 5 %", "below 0.95 every round",
-                       "interval: within 5 %", "interval: below 0.95", "interval: unresolved", "chosen ÷ fastest"]),
+by_pass = pd.DataFrame(by_pass, columns=[
+    "model", "method", "side-by-side run", "rounds", "pass (seed)", "commit", "trials", "budgets",
+    "chosen plan timed side by side", "within 5 %", "below 0.95 every round", "interval: within 5 %",
+    "interval: below 0.95", "interval: unresolved", "chosen ÷ fastest"])
+report.write_table(by_pass.sort_values(["model", "method", "side-by-side run", "pass (seed)"],
+                                       ascending=[True, True, False, True], kind="stable"),
                    f"{EXPERIMENT}_side_by_side_passes",
                    title="Each pass's budget choices, judged on the plans timed side by side",
                    notes=[side_source,
                           ("Per pass of the sweep (`seed`) and method: its budget jobs' chosen plans against the "
-                           "fastest fitting plan of the model's latest `python -m lorafa.bench --plans` run (the "
-                           "side-by-side table): how many of the chosen plans that run timed, how many came within "
-                           "5 % of the fastest, and how many were below 0.95 × it in every round; interval: how "
-                           "many the paired 95 % interval over rounds puts within 5 %, below 0.95, or neither "
-                           "(the side-by-side table). Close trials "
-                           "re-timed: the pass's jobs timed the plans within `train.plan_retime` of the fastest "
-                           "trial a second time.")])
+                           "fastest fitting plan of one `python -m lorafa.bench --plans` run — the model's latest "
+                           "(the side-by-side table) and the one before it, each on the machine it ran on: how many "
+                           "of the chosen plans that run timed, how many came within 5 % of the fastest, and how "
+                           "many were below 0.95 × it in every round; interval: how many the paired 95 % interval "
+                           "over rounds puts within 5 %, below 0.95, or neither. Trials: how the pass's jobs timed "
+                           "their shortlists — side by side (`train.plan_interleave`: the plans' models built "
+                           "together and timed a step each a round, each plan's median step), or one after "
+                           "another, once or with the close ones timed a second time (`train.plan_retime`).")])
 
 # %%
 # How far one hand-set plan's speed moves between passes: the noise a budget's 5 % check is read against.

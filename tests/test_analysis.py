@@ -176,9 +176,10 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     again["config_hash"] = "again"
     third = again.copy()  # a fourth pass whose budget chose `all`: slower than the fastest in every round, by little
     third["seed"], third["plan_name"], third["config_hash"] = 3, "all", "third"
+    third["plans_trials_together"] = True  # its shortlist timed side by side
     pd.concat([sweep, again, third]).to_parquet(tmp_path / "sweep.parquet")
     bench = []
-    for run_id, speeds in (("20261204T0100", {"elementwise": 500.0}),  # an earlier run: not read
+    for run_id, speeds in (("20261204T0100", {"elementwise": 500.0}),  # an earlier run: by pass only
                            ("20261205T0100", {"elementwise": 98.0, "every2_elementwise": 100.0, "none": 110.0,
                                               "offload_all": 105.0, "all": 90.0})):
         for plan, speed in speeds.items():
@@ -209,13 +210,20 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     expected = f"{np.exp(logs.mean()):.2f} [{np.exp(logs.mean() - half):.2f}, {np.exp(logs.mean() + half):.2f}]"
     assert row["paired, 95 % interval"] == f"{expected}, 1.00 [1.00, 1.00], 0.90 [0.88, 0.92]", row
     assert row["interval verdict"] == "unresolved, within 5 %, below 0.95"
-    passes = tables["memory_budget_side_by_side_passes"].set_index("pass (seed)")
-    assert list(passes.index) == [1, 2, 3] and list(passes["close trials re-timed"]) == ["no", "yes", "yes"]
+    by_run = tables["memory_budget_side_by_side_passes"]
+    assert list(by_run["side-by-side run"]) == ["20261205T0100"] * 3 + ["20261204T0100"] * 3  # latest first
+    passes = by_run[by_run["side-by-side run"] == "20261205T0100"].set_index("pass (seed)")
+    assert list(passes.index) == [1, 2, 3] and list(passes["trials"]) == ["apart, once", "apart, close re-timed",
+                                                                          "side by side"]
+    assert list(passes["rounds"]) == [3, 3, 3]
     assert list(passes["within 5 %"]) == [0, 1, 0]
     assert list(passes["chosen ÷ fastest"]) == ["0.933–0.933", "0.952–0.952", "0.857–0.857"]
     assert list(passes["interval: within 5 %"]) == [0, 1, 0] and list(passes["interval: below 0.95"]) == [0, 0, 1]
     assert list(passes["interval: unresolved"]) == [1, 0, 0] and list(passes["below 0.95 every round"]) == [0, 0, 1]
     assert row["one plan over rounds, max ÷ min"] == "1.036 median, 1.200 largest" and row["rounds"] == 3
+    # the run before the latest judges the same passes on what it timed: only elementwise, the fastest that fits there
+    before = by_run[by_run["side-by-side run"] == "20261204T0100"].set_index("pass (seed)")
+    assert list(before["chosen plan timed side by side"]) == [1, 0, 0] and list(before["within 5 %"]) == [1, 0, 0]
 
 
 def test_the_one_step_prediction_on_the_gpu_predicts_the_two_step_peaks():

@@ -327,6 +327,40 @@ report.write_table(by_pass.sort_values(["model", "method", "side-by-side run", "
                            "another, once or with the close ones timed a second time (`train.plan_retime`).")])
 
 # %%
+# How closely a budget job's trials track the side-by-side bench: each trial's time per plan against the bench's
+# step of that plan, each job's mean ratio taken out (only the plans' order matters to a choice).
+fidelity = []
+for run, run_rows in (pd.concat([side, earlier]).groupby("run_id", sort=False) if len(side) else []):
+    if "plans_trial_steps_ms" not in budgets:
+        continue
+    step_of = run_rows.loc[run_rows.groupby(["model", "method", "plan_name"])["tokens_per_s"].idxmax()] \
+        .set_index(["model", "method", "plan_name"])["step_time_s"]
+    residuals: dict = {}
+    for _, job in budgets[budgets["plans_trial_steps_ms"].notna() & (budgets["status"] == "ok")].iterrows():
+        stat = np.median if trials_of(job) == "side by side" else np.min
+        logs = [math.log(stat([x for t in v if t for x in t]) / (1e3 * step_of[(job["model"], job["method"], plan)]))
+                for plan, v in json.loads(job["plans_trial_steps_ms"]).items()
+                if (job["model"], job["method"], plan) in step_of.index and any(v)]
+        if len(logs) >= 2:
+            residuals.setdefault((job["model"], trials_of(job)), []).append(np.array(logs) - np.mean(logs))
+    for (model, how), jobs in residuals.items():
+        r = np.concatenate(jobs)
+        fidelity.append({"model": model, "side-by-side run": run, "trials": how, "jobs": len(jobs),
+                         "plans timed": len(r), "trial ÷ bench, sd of log": round(
+                             float(np.sqrt((r ** 2).sum() / (len(r) - len(jobs)))), 3)})
+report.write_table(pd.DataFrame(fidelity, columns=["model", "side-by-side run", "trials", "jobs", "plans timed",
+                                                   "trial ÷ bench, sd of log"]),
+                   f"{EXPERIMENT}_trial_fidelity",
+                   title="How closely budget jobs' trials track the plans timed side by side",
+                   notes=[side_source,
+                          ("Per side-by-side run (the model's latest and the one before it) and the way a pass's "
+                           "jobs timed their shortlists: each job's trial time of each shortlisted plan the run "
+                           "timed (its median step side by side, its fastest one after another; "
+                           "`plans_trial_steps_ms`) ÷ the run's step time of that plan, on a log scale, less the "
+                           "job's mean; the standard deviation over all of them (degrees of freedom: plans less "
+                           "jobs). A job whose trials ranked plans exactly as the bench would have 0.")])
+
+# %%
 # How far one hand-set plan's speed moves between passes: the noise a budget's 5 % check is read against.
 spread_lines = []
 for (model, method), g in hand.groupby(["model", "method"], sort=False):

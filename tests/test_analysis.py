@@ -3,6 +3,7 @@ committed results, and — what CI runs — on rows from a fresh smoke sweep of 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -177,6 +178,8 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     third = again.copy()  # a fourth pass whose budget chose `all`: slower than the fastest in every round, by little
     third["seed"], third["plan_name"], third["config_hash"] = 3, "all", "third"
     third["plans_trials_together"] = True  # its shortlist timed side by side
+    third["plans_trial_steps_ms"] = json.dumps({"elementwise": [[1000, 1200, 1400]],
+                                                "every2_elementwise": [[2000, 2000, 2000]], "gone": [[5]]})
     pd.concat([sweep, again, third]).to_parquet(tmp_path / "sweep.parquet")
     bench = []
     for run_id, speeds in (("20261204T0100", {"elementwise": 500.0}),  # an earlier run: by pass only
@@ -189,6 +192,7 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
                           "step_time_all_s": {"none": [1.0, 1.1, 1.2], "elementwise": [1.0, 1.2, 1.1],
                                               "all": [1.1, 1.12, 1.14]}.get(plan, [1.0, 1.0, 1.02]),
                           "mem_peak_gib": {"offload_all": 1.4, "none": 1.0, "all": 1.0}.get(plan, 9.0),
+                          "step_time_s": 1.0,
                           "device": "NVIDIA H200"})
     pd.DataFrame(bench).to_parquet(tmp_path / "bench.parquet")
     tables = memory_budget_tables(tmp_path / "*.parquet", tmp_path, monkeypatch)
@@ -221,6 +225,13 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     assert list(passes["interval: within 5 %"]) == [0, 1, 0] and list(passes["interval: below 0.95"]) == [0, 0, 1]
     assert list(passes["interval: unresolved"]) == [1, 0, 0] and list(passes["below 0.95 every round"]) == [0, 0, 1]
     assert row["one plan over rounds, max ÷ min"] == "1.036 median, 1.200 largest" and row["rounds"] == 3
+    # how closely the side-by-side pass's trials track the latest run (its median steps, 1.2 s and 2 s, against 1 s
+    # and 1 s: log ratios 0.18 and 0.69, each less their mean, one degree of freedom); a plan the run did not time
+    # is left out, and the earlier run timed too few of them to say
+    (fid,) = tables["memory_budget_trial_fidelity"].to_dict("records")
+    r = np.log(1.2) - np.log(2.0)
+    assert fid["side-by-side run"] == "20261205T0100" and fid["trials"] == "side by side" and fid["jobs"] == 1
+    assert fid["plans timed"] == 2 and fid["trial ÷ bench, sd of log"] == round(float(np.sqrt(r ** 2 / 2)), 3), fid
     # the run before the latest judges the same passes on what it timed: only elementwise, the fastest that fits there
     before = by_run[by_run["side-by-side run"] == "20261204T0100"].set_index("pass (seed)")
     assert list(before["chosen plan timed side by side"]) == [1, 0, 0] and list(before["within 5 %"]) == [1, 0, 0]
@@ -342,7 +353,7 @@ def test_analysis_on_the_committed_results(tmp_path):
     assert "H200" in memory
     for name in ("memory_vs_batch", "memory_vs_seq", "memory_vs_rank", "throughput", "memory_budget",
                  "memory_budget_choices", "memory_budget_repeats", "memory_budget_side_by_side",
-                 "memory_budget_side_by_side_passes", "memory_plan_checks_repeat",
+                 "memory_budget_side_by_side_passes", "memory_budget_trial_fidelity", "memory_plan_checks_repeat",
                  "memory_plan_checks_inflight", "memory_plan_checks_compiled", "memory_plan_checks_one_step"):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name

@@ -295,7 +295,8 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                         bwd_tflop_per_s=(rates.backward_flops or math.nan) / 1e12,
                         block_extra_ms=json.dumps({m: [round(1e3 * f, 3), round(1e3 * b, 3)]
                                                    for m, (f, b) in (rates.block_extra or {}).items()}))
-    timed_text = ("; timed together, median step: " if together else "; timed ") + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items()) \
+    timed_text = ("; timed together, median step: " if together else "; timed ") \
+        + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items()) \
         + (f"; timed again, best kept: {', '.join(retimed)}" if retimed else "") if timed else ""
     log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit%s); "
              "chosen in %.0f s (predicting %.0f s, profiling %.0f s, trials %.0f s)",
@@ -345,9 +346,9 @@ def _trials_together(cfg: DictConfig, device: torch.device, num_labels: int, fea
                     built[plan.name] = (net, plans.step_timer(net.model, batch, device, amp))
                     built[plan.name][1]()  # the warm-up (and compiling, in a compiled mode)
                 except Exception as err:  # noqa: BLE001 - a plan that cannot be timed is left out of the choice
-                    out[plan.name] = None
                     failed(plan.name, err)
-            timers = {name: (lambda t=timer: sum(t())) for name, (_, timer) in built.items()}
+            # (looked up each step: a plan that fails mid-way is let go at once, its memory with it)
+            timers = {name: (lambda n=name: sum(built[n][1]())) for name in built}
             out.update(plans.interleave(timers, seconds, on_error=failed))
         finally:
             built.clear()

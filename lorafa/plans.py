@@ -622,7 +622,7 @@ def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch
 
 def interleave(steps: dict, seconds: float, least: int = 3, most: int = 20, on_error=None) -> dict:
     """{name: [seconds of each of its steps]}: each of `steps` (name → a callable that runs one step and returns
-    its seconds) run once a round, in alternating order (forward, then backward), round after round — at least
+    its seconds) run once a round, in one order and then the reverse, round after round — at least
     `least` rounds and until the steps took `seconds` × their number, at most `most` rounds. Where a step's speed
     is bound by the host, the host's speed drifts (roberta-large 32 × 128 on an H200: a fixed Python loop took
     204–441 ms from one minute to the next); plans timed one after another meet different moments of it, plans

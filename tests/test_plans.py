@@ -755,9 +755,26 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     total = lambda r: sum(sum(v[0][:r]) for v in steps.values())  # ms over the first r rounds
     assert (k == 20 or total(k) >= 1e3 * len(steps)) and (k == 3 or total(k - 1) < 1e3 * len(steps)), steps
     assert all(trials[n] == pytest.approx(float(np.median(v[0])), abs=1e-3) for n, v in steps.items()), (trials, steps)
-    few = json.loads(run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_trial_s=0",
-                                     "task.num_eval=5"))["plans_trial_steps_ms"])
-    assert few and all(len(t) == 3 for v in few.values() for t in v), few
+    # with no seconds asked, 3 rounds; a plan whose whole model fails to build is left out (null), the others timed
+    from lorafa import job
+
+    real_build, broken = job._timing_model, tight["plan_modelled"]
+
+    def failing(cfg, device, n, f, layer, plan, blocks, mode):
+        if blocks is None and plan is not None and plan.name == broken:
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return real_build(cfg, device, n, f, layer, plan, blocks, mode)
+
+    monkeypatch.setattr(job, "_timing_model", failing)
+    with caplog.at_level(logging.WARNING, logger="lorafa.job"):
+        some = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_trial_s=0",
+                               "task.num_eval=5"))
+    monkeypatch.setattr(job, "_timing_model", real_build)
+    few = json.loads(some["plans_trial_steps_ms"])
+    assert few[broken] == [None] and json.loads(some["plans_timed_ms"])[broken] is None, few
+    assert some["plan_name"] != broken and f"plan {broken}: trial failed (RuntimeError" in caplog.text
+    rest = [t for k, v in few.items() if k != broken for t in v]
+    assert rest and all(len(t) == 3 for t in rest), few
     # one after another (`train.plan_interleave=false`): each trial a second of steps (as many as its first step
     # says fit in it, at least 3, at most 20; a tiny model's step takes milliseconds), each plan's time its fastest
     # step over its trials

@@ -198,7 +198,8 @@ def trials_of(job: pd.Series) -> str:
 
 
 def judge(grp: pd.DataFrame, bench: pd.DataFrame, budget: float) -> dict:
-    """A budget's chosen plans (`grp`: its jobs, every pass) against the fastest fitting plan of one bench run."""
+    """A budget's chosen plans (`grp`: its jobs, every pass) against the fastest fitting plan of one bench run;
+    `jobs`: each job's verdict, for the table by pass."""
     speed = bench.groupby("plan_name")["tokens_per_s"].max()  # a plan at its fastest LoRA-FA layer, if several
     sweep = measured[(measured["model"] == grp["model"].iloc[0]) & (measured["method"] == grp["method"].iloc[0])]
     peaks = sweep.groupby("plan_name")["mem_peak_gib"].max()  # a job's measured peak; else the bench's own
@@ -219,14 +220,13 @@ def judge(grp: pd.DataFrame, bench: pd.DataFrame, budget: float) -> dict:
     interval = {c: report.paired_ratio(paired[c]) for c in chosen}
     verdict = {c: "not timed" if not paired[c] else "within 5 %" if lo >= 0.95 else "below 0.95" if hi < 0.95
                else "unresolved" for c, (_, lo, hi) in interval.items()}
-    for k, job in grp.iterrows():  # each pass's choice, for the table by pass below
-        side_jobs.append({"model": job["model"], "method": job["method"], "pass": pass_of(grp)[k],
-                          "git_sha": job["git_sha"], "trials": trials_of(job), "run": bench["run_id"].iloc[0],
-                          "rounds": int(bench["rounds"].min()), "ratio": ratios[job["plan_name"]],
-                          "slower": bool(paired[job["plan_name"]]) and max(paired[job["plan_name"]]) < 0.95,
-                          "verdict": verdict[job["plan_name"]]})
+    jobs = [{"model": job["model"], "method": job["method"], "pass": pass_of(grp)[k],
+             "git_sha": job["git_sha"], "trials": trials_of(job), "run": bench["run_id"].iloc[0],
+             "rounds": int(bench["rounds"].min()), "ratio": ratios[job["plan_name"]],
+             "slower": bool(paired[job["plan_name"]]) and max(paired[job["plan_name"]]) < 0.95,
+             "verdict": verdict[job["plan_name"]]} for k, job in grp.iterrows()]
     return {"speed": speed, "fastest": fastest, "chosen": chosen, "ratios": ratios, "paired": paired,
-            "interval": interval, "verdict": verdict}
+            "interval": interval, "verdict": verdict, "jobs": jobs}
 
 
 for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby(["model", "method", "budget_gib"],
@@ -236,9 +236,8 @@ for (model, method, budget), grp in budgets[budgets["status"] == "ok"].groupby([
                            & (rows["seq_len"] == seq)] if len(rows) else rows) for rows in (side, earlier))
     if bench.empty:
         continue
-    if len(before):
-        judge(grp, before, budget)  # (its passes only)
     j = judge(grp, bench, budget)
+    side_jobs += j["jobs"] + (judge(grp, before, budget)["jobs"] if len(before) else [])
     speed, fastest, chosen, ratios, paired = j["speed"], j["fastest"], j["chosen"], j["ratios"], j["paired"]
     interval, verdict = j["interval"], j["verdict"]
     per_row = bench["step_time_all_s"].map(lambda t: max(t) / min(t) if len(t) else float("nan"))

@@ -789,7 +789,6 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert all(t > 0 for t in phases) and sum(phases) < tight["wall_time_s"], phases
     assert roomy["plan_trials_s"] < 0.1 * tight["plan_trials_s"], (roomy["plan_trials_s"], tight["plan_trials_s"])
     # the job runs the plan its trials found fastest, not the model's: trials timed so that the last is fastest
-    from lorafa import job
 
     calls = []
     monkeypatch.setattr(job, "_trial", lambda cfg, device, n, f, layer, plan, mode, seconds:

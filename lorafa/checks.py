@@ -99,6 +99,8 @@ def check_config(cfg) -> None:
         need("train.memory_budget_gib", positive, "a number > 0 (GiB) or null")
         need("train.plan_trials", lambda v: v >= 0 and v == int(v), "an integer ≥ 0 (0: the step-time model chooses)")
         need("train.plan_trial_s", lambda v: v >= 0, "a number ≥ 0 (seconds a trial times, at least 3 steps)")
+        need("train.plan_trial_max_s", lambda v: v >= 0,
+             "a number ≥ 0 (seconds of steps a plan races for at most; ≤ train.plan_trial_s: no race)")
         need("train.plan_retime", lambda v: v >= 0, "a number ≥ 0 (0: each plan timed once)")
         if not isinstance(cfg.train.get("plan_interleave", True), bool):
             raise BadInput(f"train.plan_interleave={cfg.train.plan_interleave}: expected true or false")

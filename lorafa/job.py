@@ -256,7 +256,10 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     together = bool(modes) and bool(cfg.train.plan_interleave) \
         and sum(pred.peak for _, _, pred in short) <= 0.9 * _room(device)
     if together:  # each plan's time: its median step (the steps alternate: the host's drift is shared)
-        got = _trials_together(cfg, device, num_labels, features, layers, [p for _, p, _ in short], modes, trial_s)
+        max_s = float(cfg.train.get("plan_trial_max_s", 0.0) or 0.0)
+        race = max_s > trial_s
+        got = _trials_together(cfg, device, num_labels, features, layers, [p for _, p, _ in short], modes, trial_s,
+                               most_s=max_s if race else None)
         trial_steps = {name: [t] for name, t in got.items()}
         timed = {name: None if not t else float(np.median(t)) for name, t in got.items()}
         retimed = []
@@ -286,6 +289,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                                    for k, v in timed.items()}),
                         plans_timed_modes=json.dumps(modes), plans_retimed=json.dumps(retimed),
                         plans_trials_together=together,
+                        plans_race_tolerance=plans.TRIAL_TOLERANCE if together and race else math.nan,
                         plans_trial_steps_ms=json.dumps({k: [None if t is None else [round(1e3 * x, 3) for x in t]
                                                              for t in v] for k, v in trial_steps.items()}),
                         pred_step_s=seconds, plan_predict_s=predict_s,
@@ -324,11 +328,12 @@ def _trial(cfg: DictConfig, device: torch.device, num_labels: int, features: lis
 
 
 def _trials_together(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layers: dict,
-                     short: list, modes: dict, seconds: float) -> dict:
+                     short: list, modes: dict, seconds: float, most_s: float | None = None) -> dict:
     """{plan name: each timed step's seconds (forward and backward), or None where it failed (a warning)}: the job's
     whole model under each of the `short` plans (`_timing_model`, in the mode the job would run it, warmed up by one
     step), all of them on the device at once, their steps timed in alternation (`plans.interleave`: at least 3
-    rounds and `seconds` of steps per plan, at most 20)."""
+    rounds and `seconds` of steps per plan, at most 20). `most_s`: then a race (`plans.race`) until the plans are
+    told apart, or each one still running has had `most_s` of steps (at most 200 rounds)."""
     built, out = {}, {}
 
     def failed(name, err):
@@ -349,7 +354,9 @@ def _trials_together(cfg: DictConfig, device: torch.device, num_labels: int, fea
                     failed(plan.name, err)
             # (looked up each step: a plan that fails mid-way is let go at once, its memory with it)
             timers = {name: (lambda n=name: sum(built[n][1]())) for name in built}
-            out.update(plans.interleave(timers, seconds, on_error=failed))
+            race = {} if most_s is None else {"tolerance": plans.TRIAL_TOLERANCE, "most_seconds": most_s,
+                                              "most": plans.RACE_ROUNDS}
+            out.update(plans.interleave(timers, seconds, on_error=failed, **race))
         finally:
             built.clear()
             if device.type == "cuda":

@@ -620,14 +620,25 @@ def profile_step(model: nn.Module, batch: dict, device: torch.device, amp: torch
     return float(f_flops), min(t[0] for t in times), float(b_flops), min(t[1] for t in times)
 
 
-def interleave(steps: dict, seconds: float, least: int = 3, most: int = 20, on_error=None) -> dict:
+RACE_Z = 3.0  # a race's intervals (`race`): z standard errors (its looks are many, each one a chance to stop wrongly)
+RACE_ROUNDS = 200  # a race's most rounds
+
+
+def interleave(steps: dict, seconds: float, least: int = 3, most: int = 20, on_error=None,
+               tolerance: float | None = None, most_seconds: float | None = None, z: float = RACE_Z) -> dict:
     """{name: [seconds of each of its steps]}: each of `steps` (name → a callable that runs one step and returns
     its seconds) run once a round, in one order and then the reverse, round after round — at least
     `least` rounds and until the steps took `seconds` × their number, at most `most` rounds. Where a step's speed
     is bound by the host, the host's speed drifts (roberta-large 32 × 128 on an H200: a fixed Python loop took
     204–441 ms from one minute to the next); plans timed one after another meet different moments of it, plans
     timed in alternation the same ones. A step that raises is left out of the later rounds (`on_error(name,
-    err)` is called) and its name maps to None."""
+    err)` is called) and its name maps to None.
+
+    `tolerance`: a race (`race`). After that, rounds go on while the race is not settled — a plan that is neither
+    shown slower than the leader nor the leader shown within `tolerance` of it — until each step still running has
+    taken `most_seconds` (default: no limit but `most`); a plan shown slower runs no more rounds (its steps so far
+    are kept). The same host jitters from one step to the next too (the same step 136–211 ms), so two plans a few
+    percent apart need tens of rounds to tell apart and plans far apart need few."""
     out: dict = {name: [] for name in steps}
     live = list(steps)
     for r in range(most):
@@ -639,9 +650,57 @@ def interleave(steps: dict, seconds: float, least: int = 3, most: int = 20, on_e
                 if on_error is not None:
                     on_error(name, err)
         live = [name for name in live if out[name] is not None]
-        if not live or (r + 1 >= least and sum(sum(out[n]) for n in live) >= seconds * len(live)):
+        if not live:
+            break
+        enough = r + 1 >= least and sum(sum(out[n]) for n in live) >= seconds * len(live)
+        if not enough:
+            continue
+        if tolerance is None:
+            break
+        slower, settled = race({n: out[n] for n in live}, tolerance, z)
+        live = [n for n in live if n not in slower]
+        if settled or (most_seconds is not None and min(sum(out[n]) for n in live) >= most_seconds):
             break
     return out
+
+
+def _student(z: float, df: int) -> float:
+    """Student's t quantile with `df` degrees of freedom at the normal quantile `z` (Cornish–Fisher, two terms:
+    within 4 % from 5 degrees of freedom on; larger than z always, as a few rounds' spread is itself uncertain)."""
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def race(times: dict, tolerance: float, z: float = RACE_Z) -> tuple[set, bool]:
+    """(the plans shown slower than the leader, whether the race is settled) from plans' step times taken in
+    alternation (`times`: name → its steps, one a round, the same rounds). The leader: the least median step. Each
+    other plan's paired log-ratio to it, round by round (a round's two steps share the host's moment), its outlying
+    rounds clipped to the median ± 3 scaled MADs from 6 rounds on (a garbage collection can double one step), gives
+    a mean and its interval, Student's t at the confidence of `z` standard errors: wholly above 0, the plan is slower; its lower end at or above
+    −log(1 + `tolerance`), the leader is within `tolerance` of it. Settled: every other plan is one or the other."""
+    import statistics
+
+    names = [n for n, t in times.items() if t]
+    if len(names) < 2:
+        return set(), True
+    leader = min(names, key=lambda n: statistics.median(times[n]))
+    slower, settled = set(), True
+    for name in names:
+        if name == leader:
+            continue
+        d = [math.log(a / b) for a, b in zip(times[name], times[leader]) if a > 0 and b > 0]
+        if len(d) < 2:
+            settled = False
+            continue
+        if len(d) >= 6:  # (fewer: no spread to clip to)
+            mid = statistics.median(d)
+            spread = 3 * 1.4826 * statistics.median(abs(x - mid) for x in d)
+            d = [min(max(x, mid - spread), mid + spread) for x in d]
+        low = statistics.fmean(d) - _student(z, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+        if low > 0:
+            slower.add(name)
+        elif low < -math.log1p(tolerance):
+            settled = False
+    return slower, settled
 
 
 @dataclass(frozen=True)

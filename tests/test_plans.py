@@ -1,6 +1,7 @@
 """Memory plans (`lorafa.plans`): which blocks checkpoint, what a checkpointed block keeps — same gradients as the
 plain step, the blocks named really recompute, and what a policy keeps is counted as saved activations."""
 
+import math
 import re
 
 import numpy as np
@@ -658,6 +659,35 @@ def test_interleaved_trials_share_the_hosts_drift():
     assert got["bad"] is None and errors == [("bad", "out of memory")] and len(got["a"]) == 5
 
 
+def test_a_race_stops_a_plan_shown_slower_and_ends_once_the_leader_is_shown_close():
+    """`plans.interleave(tolerance=)`: past the rounds asked for, a race (`plans.race`) — a plan shown slower than
+    the leader (the least median step; a paired interval of log-ratios, round by round) runs no more rounds; the
+    race ends when the leader is shown within `tolerance` of each plan left, or each has had `most_seconds`. One
+    step doubled (a garbage collection) is clipped, not taken for a slower plan."""
+    rng = np.random.default_rng(0)
+
+    def noisy(base, cv):
+        return lambda: float(base * np.exp(rng.normal(0.0, cv)))
+
+    race = {"tolerance": 0.03, "most": 200}
+    got = plans.interleave({"a": noisy(0.1, 0.02), "slow": noisy(0.15, 0.02)}, 0.0, most_seconds=10, **race)
+    assert len(got["a"]) == len(got["slow"]) == 3, got  # told apart at the first look: settled
+    assert {len(v) for v in plans.interleave({"a": lambda: 0.1, "b": lambda: 0.1}, 0.0, **race).values()} == {3}
+    # two plans alike, each step 5 % noisy: tens of rounds before the leader is shown within 3 % of the other
+    got = plans.interleave({"a": noisy(0.1, 0.05), "b": noisy(0.1, 0.05)}, 0.0, **race)
+    assert 20 < len(got["a"]) == len(got["b"]) < 200 and plans.race(got, 0.03) == (set(), True), len(got["a"])
+    assert plans.race({k: v[:-5] for k, v in got.items()}, 0.03)[1] is False  # (not settled 5 rounds before)
+    capped = plans.interleave({"a": noisy(0.1, 0.05), "b": noisy(0.1, 0.05)}, 0.0, most_seconds=1.0, **race)
+    (k,) = {len(v) for v in capped.values()}  # 1 s each: about 10 rounds of 0.1 s steps, and no more
+    assert min(sum(v) for v in capped.values()) >= 1.0 > min(sum(v[:-1]) for v in capped.values()) and k < 15, k
+    # three plans: the slow one stops early, the two close ones race on; the leader the least median
+    got = plans.interleave({"a": noisy(0.1, 0.05), "b": noisy(0.1, 0.05), "c": noisy(0.14, 0.05)}, 0.0, **race)
+    assert len(got["c"]) < len(got["a"]) == len(got["b"]), {k: len(v) for k, v in got.items()}
+    assert "c" in plans.race({k: v[:len(got["c"])] for k, v in got.items()}, 0.03)[0]
+    assert plans.race({"a": [1.0] * 10, "b": [1.0] * 9 + [2.0]}, 0.03) == (set(), True)
+    assert plans.race({"a": [1.0] * 10, "b": [1.1] * 10}, 0.03) == ({"b"}, True)
+
+
 def test_a_budget_times_its_shortlist_in_the_mode_the_job_runs(cfg_factory, monkeypatch):
     """A budget's trials time each shortlisted plan as the job would run it: with `train.compile=blocks` each trial
     model's blocks are compiled (in the warm-up, not timed), since compiling changes what recomputation costs
@@ -683,7 +713,7 @@ def test_a_budget_times_its_shortlist_in_the_mode_the_job_runs(cfg_factory, monk
     monkeypatch.setattr(plans, "TRIAL_MARGIN", 100.0)  # a tiny model's modelled steps are noise: time them
     torch._dynamo.reset()
     row = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_trials=2",
-                          "train.compile=blocks", "train.compile_backend=aot_eager"))
+                          "train.plan_trial_max_s=0", "train.compile=blocks", "train.compile_backend=aot_eager"))
     assert row["status"] == "ok" and row["compile_mode"] == "blocks", row["error"]
     trials = json.loads(row["plans_timed_ms"])
     assert len(trials) == 2 and all(v > 0 for v in trials.values()), trials
@@ -710,7 +740,7 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     import re
 
     with caplog.at_level(logging.INFO, logger="lorafa.job"):
-        tight = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
+        tight = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_trial_max_s=1.5"))
     # the log says what the pause before training is, and where its seconds went
     assert f"train.memory_budget_gib={budget}: choosing among {n} plans — predicting each on fake tensors, " \
            "profiling the device, then timing up to 4 on the whole model" in caplog.text, caplog.text
@@ -744,18 +774,35 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert json.loads(roomy["plans_timed_ms"]) == {} and roomy["plan_name"] == roomy["plan_modelled"] == "none"
     assert json.loads(tight["plans_timed_modes"]) == dict.fromkeys(trials, "none")  # train.compile=auto, CPU: eager
     # the shortlisted plans' models timed side by side, a step of each a round (`train.plan_interleave`, the
-    # default; a CPU's available memory holds them): as many rounds as a second of steps per plan takes
-    # (`train.plan_trial_s`), at least 3, at most 20, and no more; each plan's time its median step
+    # default; a CPU's available memory holds them): at least 3 rounds and a second of steps per plan
+    # (`train.plan_trial_s`); then a race (`plans.race`) until the plans are told apart or each left has had 1.5 s
+    # (`train.plan_trial_max_s`); each plan's time its median step
     assert tight["plans_trials_together"] is True and json.loads(tight["plans_retimed"]) == []
-    steps = json.loads(tight["plans_trial_steps_ms"])
-    assert set(steps) == set(trials) and all(len(v) == 1 for v in steps.values()), steps
-    rounds = {len(v[0]) for v in steps.values()}
-    k = max(rounds)
-    assert len(rounds) == 1 and 3 <= k <= 20, steps
-    total = lambda r: sum(sum(v[0][:r]) for v in steps.values())  # ms over the first r rounds
-    assert (k == 20 or total(k) >= 1e3 * len(steps)) and (k == 3 or total(k - 1) < 1e3 * len(steps)), steps
-    assert all(trials[n] == pytest.approx(float(np.median(v[0])), abs=1e-3) for n, v in steps.items()), (trials, steps)
-    # with no seconds asked, 3 rounds; a plan whose whole model fails to build is left out (null), the others timed
+    assert tight["plans_race_tolerance"] == plans.TRIAL_TOLERANCE
+    steps = {k: v[0] for k, v in json.loads(tight["plans_trial_steps_ms"]).items()}
+    assert set(steps) == set(trials) and len(steps) >= 2, steps
+    total = lambda r: sum(sum(v[:r]) for v in steps.values())  # ms over the first r rounds
+    first = next(r for r in range(3, 200) if total(r) >= 1e3 * len(steps))  # the race starts after it
+    assert min(len(v) for v in steps.values()) >= first, (first, steps)
+
+    def raced(steps: dict, seconds: float):
+        """The race's rounds as `plans.interleave` runs them: a plan with fewer rounds than the most was shown
+        slower when it stopped, and the rest ran until settled or `seconds` each, and no longer."""
+        k = max(len(t) for t in steps.values())
+        for name, t in steps.items():
+            if len(t) < k:
+                assert name in plans.race({n: v[:len(t)] for n, v in steps.items() if len(v) >= len(t)}, 0.03)[0]
+        left = {n: v for n, v in steps.items() if len(v) == k}
+        assert plans.race(left, 0.03)[1] or min(sum(v) for v in left.values()) >= 1e3 * seconds
+        if k > first:
+            assert not plans.race({n: v[:-1] for n, v in left.items()}, 0.03)[1]
+            assert min(sum(v[:-1]) for v in left.values()) < 1e3 * seconds
+        return k
+
+    raced(steps, 1.5)
+    assert all(trials[n] == pytest.approx(float(np.median(v)), abs=1e-3) for n, v in steps.items()), (trials, steps)
+    # with no seconds asked and no race (`train.plan_trial_max_s=0`), 3 rounds; a plan whose whole model fails to
+    # build is left out (null), the others timed
     from lorafa import job
 
     real_build, broken = job._timing_model, tight["plan_modelled"]
@@ -768,13 +815,13 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     monkeypatch.setattr(job, "_timing_model", failing)
     with caplog.at_level(logging.WARNING, logger="lorafa.job"):
         some = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_trial_s=0",
-                               "task.num_eval=5"))
+                               "train.plan_trial_max_s=0", "task.num_eval=5"))
     monkeypatch.setattr(job, "_timing_model", real_build)
     few = json.loads(some["plans_trial_steps_ms"])
     assert few[broken] == [None] and json.loads(some["plans_timed_ms"])[broken] is None, few
     assert some["plan_name"] != broken and f"plan {broken}: trial failed (RuntimeError" in caplog.text
     rest = [t for k, v in few.items() if k != broken for t in v]
-    assert rest and all(len(t) == 3 for t in rest), few
+    assert rest and all(len(t) == 3 for t in rest) and math.isnan(some["plans_race_tolerance"]), few
     # one after another (`train.plan_interleave=false`): each trial a second of steps (as many as its first step
     # says fit in it, at least 3, at most 20; a tiny model's step takes milliseconds), each plan's time its fastest
     # step over its trials

@@ -189,11 +189,13 @@ side = side[runs == 1] if len(side) else side  # each model's latest run
 
 
 def trials_of(job: pd.Series) -> str:
-    """How a budget job timed its shortlist: side by side (`plans_trials_together`), or one after another with the
-    close ones timed again (`plans_retimed` recorded) or once."""
+    """How a budget job timed its shortlist: side by side (`plans_trials_together`), raced until told apart
+    (`plans_race_tolerance` recorded) or for a fixed time, or one after another with the close ones timed again
+    (`plans_retimed` recorded) or once."""
     together = job.get("plans_trials_together")
     if isinstance(together, (bool, np.bool_)) and together:
-        return "side by side"
+        race = job.get("plans_race_tolerance")
+        return "side by side, raced" if isinstance(race, float) and not np.isnan(race) else "side by side"
     return "apart, close re-timed" if isinstance(job.get("plans_retimed"), str) else "apart, once"
 
 

@@ -262,6 +262,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                most_s=max_s if race else None)
         trial_steps = {name: [t] for name, t in got.items()}
         timed = {name: None if not t else float(np.median(t)) for name, t in got.items()}
+        slower = plans.stopped(got)  # (medians over fewer, earlier rounds: not comparable with the others')
         retimed = []
     else:
         def trial(p: plans.Plan) -> None:
@@ -280,8 +281,9 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         for name in retimed:  # a second pass, in reverse order, over the plans the first could not tell apart
             trial(by_name[name])
         timed = {n: fastest(n) for n in trial_steps}
+        slower = []
     trials_s = time.perf_counter() - filled_at
-    plan, pred, seconds = plans.pick_timed(short, timed)
+    plan, pred, seconds = plans.pick_timed(short, {n: t for n, t in timed.items() if n not in slower})
     predict_s = (predicted - started) + (filled_at - profiled)
     chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options),
                         plans_fitting=len(fitting), plan_modelled=short[0][1].name,
@@ -290,6 +292,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                         plans_timed_modes=json.dumps(modes), plans_retimed=json.dumps(retimed),
                         plans_trials_together=together,
                         plans_race_tolerance=plans.TRIAL_TOLERANCE if together and race else math.nan,
+                        plans_shown_slower=json.dumps(slower),
                         plans_trial_steps_ms=json.dumps({k: [None if t is None else [round(1e3 * x, 3) for x in t]
                                                              for t in v] for k, v in trial_steps.items()}),
                         pred_step_s=seconds, plan_predict_s=predict_s,
@@ -301,7 +304,8 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                                    for m, (f, b) in (rates.block_extra or {}).items()}))
     timed_text = ("; timed together, median step: " if together else "; timed ") \
         + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items()) \
-        + (f"; timed again, best kept: {', '.join(retimed)}" if retimed else "") if timed else ""
+        + (f"; timed again, best kept: {', '.join(retimed)}" if retimed else "") \
+        + (f"; stopped as slower: {', '.join(slower)}" if slower else "") if timed else ""
     log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit%s); "
              "chosen in %.0f s (predicting %.0f s, profiling %.0f s, trials %.0f s)",
              label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), len(fitting), timed_text,

@@ -664,6 +664,15 @@ def interleave(steps: dict, seconds: float, least: int = 3, most: int = 20, on_e
     return out
 
 
+def stopped(times: dict) -> list[str]:
+    """The plans a race (`interleave` with a tolerance) stopped as shown slower than its leader: those timed in
+    fewer rounds than the most (`times`: `interleave`'s result; a failed plan's None is not one). They are not
+    chosen: their median steps come from fewer, earlier rounds than the others', and a host that slows down later
+    would make a stopped plan look faster than the ones it lost to."""
+    most = max((len(t) for t in times.values() if t), default=0)
+    return [name for name, t in times.items() if t and len(t) < most]
+
+
 def _student(z: float, df: int) -> float:
     """Student's t quantile with `df` degrees of freedom at the normal quantile `z` (Cornish–Fisher, two terms:
     within 4 % from 5 degrees of freedom on; larger than z always, as a few rounds' spread is itself uncertain)."""

@@ -89,6 +89,8 @@ CASES = {
                              "train.plan_trials=-1: expected an integer ≥ 0"),
     "plan trial seconds negative": (["train.memory_budget_gib=4", "train.plan_trial_s=-1"],
                                     "train.plan_trial_s=-1: expected a number ≥ 0"),
+    "plan race seconds negative": (["train.memory_budget_gib=4", "train.plan_trial_max_s=-1"],
+                                   "train.plan_trial_max_s=-1: expected a number ≥ 0"),
     "plan retime negative": (["train.memory_budget_gib=4", "train.plan_retime=-0.1"],
                              "train.plan_retime=-0.1: expected a number ≥ 0"),
     "plan interleave not a bool": (["train.memory_budget_gib=4", "train.plan_interleave=sometimes"],
@@ -122,7 +124,8 @@ KIND = {"rank 0": "method.rank out of range", "rank negative": "method.rank out 
         "plan unknown": "an unknown train.plan, or one with a budget",
         "plan with a budget": "an unknown train.plan, or one with a budget",
         "memory budget not positive": "a memory budget ≤ 0 or that no plan fits", "plan trials negative": STEP_OPTION,
-        "plan trial seconds negative": STEP_OPTION, "plan retime negative": STEP_OPTION,
+        "plan trial seconds negative": STEP_OPTION, "plan race seconds negative": STEP_OPTION,
+        "plan retime negative": STEP_OPTION,
         "plan interleave not a bool": STEP_OPTION}
 assert set(KIND) == set(CASES), set(KIND) ^ set(CASES)
 

@@ -686,6 +686,7 @@ def test_a_race_stops_a_plan_shown_slower_and_ends_once_the_leader_is_shown_clos
     assert "c" in plans.race({k: v[:len(got["c"])] for k, v in got.items()}, 0.03)[0]
     assert plans.race({"a": [1.0] * 10, "b": [1.0] * 9 + [2.0]}, 0.03) == (set(), True)
     assert plans.race({"a": [1.0] * 10, "b": [1.1] * 10}, 0.03) == ({"b"}, True)
+    assert plans.stopped({"a": [1.0] * 6, "b": [0.9] * 3, "c": None}) == ["b"]  # (c failed: not stopped)
 
 
 def test_a_budget_times_its_shortlist_in_the_mode_the_job_runs(cfg_factory, monkeypatch):
@@ -770,7 +771,9 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     trials = json.loads(tight["plans_timed_ms"])
     assert 2 <= len(trials) <= 4 and tight["plan_modelled"] in trials and all(v > 0 for v in trials.values())
     assert next(iter(trials)) == tight["plan_modelled"]  # timed in the model's order
-    assert tight["plan_name"] == next(k for k, v in trials.items() if v <= 1.03 * min(trials.values())), trials
+    shown_slower = json.loads(tight["plans_shown_slower"])  # stopped by the race (below): not chosen
+    ok = {k: v for k, v in trials.items() if k not in shown_slower}
+    assert tight["plan_name"] == next(k for k, v in ok.items() if v <= 1.03 * min(ok.values())), (trials, ok)
     assert json.loads(roomy["plans_timed_ms"]) == {} and roomy["plan_name"] == roomy["plan_modelled"] == "none"
     assert json.loads(tight["plans_timed_modes"]) == dict.fromkeys(trials, "none")  # train.compile=auto, CPU: eager
     # the shortlisted plans' models timed side by side, a step of each a round (`train.plan_interleave`, the
@@ -800,6 +803,7 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
         return k
 
     raced(steps, 1.5)
+    assert shown_slower == [n for n, v in steps.items() if len(v) < max(map(len, steps.values()))], steps
     assert all(trials[n] == pytest.approx(float(np.median(v)), abs=1e-3) for n, v in steps.items()), (trials, steps)
     # with no seconds asked and no race (`train.plan_trial_max_s=0`), 3 rounds; a plan whose whole model fails to
     # build is left out (null), the others timed
@@ -822,6 +826,20 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert some["plan_name"] != broken and f"plan {broken}: trial failed (RuntimeError" in caplog.text
     rest = [t for k, v in few.items() if k != broken for t in v]
     assert rest and all(len(t) == 3 for t in rest) and math.isnan(some["plans_race_tolerance"]), few
+    # a plan the race stopped as slower is not chosen, though its median over its fewer, earlier rounds is the
+    # least (a host that slows down after it stopped makes the others' medians larger)
+    real_interleave = plans.interleave
+
+    def stopping_the_first(steps, seconds, **race):
+        names = list(steps)  # the model's order
+        return {n: [0.05] * 3 if i == 0 else [0.1 + 0.01 * i] * 6 for i, n in enumerate(names)}
+
+    monkeypatch.setattr(plans, "interleave", stopping_the_first)
+    stop = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "task.num_eval=3"))
+    monkeypatch.setattr(plans, "interleave", real_interleave)
+    names = list(json.loads(stop["plans_timed_ms"]))
+    assert len(names) >= 2 and json.loads(stop["plans_shown_slower"]) == [names[0]], stop["plans_shown_slower"]
+    assert stop["plan_name"] == names[1], (stop["plan_name"], names)
     # one after another (`train.plan_interleave=false`): each trial a second of steps (as many as its first step
     # says fit in it, at least 3, at most 20; a tiny model's step takes milliseconds), each plan's time its fastest
     # step over its trials

@@ -684,8 +684,9 @@ def race(times: dict, tolerance: float, z: float = RACE_Z) -> tuple[set, bool]:
     alternation (`times`: name → its steps, one a round, the same rounds). The leader: the least median step. Each
     other plan's paired log-ratio to it, round by round (a round's two steps share the host's moment), its outlying
     rounds clipped to the median ± 3 scaled MADs from 6 rounds on (a garbage collection can double one step), gives
-    a mean and its interval, Student's t at the confidence of `z` standard errors: wholly above 0, the plan is slower; its lower end at or above
-    −log(1 + `tolerance`), the leader is within `tolerance` of it. Settled: every other plan is one or the other."""
+    a mean and its interval, Student's t at the confidence of `z` standard errors: wholly above 0, the plan is
+    slower; its lower end at or above −log(1 + `tolerance`), the leader is within `tolerance` of it. Settled: every
+    other plan is one or the other."""
     import statistics
 
     names = [n for n, t in times.items() if t]

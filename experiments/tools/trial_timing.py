@@ -23,8 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lorafa import bench, plans  # noqa: E402
-from lorafa import results  # noqa: E402
+from lorafa import bench, plans, results
 
 
 def main(argv=None) -> None:

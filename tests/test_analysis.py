@@ -177,7 +177,8 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     again["config_hash"] = "again"
     third = again.copy()  # a fourth pass whose budget chose `all`: slower than the fastest in every round, by little
     third["seed"], third["plan_name"], third["config_hash"] = 3, "all", "third"
-    third["plans_trials_together"] = True  # its shortlist timed side by side
+    third["plans_trials_together"] = True  # its shortlist timed side by side, raced
+    third["plans_race_tolerance"] = 0.03
     third["plans_trial_steps_ms"] = json.dumps({"elementwise": [[1000, 1200, 1400]],
                                                 "every2_elementwise": [[2000, 2000, 2000]], "gone": [[5]]})
     pd.concat([sweep, again, third]).to_parquet(tmp_path / "sweep.parquet")
@@ -218,19 +219,19 @@ def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, 
     assert list(by_run["side-by-side run"]) == ["20261205T0100"] * 3 + ["20261204T0100"] * 3  # latest first
     passes = by_run[by_run["side-by-side run"] == "20261205T0100"].set_index("pass (seed)")
     assert list(passes.index) == [1, 2, 3] and list(passes["trials"]) == ["apart, once", "apart, close re-timed",
-                                                                          "side by side"]
+                                                                          "side by side, raced"]
     assert list(passes["rounds"]) == [3, 3, 3]
     assert list(passes["within 5 %"]) == [0, 1, 0]
     assert list(passes["chosen ÷ fastest"]) == ["0.933–0.933", "0.952–0.952", "0.857–0.857"]
     assert list(passes["interval: within 5 %"]) == [0, 1, 0] and list(passes["interval: below 0.95"]) == [0, 0, 1]
     assert list(passes["interval: unresolved"]) == [1, 0, 0] and list(passes["below 0.95 every round"]) == [0, 0, 1]
     assert row["one plan over rounds, max ÷ min"] == "1.036 median, 1.200 largest" and row["rounds"] == 3
-    # how closely the side-by-side pass's trials track the latest run (its median steps, 1.2 s and 2 s, against 1 s
+    # how closely the raced pass's trials track the latest run (its median steps, 1.2 s and 2 s, against 1 s
     # and 1 s: log ratios 0.18 and 0.69, each less their mean, one degree of freedom); a plan the run did not time
     # is left out, and the earlier run timed too few of them to say
     (fid,) = tables["memory_budget_trial_fidelity"].to_dict("records")
     r = np.log(1.2) - np.log(2.0)
-    assert fid["side-by-side run"] == "20261205T0100" and fid["trials"] == "side by side" and fid["jobs"] == 1
+    assert fid["side-by-side run"] == "20261205T0100" and fid["trials"] == "side by side, raced" and fid["jobs"] == 1
     assert fid["plans timed"] == 2 and fid["trial ÷ bench, sd of log"] == round(float(np.sqrt(r ** 2 / 2)), 3), fid
     # the run before the latest judges the same passes on what it timed: only elementwise, the fastest that fits there
     before = by_run[by_run["side-by-side run"] == "20261204T0100"].set_index("pass (seed)")

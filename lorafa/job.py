@@ -255,11 +255,12 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     # fit in what the device has free (with a tenth to spare); else one after another
     together = bool(modes) and bool(cfg.train.plan_interleave) \
         and sum(pred.peak for _, _, pred in short) <= 0.9 * _room(device)
+    # side by side, a race past `plan_trial_s` up to `plan_trial_max_s` of steps a plan (`plans.race`)
+    race_s = float(cfg.train.get("plan_trial_max_s", 0.0) or 0.0)
+    race_s = race_s if together and race_s > trial_s else None
     if together:  # each plan's time: its median step (the steps alternate: the host's drift is shared)
-        max_s = float(cfg.train.get("plan_trial_max_s", 0.0) or 0.0)
-        race = max_s > trial_s
         got = _trials_together(cfg, device, num_labels, features, layers, [p for _, p, _ in short], modes, trial_s,
-                               most_s=max_s if race else None)
+                               most_s=race_s)
         trial_steps = {name: [t] for name, t in got.items()}
         timed = {name: None if not t else float(np.median(t)) for name, t in got.items()}
         slower = plans.stopped(got)  # (medians over fewer, earlier rounds: not comparable with the others')
@@ -291,7 +292,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                                    for k, v in timed.items()}),
                         plans_timed_modes=json.dumps(modes), plans_retimed=json.dumps(retimed),
                         plans_trials_together=together,
-                        plans_race_tolerance=plans.TRIAL_TOLERANCE if together and race else math.nan,
+                        plans_race_tolerance=math.nan if race_s is None else plans.TRIAL_TOLERANCE,
                         plans_shown_slower=json.dumps(slower),
                         plans_trial_steps_ms=json.dumps({k: [None if t is None else [round(1e3 * x, 3) for x in t]
                                                              for t in v] for k, v in trial_steps.items()}),

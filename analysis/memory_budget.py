@@ -82,7 +82,7 @@ for (model, method), g in hand.groupby(["model", "method"], sort=False):
     same_budgets = budgets[(budgets["model"] == model) & (budgets["method"] == method)]
     # one line per plan: its first job's columns, with tokens/s and step time the median of its jobs (several
     # passes: `seed=0,1,2`) and its peak the largest
-    first = g.groupby("plan_name", sort=False).head(1).set_index("plan_name")
+    first = g.groupby("plan_name", sort=False).head(1).set_index("plan_name").copy()  # not the fragmented frame
     per_plan = g.groupby("plan_name", sort=False)
     first = first.assign(tokens_per_s=per_plan["tokens_per_s"].median(), step_time_s=per_plan["step_time_s"].median(),
                          mem_peak_gib=per_plan["mem_peak_gib"].max(), jobs=per_plan.size()).reset_index()

@@ -673,22 +673,20 @@ def stopped(times: dict) -> list[str]:
     return [name for name, t in times.items() if t and len(t) < most]
 
 
-def _student(z: float, df: int) -> float:
-    """Student's t quantile with `df` degrees of freedom at the normal quantile `z` (Cornish–Fisher, two terms:
-    within 4 % from 5 degrees of freedom on; larger than z always, as a few rounds' spread is itself uncertain)."""
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
 def race(times: dict, tolerance: float, z: float = RACE_Z) -> tuple[set, bool]:
     """(the plans shown slower than the leader, whether the race is settled) from plans' step times taken in
     alternation (`times`: name → its steps, one a round, the same rounds). The leader: the least median step. Each
     other plan's paired log-ratio to it, round by round (a round's two steps share the host's moment), its outlying
     rounds clipped to the median ± 3 scaled MADs from 6 rounds on (a garbage collection can double one step), gives
-    a mean and its interval, Student's t at the confidence of `z` standard errors: wholly above 0, the plan is
+    a mean and its interval (`report.paired_ratio`: Student's t at the confidence of `z` standard errors, on
+    len − 1 degrees of freedom, as the analysis judges plans timed side by side): wholly above 0, the plan is
     slower; its lower end at or above −log(1 + `tolerance`), the leader is within `tolerance` of it. Settled: every
     other plan is one or the other."""
     import statistics
 
+    from . import report
+
+    confidence = 2 * statistics.NormalDist().cdf(z) - 1  # two-sided: z standard errors each side
     names = [n for n, t in times.items() if t]
     if len(names) < 2:
         return set(), True
@@ -705,7 +703,7 @@ def race(times: dict, tolerance: float, z: float = RACE_Z) -> tuple[set, bool]:
             mid = statistics.median(d)
             spread = 3 * 1.4826 * statistics.median(abs(x - mid) for x in d)
             d = [min(max(x, mid - spread), mid + spread) for x in d]
-        low = statistics.fmean(d) - _student(z, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+        low = math.log(report.paired_ratio(map(math.exp, d), confidence)[1])
         if low > 0:
             slower.add(name)
         elif low < -math.log1p(tolerance):

@@ -686,6 +686,12 @@ def test_a_race_stops_a_plan_shown_slower_and_ends_once_the_leader_is_shown_clos
     assert "c" in plans.race({k: v[:len(got["c"])] for k, v in got.items()}, 0.03)[0]
     assert plans.race({"a": [1.0] * 10, "b": [1.0] * 9 + [2.0]}, 0.03) == (set(), True)
     assert plans.race({"a": [1.0] * 10, "b": [1.1] * 10}, 0.03) == ({"b"}, True)
+    # the interval is Student's t on rounds − 1 degrees of freedom: three rounds 11.5 standard errors above the
+    # leader are not yet shown slower (t at 3 standard errors' confidence, 2 degrees of freedom: 19.2), four are (3
+    # degrees of freedom: 9.2)
+    three = {"a": [1.0] * 3, "b": [math.exp(x) for x in (0.17, 0.20, 0.23)]}
+    assert plans.race(three, 0.03) == (set(), False)
+    assert plans.race({"a": [1.0] * 4, "b": [math.exp(x) for x in (0.17, 0.20, 0.23, 0.20)]}, 0.03) == ({"b"}, True)
     assert plans.stopped({"a": [1.0] * 6, "b": [0.9] * 3, "c": None}) == ["b"]  # (c failed: not stopped)
 
 

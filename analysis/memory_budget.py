@@ -194,8 +194,7 @@ def trials_of(job: pd.Series) -> str:
     (`plans_retimed` recorded) or once."""
     together = job.get("plans_trials_together")
     if isinstance(together, (bool, np.bool_)) and together:
-        race = job.get("plans_race_tolerance")
-        return "side by side, raced" if isinstance(race, float) and not np.isnan(race) else "side by side"
+        return "side by side, raced" if pd.notna(job.get("plans_race_tolerance")) else "side by side"
     return "apart, close re-timed" if isinstance(job.get("plans_retimed"), str) else "apart, once"
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -53,14 +52,7 @@ def main(argv=None) -> None:
     def split(s):
         return sum(plans.step_timer(s.model, s.batch, dev, s.amp)())
 
-    def whole(s):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        s.step()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    ways = {"split": split, "whole": whole, "run3": lambda s: bench.time_steps(s, 3)}
+    ways = {"split": split, "whole": lambda s: bench.time_steps(s, 1), "run3": lambda s: bench.time_steps(s, 3)}
     rows = []
     for r in range(args.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):

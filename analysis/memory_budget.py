@@ -37,9 +37,9 @@ from lorafa.memory import Prediction
 P = report.params()
 EXPERIMENT = "memory_budget"
 frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
-for col in ("budget_gib", "plan_name", "host_offload_gib"):
-    if col not in frame:
-        frame[col] = float("nan") if col != "plan_name" else ""
+frame = frame.copy().assign(**{col: float("nan") if col != "plan_name" else "" for col in
+                         ("budget_gib", "plan_name", "host_offload_gib", "host_weights_gib", "pred_host_weights_gib")
+                         if col not in frame})
 hand = frame[frame["budget_gib"].isna() & (frame["status"] == "ok")]
 budgets = frame[frame["budget_gib"].notna()]
 
@@ -69,10 +69,20 @@ def modelled(r, same_budgets, same_hand) -> float:
     costs = {m: (f / 1e3, bw / 1e3) for m, (f, bw) in json.loads(costs).items()} if isinstance(costs, str) else {}
     rates = plans.Rates(b.matmul_tflop_per_s * 1e12, b.copy_gib_per_s * 2**30, b.fwd_tflop_per_s * 1e12,
                         b.bwd_tflop_per_s * 1e12, block_extra=costs or None)
-    pred = Prediction(0, 0, 0, 0, 0, host_offload=r.pred_host_offload_gib * 2**30,
+    weights = r.pred_host_weights_gib if pd.notna(r.pred_host_weights_gib) else 0.0
+    pred = Prediction(0, 0, 0, 0, 0, host_offload=r.pred_host_offload_gib * 2**30, host_weights=weights * 2**30,
                       flops=r.pred_step_tflop * 1e12, flops_forward=r.pred_forward_tflop * 1e12)
     plain = float((same_hand["pred_step_tflop"] - same_hand["pred_forward_tflop"]).min()) * 1e12
     return plans.step_seconds(pred, rates, line, plain, plans.block_modes(plan, line))
+
+
+def _host(r) -> str:
+    """Host memory a plan holds: saved tensors, and frozen weights where it moves them (`+ … weights`)."""
+    acts = r.host_offload_gib if pd.notna(r.host_offload_gib) else 0.0
+    weights = r.host_weights_gib if pd.notna(r.host_weights_gib) else 0.0
+    if not acts and not weights:
+        return "—"
+    return f"{acts:.1f}" + (f" + {weights:.1f} weights" if weights else "")
 
 
 lines = []
@@ -92,7 +102,7 @@ for (model, method), g in hand.groupby(["model", "method"], sort=False):
         lines.append({"model": model, "batch × seq": shape(g), "method": report.method_label(method),
                       "plan": r.plan_name, "jobs": r.jobs, "peak GiB": f"{r.mem_peak_gib:.2f}",
                       "predicted GiB": f"{r.pred_mem_peak_gib:.2f} ({err:+.1f} %)",
-                      "host GiB": f"{r.host_offload_gib:.1f}" if r.host_offload_gib else "—",
+                      "host GiB": _host(r),
                       "tokens/s": f"{r.tokens_per_s:,.0f}", "÷ all checkpointed": f"{r.tokens_per_s / base:.2f}",
                       "step s": f"{r.step_time_s:.3f}",
                       "modelled step s": "—" if math.isnan(step_s) else f"{step_s:.3f} ({100 * (step_s / r.step_time_s - 1):+.0f} %)"})

@@ -134,6 +134,12 @@ class Setting:
 
         return plans.host_bytes(self.model) / 1024**3
 
+    def host_weights_gib(self) -> float:
+        """Frozen weights held on the host between forward and backward (`lorafa.plans.host_weight_bytes`), GiB."""
+        from . import plans
+
+        return plans.host_weight_bytes(self.model) / 1024**3
+
     def prepare(self) -> None:
         """Compile and/or capture for the setting's mode (after `flops`, which counts the eager model)."""
         from .distributed import transformer_blocks
@@ -363,7 +369,7 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
            "mem_reserved_gib": (torch.cuda.max_memory_reserved(device) - reserved) / gib if cuda else float("nan"),
            "mem_held_gib": held / gib if cuda else float("nan"), "flops": flops,
            "trainable_params": s.trainable, "plan": s.plan, "checkpointed_blocks": s.checkpointed_blocks,
-           "host_offload_gib": s.host_offload_gib(), "warmup_s": warmup_s, "compiled_graphs": graphs,
+           "host_offload_gib": s.host_offload_gib(), "host_weights_gib": s.host_weights_gib(), "warmup_s": warmup_s, "compiled_graphs": graphs,
            "graph_breaks": breaks,
            "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
     if profile_to is not None:
@@ -443,7 +449,8 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                      "compile_scope": "none" if mode == "eager" else scope,
                      "layer": layer, "stacked": layer in ("stacked", "merged"), "plan_name": plan,
                      "plan": slot.get("plan", ""), "checkpointed_blocks": slot.get("checkpointed_blocks", 0),
-                     "host_offload_gib": slot.get("host_offload_gib", float("nan")), "status": status,
+                     "host_offload_gib": slot.get("host_offload_gib", float("nan")),
+                     "host_weights_gib": slot.get("host_weights_gib", float("nan")), "status": status,
                      "stopped": stopped,
                      "error": slot.get("error", stopped if status == "stopped" else ""),
                      "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),

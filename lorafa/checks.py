@@ -112,6 +112,14 @@ def check_config(cfg) -> None:
         raise BadInput("train.compile=blocks: not with method.offload_ops=linear_outputs (a compiled block's linear "
                        "outputs are inside its graph, where the offload cannot tell them); expected "
                        "method.offload_ops=all, or train.compile=auto or none")
+    if plans.parse(cfg.method.get("offload_weights", False), "method.offload_weights")[0] != "none":
+        strategy = str(cfg.train.get("strategy") or "single")
+        if strategy == "fsdp":
+            raise BadInput("method.offload_weights: not with train.strategy=fsdp (FSDP moves the blocks' weights "
+                           "itself); expected train.strategy=single or ddp, or method.offload_weights=false")
+        if cfg.get("model") is not None and cfg.model.get("quantize"):
+            raise BadInput(f"method.offload_weights: not with model.quantize={cfg.model.quantize} (untested with "
+                           "quantized weights); expected method.offload_weights=false")
     need("method.offload_min_kib", lambda v: v >= 0, "a number ≥ 0")
     need("method.offload_inflight_mib", lambda v: v > 0, "a number > 0")
     stacked = str(cfg.method.get("stacked", False)).lower()

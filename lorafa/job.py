@@ -240,10 +240,22 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                                                  layers.get("none", "false"), held=plain),
                                 modes=lambda: _profile_modes(cfg, device, num_labels, features, layers, plain))
     profiled = time.perf_counter()
-    fitting = plans.ranked(options, budget_bytes, rates, label, lines)
-    short = plans.shortlist(fitting, trials)
+    try:
+        fitting = plans.ranked(options, budget_bytes, rates, label, lines)
+    except BadInput:
+        if device.type != "cuda":
+            raise
+        fitting = []  # (none fits as it is; with weights on the host, some may)
+    short = plans.shortlist(fitting, trials) if fitting else []
     # the room each shortlisted plan leaves under the budget, spent on keeping checkpointed blocks; ranked again
     filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in short]
+    tried = []
+    if device.type == "cuda":  # with the first blocks' frozen weights on the host: more room to keep blocks
+        more, tried = plans.fill_weights_away(options, [plan for _, plan, _ in short], n_blocks, budget_bytes,
+                                              predict, lines)
+        filled += more
+    if not filled:  # bad input: the smallest predicted peak, weights away included
+        plans.ranked(options + tried, budget_bytes, rates, label, lines)
     short = plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates, label, lines,
                          plans.plain_backward(options))
     filled_at = time.perf_counter()
@@ -286,8 +298,9 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     trials_s = time.perf_counter() - filled_at
     plan, pred, seconds = plans.pick_timed(short, {n: t for n, t in timed.items() if n not in slower})
     predict_s = (predicted - started) + (filled_at - profiled)
-    chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options),
-                        plans_fitting=len(fitting), plan_modelled=short[0][1].name,
+    fit_away = sum(p is not None and p.peak <= budget_bytes for _, p in tried)
+    chosen = _with_plan(cfg, plan, row, d, budget_gib=budget, plans_considered=len(options) + len(tried),
+                        plans_fitting=len(fitting) + fit_away, plan_modelled=short[0][1].name,
                         plans_timed_ms=json.dumps({k: None if v is None else round(1e3 * v, 3)
                                                    for k, v in timed.items()}),
                         plans_timed_modes=json.dumps(modes), plans_retimed=json.dumps(retimed),

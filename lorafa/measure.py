@@ -164,6 +164,7 @@ class Memory:
     optimizer: int | None = None
     activations: int | None = None
     host_offload: int = 0  # bytes the measured forward put in host memory (`method.offload`)
+    host_weights: int = 0  # bytes of frozen weights held in host memory (`method.offload_weights`)
     allocator: dict[str, int] = field(default_factory=dict)  # build, after_step, fwd_bwd_peak, peak (CUDA only)
 
     @property
@@ -181,6 +182,7 @@ class Memory:
         cols = {f"mem_{k}_gib": gib(getattr(self, k)) for k in ("weights", "grads", "optimizer", "activations",
                                                                  "peak")}
         cols["host_offload_gib"] = self.host_offload / GIB
+        cols["host_weights_gib"] = self.host_weights / GIB
         cols["mem_source"] = "cuda_allocator" if "peak" in self.allocator else "tensor_accounting"
         cols.update({f"alloc_{k}_gib": v / GIB for k, v in self.allocator.items()})
         return cols

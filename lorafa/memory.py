@@ -55,6 +55,7 @@ class Prediction:
     activations: int
     peak: int
     host_offload: int = 0  # bytes the forward puts in host memory (`method.offload`): not on the device
+    host_weights: int = 0  # bytes of frozen weights off the device between forward and backward (`method.offload_weights`)
     flops: int = 0  # one step's forward and backward (recomputation included), counted by torch's FLOP counter
     flops_forward: int = 0  # of which the forward's
     tracked_peak: int = 0  # the most bytes alive at once on the device during a steady-state step (CUDA: `peak` less
@@ -62,7 +63,8 @@ class Prediction:
 
     def columns(self) -> dict[str, float]:
         return {**{f"pred_mem_{k}_gib": getattr(self, k) / GIB for k in PARTS},
-                "pred_host_offload_gib": self.host_offload / GIB, "pred_step_tflop": self.flops / 1e12,
+                "pred_host_offload_gib": self.host_offload / GIB, "pred_host_weights_gib": self.host_weights / GIB,
+                "pred_step_tflop": self.flops / 1e12,
                 "pred_forward_tflop": self.flops_forward / 1e12}
 
 
@@ -209,6 +211,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
         flops = counter.total
         grads = _distinct_bytes(p.grad for p in trainable if p.grad is not None)
         host = plans.host_bytes(model)
+        host_weights = plans.host_weight_bytes(model)
         if optimizer is not None:
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
@@ -219,7 +222,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
     # CUDA: the allocator's peak of that step; elsewhere the sum of the four counts, as the CPU rows define the peak
     peak = tracked + cuda_workspace if device.type == "cuda" else weights + grads + opt_bytes + activations
     return Prediction(weights=weights, grads=grads, optimizer=opt_bytes, activations=activations, peak=peak,
-                      host_offload=host, flops=flops, flops_forward=flops_forward, tracked_peak=tracked)
+                      host_offload=host, host_weights=host_weights, flops=flops, flops_forward=flops_forward, tracked_peak=tracked)
 
 
 _CACHE: dict = {}  # predictions made in this process (a sweep's jobs, a budget's plans): by everything they read

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import weakref
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -86,6 +87,7 @@ def check(method) -> tuple[object, str]:
     spec = method.get("gradient_checkpointing", False)
     parse(spec)
     parse(method.get("offload", False), "method.offload")
+    parse(method.get("offload_weights", False), "method.offload_weights")
     ops = str(method.get("offload_ops", "all"))
     if ops not in ("all", "linear_outputs"):
         raise BadInput(f"method.offload_ops={ops}: expected all or linear_outputs")
@@ -200,6 +202,9 @@ def describe(method) -> str:
         what = "saved tensors" if ops == "all" else "saved linear-layer outputs"
         parts.append(f"offload {_blocks(kind, arg)} ({what} ≥ {float(method.get('offload_min_kib', 1024)):g}"
                      " KiB) to the host")
+    kind, arg = parse(method.get("offload_weights", False), "method.offload_weights")
+    if kind != "none":
+        parts.append(f"frozen weights of {_blocks(kind, arg)} on the host between forward and backward")
     return "; ".join(parts) or "none"
 
 
@@ -223,6 +228,55 @@ class _Held:
         self.ready = None  # CUDA event: the copy back is done
 
 
+class _Frozen:
+    """One storage of frozen weights of a block whose weights leave the device (`method.offload_weights`): the
+    tensors that hold it (parameters, buffers, a LoRA-FA layer's stacked weight: each keeps its identity, its
+    `.data` swapped), its pinned host copy, and its copy back on the device while there is one."""
+
+    __slots__ = ("block", "device", "dtype", "fetched", "flat", "holders", "host", "nbytes", "numel", "ready",
+                 "versions")
+
+    def __init__(self, block: int, holders: list):
+        self.block, self.holders = block, holders  # [(tensor, size, stride, storage offset)]
+        t = holders[0][0]
+        self.device, self.dtype = t.device, t.dtype
+        self.nbytes = t.untyped_storage().nbytes()
+        self.numel = self.nbytes // t.element_size()
+        self.host = None  # made at the first time the weights leave; again if one of the holders was written since
+        self.versions = None
+        self.flat = t.detach().as_strided((self.numel,), (1,), 0)  # the whole storage, while on the device
+        self.fetched = None  # the storage being brought back, before the holders point at it
+        self.ready = None  # CUDA event: the copy back is done
+
+    def view(self, size, stride, offset) -> torch.Tensor:
+        return self.flat.as_strided(size, stride, offset)
+
+
+class _WeightRef:
+    """What a saved-tensor pack hook keeps for a frozen weight (or a view of one) whose storage leaves the device:
+    where it lies in the storage; backward reads it from the storage brought back."""
+
+    __slots__ = ("frozen", "offset", "size", "stride")
+
+    def __init__(self, frozen: _Frozen, t: torch.Tensor):
+        self.frozen, self.size, self.stride, self.offset = frozen, t.size(), t.stride(), t.storage_offset()
+
+
+class _Gate(torch.autograd.Function):
+    """The identity on a block's output; in backward it runs before anything of the block's own (its
+    recomputation included), where the block's weights must be back on the device."""
+
+    @staticmethod
+    def forward(ctx, x, offload, i):
+        ctx.offload, ctx.i = offload, i
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.offload._reached(ctx.i)
+        return grad, None, None
+
+
 class Offload:
     """`method.offload`: what the named transformer blocks save for backward (tensors saved while one of those
     blocks runs its forward; the embeddings, final norm, output projection and loss stay) held in host memory
@@ -239,19 +293,34 @@ class Offload:
 
     The same bookkeeping runs without streams on CPU and on fake tensors (`lorafa.memory.predict`). A copy that
     finishes early is not let go early, so the device's memory comes back at the same points as in the prediction
-    whatever the copies' speed."""
+    whatever the copies' speed.
+
+    `weight_blocks` (`method.offload_weights`): blocks whose frozen weights leave the device once their forward is
+    done (nothing is copied: a pinned host copy is made once, and again only if a weight was written since) and
+    come back for their backward, fetched on the same side stream as the saved tensors when backward reaches the
+    block `WEIGHTS_AHEAD` blocks after it (at the identity `_Gate` on that block's output), so the copy overlaps
+    those blocks' backward; the block's own backward waits for it. A block's weights are away from the end of its
+    forward to the start of its backward: across the loss and the first blocks' backward, where a step's memory
+    peaks. Its trainable parameters (the adapters' B) stay. What the forward saved of those weights (the
+    matmuls' transposed views) is kept as a place in the storage and read from the storage brought back."""
+
+    WEIGHTS_AHEAD = 2  # backward fetches a block's weights when it reaches the block this many after it
 
     def __init__(self, model: nn.Module, blocks: list[int], min_bytes: int, inflight_bytes: int,
-                 linear_outputs: bool = False):
+                 linear_outputs: bool = False, weight_blocks: list[int] = ()):
         self.model, self.min_bytes, self.inflight = model, int(min_bytes), int(inflight_bytes)
         self.linear_outputs = linear_outputs  # only what the blocks' linear layers output (`offload_ops`)
         self.layers = checkpoint_layers(model)
         self.blocks = sorted(blocks)
+        self.weight_blocks = sorted(weight_blocks)
         self.weights: set = set()
         self.host_bytes = 0
         self.stream = None
         self._hooks = None
         self._block = None  # the offloaded block whose forward runs now
+        self._frozen = {i: self._frozen_storages(i) for i in self.weight_blocks}  # block → its _Frozen storages
+        self._by_storage: dict = {}  # storage id → _Frozen, of the weights on the device as the forward started
+        self._away: set = set()  # blocks whose weights are off the device now
         self._reset()
         model.lorafa_offload = self  # the measured step reads host_bytes
         model.register_forward_pre_hook(self._enter)
@@ -265,6 +334,9 @@ class Offload:
                 for m in self.layers[i].modules():
                     if isinstance(m, (nn.Linear, LoRALinear)):
                         m.register_forward_hook(self._linear_output)
+        if self.weight_blocks:
+            for i, layer in enumerate(self.layers):  # every block's output: backward's clock for the prefetch
+                layer.register_forward_hook(partial(self._leave, i))
 
     def _reset(self):
         self._pending: list[_Held] = []  # host copies in flight, oldest first
@@ -277,9 +349,18 @@ class Offload:
         self._made: dict = {}  # storage id → a weak reference to a linear layer's output (ids of freed ones recur)
 
     def _enter(self, module, args):
-        if not (module.training and torch.is_grad_enabled()) or self._hooks is not None:
+        if self._hooks is not None:
+            return
+        for i in sorted(self._away):  # a forward that never reached its backward left them away
+            self._arrive(i)
+        if not (module.training and torch.is_grad_enabled()):
             return
         self.weights = {measure.storage_id(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
+        for i, fs in self._frozen.items():  # moved, cast or restacked since: found again (host copies made anew)
+            if not all(measure.storage_id(t) == measure.storage_id(f.flat) and (t.size(), t.stride(),
+                       t.storage_offset()) == (size, stride, offset) for f in fs for t, size, stride, offset in f.holders):
+                self._frozen[i] = self._frozen_storages(i)
+        self._by_storage = {measure.storage_id(f.flat): f for fs in self._frozen.values() for f in fs}
         self.host_bytes = 0
         self._drain(0)
         self._reset()
@@ -320,6 +401,10 @@ class Offload:
             held.dev = None
 
     def _pack(self, t: torch.Tensor):
+        if self._by_storage and isinstance(t, torch.Tensor) and t.device.type != "meta":
+            frozen = self._by_storage.get(measure.storage_id(t))
+            if frozen is not None:  # a weight that leaves the device after its block's forward
+                return _WeightRef(frozen, t)
         if (self._block is None or not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter)
                 or t.device.type == "meta" or measure.storage_id(t) in self.weights
                 or t.untyped_storage().nbytes() < self.min_bytes
@@ -386,6 +471,9 @@ class Offload:
             self._backward = True
             self._drain(0)
             self._next = len(self._order) - 1
+        if isinstance(packed, _WeightRef):
+            self._arrive(packed.frozen.block)  # (the block's gate has brought it back already)
+            return packed.frozen.view(packed.size, packed.stride, packed.offset)
         if not isinstance(packed, _Held):
             self._prefetch()
             return packed
@@ -404,26 +492,126 @@ class Offload:
         return out
 
 
+    # ---- frozen weights off the device between a block's forward and its backward (`weight_blocks`) ----
+
+    def _frozen_storages(self, i: int) -> list[_Frozen]:
+        """Block i's frozen storages, each with every tensor of the block that holds it: storages of one dtype,
+        none of whose holders trains."""
+        found: dict = {}
+        for m in self.layers[i].modules():
+            tensors = [*m._parameters.values(), *m._buffers.values(),
+                       *(v for v in vars(m).values() if isinstance(v, torch.Tensor))]
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel():
+                    found.setdefault(measure.storage_id(t), {})[id(t)] = t
+        out = []
+        for tensors in found.values():
+            ts = list(tensors.values())
+            if any(t.requires_grad for t in ts) or len({t.dtype for t in ts}) > 1 \
+                    or ts[0].untyped_storage().nbytes() < self.min_bytes:
+                continue
+            out.append(_Frozen(i, [(t, t.size(), t.stride(), t.storage_offset()) for t in ts]))
+        return out
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of frozen weights that leave the device (`weight_blocks`): host memory held for the whole job."""
+        return sum(f.nbytes for fs in self._frozen.values() for f in fs)
+
+    def _leave(self, i, module, args, output):
+        """After block i's forward (a training forward, not a checkpoint's recompute in backward): its weights
+        leave and its output passes the gate that fetches them back in backward."""
+        if self._hooks is None:
+            return output
+        if i in self._frozen and i not in self._away:
+            for f in self._frozen[i]:
+                versions = [t._version for t, *_ in f.holders]
+                if f.host is None or versions != f.versions:  # a pinned copy once (the weights are frozen)
+                    f.host = torch.empty(f.numel, dtype=f.dtype, device="cpu",
+                                         pin_memory=f.device.type == "cuda" and not _is_fake(f.flat))
+                    f.host.copy_(f.flat)
+                    f.versions = versions
+                empty = torch.empty(0, dtype=f.dtype, device=f.device)
+                for t, *_ in f.holders:
+                    t.data = empty
+                self._by_storage.pop(measure.storage_id(f.flat), None)  # (its id may come back for another storage)
+                f.flat = None
+            self._away.add(i)
+        first = output[0] if isinstance(output, tuple) else output
+        if isinstance(first, torch.Tensor) and first.requires_grad:
+            first = _Gate.apply(first, self, i)
+            return (first, *output[1:]) if isinstance(output, tuple) else first
+        return output
+
+    def _fetch_weights(self, i: int) -> None:
+        for f in self._frozen[i]:
+            if f.fetched is not None:
+                continue
+            if _is_fake(f.host) or f.device.type != "cuda":
+                f.fetched = f.host.to(f.device, copy=True)
+                continue
+            current = torch.cuda.current_stream(f.device)  # allocated on the compute stream, as `_fetch`
+            f.fetched = torch.empty_like(f.host, device=f.device)
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(f.device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                f.fetched.copy_(f.host, non_blocking=True)
+                f.ready = torch.cuda.Event()
+                f.ready.record(self.stream)
+
+    def _arrive(self, i: int) -> None:
+        """Block i's weights back in place (fetched now if they were not), the compute stream waiting for them."""
+        if i not in self._away:
+            return
+        self._fetch_weights(i)
+        for f in self._frozen[i]:
+            if f.ready is not None:
+                torch.cuda.current_stream(f.device).wait_event(f.ready)
+            f.flat, f.fetched, f.ready = f.fetched, None, None
+            for t, size, stride, offset in f.holders:
+                t.data = f.view(size, stride, offset)
+        self._away.discard(i)
+
+    def _reached(self, i: int) -> None:
+        """Backward reached block i: its weights back, and those of the blocks up to `WEIGHTS_AHEAD` before it on
+        their way."""
+        self._arrive(i)
+        for j in range(i - 1, max(-1, i - 1 - self.WEIGHTS_AHEAD), -1):
+            if j in self._away:
+                self._fetch_weights(j)
+
+
 def host_bytes(model: nn.Module) -> int:
     """The bytes of saved tensors the last forward of `model` held on the host (`Offload`); 0 without offloading."""
     offloaded = getattr(model, "lorafa_offload", None)
     return offloaded.host_bytes if offloaded is not None else 0
 
 
+def host_weight_bytes(model: nn.Module) -> int:
+    """The bytes of frozen weights `model`'s blocks hold on the host between forward and backward
+    (`method.offload_weights`, `Offload.weight_bytes`); 0 without."""
+    offloaded = getattr(model, "lorafa_offload", None)
+    return offloaded.weight_bytes if offloaded is not None else 0
+
+
 def offload(model: nn.Module, method) -> Offload | None:
     """`method.offload` (a set of blocks, as `method.gradient_checkpointing`): an `Offload` on the model (None when
     no block is named)."""
-    blocks = selected(method.get("offload", False), len(checkpoint_layers(model)), "method.offload")
-    if not blocks:
+    n = len(checkpoint_layers(model))
+    blocks = selected(method.get("offload", False), n, "method.offload")
+    weight_blocks = selected(method.get("offload_weights", False), n, "method.offload_weights")
+    if not blocks and not weight_blocks:
         return None
     return Offload(model, blocks, int(float(method.get("offload_min_kib", 1024)) * 1024),
                    int(float(method.get("offload_inflight_mib", 512)) * 2**20),
-                   linear_outputs=str(method.get("offload_ops", "all")) == "linear_outputs")
+                   linear_outputs=str(method.get("offload_ops", "all")) == "linear_outputs",
+                   weight_blocks=weight_blocks)
 
 
 # ---- choosing a plan for a memory budget (`train.memory_budget_gib`) ----
 
-PLAN_KEYS = ("gradient_checkpointing", "checkpoint_policy", "offload", "recompute")
+PLAN_KEYS = ("gradient_checkpointing", "checkpoint_policy", "offload", "recompute", "offload_weights")
 
 
 @dataclass(frozen=True)
@@ -435,13 +623,14 @@ class Plan:
     checkpoint_policy: str = "full"
     offload: object = False
     recompute: str = "none"
+    offload_weights: object = False
     name: str = field(default="", compare=False)
 
     def keys(self) -> dict:
         value = list(self.gradient_checkpointing) if isinstance(self.gradient_checkpointing, tuple) \
             else self.gradient_checkpointing
         return {"gradient_checkpointing": value, "checkpoint_policy": self.checkpoint_policy,
-                "offload": self.offload, "recompute": self.recompute}
+                "offload": self.offload, "recompute": self.recompute, "offload_weights": self.offload_weights}
 
 
 def candidates(n_blocks: int, offload: bool = True) -> list[Plan]:
@@ -473,22 +662,46 @@ def candidates(n_blocks: int, offload: bool = True) -> list[Plan]:
 
 
 def named(name: str, n_blocks: int, offload: bool = True) -> Plan:
-    """`train.plan=NAME`: the candidate of that name for a model of `n_blocks` blocks, or `NAME+keepK` — that
+    """`train.plan=NAME`: the candidate of that name for a model of `n_blocks` blocks, `NAME+keepK` — that
     candidate with K of its checkpointed blocks kept (`keeping`: what a budget chooses when it has room; the row's
-    `plan_name` runs again as it is) — bad input naming those there are otherwise."""
+    `plan_name` runs again as it is) — and either with `+weightsE` after it: the frozen weights of the first E
+    blocks off the device between their forward and backward (`weights_away`; where the device is not the host) —
+    bad input naming those there are otherwise."""
     plans = {p.name: p for p in candidates(n_blocks, offload)}
-    base, _, keep = name.partition("+keep")
-    if base not in plans or (keep and not keep.isdigit()):
+    m = re.fullmatch(r"(?P<base>[a-z0-9_]+)(?:\+keep(?P<keep>\d+))?(?:\+weights(?P<weights>\d+))?", name)
+    if m is None or m["base"] not in plans or (m["weights"] and not offload):
         raise BadInput(f"train.plan={name}: expected one of {', '.join(plans)} (this model and device), "
-                       "each optionally +keepK")
-    if not keep:
-        return plans[base]
-    line = timeline(plans[base].keys(), n_blocks)
-    m = len(line.checkpointed)
-    if not 0 < int(keep) <= m:
-        raise BadInput(f"train.plan={name}: " + (f"{base} checkpoints {m} blocks; expected +keepK with 1 ≤ K ≤ {m}"
-                                                 if m else f"{base} checkpoints no block: nothing to keep"))
-    return keeping(plans[base], line, int(keep))
+                       "each optionally +keepK" + (", then optionally +weightsE" if offload else ""))
+    base, keep, weights = m["base"], m["keep"], m["weights"]
+    plan = plans[base]
+    if keep:
+        line = timeline(plan.keys(), n_blocks)
+        k = len(line.checkpointed)
+        if not 0 < int(keep) <= k:
+            raise BadInput(f"train.plan={name}: " + (f"{base} checkpoints {k} blocks; expected +keepK with 1 ≤ K ≤ {k}"
+                                                     if k else f"{base} checkpoints no block: nothing to keep"))
+        plan = keeping(plan, line, int(keep))
+    if weights:
+        if not 0 < int(weights) <= n_blocks:
+            raise BadInput(f"train.plan={name}: expected +weightsE with 1 ≤ E ≤ {n_blocks} (the model's blocks)")
+        plan = weights_away(plan, int(weights))
+    return plan
+
+
+def weights_away(plan: Plan, e: int) -> Plan:
+    """`plan` with the frozen weights of its first `e` blocks off the device from the end of their forward to the
+    start of their backward (`method.offload_weights`): the first blocks, whose weights backward needs last, so
+    their copies back have the most of backward to hide under; named `<name>+weights<e>`."""
+    if e <= 0:
+        return plan
+    return replace(plan, offload_weights=f"first:{e}", name=f"{plan.name}+weights{e}")
+
+
+def weight_counts(n_blocks: int) -> list[int]:
+    """How many of a model's first blocks a budget tries with their frozen weights away (`weights_away`): half of
+    them, and all but the last `Offload.WEIGHTS_AHEAD` + 1 (whose weights backward needs, or fetches, as it
+    starts: away, they would be back at the peak)."""
+    return sorted({e for e in (n_blocks // 2, n_blocks - 1 - Offload.WEIGHTS_AHEAD) if e > 0})
 
 
 @dataclass(frozen=True)
@@ -720,17 +933,19 @@ class Timeline:
     offloaded: tuple = ()
     checkpointed: tuple = ()
     inflight: int = 512 * 2**20
+    weights: tuple = ()  # blocks whose frozen weights leave the device between forward and backward
 
 
 def timeline(method, n_blocks: int) -> Timeline:
     """A plan's (its method keys') `Timeline` for a model of `n_blocks` blocks."""
     return Timeline(n_blocks, tuple(selected(method.get("offload", False), n_blocks, "method.offload")),
                     tuple(selected(method.get("gradient_checkpointing", False), n_blocks)),
-                    int(float(method.get("offload_inflight_mib", 512)) * 2**20))
+                    int(float(method.get("offload_inflight_mib", 512)) * 2**20),
+                    tuple(selected(method.get("offload_weights", False), n_blocks, "method.offload_weights")))
 
 
 def _pipeline(line: Timeline, forward: float, backward: float, recompute: float, offloaded_bytes: float,
-              copy_rate: float, chunks: int = 8, extra: list | None = None) -> float:
+              copy_rate: float, chunks: int = 8, extra: list | None = None, weight_bytes: float = 0.0) -> float:
     """Seconds of a step whose blocks (uniform: the forward's and backward's seconds split evenly) run on the
     compute stream while the offloaded blocks' saved tensors go to the host and come back on one copy engine, as
     `Offload` runs them: each offloaded block's tensors leave in `chunks` pieces as its forward makes them; the
@@ -738,7 +953,9 @@ def _pipeline(line: Timeline, forward: float, backward: float, recompute: float,
     tensors come back in reverse order, fetched while under `inflight` bytes ahead of their use, and a block's
     backward waits for the piece it needs. A checkpointed block's backward first recomputes its forward. `extra`:
     each block's own added (forward, backward) seconds (`Rates.block_extra`), in place of `recompute` spread over
-    the checkpointed blocks."""
+    the checkpointed blocks. `weight_bytes`: the frozen weights of `line.weights`' blocks (evenly), which leave in
+    forward at no cost and come back on the same copy engine, each block's fetched when backward reaches the block
+    `Offload.WEIGHTS_AHEAD` after it (at once, for the last blocks), its backward waiting for them."""
     n = line.n_blocks
     off, ckpt = set(line.offloaded), set(line.checkpointed)
     f, b = forward / n, backward / n
@@ -771,8 +988,22 @@ def _pipeline(line: Timeline, forward: float, backward: float, recompute: float,
             fetched.append(free)
         return fetched[k]
 
+    away = set(line.weights) if weight_bytes else set()
+    per_block = weight_bytes / len(away) if away else 0.0
+    back: dict = {}  # block → when its weights are back on the device
+
+    def fetch_weights(j: int) -> None:
+        nonlocal free
+        if j in away and j not in back:
+            free = max(free, t) + per_block / copy_rate
+            back[j] = free
+
     k = 0
     for i in reversed(range(n)):
+        for j in range(i, max(-1, i - 1 - Offload.WEIGHTS_AHEAD), -1):  # (as `Offload._reached`)
+            fetch_weights(j)
+        if i in away:
+            t = max(t, back[i])
         t += extra[i][1]
         for _ in range(chunks):
             if i in off:
@@ -821,18 +1052,21 @@ def step_seconds(pred, rates: Rates, line: Timeline | None = None, plain_backwar
     plain = min(backward_flops, plain_backward_flops) if plain_backward_flops is not None else backward_flops
     forward = pred.flops_forward / fwd_rate
     backward = plain / bwd_rate
+    weights = getattr(pred, "host_weights", 0) if line is not None and line.weights else 0
+    offloaded = pred.host_offload if line is not None and line.offloaded else 0
     if modes is not None and rates.block_extra is not None and all(m in rates.block_extra for m in modes):
         extra = [rates.block_extra[m] for m in modes]
-        if not pred.host_offload or line is None or not line.offloaded:
+        if not offloaded and not weights:
             return forward + backward + sum(f + b for f, b in extra)
-        return _pipeline(line, forward, backward, 0.0, pred.host_offload, rates.copy_bytes, extra=extra)
+        return _pipeline(line, forward, backward, 0.0, offloaded, rates.copy_bytes, extra=extra,
+                         weight_bytes=weights)
     recompute = (backward_flops - plain) / fwd_rate
-    if not pred.host_offload:
+    if not pred.host_offload and not weights:
         return forward + backward + recompute
-    if line is None or not line.offloaded:
+    if not offloaded and not weights:
         copy = pred.host_offload / rates.copy_bytes
         return max(forward, copy) + max(backward + recompute, copy)
-    return _pipeline(line, forward, backward, recompute, pred.host_offload, rates.copy_bytes)
+    return _pipeline(line, forward, backward, recompute, offloaded, rates.copy_bytes, weight_bytes=weights)
 
 
 TRIAL_MARGIN = 2.0  # a plan modelled within this factor of the fastest fitting one is worth timing (`shortlist`)
@@ -894,7 +1128,9 @@ def keeping(plan: Plan, line: Timeline, k: int) -> Plan:
         return plan
     kept = {ckpt[int((i + 0.5) * len(ckpt) / k)] for i in range(k)}
     rest = tuple(i for i in ckpt if i not in kept)
-    return replace(plan, gradient_checkpointing=rest or False, name=f"{plan.name}+keep{k}")
+    base, _, weights = plan.name.partition("+weights")  # (`named`'s order: +keepK, then +weightsE)
+    return replace(plan, gradient_checkpointing=rest or False,
+                   name=f"{base}+keep{k}" + (f"+weights{weights}" if weights else ""))
 
 
 def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tuple:
@@ -921,6 +1157,35 @@ def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tupl
             return kept, got
         k -= 1
     return plan, pred
+
+
+def fill_weights_away(options: list, short: list, n_blocks: int, budget_bytes: float, predict,
+                      lines: dict) -> tuple[list, list]:
+    """The candidates with their first blocks' frozen weights away (`weights_away`, each count of
+    `weight_counts`), each filled as `fill` fills (the room the weights leave, kept blocks) where it moves any
+    weights and fits the budget: those of the `short` plans (the shortlist of those that fit as they are), and of
+    the plans that do not fit as they are but would without the weights' bytes (estimated from the first
+    prediction's bytes a block; then predicted). `options`: (plan, prediction or None) pairs; `predict(plan)`: a
+    prediction or None, noting its `Timeline` in `lines`. Returns (filled (plan, prediction) pairs, every
+    (plan, prediction) predicted with weights away); none more once one moves no weights (the method trains them)."""
+    filled, tried, per_block = [], [], None
+    for plan, pred in options:
+        if pred is None or (plan not in short and pred.peak <= budget_bytes):
+            continue  # (a plan that fits but was not shortlisted: not worth its predictions)
+        for e in weight_counts(n_blocks):
+            if plan not in short and per_block is not None and pred.peak - e * per_block > budget_bytes:
+                continue
+            away = weights_away(plan, e)
+            got = predict(away)
+            tried.append((away, got))
+            if got is None:
+                continue
+            if not getattr(got, "host_weights", 0):  # the method trains its weights: none moves in any plan
+                return filled, tried
+            per_block = per_block or got.host_weights / e
+            if got.peak <= budget_bytes:
+                filled.append(fill(away, got, lines[away], budget_bytes, predict))
+    return filled, tried
 
 
 def distinct(filled: list, named: list) -> list:

@@ -65,6 +65,8 @@ def graph_blockers(cfg, device: torch.device) -> list[str]:
         why.append(f"method.recompute={m.recompute} (its dropout masks are drawn from host-side seeds)")
     if m.get("offload", False):
         why.append("method.offload (host copies on a side stream, decided per tensor on the host)")
+    if m.get("offload_weights", False):
+        why.append("method.offload_weights (the blocks' weights swapped on the host between forward and backward)")
     if not m.get("train_a", True) and float(m.get("dropout", 0.0)) > 0 and int(m.get("rank", 0)) > 0:
         why.append(f"method.dropout={m.dropout} with A frozen (LoRA-FA redraws its mask from a host-side seed, "
                    "which a graph would freeze)")

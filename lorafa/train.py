@@ -603,6 +603,7 @@ def _group_step(stepper: step_mod.TrainStep, wrapped: nn.Module, model: nn.Modul
             if step == 0 and j == 0:
                 memory.activations = meter.bytes
                 memory.host_offload = plans.host_bytes(model)
+                memory.host_weights = plans.host_weight_bytes(model)
             # DDP/FSDP average over processes: × world_size × share gives the whole micro-batch's mean
             (loss * (share * dist.world_size / len(group))).backward()
         part = loss.detach().float() * share

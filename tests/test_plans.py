@@ -894,3 +894,198 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert json.loads(once["plans_retimed"]) == [] and once["plan_name"] == timed_once[1] != once["plan_modelled"]
     with pytest.raises(BadInput, match="train.memory_budget_gib=1e-06: no plan fits; the smallest predicted peak"):
         run(cfg_factory(*common, "train.memory_budget_gib=1e-6"))
+
+
+def _frozen_of(model, block: int) -> dict:
+    """Block `block`'s frozen tensors (parameters, buffers, a stacked LoRA-FA weight) by name, with values kept."""
+    layer = plans.checkpoint_layers(model)[block]
+    out = {n: t for n, t in layer.named_parameters() if not t.requires_grad}
+    out.update({f"{n}._stacked": m._stacked for n, m in layer.named_modules()
+                if getattr(m, "_stacked", None) is not None})
+    return out
+
+
+@pytest.mark.parametrize("layer, extra", [("two_matmul", {}), ("stacked", {}),
+                                          ("stacked", {"gradient_checkpointing": "every:2"}),
+                                          ("two_matmul", {"offload": "every:2", "recompute": "elementwise"})])
+def test_weights_away_give_the_plain_gradients_and_leave_the_device_from_forward_to_backward(layer, extra):
+    """`method.offload_weights`: a named block's frozen weights (each storage: W, LoRA-FA's stacked W and A, the
+    norms) are gone from the device from the end of its forward (their storages freed: nothing holds them, not the
+    saved views of its matmuls) to its backward, then back with the same values; the gradients are the plain step's,
+    with checkpointing and activation offloading too. The pinned copy is made once, and again after a write to a
+    weight; a forward that never reached its backward leaves nothing away for the next one."""
+    import weakref
+
+    def build(**method):
+        cfg = bench.compose("tiny-llama", "lorafa", 2, 16, ["device=cpu", "model.arch.num_hidden_layers=4"],
+                            layer=layer)
+        for k, v in {**extra, **method}.items():
+            cfg.method[k] = v
+        torch.manual_seed(0)
+        net = models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32)
+        applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"))
+        with torch.no_grad():
+            for name, p in net.model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        return net, applied
+
+    plain, _ = build()
+    away, applied = build(offload_weights="first:2", offload_min_kib=0)
+    off = applied.offload
+    assert off.weight_blocks == [0, 1] and plans.host_weight_bytes(away.model) == off.weight_bytes > 0
+    stored = {b: sum(f.nbytes for f in off._frozen[b]) for b in (0, 1)}
+    assert stored[0] == measure.tensor_bytes(_frozen_of(away.model, 0).values()) and stored[0] == stored[1]
+    batch = bench._batch(plain.family, 2, 16, 8, plain.model.config.vocab_size, torch.device("cpu"))
+    before = {b: {n: t.detach().clone() for n, t in _frozen_of(away.model, b).items()} for b in (0, 1, 2)}
+    hosts = None
+    for step in range(3):
+        if step == 2:  # a write to a frozen weight of block 0: its host copy is made again
+            for net in (plain, away):
+                with torch.no_grad():
+                    plans.checkpoint_layers(net.model)[0].input_layernorm.weight.add_(0.5)
+            before[0] = {n: t.detach().clone() for n, t in _frozen_of(away.model, 0).items()}
+        grads = {}
+        for name, net in (("plain", plain), ("away", away)):
+            net.model.zero_grad(set_to_none=True)
+            dead = []
+            if name == "away":
+                for b in (0, 1):
+                    for n, t in _frozen_of(net.model, b).items():
+                        weakref.finalize(t.untyped_storage(), dead.append, (b, n))
+            loss = net.model.train()(**batch).loss
+            if name == "away":  # at the loss: blocks 0 and 1 hold nothing, their storages are gone
+                assert off._away == {0, 1}
+                assert all(t.numel() == 0 for b in (0, 1) for t in _frozen_of(net.model, b).values())
+                assert {k for k, _ in dead} == {0, 1} and len(dead) == sum(len(before[b]) for b in (0, 1)), dead
+                assert all(t.numel() for t in _frozen_of(net.model, 2).values())  # block 2 stays
+            loss.backward()
+            grads[name] = {n: p.grad.clone() for n, p in net.model.named_parameters() if p.grad is not None}
+        assert not off._away
+        for b in (0, 1, 2):
+            now = _frozen_of(away.model, b)
+            for n, t in before[b].items():
+                assert torch.equal(now[n], t), (b, n)
+        assert grads["away"].keys() == grads["plain"].keys()
+        for n, g in grads["plain"].items():
+            torch.testing.assert_close(grads["away"][n], g, rtol=1e-5, atol=1e-6, msg=f"step {step} {n}")
+        now_hosts = [id(f.host) for f in off._frozen[0]]
+        if step == 1:
+            assert now_hosts == hosts  # made once
+        if step == 2:
+            assert len(set(now_hosts) & set(hosts)) < len(hosts)  # the written one made again
+        hosts = now_hosts
+    # a forward whose backward never ran: the next forward (evaluation here) brings the weights back first
+    away.model.train()(**batch)
+    assert off._away == {0, 1}
+    with torch.no_grad():
+        torch.testing.assert_close(away.model.eval()(**batch).logits, plain.model.eval()(**batch).logits)
+    assert not off._away
+
+
+def test_the_step_time_model_fetches_weights_when_backward_nears_their_block():
+    """`plans._pipeline` with weights away (`Timeline.weights`): they leave at no cost and come back on the copy
+    engine, each block's fetched when backward reaches the block `WEIGHTS_AHEAD` (2) after it; where the copies hide
+    under those blocks' backward the step is the plain one, where they are slower the blocks wait for them."""
+    assert plans.Offload.WEIGHTS_AHEAD == 2
+    line = plans.Timeline(4, weights=(0, 1))
+    # 1 s a block each way; each block's weights 1 s to fetch: block 1's fetched as block 3's backward starts (at
+    # 4 s), block 0's as block 2's (5 s): back at 5 and 6 s, before blocks 1 and 0 start (6, 7 s)
+    assert plans._pipeline(line, 4.0, 4.0, 0.0, 0.0, 1.0, weight_bytes=2.0) == pytest.approx(8.0)
+    # 4 s a block: block 1's back at 8 s, block 0's (one copy engine) at 12: blocks 1 and 0 wait for them
+    assert plans._pipeline(line, 4.0, 4.0, 0.0, 0.0, 0.25, weight_bytes=2.0) == pytest.approx(13.0)
+    # weights of the last block: fetched as backward starts, waited for at once
+    assert plans._pipeline(plans.Timeline(4, weights=(3,)), 4.0, 4.0, 0.0, 0.0, 1.0, weight_bytes=1.0) \
+        == pytest.approx(9.0)
+    from lorafa.memory import Prediction
+
+    pred = Prediction(0, 0, 0, 0, 0, host_weights=2, flops=int(8e12), flops_forward=int(4e12))
+    rates = plans.Rates(matmul_flops=1e12, copy_bytes=0.25)
+    assert plans.step_seconds(pred, rates, line) == pytest.approx(13.0)
+    assert plans.step_seconds(pred, rates, plans.Timeline(4)) == pytest.approx(8.0)  # none named: none move
+
+
+@pytest.mark.bad_input("a weights-away plan name or setting out of range, or with FSDP or a quantized model")
+def test_weights_away_plans_are_named_filled_and_refused_where_they_cannot_run(cfg_factory):
+    """`+weightsE` after a plan's name (and its `+keepK`): the frozen weights of its first E blocks away
+    (`plans.weights_away`); a budget tries the counts `weight_counts` gives on its shortlisted plans and on those
+    that would fit without the weights' bytes, each filled with kept blocks (`plans.fill_weights_away`); refused
+    where weights cannot move (the CPU's plans, FSDP, a quantized model, a CUDA graph)."""
+    from lorafa import step
+    from lorafa.memory import Prediction
+
+    p = plans.named("offload_every2+keep5+weights16", 32)
+    assert p.offload_weights == "first:16" and p.name == "offload_every2+keep5+weights16"
+    assert p == plans.weights_away(plans.named("offload_every2+keep5", 32), 16)
+    assert plans.timeline(p.keys(), 32).weights == tuple(range(16))
+    assert plans.keeping(plans.named("all+weights3", 8), plans.timeline({"gradient_checkpointing": True}, 8),
+                         2).name == "all+keep2+weights3"
+    assert plans.describe(plans.named("all+weights3", 8).keys()) == (
+        "checkpoint all blocks (keep full); frozen weights of the first 3 blocks on the host between forward and "
+        "backward")
+    assert plans.weight_counts(32) == [16, 29] and plans.weight_counts(2) == [1]
+    for bad, says in (("all+weights0", "1 ≤ E ≤ 8"), ("all+weights9", "1 ≤ E ≤ 8"),
+                      ("all+weights2+keep1", "then optionally +weightsE")):
+        with pytest.raises(BadInput, match=re.escape(says)):
+            plans.named(bad, 8)
+    with pytest.raises(BadInput, match=r"each optionally \+keepK$"):  # the CPU's plans: nothing moves to the host
+        plans.named("all+weights2", 8, offload=False)
+    # filled: each kept block adds 2 GiB to the peak, each block's weights away take 1 GiB off it
+    gib, n, lines, moves = measure.GIB, 8, {}, [True]
+
+    def predict(plan):
+        line = plans.timeline(plan.keys(), n)
+        lines[plan] = line
+        e = len(line.weights) if moves[0] else 0  # (full fine-tuning: no frozen weights to move)
+        return Prediction(0, 0, 0, 0, int((10 + 2 * (n - len(line.checkpointed)) - e) * gib),
+                          host_weights=int(e * gib))
+
+    full, nothing = plans.named("all", n), plans.named("none", n)
+    options = [(full, predict(full)), (nothing, predict(nothing))]  # 10 and 26 GiB
+    filled, tried = plans.fill_weights_away(options, [full], n, 12.5 * gib, predict, lines)
+    # `all` with 4 blocks' weights away: 6 GiB, +3 kept 12 (+4: 14); with 5 away: 5, +3 kept 11 (+4: 13)
+    assert [(x.name, q.peak / gib) for x, q in filled] == [("all+keep3+weights4", 12), ("all+keep3+weights5", 11)]
+    # `none` would not fit with 4 or 5 blocks' weights away (26 - 5 GiB, from the bytes a block measured): never
+    # predicted; a plan that fits as it is but was not shortlisted is not tried either
+    assert [x.name for x, _ in tried] == ["all+weights4", "all+weights5"]
+    # unshortlisted, `all` is passed over; `none`'s first count predicted (no bytes a block known yet), not the next
+    filled, tried = plans.fill_weights_away(options, [], n, 12.5 * gib, predict, lines)
+    assert filled == [] and [x.name for x, _ in tried] == ["none+weights4"]
+    # `none` at a budget its weights away would meet: predicted and filled (nothing to keep: as it is)
+    filled, tried = plans.fill_weights_away([(nothing, options[1][1])], [], n, 21.5 * gib, predict, lines)
+    assert [x.name for x, _ in tried] == ["none+weights4", "none+weights5"] and \
+        [(x.name, q.peak / gib) for x, q in filled] == [("none+weights5", 21)]
+    moves[0] = False
+    filled, tried = plans.fill_weights_away(options, [full], n, 12.5 * gib, predict, lines)
+    assert filled == [] and len(tried) == 1  # nothing moves: nothing filled, nothing more tried
+    # refused: FSDP, a quantized model; a CUDA graph cannot hold it
+    for extra, says in ((["train.strategy=fsdp"], "not with train.strategy=fsdp"),
+                        (["model.quantize=int8"], "not with model.quantize=int8")):
+        with pytest.raises(BadInput, match=re.escape(f"method.offload_weights: {says}")):
+            run(cfg_factory("model=tiny-llama", "method=lorafa", "method.offload_weights=[0]", *extra))
+    with pytest.raises(BadInput, match="method.offload_weights=first:x: expected"):
+        plans.check({"offload_weights": "first:x"})
+    cfg = cfg_factory("model=tiny-llama", "method=lorafa", "method.offload_weights=[0]")
+    assert any("method.offload_weights" in w for w in step.graph_blockers(cfg, torch.device("cuda")))
+
+
+def test_a_job_with_weights_away_trains_as_the_plain_one_eager_and_compiled(cfg_factory):
+    """A job with `method.offload_weights`: the plain job's losses, eager and with compiled blocks (aot_eager, as
+    the other compiled-blocks tests); its row holds the weights' host bytes, measured and predicted alike."""
+    import numpy as np
+    import torch._dynamo
+
+    common = ["model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=32", "train.batch_size=4",
+              "train.max_steps=4", "train.measure_warmup_steps=1", "train.lr=1e-2", "method.offload_min_kib=0"]
+    plain = run(cfg_factory(*common))
+    away = run(cfg_factory(*common, "method.offload_weights=[0]"))
+    assert away["status"] == "ok" and away["plan"] == "frozen weights of blocks 0 on the host between forward and " \
+                                                       "backward", away["plan"]
+    assert away["host_weights_gib"] > 0 and away["pred_host_weights_gib"] == away["host_weights_gib"]
+    assert plain["host_weights_gib"] == 0
+    np.testing.assert_allclose(away["loss_curve"], plain["loss_curve"], rtol=1e-5)
+    torch._dynamo.reset()
+    compiled = run(cfg_factory(*common, "method.offload_weights=[0]", "train.compile=blocks",
+                               "train.compile_backend=aot_eager"))
+    assert compiled["status"] == "ok" and compiled["compile_mode"] == "blocks", compiled["error"]
+    np.testing.assert_allclose(compiled["loss_curve"], plain["loss_curve"], rtol=1e-5)

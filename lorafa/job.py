@@ -251,8 +251,9 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in short]
     tried = []
     if device.type == "cuda":  # with the first blocks' frozen weights on the host: more room to keep blocks
-        more, tried = plans.fill_weights_away(options, [plan for _, plan, _ in short], n_blocks, budget_bytes,
-                                              predict, lines)
+        # (of the shortlisted plans, those the budget left checkpointing blocks: the others have nothing to keep)
+        short_left = [plan for (_, plan, _), (kept, _) in zip(short, filled) if lines[kept].checkpointed]
+        more, tried = plans.fill_weights_away(options, short_left, n_blocks, budget_bytes, predict, lines)
         filled += more
     if not filled:  # bad input: the smallest predicted peak, weights away included
         plans.ranked(options + tried, budget_bytes, rates, label, lines)

@@ -1163,9 +1163,10 @@ def fill_weights_away(options: list, short: list, n_blocks: int, budget_bytes: f
                       lines: dict) -> tuple[list, list]:
     """The candidates with their first blocks' frozen weights away (`weights_away`, each count of
     `weight_counts`), each filled as `fill` fills (the room the weights leave, kept blocks) where it moves any
-    weights and fits the budget: those of the `short` plans (the shortlist of those that fit as they are), and of
-    the plans that do not fit as they are but would without the weights' bytes (estimated from the first
-    prediction's bytes a block; then predicted). `options`: (plan, prediction or None) pairs; `predict(plan)`: a
+    weights and fits the budget: those of the `short` plans (of the shortlist of those that fit as they are, the
+    ones still checkpointing blocks once filled: for the others the weights' room buys nothing), and of the plans
+    that do not fit as they are but would without the weights' bytes (estimated from the first prediction's bytes
+    a block; then predicted). `options`: (plan, prediction or None) pairs; `predict(plan)`: a
     prediction or None, noting its `Timeline` in `lines`. Returns (filled (plan, prediction) pairs, every
     (plan, prediction) predicted with weights away); none more once one moves no weights (the method trains them)."""
     filled, tried, per_block = [], [], None

@@ -905,10 +905,11 @@ def _frozen_of(model, block: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("layer, extra", [("two_matmul", {}), ("stacked", {}),
-                                          ("stacked", {"gradient_checkpointing": "every:2"}),
-                                          ("two_matmul", {"offload": "every:2", "recompute": "elementwise"})])
-def test_weights_away_give_the_plain_gradients_and_leave_the_device_from_forward_to_backward(layer, extra):
+@pytest.mark.parametrize("method, layer, extra", [
+    ("lorafa", "two_matmul", {}), ("lorafa", "stacked", {}), ("lorafa", "stacked", {"gradient_checkpointing": "every:2"}),
+    ("lorafa", "two_matmul", {"offload": "every:2", "recompute": "elementwise"}),
+    ("lora", "two_matmul", {})])  # (LoRA's frozen matmuls save W's transposed view: kept as a place in the storage)
+def test_weights_away_give_the_plain_gradients_and_leave_the_device_from_forward_to_backward(method, layer, extra):
     """`method.offload_weights`: a named block's frozen weights (each storage: W, LoRA-FA's stacked W and A, the
     norms) are gone from the device from the end of its forward (their storages freed: nothing holds them, not the
     saved views of its matmuls) to its backward, then back with the same values; the gradients are the plain step's,
@@ -916,10 +917,10 @@ def test_weights_away_give_the_plain_gradients_and_leave_the_device_from_forward
     weight; a forward that never reached its backward leaves nothing away for the next one."""
     import weakref
 
-    def build(**method):
-        cfg = bench.compose("tiny-llama", "lorafa", 2, 16, ["device=cpu", "model.arch.num_hidden_layers=4"],
+    def build(**keys):
+        cfg = bench.compose("tiny-llama", method, 2, 16, ["device=cpu", "model.arch.num_hidden_layers=4"],
                             layer=layer)
-        for k, v in {**extra, **method}.items():
+        for k, v in {**extra, **keys}.items():
             cfg.method[k] = v
         torch.manual_seed(0)
         net = models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32)

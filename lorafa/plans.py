@@ -262,21 +262,6 @@ class _WeightRef:
         self.frozen, self.size, self.stride, self.offset = frozen, t.size(), t.stride(), t.storage_offset()
 
 
-class _Gate(torch.autograd.Function):
-    """The identity on a block's output; in backward it runs before anything of the block's own (its
-    recomputation included), where the block's weights must be back on the device."""
-
-    @staticmethod
-    def forward(ctx, x, offload, i):
-        ctx.offload, ctx.i = offload, i
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.offload._reached(ctx.i)
-        return grad, None, None
-
-
 class Offload:
     """`method.offload`: what the named transformer blocks save for backward (tensors saved while one of those
     blocks runs its forward; the embeddings, final norm, output projection and loss stay) held in host memory
@@ -298,7 +283,7 @@ class Offload:
     `weight_blocks` (`method.offload_weights`): blocks whose frozen weights leave the device once their forward is
     done (nothing is copied: a pinned host copy is made once, and again only if a weight was written since) and
     come back for their backward, fetched on the same side stream as the saved tensors when backward reaches the
-    block `WEIGHTS_AHEAD` blocks after it (at the identity `_Gate` on that block's output), so the copy overlaps
+    block `WEIGHTS_AHEAD` blocks after it (a hook on that block's output's gradient), so the copy overlaps
     those blocks' backward; the block's own backward waits for it. A block's weights are away from the end of its
     forward to the start of its backward: across the loss and the first blocks' backward, where a step's memory
     peaks. Its trainable parameters (the adapters' B) stay. What the forward saved of those weights (the
@@ -491,7 +476,6 @@ class Offload:
         self._prefetch()
         return out
 
-
     # ---- frozen weights off the device between a block's forward and its backward (`weight_blocks`) ----
 
     def _frozen_storages(self, i: int) -> list[_Frozen]:
@@ -520,7 +504,7 @@ class Offload:
 
     def _leave(self, i, module, args, output):
         """After block i's forward (a training forward, not a checkpoint's recompute in backward): its weights
-        leave and its output passes the gate that fetches them back in backward."""
+        leave, and a hook on its output's gradient marks where backward reaches the block."""
         if self._hooks is None:
             return output
         if i in self._frozen and i not in self._away:
@@ -539,9 +523,13 @@ class Offload:
             self._away.add(i)
         first = output[0] if isinstance(output, tuple) else output
         if isinstance(first, torch.Tensor) and first.requires_grad:
-            first = _Gate.apply(first, self, i)
-            return (first, *output[1:]) if isinstance(output, tuple) else first
+            # called with the gradient of the block's output, before anything of the block's own backward runs
+            # (its recomputation included): no node, no view (a view could not be changed in place downstream)
+            first.register_hook(partial(self._reached_by, i))
         return output
+
+    def _reached_by(self, i: int, grad):
+        self._reached(i)
 
     def _fetch_weights(self, i: int) -> None:
         for f in self._frozen[i]:

@@ -369,8 +369,8 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
            "mem_reserved_gib": (torch.cuda.max_memory_reserved(device) - reserved) / gib if cuda else float("nan"),
            "mem_held_gib": held / gib if cuda else float("nan"), "flops": flops,
            "trainable_params": s.trainable, "plan": s.plan, "checkpointed_blocks": s.checkpointed_blocks,
-           "host_offload_gib": s.host_offload_gib(), "host_weights_gib": s.host_weights_gib(), "warmup_s": warmup_s, "compiled_graphs": graphs,
-           "graph_breaks": breaks,
+           "host_offload_gib": s.host_offload_gib(), "host_weights_gib": s.host_weights_gib(), "warmup_s": warmup_s,
+           "compiled_graphs": graphs, "graph_breaks": breaks,
            "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
     if profile_to is not None:
         out.update(profile_steps(s, 3, profile_to))

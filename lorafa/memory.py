@@ -55,7 +55,7 @@ class Prediction:
     activations: int
     peak: int
     host_offload: int = 0  # bytes the forward puts in host memory (`method.offload`): not on the device
-    host_weights: int = 0  # bytes of frozen weights off the device between forward and backward (`method.offload_weights`)
+    host_weights: int = 0  # frozen weights' bytes off the device from forward to backward (`method.offload_weights`)
     flops: int = 0  # one step's forward and backward (recomputation included), counted by torch's FLOP counter
     flops_forward: int = 0  # of which the forward's
     tracked_peak: int = 0  # the most bytes alive at once on the device during a steady-state step (CUDA: `peak` less

@@ -984,6 +984,36 @@ def test_weights_away_give_the_plain_gradients_and_leave_the_device_from_forward
     assert not off._away
 
 
+@pytest.mark.parametrize("layer", ["two_matmul", "stacked"])
+def test_weights_away_take_their_bytes_off_the_steps_peak(layer):
+    """The bytes alive at once over a steady-state forward and backward (every storage followed from its making to
+    its freeing, the model's own included; `lorafa.memory`'s count, here on CPU, where the host copies made in the
+    first step are not counted in the second): block 0's weights away, that peak — at the loss, before backward
+    reaches block 0 — is the plain one's less exactly their bytes."""
+    from lorafa import memory
+
+    peaks = {}
+    for name, keys in (("plain", {}), ("away", {"offload_weights": "first:1", "offload_min_kib": 0})):
+        cfg = bench.compose("tiny-llama", "lorafa", 4, 32, ["device=cpu", "model.arch.num_hidden_layers=4"],
+                            layer=layer)
+        for k, v in keys.items():
+            cfg.method[k] = v
+        torch.manual_seed(0)
+        net = models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32)
+        applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"))
+        batch = bench._batch(net.family, 4, 32, 8, net.model.config.vocab_size, torch.device("cpu"))
+        for _ in range(2):
+            tracker = memory._LiveBytes("cpu")
+            for t in [*net.model.parameters(), *net.model.buffers(), *_frozen_of(net.model, 0).values()]:
+                tracker._track(t)
+            with tracker:
+                net.model.train()(**batch).loss.backward()
+            net.model.zero_grad(set_to_none=True)
+        peaks[name] = tracker.peak
+    assert applied.offload.weight_bytes == measure.tensor_bytes(_frozen_of(net.model, 0).values()) > 0
+    assert peaks["plain"] - peaks["away"] == applied.offload.weight_bytes, (peaks, applied.offload.weight_bytes)
+
+
 def test_the_step_time_model_fetches_weights_when_backward_nears_their_block():
     """`plans._pipeline` with weights away (`Timeline.weights`): they leave at no cost and come back on the copy
     engine, each block's fetched when backward reaches the block `WEIGHTS_AHEAD` (2) after it; where the copies hide

@@ -1125,8 +1125,10 @@ def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tupl
     """The most of `plan`'s checkpointed blocks that can be kept under the budget (`keeping`), from `predict(plan)`
     (its prediction, or None): each kept block adds about the same bytes to the peak (its saved activations, all
     alive at the end of the forward), so the count comes from the peak with every one kept, and is checked by
-    predicting it (one block fewer while it does not fit). Returns (plan, prediction); the plan itself where no
-    block can be kept."""
+    predicting it (one block fewer while it does not fit). Where the peak is not that straight a line in the count
+    — with weights away it sits at the end of backward while few blocks are kept, and moves to the loss as more
+    are — a count that fits with room for more is followed by the one the line through it and every block kept
+    gives, while that one fits too. Returns (plan, prediction); the plan itself where no block can be kept."""
     m = len(line.checkpointed)
     if not m:
         return plan, pred
@@ -1142,6 +1144,15 @@ def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tupl
         kept = keeping(plan, line, k)
         got = predict(kept)
         if got is not None and got.peak <= budget_bytes:
+            while k < m - 1 and every.peak > got.peak:  # room for more, by the line from here to every block kept
+                more = min(m - 1, k + int((budget_bytes - got.peak) * (m - k) // (every.peak - got.peak)))
+                if more <= k:
+                    break
+                bigger = keeping(plan, line, more)
+                tried = predict(bigger)
+                if tried is None or tried.peak > budget_bytes:
+                    break
+                k, kept, got = more, bigger, tried
             return kept, got
         k -= 1
     return plan, pred

@@ -573,6 +573,32 @@ def test_a_budget_spends_its_room_on_keeping_checkpointed_blocks(cfg_factory):
             plans.named(bad, n)
 
 
+def test_filling_follows_a_peak_that_is_not_a_straight_line_in_the_blocks_kept():
+    """`plans.fill` where the peak bends (weights away: at the end of backward while few blocks are kept, at the loss
+    once more are): the count the straight line gives fits with room to spare, and the next count by the line
+    from there to every block kept is taken while it fits — the most that fit, not the line's first guess."""
+    from lorafa.memory import Prediction
+
+    gib, n = measure.GIB, 8
+    full = plans.named("all", n)
+    line = plans.timeline(full.keys(), n)
+    asked = []
+
+    def predict(plan):  # 8 GiB and 0.5 a kept block at the end of backward, 4 and 1.5 at the loss
+        k = n - len(plans.timeline(plan.keys(), n).checkpointed)
+        asked.append(k)
+        return Prediction(0, 0, 0, 0, int(max(8 + 0.5 * k, 4 + 1.5 * k) * gib))
+
+    kept, got = plans.fill(full, predict(full), line, 11 * gib, predict)
+    assert kept.name == "all+keep4" and got.peak == 10 * gib  # 5 kept: 11.5 GiB
+    assert asked == [0, 8, 3, 4]  # the plan, every block kept, the line's guess, the next by the line from there
+    asked.clear()  # a straight peak: the line's guess is the most, and nothing more is predicted
+    kept, got = plans.fill(full, Prediction(0, 0, 0, 0, 8 * gib), line, 10.5 * gib,
+                           lambda p: asked.append(1) or Prediction(0, 0, 0, 0, int((8 + (n - len(plans.timeline(
+                               p.keys(), n).checkpointed))) * gib)))
+    assert kept.name == "all+keep2" and len(asked) == 2
+
+
 def test_a_filled_plan_that_is_another_candidate_is_named_and_timed_as_that_one():
     """A plan whose checkpointed blocks are all kept is another candidate (`every4+keep2` of 8 blocks is `none`):
     `plans.distinct` gives it that candidate's name and lists it once, so a budget does not time one plan twice

@@ -285,27 +285,39 @@ def test_a_step_that_diverges_inside_a_graph_stops_the_job_at_that_step(cfg_fact
     assert row["status"] == "diverged" and row["error"] == "training loss is nan at step 9", row["error"]
 
 
+# a 16-block llama 1024 wide at 8 × 1024, LoRA-FA, a small in-flight bound: the offload tests' job
+WIDE_LLAMA = ["model=tiny-llama", "model.arch.hidden_size=1024", "model.arch.intermediate_size=2752",
+              "model.arch.num_hidden_layers=16", "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=8",
+              "model.arch.max_position_embeddings=1024", "method=lorafa", "task=synthetic", "task.max_seq_len=1024",
+              "train.batch_size=8", "train.max_steps=3", "method.offload_inflight_mib=48"]
+
+
+def _peak_lower_by_what_went(cfg_factory, key: str, column: str, plan: str, least_gib: float):
+    """The plain job, the job with `key` (what it moves to the host: `column`, more than `least_gib`) and the named
+    `plan`: the moved job eager, its peak the plain one's less what went (within 5 %), its first loss the plain
+    one's; both predicted within 2 %, peak and host bytes. Returns the three rows."""
+    plain = run(cfg_factory(*WIDE_LLAMA))
+    moved = run(cfg_factory(*WIDE_LLAMA, key))
+    named = run(cfg_factory(*WIDE_LLAMA, f"train.plan={plan}"))
+    assert plain["status"] == moved["status"] == named["status"] == "ok", (moved["error"], named["error"])
+    assert moved["compile_mode"] == "none" and key.partition("=")[0] in moved["compile_reason"]
+    saved = plain["mem_peak_gib"] - moved["mem_peak_gib"]
+    assert moved[column] > least_gib, moved[column]
+    assert abs(saved / moved[column] - 1) < 0.05, (saved, moved[column])
+    assert moved["loss_curve"][0] == pytest.approx(plain["loss_curve"][0], rel=1e-3)
+    for row in (moved, named):
+        assert row["pred_mem_peak_gib"] == pytest.approx(row["mem_peak_gib"], rel=0.02), row["plan"]
+        assert row[f"pred_{column}"] == pytest.approx(row[column], rel=0.02), row["plan"]
+    return plain, moved, named
+
+
 def test_weights_away_lower_the_peak_by_their_bytes(cfg_factory):
     """`method.offload_weights`: the first 12 of 16 blocks' frozen weights wait in pinned host memory from their
     forward to their backward, across the loss, where the plain step peaks; the measured peak is the plain step's
     less their bytes (within 5 %), the loss the same, and the predictor within 2 %; with every 2nd block's saved
     tensors offloaded too (the plan `offload_every2+weights12`), predicted within 2 %."""
-    common = ["model=tiny-llama", "model.arch.hidden_size=1024", "model.arch.intermediate_size=2752",
-              "model.arch.num_hidden_layers=16", "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=8",
-              "model.arch.max_position_embeddings=1024", "method=lorafa", "task=synthetic", "task.max_seq_len=1024",
-              "train.batch_size=8", "train.max_steps=3", "method.offload_inflight_mib=48"]
-    plain = run(cfg_factory(*common))
-    away = run(cfg_factory(*common, "method.offload_weights=first:12"))
-    both = run(cfg_factory(*common, "train.plan=offload_every2+weights12"))
-    assert plain["status"] == away["status"] == both["status"] == "ok", (away["error"], both["error"])
-    assert away["compile_mode"] == "none" and "method.offload_weights" in away["compile_reason"]
-    saved = plain["mem_peak_gib"] - away["mem_peak_gib"]
-    assert away["host_weights_gib"] > 0.3, away["host_weights_gib"]
-    assert abs(saved / away["host_weights_gib"] - 1) < 0.05, (saved, away["host_weights_gib"])
-    assert away["loss_curve"][0] == pytest.approx(plain["loss_curve"][0], rel=1e-3)
-    for row in (away, both):
-        assert row["pred_mem_peak_gib"] == pytest.approx(row["mem_peak_gib"], rel=0.02), row["plan"]
-        assert row["pred_host_weights_gib"] == pytest.approx(row["host_weights_gib"], rel=0.02), row["plan"]
+    _, away, both = _peak_lower_by_what_went(cfg_factory, "method.offload_weights=first:12", "host_weights_gib",
+                                             "offload_every2+weights12", 0.3)
     assert both["host_offload_gib"] > 0 and both["host_weights_gib"] == pytest.approx(away["host_weights_gib"])
 
 
@@ -315,22 +327,9 @@ def test_an_offloaded_step_peaks_lower_by_the_bytes_it_offloaded(cfg_factory):
     do not count), with the same loss; the predictor, which holds the in-flight bound as the worst case, within
     2 %. A named plan (every 2nd block offloaded with element-wise recomputation, the others checkpointed),
     predicted within 2 % too."""
-    common = ["model=tiny-llama", "model.arch.hidden_size=1024", "model.arch.intermediate_size=2752",
-              "model.arch.num_hidden_layers=16", "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=8",
-              "model.arch.max_position_embeddings=1024", "method=lorafa", "task=synthetic", "task.max_seq_len=1024", "train.batch_size=8", "train.max_steps=3",
-              "method.offload_inflight_mib=48"]
-    plain = run(cfg_factory(*common))
-    moved = run(cfg_factory(*common, "method.offload=true"))
-    half = run(cfg_factory(*common, "train.plan=offload_every2"))
-    assert plain["status"] == moved["status"] == half["status"] == "ok", (moved["error"], half["error"])
-    assert moved["compile_mode"] == "none" and "method.offload" in moved["compile_reason"]
-    saved = plain["mem_peak_gib"] - moved["mem_peak_gib"]
-    assert moved["host_offload_gib"] > 2.0, moved["host_offload_gib"]
-    assert abs(saved / moved["host_offload_gib"] - 1) < 0.05, (saved, moved["host_offload_gib"])
-    assert moved["loss_curve"][0] == pytest.approx(plain["loss_curve"][0], rel=1e-3)
-    for row in (moved, half):
-        assert row["pred_mem_peak_gib"] == pytest.approx(row["mem_peak_gib"], rel=0.02), row["plan"]
-        assert row["pred_host_offload_gib"] == pytest.approx(row["host_offload_gib"], rel=0.02), row["plan"]
+    common = WIDE_LLAMA
+    plain, moved, half = _peak_lower_by_what_went(cfg_factory, "method.offload=true", "host_offload_gib",
+                                                  "offload_every2", 2.0)
     assert half["plan"].startswith("checkpoint blocks 1, 3, …, 15") and "offload every:2 blocks" in half["plan"]
     assert 0 < half["host_offload_gib"] < moved["host_offload_gib"]
     # a budget under the plain step's peak: each block mode's cost measured on the one-block model, offloading too

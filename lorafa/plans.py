@@ -685,11 +685,13 @@ def weights_away(plan: Plan, e: int) -> Plan:
     return replace(plan, offload_weights=f"first:{e}", name=f"{plan.name}+weights{e}")
 
 
-def weight_counts(n_blocks: int) -> list[int]:
-    """How many of a model's first blocks a budget tries with their frozen weights away (`weights_away`): half of
-    them, and all but the last `Offload.WEIGHTS_AHEAD` + 1 (whose weights backward needs, or fetches, as it
-    starts: away, they would be back at the peak)."""
-    return sorted({e for e in (n_blocks // 2, n_blocks - 1 - Offload.WEIGHTS_AHEAD) if e > 0})
+def weight_count(n_blocks: int, offloads: bool) -> int:
+    """How many of a model's first blocks a budget tries with their frozen weights away (`weights_away`): where
+    the plan offloads saved tensors (`offloads`), whose copies back share the link with the weights', half of
+    them; else all but the last `Offload.WEIGHTS_AHEAD` + 1 (whose weights backward needs, or fetches, as it starts:
+    away, they would be back at the peak). At llama-7b 8 × 1024 (LoRA-FA, modelled, 20.6 GiB) the other count was
+    slower for three of the four plans that fit either way."""
+    return max(1, n_blocks // 2 if offloads else n_blocks - 1 - Offload.WEIGHTS_AHEAD)
 
 
 @dataclass(frozen=True)
@@ -1160,8 +1162,8 @@ def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tupl
 
 def fill_weights_away(options: list, short: list, n_blocks: int, budget_bytes: float, predict,
                       lines: dict) -> tuple[list, list]:
-    """The candidates with their first blocks' frozen weights away (`weights_away`, each count of
-    `weight_counts`), each filled as `fill` fills (the room the weights leave, kept blocks) where it moves any
+    """The candidates with their first blocks' frozen weights away (`weights_away`, as many as `weight_count`
+    says), each filled as `fill` fills (the room the weights leave, kept blocks) where it moves any
     weights and fits the budget: those of the `short` plans (of the shortlist of those that fit as they are, the
     ones still checkpointing blocks once filled: for the others the weights' room buys nothing), and of the plans
     that do not fit as they are but would without the weights' bytes (estimated from the first prediction's bytes
@@ -1172,19 +1174,19 @@ def fill_weights_away(options: list, short: list, n_blocks: int, budget_bytes: f
     for plan, pred in options:
         if pred is None or (plan not in short and pred.peak <= budget_bytes):
             continue  # (a plan that fits but was not shortlisted: not worth its predictions)
-        for e in weight_counts(n_blocks):
-            if plan not in short and per_block is not None and pred.peak - e * per_block > budget_bytes:
-                continue
-            away = weights_away(plan, e)
-            got = predict(away)
-            tried.append((away, got))
-            if got is None:
-                continue
-            if not getattr(got, "host_weights", 0):  # the method trains its weights: none moves in any plan
-                return filled, tried
-            per_block = per_block or got.host_weights / e
-            if got.peak <= budget_bytes:
-                filled.append(fill(away, got, lines[away], budget_bytes, predict))
+        e = weight_count(n_blocks, bool(plan.offload))
+        if plan not in short and per_block is not None and pred.peak - e * per_block > budget_bytes:
+            continue
+        away = weights_away(plan, e)
+        got = predict(away)
+        tried.append((away, got))
+        if got is None:
+            continue
+        if not getattr(got, "host_weights", 0):  # the method trains its weights: none moves in any plan
+            return filled, tried
+        per_block = per_block or got.host_weights / e
+        if got.peak <= budget_bytes:
+            filled.append(fill(away, got, lines[away], budget_bytes, predict))
     return filled, tried
 
 

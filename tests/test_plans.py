@@ -1065,7 +1065,7 @@ def test_the_step_time_model_fetches_weights_when_backward_nears_their_block():
 @pytest.mark.bad_input("a weights-away plan name or setting out of range, or with FSDP or a quantized model")
 def test_weights_away_plans_are_named_filled_and_refused_where_they_cannot_run(cfg_factory):
     """`+weightsE` after a plan's name (and its `+keepK`): the frozen weights of its first E blocks away
-    (`plans.weights_away`); a budget tries the counts `weight_counts` gives on its shortlisted plans and on those
+    (`plans.weights_away`); a budget tries the count `weight_count` gives on its shortlisted plans and on those
     that would fit without the weights' bytes, each filled with kept blocks (`plans.fill_weights_away`); refused
     where weights cannot move (the CPU's plans, FSDP, a quantized model, a CUDA graph)."""
     from lorafa import step
@@ -1080,7 +1080,8 @@ def test_weights_away_plans_are_named_filled_and_refused_where_they_cannot_run(c
     assert plans.describe(plans.named("all+weights3", 8).keys()) == (
         "checkpoint all blocks (keep full); frozen weights of the first 3 blocks on the host between forward and "
         "backward")
-    assert plans.weight_counts(32) == [16, 29] and plans.weight_counts(2) == [1]
+    assert plans.weight_count(32, offloads=True) == 16 and plans.weight_count(32, offloads=False) == 29
+    assert plans.weight_count(2, offloads=False) == plans.weight_count(2, offloads=True) == 1
     for bad, says in (("all+weights0", "1 ≤ E ≤ 8"), ("all+weights9", "1 ≤ E ≤ 8"),
                       ("all+weights2+keep1", "then optionally +weightsE")):
         with pytest.raises(BadInput, match=re.escape(says)):
@@ -1100,18 +1101,21 @@ def test_weights_away_plans_are_named_filled_and_refused_where_they_cannot_run(c
     full, nothing = plans.named("all", n), plans.named("none", n)
     options = [(full, predict(full)), (nothing, predict(nothing))]  # 10 and 26 GiB
     filled, tried = plans.fill_weights_away(options, [full], n, 12.5 * gib, predict, lines)
-    # `all` with 4 blocks' weights away: 6 GiB, +3 kept 12 (+4: 14); with 5 away: 5, +3 kept 11 (+4: 13)
-    assert [(x.name, q.peak / gib) for x, q in filled] == [("all+keep3+weights4", 12), ("all+keep3+weights5", 11)]
-    # `none` would not fit with 4 or 5 blocks' weights away (26 - 5 GiB, from the bytes a block measured): never
+    # `all` (no saved tensors offloaded: all but the last 3 blocks' weights away) with 5 blocks' weights away: 5 GiB,
+    # +3 kept 11 (+4: 13)
+    assert [(x.name, q.peak / gib) for x, q in filled] == [("all+keep3+weights5", 11)]
+    # `none` would not fit with 5 blocks' weights away (26 - 5 GiB, from the bytes a block measured): never
     # predicted; a plan that fits as it is but was not shortlisted is not tried either
-    assert [x.name for x, _ in tried] == ["all+weights4", "all+weights5"]
-    # unshortlisted, `all` is passed over; `none`'s first count predicted (no bytes a block known yet), not the next
+    assert [x.name for x, _ in tried] == ["all+weights5"]
+    # unshortlisted, `all` is passed over; `none` predicted (no bytes a block known yet), and does not fit
     filled, tried = plans.fill_weights_away(options, [], n, 12.5 * gib, predict, lines)
-    assert filled == [] and [x.name for x, _ in tried] == ["none+weights4"]
-    # `none` at a budget its weights away would meet: predicted and filled (nothing to keep: as it is)
-    filled, tried = plans.fill_weights_away([(nothing, options[1][1])], [], n, 21.5 * gib, predict, lines)
-    assert [x.name for x, _ in tried] == ["none+weights4", "none+weights5"] and \
-        [(x.name, q.peak / gib) for x, q in filled] == [("none+weights5", 21)]
+    assert filled == [] and [x.name for x, _ in tried] == ["none+weights5"]
+    # `none` at a budget its weights away meet: predicted and filled (nothing to keep: as it is); a plan that
+    # offloads saved tensors tries half the blocks
+    off = plans.named("offload_all", n)
+    filled, tried = plans.fill_weights_away([(nothing, options[1][1]), (off, predict(off))], [], n, 22.5 * gib,
+                                            predict, lines)
+    assert [(x.name, q.peak / gib) for x, q in filled] == [("none+weights5", 21), ("offload_all+weights4", 22)]
     moves[0] = False
     filled, tried = plans.fill_weights_away(options, [full], n, 12.5 * gib, predict, lines)
     assert filled == [] and len(tried) == 1  # nothing moves: nothing filled, nothing more tried

@@ -51,7 +51,7 @@ def from_sweep(sweep, model: str, methods: list[str] | None = None) -> list[dict
     from lorafa.bench import LAYERS
     from lorafa.checks import BadInput
 
-    named = list(_experiment()["plans"])
+    named = list(_experiment()["plans"].values())  # the plans the variants name, in the experiment's order
     rows = report.rows(sweep, EXPERIMENT)  # its ok rows
     rows = rows[rows["model"] == model]
     have = list(dict.fromkeys(rows["method"]))

@@ -251,6 +251,12 @@ class _Frozen:
     def view(self, size, stride, offset) -> torch.Tensor:
         return self.flat.as_strided(size, stride, offset)
 
+    def in_place(self) -> bool:
+        """Every holder still a view of this storage where it was (not moved, cast or restacked since)."""
+        return all(measure.storage_id(t) == measure.storage_id(self.flat)
+                   and (t.size(), t.stride(), t.storage_offset()) == (size, stride, offset)
+                   for t, size, stride, offset in self.holders)
+
 
 class _WeightRef:
     """What a saved-tensor pack hook keeps for a frozen weight (or a view of one) whose storage leaves the device:
@@ -342,8 +348,7 @@ class Offload:
             return
         self.weights = {measure.storage_id(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
         for i, fs in self._frozen.items():  # moved, cast or restacked since: found again (host copies made anew)
-            if not all(measure.storage_id(t) == measure.storage_id(f.flat) and (t.size(), t.stride(),
-                       t.storage_offset()) == (size, stride, offset) for f in fs for t, size, stride, offset in f.holders):
+            if not all(f.in_place() for f in fs):
                 self._frozen[i] = self._frozen_storages(i)
         self._by_storage = {measure.storage_id(f.flat): f for fs in self._frozen.values() for f in fs}
         self.host_bytes = 0
@@ -407,9 +412,7 @@ class Offload:
         host = torch.empty_like(t, device="cpu", pin_memory=streams)
         held = _Held(t.device, host, nbytes)
         if streams:
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(t.device)
-            self.stream.wait_stream(torch.cuda.current_stream(t.device))
+            self._side_stream(t.device).wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(self.stream):
                 host.copy_(t, non_blocking=True)
                 held.copied = torch.cuda.Event()
@@ -425,19 +428,29 @@ class Offload:
         self._drain(self.inflight)
         return held
 
+    def _side_stream(self, device) -> torch.cuda.Stream:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
+    def _copy_back(self, host: torch.Tensor, device) -> tuple:
+        """`host` back on `device` (CUDA): allocated on the compute stream (its memory free there as of now), filled
+        on the side stream; freed after its use, it goes straight back to the compute stream's pool (`record_stream`
+        would keep it counted until the device caught up with the host). Returns (tensor, CUDA event: filled)."""
+        stream = self._side_stream(device)
+        out = torch.empty_like(host, device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            out.copy_(host, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return out, ready
+
     def _fetch(self, held: _Held) -> None:
         if held.copied is None:  # CPU, fake tensors
             held.fetched = held.host.to(held.device)
-        else:  # allocated on the compute stream (its memory free there as of now), filled on the side stream:
-            # freed by autograd after its use, it goes straight back to the compute stream's pool; `record_stream`
-            # would keep it counted until the device caught up with the host
-            current = torch.cuda.current_stream(held.device)
-            held.fetched = torch.empty_like(held.host, device=held.device)
-            self.stream.wait_stream(current)
-            with torch.cuda.stream(self.stream):
-                held.fetched.copy_(held.host, non_blocking=True)
-                held.ready = torch.cuda.Event()
-                held.ready.record(self.stream)
+        else:
+            held.fetched, held.ready = self._copy_back(held.host, held.device)
         self._ahead += held.nbytes
 
     def _prefetch(self) -> None:
@@ -525,11 +538,8 @@ class Offload:
         if isinstance(first, torch.Tensor) and first.requires_grad:
             # called with the gradient of the block's output, before anything of the block's own backward runs
             # (its recomputation included): no node, no view (a view could not be changed in place downstream)
-            first.register_hook(partial(self._reached_by, i))
+            first.register_hook(partial(self._reached, i))
         return output
-
-    def _reached_by(self, i: int, grad):
-        self._reached(i)
 
     def _fetch_weights(self, i: int) -> None:
         for f in self._frozen[i]:
@@ -537,16 +547,8 @@ class Offload:
                 continue
             if _is_fake(f.host) or f.device.type != "cuda":
                 f.fetched = f.host.to(f.device, copy=True)
-                continue
-            current = torch.cuda.current_stream(f.device)  # allocated on the compute stream, as `_fetch`
-            f.fetched = torch.empty_like(f.host, device=f.device)
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(f.device)
-            self.stream.wait_stream(current)
-            with torch.cuda.stream(self.stream):
-                f.fetched.copy_(f.host, non_blocking=True)
-                f.ready = torch.cuda.Event()
-                f.ready.record(self.stream)
+            else:
+                f.fetched, f.ready = self._copy_back(f.host, f.device)
 
     def _arrive(self, i: int) -> None:
         """Block i's weights back in place (fetched now if they were not), the compute stream waiting for them."""
@@ -561,9 +563,9 @@ class Offload:
                 t.data = f.view(size, stride, offset)
         self._away.discard(i)
 
-    def _reached(self, i: int) -> None:
-        """Backward reached block i: its weights back, and those of the blocks up to `WEIGHTS_AHEAD` before it on
-        their way."""
+    def _reached(self, i: int, grad=None) -> None:
+        """Backward reached block i (a hook on its output's gradient): its weights back, and those of the blocks up
+        to `WEIGHTS_AHEAD` before it on their way."""
         self._arrive(i)
         for j in range(i - 1, max(-1, i - 1 - self.WEIGHTS_AHEAD), -1):
             if j in self._away:
@@ -1042,7 +1044,7 @@ def step_seconds(pred, rates: Rates, line: Timeline | None = None, plain_backwar
     plain = min(backward_flops, plain_backward_flops) if plain_backward_flops is not None else backward_flops
     forward = pred.flops_forward / fwd_rate
     backward = plain / bwd_rate
-    weights = getattr(pred, "host_weights", 0) if line is not None and line.weights else 0
+    weights = pred.host_weights if line is not None and line.weights else 0
     offloaded = pred.host_offload if line is not None and line.offloaded else 0
     if modes is not None and rates.block_extra is not None and all(m in rates.block_extra for m in modes):
         extra = [rates.block_extra[m] for m in modes]
@@ -1182,7 +1184,7 @@ def fill_weights_away(options: list, short: list, n_blocks: int, budget_bytes: f
         tried.append((away, got))
         if got is None:
             continue
-        if not getattr(got, "host_weights", 0):  # the method trains its weights: none moves in any plan
+        if not got.host_weights:  # the method trains its weights: none moves in any plan
             return filled, tried
         per_block = per_block or got.host_weights / e
         if got.peak <= budget_bytes:

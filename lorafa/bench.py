@@ -112,6 +112,7 @@ class Setting:
         applied = methods.apply(net, method, cfg.model.get("target_modules"),
                                 frozen_dtype=frozen_weight_dtype(cfg.train, device))
         self.trainable = applied.trainable_params
+        self.fused_loss = net.fused_loss
         self.plan = plans.describe(method)
         # torch's FLOP counter hooks every module's backward, which element-wise recomputation's own autograd.grad
         # inside a backward does not allow: such a setting's FLOPs (and MFU) stay NaN
@@ -368,7 +369,7 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
            "mem_peak_gib": (torch.cuda.max_memory_allocated(device) - held) / gib if cuda else float("nan"),
            "mem_reserved_gib": (torch.cuda.max_memory_reserved(device) - reserved) / gib if cuda else float("nan"),
            "mem_held_gib": held / gib if cuda else float("nan"), "flops": flops,
-           "trainable_params": s.trainable, "plan": s.plan, "checkpointed_blocks": s.checkpointed_blocks,
+           "trainable_params": s.trainable, "fused_loss": s.fused_loss, "plan": s.plan, "checkpointed_blocks": s.checkpointed_blocks,
            "host_offload_gib": s.host_offload_gib(), "host_weights_gib": s.host_weights_gib(), "warmup_s": warmup_s,
            "compiled_graphs": graphs, "graph_breaks": breaks,
            "final_loss": float(s.loss), "optimizer_steps": max(warmup, s.steps_taken) + steps}
@@ -450,7 +451,8 @@ def bench_model(model: str, methods: list[str], modes: list[str], *, shape: tupl
                      "layer": layer, "stacked": layer in ("stacked", "merged"), "plan_name": plan,
                      "plan": slot.get("plan", ""), "checkpointed_blocks": slot.get("checkpointed_blocks", 0),
                      "host_offload_gib": slot.get("host_offload_gib", float("nan")),
-                     "host_weights_gib": slot.get("host_weights_gib", float("nan")), "status": status,
+                     "host_weights_gib": slot.get("host_weights_gib", float("nan")),
+                     "fused_loss": slot.get("fused_loss", False), "status": status,
                      "stopped": stopped,
                      "error": slot.get("error", stopped if status == "stopped" else ""),
                      "tokens_per_s": slot.get("tokens", 0) / step if ok else float("nan"),

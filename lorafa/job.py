@@ -551,7 +551,8 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     frozen_dtype = frozen_weight_dtype(cfg.train, device)
     applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype,
                             stacked=layer, adapter=adapter)
-    row.update(family=net.family, trainable_params=applied.trainable_params, total_params=applied.total_params,
+    row.update(family=net.family, fused_loss=net.fused_loss, trainable_params=applied.trainable_params,
+               total_params=applied.total_params,
                adapted_layers=len(applied.targets), checkpointed_blocks=applied.checkpointed_blocks,
                layer=_layer_ran(net.model) if applied.targets and not (cfg.method.train_a or cfg.method.train_base)
                else "none",

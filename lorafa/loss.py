@@ -1,0 +1,165 @@
+"""The causal LM's training loss without its full logits (`model.fused_loss`).
+
+transformers' decoders compute the loss from the whole logits tensor: the LM head writes N × V logits in the
+compute dtype, the loss upcasts them to fp32, and cross-entropy keeps its fp32 log-probabilities for backward,
+which then writes an fp32 gradient of the same size and casts it back. At LLaMA-7B 8 × 1024 (V = 32,000) that is
+0.5 + 1 + 1 GiB in forward and up to 3 GiB at the start of backward — where a checkpointed step peaks — for a
+head that LoRA and LoRA-FA never train.
+
+`model.fused_loss` runs the head and the loss together, a slice of rows at a time (as Liger Kernel's fused linear
+cross-entropy and torchtune's chunked output loss do):
+
+| what                         | transformers                 | fused                                                |
+|------------------------------|------------------------------|------------------------------------------------------|
+| logits alive at once         | all N rows, bf16 and fp32    | one slice (N / ⌈V / H⌉ rows: about the hidden states' size) |
+| kept for backward            | fp32 log-probabilities, N × V | the gradient of the hidden states, N × H (and of the head's weight, if trained) |
+| FLOPs                        | head forward + backward      | the same, all in forward                             |
+
+Each slice's gradient is computed in forward, while its logits are at hand, so nothing is recomputed: backward
+only scales what forward left by the loss's incoming gradient (gradient accumulation's share). The values are the
+model's own: labels shifted as transformers shifts them (`-100` ignored, the mean over the tokens that count, or
+`num_items_in_batch`), the head's matmul in the autocast dtype, softmax and the loss in fp32, the gradient cast
+to the head's compute dtype before it meets the weight — as autograd does it. Only the summation order over rows
+of a trained head's weight gradient differs (fp32 partial sums).
+
+It applies where the training forward is exactly the decoder, its linear head without bias, then the standard
+causal-LM loss: the model types in `FUSED_TYPES`, with no logit soft-capping or scaling in their config. Under
+`auto` (the default) other decoders, encoders and encoder-decoders keep transformers' loss; `true` on them is bad
+input. Forwards without labels or without gradients (evaluation, scoring, generation) run the model's own forward
+and return logits; a training forward returns the loss and no logits.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+from torch import nn
+
+from .checks import BadInput
+
+IGNORE = -100
+# decoders whose *ForCausalLM.forward is `hidden = body(...)`, `logits = lm_head(hidden)`, `loss_function(logits,
+# labels)` in transformers 5 (tests/test_loss.py checks each against the model's own loss and gradients)
+FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2")
+_SCALED = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def chunks_for(vocab: int, hidden: int) -> int:
+    """Row slices: ⌈V / H⌉, so one slice's logits are about the size of all rows' hidden states."""
+    return max(1, math.ceil(vocab / max(1, hidden)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean over counted rows of cross_entropy(hidden @ weightᵀ, labels), slice by slice; the gradients are made in
+    forward and kept (`ctx`) until backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, count, chunks: int, dtype):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            h = hidden.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(h) if want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+            denom = count.to(torch.float32)
+            step = math.ceil(h.shape[0] / chunks) if h.shape[0] else 1
+            for start in range(0, h.shape[0], step):
+                rows = slice(start, start + step)
+                logits = (h[rows] @ w.t()).float()
+                y = labels[rows]
+                counted = y != IGNORE
+                target = torch.where(counted, y, 0).unsqueeze(1)
+                lse = torch.logsumexp(logits, dim=-1)
+                total += ((lse - logits.gather(1, target).squeeze(1)) * counted).sum()
+                if want_h or want_w:  # d loss / d logits = (softmax − one-hot) / count, on counted rows
+                    g = logits.sub_(lse.unsqueeze(1)).exp_()
+                    g.scatter_add_(1, target, -counted.unsqueeze(1).to(g.dtype))
+                    g.mul_((counted.to(g.dtype) / denom).unsqueeze(1))
+                    g = g.to(dtype)
+                    if want_h:
+                        torch.matmul(g, w, out=grad_h[rows])
+                    if want_w:
+                        grad_w += (g.t() @ h[rows]).float()
+                del logits
+        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = (grad_h * grad_out.to(grad_h.dtype)).to(ctx.dtypes[0]) if grad_h is not None else None
+        dw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         num_items_in_batch=None, chunks: int | None = None) -> torch.Tensor:
+    """transformers' causal-LM loss of `hidden` (B × T × H) through a bias-free head `weight` (V × H) against
+    `labels` (B × T, unshifted), without the full logits."""
+    shifted = nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if num_items_in_batch is None:
+        count = (shifted != IGNORE).sum()
+    else:
+        count = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    n = chunks or chunks_for(weight.shape[0], weight.shape[1])
+    return _LinearCrossEntropy.apply(flat, weight, shifted.to(hidden.device), count, n, dtype)
+
+
+def fusable(model: nn.Module) -> str:
+    """Why `model`'s loss cannot be fused ('' where it can)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in FUSED_TYPES:
+        return f"model_type {kind!r} is not one of {', '.join(FUSED_TYPES)}"
+    scaled = [k for k in _SCALED if getattr(config, k, None) not in (None, 1, 1.0)]
+    if scaled:
+        return f"its config scales the logits ({', '.join(scaled)})"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None:
+        return f"its LM head is {type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}, not a bias-free nn.Linear"
+    return ""
+
+
+def _fused_forward(self, *args, labels=None, **kwargs):
+    unfused = kwargs.get("shift_labels") is not None or kwargs.get("logits_to_keep") not in (None, 0)
+    if labels is None or args or unfused or not torch.is_grad_enabled():
+        return self._lorafa_own_forward(*args, labels=labels, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("logits_to_keep", None)
+    body = getattr(self, self.base_model_prefix)
+    out = body(**kwargs)
+    loss = linear_cross_entropy(out.last_hidden_state, self.get_output_embeddings().weight, labels,
+                                num_items_in_batch=num_items)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def install(model: nn.Module, setting, family: str) -> bool:
+    """`model.fused_loss` (auto | true | false): make `model`'s training forward fuse its head and loss where it
+    can. Returns whether it does."""
+    value = str(setting).lower() if setting is not None else "auto"
+    if value not in ("auto", "true", "false"):
+        raise BadInput(f"model.fused_loss={setting}: expected auto, true or false")
+    if value == "false":
+        return False
+    why = "the family is " + family if family != "decoder" else fusable(model)
+    if why:
+        if value == "auto":
+            return False
+        raise BadInput(f"model.fused_loss=true but the loss cannot be fused: {why}")
+    if not hasattr(model, "_lorafa_own_forward"):
+        model._lorafa_own_forward = model.forward
+        model.forward = types.MethodType(_fused_forward, model)
+    return True
+
+
+def installed(model: nn.Module) -> bool:
+    return hasattr(model, "_lorafa_own_forward")

@@ -1,0 +1,166 @@
+"""The causal LM's loss without its full logits (`lorafa.loss`, `model.fused_loss`): the model's own loss and
+gradients, for every model type it applies to; logits where something reads them; the saved bytes it removes."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lorafa import bench, checks, loss, memory
+from lorafa.checks import BadInput
+from lorafa.job import run
+from tests.conftest import HostReads, compose_cfg
+
+V, H = 300, 64
+
+
+def _pair(kind: str, **arch):
+    """A two-block random model of `kind` and its copy with the fused loss."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **arch)
+    own = AutoModelForCausalLM.from_config(config)
+    fused = copy.deepcopy(own)
+    assert loss.install(fused, "auto", "decoder") and loss.installed(fused) and not loss.installed(own)
+    return own, fused
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (3, 20), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt
+    labels[2, 12:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[2, 12:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _step(model, batch, *, amp: bool, scale: float = 0.5, **kw):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        value = model(**batch, **kw).loss
+    (value * scale).backward()  # a share of an accumulated step
+    return value.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", loss.FUSED_TYPES)
+def test_the_fused_loss_is_the_models_own_loss_with_its_gradients(kind):
+    """For every model type it applies to: transformers' own loss (shifted labels, a prompt and padding ignored) and
+    gradients — fp32 to rounding; under bf16 autocast with the head frozen (LoRA, LoRA-FA), the gradients bit for bit
+    (the loss's value to rounding: it is summed slice by slice); with the
+    head trained, its weight's gradient to bf16 rounding (summed over slices in fp32); with `num_items_in_batch`
+    too. No host read of a value (a CUDA graph can hold it)."""
+    own, fused = _pair(kind)
+    batch = _batch()
+    a, ga = _step(own, batch, amp=False)
+    b, gb = _step(fused, batch, amp=False)
+    assert b.item() == pytest.approx(a.item(), rel=1e-6) and ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6 * ga[n].abs().max().item(), msg=n)
+    a, ga = _step(own, batch, amp=False, num_items_in_batch=torch.tensor(40))
+    b, gb = _step(fused, batch, amp=False, num_items_in_batch=torch.tensor(40))
+    assert b.item() == pytest.approx(a.item(), rel=1e-6)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6 * ga[n].abs().max().item(), msg=n)
+    a, ga = _step(own, batch, amp=True)
+    b, gb = _step(fused, batch, amp=True)
+    assert b.item() == pytest.approx(a.item(), rel=1e-6)
+    head = "lm_head.weight"
+    torch.testing.assert_close(gb[head], ga[head], rtol=0, atol=2 ** -7 * ga[head].abs().max().item())
+    for m in (own, fused):
+        m.lm_head.weight.requires_grad_(False)
+    a, ga = _step(own, batch, amp=True)
+    b, gb = _step(fused, batch, amp=True)
+    assert b.item() == pytest.approx(a.item(), rel=1e-6) and head not in gb and ga.keys() == gb.keys()
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n
+    hidden = torch.randn(3, 20, H, requires_grad=True)
+    with HostReads() as reads:
+        loss.linear_cross_entropy(hidden, fused.lm_head.weight, batch["labels"]).backward()
+    assert not reads.reads, reads.reads[0]
+
+
+def test_forwards_that_read_logits_get_the_models_own_forward():
+    """Without gradients (evaluation, scoring) or without labels (generation) the model's own forward runs and
+    returns logits, with the loss the fused one gives; a training forward returns the loss and no logits."""
+    own, fused = _pair("llama")
+    batch = _batch()
+    with torch.no_grad():
+        mine, theirs = fused(**batch), own(**batch)
+        unlabelled = fused(input_ids=batch["input_ids"])
+    assert torch.equal(mine.logits, theirs.logits) and torch.equal(mine.loss, theirs.loss)
+    assert unlabelled.logits.shape == (3, 20, V)
+    trained = fused(**batch)
+    assert trained.logits is None and trained.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-6)
+    assert fused.generate(batch["input_ids"][:1, :4], max_new_tokens=2, do_sample=False).shape == (1, 6)
+
+
+@pytest.mark.bad_input("model.fused_loss not auto, true or false, or true where the loss cannot be fused")
+def test_the_fused_loss_applies_only_where_the_models_loss_is_the_standard_one():
+    """`auto` fuses decoders of the listed types with a bias-free linear head and unscaled logits, and leaves the rest
+    (other types, scaled logits, encoders, encoder-decoders) with transformers' loss; `true` there is bad input,
+    as a value other than auto, true or false is, before anything is built."""
+    own, _ = _pair("llama")
+    assert loss.fusable(own) == ""
+    scaled = copy.deepcopy(own)
+    scaled.config.final_logit_softcapping = 30.0
+    assert "scales the logits" in loss.fusable(scaled) and not loss.install(scaled, "auto", "decoder")
+    with pytest.raises(BadInput, match="model.fused_loss=true but the loss cannot be fused: its config scales"):
+        loss.install(scaled, "true", "decoder")
+    biased = copy.deepcopy(own)
+    biased.lm_head = torch.nn.Linear(H, V, bias=True)
+    assert "with a bias" in loss.fusable(biased)
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=V, n_embd=H, n_layer=1, n_head=2))
+    assert not loss.install(gpt2, "auto", "decoder") and not loss.installed(gpt2)
+    with pytest.raises(BadInput, match="model_type 'gpt2' is not one of llama"):
+        loss.install(gpt2, True, "decoder")
+    assert not loss.install(own, False, "decoder")
+    with pytest.raises(BadInput, match="the family is encoder"):
+        loss.install(own, "true", "encoder")
+    for model in ("tiny-roberta", "tiny-t5"):
+        cfg = bench.compose(model, "lorafa", 2, 16, ["device=cpu"])
+        assert cfg.model.fused_loss == "auto"
+        from lorafa import models
+
+        assert not models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32).fused_loss
+    with pytest.raises(BadInput, match="model.fused_loss=maybe: expected auto, true or false"):
+        checks.check_config(compose_cfg(["model=tiny-llama", "model.fused_loss=maybe"]))
+    with pytest.raises(BadInput, match="model.fused_loss=sometimes: expected auto, true or false"):
+        loss.install(own, "sometimes", "decoder")
+
+
+def test_the_fused_loss_keeps_no_logits_for_backward():
+    """The predictor's books for tiny-llama (V = 4096, H = 128) at 4 × 64: what the step saves falls by the
+    fp32 log-probabilities cross-entropy keeps (N × V × 4 bytes, and its targets), less the hidden states' gradient
+    the fused loss keeps instead (N × H × 4); the step's peak falls by at least the logits and their
+    log-probabilities (2 × N × V × 4)."""
+    n, vocab, hidden = 4 * 64, 4096, 128
+    preds = {}
+    for setting in ("false", "true"):
+        cfg = bench.compose("tiny-llama", "lorafa", 4, 64, ["device=cpu", f"model.fused_loss={setting}"])
+        preds[setting] = memory.predict(cfg.model, cfg.method, batch_size=4, seq_len=64, device="cpu")
+    off, on = preds["false"], preds["true"]
+    assert (off.weights, off.grads, off.optimizer) == (on.weights, on.grads, on.optimizer)
+    assert off.activations - on.activations == pytest.approx(n * vocab * 4 - n * hidden * 4, abs=n * 8 + 64)
+    assert off.tracked_peak - on.tracked_peak >= 2 * n * vocab * 4
+    assert off.flops == on.flops and on.flops_forward > off.flops_forward  # the head's backward, done in forward
+
+
+def test_a_decoder_job_trains_alike_with_and_without_the_fused_loss(cfg_factory):
+    """A tiny-llama job: the same losses with the fused loss (the default) as with transformers' (fp32, to
+    rounding); the row says which ran and predicts less memory for the fused one; an encoder's row says false."""
+    common = ["model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=32", "train.batch_size=4",
+              "train.max_steps=4", "train.lr=1e-2"]
+    fused, plain = run(cfg_factory(*common)), run(cfg_factory(*common, "model.fused_loss=false"))
+    assert fused["status"] == plain["status"] == "ok", (fused["error"], plain["error"])
+    assert fused["fused_loss"] is True and plain["fused_loss"] is False
+    np.testing.assert_allclose(fused["loss_curve"], plain["loss_curve"], rtol=1e-5)
+    assert fused["pred_mem_activations_gib"] < plain["pred_mem_activations_gib"]
+    assert fused["mem_activations_gib"] == pytest.approx(fused["pred_mem_activations_gib"], rel=1e-6)
+    encoder = run(cfg_factory("model=tiny-roberta", "method=lorafa", "task=synthetic", "task.max_seq_len=32",
+                              "train.batch_size=4", "train.max_steps=1"))
+    assert encoder["status"] == "ok" and encoder["fused_loss"] is False

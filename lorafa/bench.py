@@ -92,7 +92,7 @@ class Setting:
     """One (method, mode) built on the device: model, optimizer, one batch, and its step function."""
 
     def __init__(self, cfg, mode: str, device: torch.device, scope: str = "blocks"):
-        from . import methods, models, plans
+        from . import loss, methods, models, plans
         from .train import autocast_dtype, frozen_weight_dtype, make_optimizer
 
         torch.manual_seed(0)
@@ -112,7 +112,7 @@ class Setting:
         applied = methods.apply(net, method, cfg.model.get("target_modules"),
                                 frozen_dtype=frozen_weight_dtype(cfg.train, device))
         self.trainable = applied.trainable_params
-        self.fused_loss = net.fused_loss
+        self.fused_loss = loss.active(net.model)
         self.plan = plans.describe(method)
         # torch's FLOP counter hooks every module's backward, which element-wise recomputation's own autograd.grad
         # inside a backward does not allow: such a setting's FLOPs (and MFU) stay NaN

@@ -12,21 +12,25 @@ cross-entropy and torchtune's chunked output loss do):
 | what                         | transformers                 | fused                                                |
 |------------------------------|------------------------------|------------------------------------------------------|
 | logits alive at once         | all N rows, bf16 and fp32    | one slice (N / ⌈V / H⌉ rows: about the hidden states' size) |
-| kept for backward            | fp32 log-probabilities, N × V | the gradient of the hidden states, N × H (and of the head's weight, if trained) |
+| kept for backward            | fp32 log-probabilities, N × V | the gradient of the hidden states, N × H              |
 | FLOPs                        | head forward + backward      | the same, all in forward                             |
 
 Each slice's gradient is computed in forward, while its logits are at hand, so nothing is recomputed: backward
 only scales what forward left by the loss's incoming gradient (gradient accumulation's share). The values are the
 model's own: labels shifted as transformers shifts them (`-100` ignored, the mean over the tokens that count, or
 `num_items_in_batch`), the head's matmul in the autocast dtype, softmax and the loss in fp32, the gradient cast
-to the head's compute dtype before it meets the weight — as autograd does it. Only the summation order over rows
-of a trained head's weight gradient differs (fp32 partial sums).
+to the head's compute dtype before it meets the weight — as autograd does it: under bf16 autocast the gradients are
+the unfused ones bit for bit, and the loss's value differs by rounding (it is summed slice by slice).
+
+The head must be frozen, as LoRA and LoRA-FA keep it. Where it trains (full fine-tuning, a tied embedding that
+trains), the training forward runs transformers' loss: the weight's gradient, made in forward, would be held until
+backward (V × H in fp32), more than the log-probabilities at short sequences (`active`).
 
 It applies where the training forward is exactly the decoder, its linear head without bias, then the standard
 causal-LM loss: the model types in `FUSED_TYPES`, with no logit soft-capping or scaling in their config. Under
 `auto` (the default) other decoders, encoders and encoder-decoders keep transformers' loss; `true` on them is bad
 input. Forwards without labels or without gradients (evaluation, scoring, generation) run the model's own forward
-and return logits; a training forward returns the loss and no logits.
+and return logits; a fused training forward returns the loss and no logits.
 """
 
 from __future__ import annotations
@@ -52,18 +56,17 @@ def chunks_for(vocab: int, hidden: int) -> int:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """mean over counted rows of cross_entropy(hidden @ weightᵀ, labels), slice by slice; the gradients are made in
-    forward and kept (`ctx`) until backward."""
+    """mean over counted rows of cross_entropy(hidden @ weightᵀ, labels), slice by slice, for a frozen `weight`;
+    the hidden states' gradient is made in forward and kept (`ctx`) until backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, count, chunks: int, dtype):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_h = ctx.needs_input_grad[0]
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             h = hidden.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_h = torch.empty_like(h) if want_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
             denom = count.to(torch.float32)
             step = math.ceil(h.shape[0] / chunks) if h.shape[0] else 1
             for start in range(0, h.shape[0], step):
@@ -74,32 +77,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 target = torch.where(counted, y, 0).unsqueeze(1)
                 lse = torch.logsumexp(logits, dim=-1)
                 total += ((lse - logits.gather(1, target).squeeze(1)) * counted).sum()
-                if want_h or want_w:  # d loss / d logits = (softmax − one-hot) / count, on counted rows
+                if want_h:  # d loss / d logits = (softmax − one-hot) / count, on counted rows
                     g = logits.sub_(lse.unsqueeze(1)).exp_()
                     g.scatter_add_(1, target, -counted.unsqueeze(1).to(g.dtype))
                     g.mul_((counted.to(g.dtype) / denom).unsqueeze(1))
-                    g = g.to(dtype)
-                    if want_h:
-                        torch.matmul(g, w, out=grad_h[rows])
-                    if want_w:
-                        grad_w += (g.t() @ h[rows]).float()
+                    torch.matmul(g.to(dtype), w, out=grad_h[rows])
                 del logits
-        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.save_for_backward(grad_h)
+        ctx.dtype = hidden.dtype
         return total / denom
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        dh = (grad_h * grad_out.to(grad_h.dtype)).to(ctx.dtypes[0]) if grad_h is not None else None
-        dw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_out.to(grad_h.dtype)).to(ctx.dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          num_items_in_batch=None, chunks: int | None = None) -> torch.Tensor:
     """transformers' causal-LM loss of `hidden` (B × T × H) through a bias-free head `weight` (V × H) against
-    `labels` (B × T, unshifted), without the full logits."""
+    `labels` (B × T, unshifted), without the full logits. The head is frozen: no gradient reaches `weight`."""
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy: the head's weight requires a gradient; it takes a frozen head")
     shifted = nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     device = hidden.device.type
@@ -127,9 +126,15 @@ def fusable(model: nn.Module) -> str:
     return ""
 
 
+def active(model: nn.Module) -> bool:
+    """Whether `model`'s training forward fuses its loss now: installed, and the head frozen (a trained head — full
+    fine-tuning — keeps transformers' loss: its weight's gradient, made in forward, would be held until backward)."""
+    return installed(model) and not model.get_output_embeddings().weight.requires_grad
+
+
 def _fused_forward(self, *args, labels=None, **kwargs):
     unfused = kwargs.get("shift_labels") is not None or kwargs.get("logits_to_keep") not in (None, 0)
-    if labels is None or args or unfused or not torch.is_grad_enabled():
+    if labels is None or args or unfused or not torch.is_grad_enabled() or not active(self):
         return self._lorafa_own_forward(*args, labels=labels, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

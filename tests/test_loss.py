@@ -47,38 +47,42 @@ def _step(model, batch, *, amp: bool, scale: float = 0.5, **kw):
     return value.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _head_trains(models, trains: bool):
+    for m in models:
+        m.lm_head.weight.requires_grad_(trains)
+
+
 @pytest.mark.parametrize("kind", loss.FUSED_TYPES)
 def test_the_fused_loss_is_the_models_own_loss_with_its_gradients(kind):
-    """For every model type it applies to: transformers' own loss (shifted labels, a prompt and padding ignored) and
-    gradients — fp32 to rounding; under bf16 autocast with the head frozen (LoRA, LoRA-FA), the gradients bit for bit
-    (the loss's value to rounding: it is summed slice by slice); with the
-    head trained, its weight's gradient to bf16 rounding (summed over slices in fp32); with `num_items_in_batch`
-    too. No host read of a value (a CUDA graph can hold it)."""
+    """For every model type it applies to, with the head frozen (LoRA, LoRA-FA): transformers' own loss (shifted
+    labels, a prompt and padding ignored; also over `num_items_in_batch`) and gradients, in fp32 to rounding, under
+    bf16 autocast the gradients bit for bit (the loss's value to rounding: it is summed slice by slice). With the
+    head trained (full fine-tuning) the model's own forward runs. No host read of a value (a CUDA graph can hold
+    it)."""
     own, fused = _pair(kind)
+    _head_trains((own, fused), False)
+    assert loss.active(fused)
     batch = _batch()
-    a, ga = _step(own, batch, amp=False)
-    b, gb = _step(fused, batch, amp=False)
+    for kw in ({}, {"num_items_in_batch": torch.tensor(40)}):
+        a, ga = _step(own, batch, amp=False, **kw)
+        b, gb = _step(fused, batch, amp=False, **kw)
+        assert b.item() == pytest.approx(a.item(), rel=1e-6) and ga.keys() == gb.keys()
+        for n in ga:
+            torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6 * ga[n].abs().max().item(), msg=n)
+    a, ga = _step(own, batch, amp=True)
+    b, gb = _step(fused, batch, amp=True)
     assert b.item() == pytest.approx(a.item(), rel=1e-6) and ga.keys() == gb.keys()
     for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6 * ga[n].abs().max().item(), msg=n)
-    a, ga = _step(own, batch, amp=False, num_items_in_batch=torch.tensor(40))
-    b, gb = _step(fused, batch, amp=False, num_items_in_batch=torch.tensor(40))
-    assert b.item() == pytest.approx(a.item(), rel=1e-6)
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6 * ga[n].abs().max().item(), msg=n)
-    a, ga = _step(own, batch, amp=True)
-    b, gb = _step(fused, batch, amp=True)
-    assert b.item() == pytest.approx(a.item(), rel=1e-6)
-    head = "lm_head.weight"
-    torch.testing.assert_close(gb[head], ga[head], rtol=0, atol=2 ** -7 * ga[head].abs().max().item())
-    for m in (own, fused):
-        m.lm_head.weight.requires_grad_(False)
-    a, ga = _step(own, batch, amp=True)
-    b, gb = _step(fused, batch, amp=True)
-    assert b.item() == pytest.approx(a.item(), rel=1e-6) and head not in gb and ga.keys() == gb.keys()
-    for n in ga:
         assert torch.equal(ga[n], gb[n]), n
+    _head_trains((own, fused), True)
+    assert not loss.active(fused)
+    a, ga = _step(own, batch, amp=True)
+    b, gb = _step(fused, batch, amp=True)
+    assert "lm_head.weight" in gb and torch.equal(a, b) and all(torch.equal(ga[n], gb[n]) for n in ga)
     hidden = torch.randn(3, 20, H, requires_grad=True)
+    with pytest.raises(ValueError, match="it takes a frozen head"):
+        loss.linear_cross_entropy(hidden, fused.lm_head.weight, batch["labels"])
+    _head_trains((own, fused), False)
     with HostReads() as reads:
         loss.linear_cross_entropy(hidden, fused.lm_head.weight, batch["labels"]).backward()
     assert not reads.reads, reads.reads[0]
@@ -88,6 +92,7 @@ def test_forwards_that_read_logits_get_the_models_own_forward():
     """Without gradients (evaluation, scoring) or without labels (generation) the model's own forward runs and
     returns logits, with the loss the fused one gives; a training forward returns the loss and no logits."""
     own, fused = _pair("llama")
+    _head_trains((own, fused), False)
     batch = _batch()
     with torch.no_grad():
         mine, theirs = fused(**batch), own(**batch)

@@ -43,7 +43,10 @@ def test_one_llama_block_keeps_what_a_count_by_hand_says(cfg_factory):
       embeddings, so the first RMSNorm keeps its input and 1/rms; below LoRA-FA's lowest adapter nothing needs
       a gradient.
     - full − frozen = N (3d + d + 2d + f) floats + N int64: the three RMSNorms' normalised inputs (for their
-      weights), the output projection's input, the linears' inputs as for LoRA, and the embedding's token ids.
+      weights), the output projection's input, the linears' inputs as for LoRA, and the embedding's token ids;
+      and, as full fine-tuning trains the head and so runs transformers' loss where the others fuse it
+      (`lorafa.loss`), + N V floats + N int64 + 4 bytes (cross-entropy's log-probabilities, its targets and total
+      weight) − N d floats (the hidden states' gradient the fused loss keeps).
     Weights, gradients and AdamW state: the parameter counts (2 moments and a 4-byte step per trained tensor)."""
     N, d, f, r, vocab = 2 * 16, 128, 344, 8, 4096
     adapted = [(d, d)] * 4 + [(d, f)] * 2 + [(f, d)]  # (d_in, d_out): q, k, v, o, gate, up, down
@@ -63,7 +66,7 @@ def test_one_llama_block_keeps_what_a_count_by_hand_says(cfg_factory):
     by_hand = {"lora": N * (2 * d + f) * fl + 7 * N * r * fl - N * (d + 1) * fl,
                "lorafa": 7 * N * r * fl - N * (d + 1) * fl,
                "lorafa_stacked": 7 * N * r * fl - N * (d + 1) * fl,
-               "full": N * (6 * d + f) * fl + N * 8}
+               "full": N * (6 * d + f) * fl + N * 8 + (N * vocab * fl + N * 8 + 4 - N * d * fl)}
     trained = {"lora": (a_params + b_params, 14), "lorafa": (b_params, 7), "lorafa_stacked": (b_params, 7),
                "full": (base, 12)}
     for name, expected in by_hand.items():

@@ -323,6 +323,11 @@ def figure_label(frame: pd.DataFrame) -> str:
             parts.append(f"batch × length: {shown}")
     weights = sorted({weights_of(r) for _, r in frame.iterrows()})
     parts.append("weights: " + "; ".join(weights[:3]) + (" …" if len(weights) > 3 else ""))
+    if "fused_loss" in frame and "family" in frame:  # decoders' LM loss (`model.fused_loss`); none recorded: transformers'
+        losses = {"fused" if v is True else "transformers'"
+                  for v, fam in zip(frame["fused_loss"], frame["family"]) if fam == "decoder"}
+        if losses:
+            parts.append("LM loss: " + " and ".join(sorted(losses)))
     scored = frame[frame["score"].notna() & (frame["task"] != "synthetic")] \
         if {"score", "lr", "task"} <= set(frame.columns) else frame.iloc[:0]
     if len(scored):  # figures of scores on real data state the learning rates

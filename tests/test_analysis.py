@@ -285,6 +285,11 @@ def test_tables_and_figures_are_written_in_both_formats(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
     # the figure's label, from its rows (no lr: the synthetic task's score is no accuracy)
     assert caption.endswith("(device: CPU; mode: eager; batch × length: 8 × 64; weights: random init)"), caption
+    rows = pd.DataFrame({"device": ["cpu"] * 3, "model": ["tiny-llama", "tiny-llama", "tiny-roberta"],
+                         "init": ["random"] * 3, "task": ["synthetic"] * 3,
+                         "family": ["decoder", "decoder", "encoder"], "fused_loss": [True, None, False]})
+    assert report.figure_label(rows).endswith("; LM loss: fused and transformers'")
+    assert "LM loss" not in report.figure_label(rows.iloc[2:])
 
 
 def test_latex_special_characters_are_escaped_in_cells_headers_and_caption(tmp_path):

@@ -1,10 +1,10 @@
-"""The causal LM's training loss without its full logits (`model.fused_loss`).
+"""The LM loss without its full logits (`model.fused_loss`).
 
-transformers' decoders compute the loss from the whole logits tensor: the LM head writes N × V logits in the
-compute dtype, the loss upcasts them to fp32, and cross-entropy keeps its fp32 log-probabilities for backward,
-which then writes an fp32 gradient of the same size and casts it back. At LLaMA-7B 8 × 1024 (V = 32,000) that is
-0.5 + 1 + 1 GiB in forward and up to 3 GiB at the start of backward — where a checkpointed step peaks — for a
-head that LoRA and LoRA-FA never train.
+transformers' LM heads compute the loss from the whole logits tensor: the head writes N × V logits in the compute
+dtype, the loss upcasts them to fp32, and cross-entropy keeps its fp32 log-probabilities for backward, which then
+writes an fp32 gradient of the same size and casts it back. At LLaMA-7B 8 × 1024 (V = 32,000) that is 0.5 + 1 + 1
+GiB in forward and up to 3 GiB at the start of backward — where a checkpointed step peaks — for a head that LoRA
+and LoRA-FA never train.
 
 `model.fused_loss` runs the head and the loss together, a slice of rows at a time (as Liger Kernel's fused linear
 cross-entropy and torchtune's chunked output loss do):
@@ -15,22 +15,24 @@ cross-entropy and torchtune's chunked output loss do):
 | kept for backward            | fp32 log-probabilities, N × V | the gradient of the hidden states, N × H              |
 | FLOPs                        | head forward + backward      | the same, all in forward                             |
 
-Each slice's gradient is computed in forward, while its logits are at hand, so nothing is recomputed: backward
-only scales what forward left by the loss's incoming gradient (gradient accumulation's share). The values are the
-model's own: labels shifted as transformers shifts them (`-100` ignored, the mean over the tokens that count, or
-`num_items_in_batch`), the head's matmul in the autocast dtype, softmax and the loss in fp32, the gradient cast
-to the head's compute dtype before it meets the weight — as autograd does it: under bf16 autocast the gradients are
+The model's own forward runs without labels (a T5 gets the decoder input it would have made from them); its head
+hands over its input and makes no logits, and the loss is taken from there. Each slice's gradient is computed in
+forward, while its logits are at hand, so nothing is recomputed: backward only scales what forward left by the
+loss's incoming gradient (gradient accumulation's share). The values are the model's own: labels shifted as a
+causal LM shifts them (T5: as they are), `-100` ignored, the mean over the tokens that count (or
+`num_items_in_batch`), the head's matmul in the autocast dtype, softmax and the loss in fp32, the gradient cast to
+the head's compute dtype before it meets the weight — as autograd does it: under bf16 autocast the gradients are
 the unfused ones bit for bit, and the loss's value differs by rounding (it is summed slice by slice).
 
 The head must be frozen, as LoRA and LoRA-FA keep it. Where it trains (full fine-tuning, a tied embedding that
 trains), the training forward runs transformers' loss: the weight's gradient, made in forward, would be held until
 backward (V × H in fp32), more than the log-probabilities at short sequences (`active`).
 
-It applies where the training forward is exactly the decoder, its linear head without bias, then the standard
-causal-LM loss: the model types in `FUSED_TYPES`, with no logit soft-capping or scaling in their config. Under
-`auto` (the default) other decoders, encoders and encoder-decoders keep transformers' loss; `true` on them is bad
-input. Forwards without labels or without gradients (evaluation, scoring, generation) run the model's own forward
-and return logits; a fused training forward returns the loss and no logits.
+It applies where the loss is cross-entropy of a bias-free linear head's logits, nothing done to them after the
+head: the model types in `FUSED_TYPES`, with no logit soft-capping or scaling in their config. Under `auto` (the
+default) other models (and encoders, whose heads classify) keep transformers' loss; `true` on them is bad input.
+Forwards without labels or without gradients (evaluation, scoring, generation) run the model's own forward and
+return logits; a fused training forward returns the loss and no logits.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ from torch import nn
 from .checks import BadInput
 
 IGNORE = -100
-# decoders whose *ForCausalLM.forward is `hidden = body(...)`, `logits = lm_head(hidden)`, `loss_function(logits,
-# labels)` in transformers 5 (tests/test_loss.py checks each against the model's own loss and gradients)
-FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2")
+# by family, the model types whose LM loss is cross-entropy of a bias-free head's logits, unscaled after the head:
+# transformers' causal-LM loss (labels shifted left) and T5's (labels as they are, the decoder's input shifted right)
+# (tests/test_loss.py checks each against the model's own loss and gradients)
+FUSED_TYPES = {"decoder": ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"),
+               "encoder-decoder": ("t5", "mt5")}
 _SCALED = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
@@ -93,37 +97,48 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_out.to(grad_h.dtype)).to(ctx.dtype), None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, shift: bool = True,
                          num_items_in_batch=None, chunks: int | None = None) -> torch.Tensor:
-    """transformers' causal-LM loss of `hidden` (B × T × H) through a bias-free head `weight` (V × H) against
-    `labels` (B × T, unshifted), without the full logits. The head is frozen: no gradient reaches `weight`."""
+    """transformers' LM loss of `hidden` (B × T × H) through a frozen bias-free head `weight` (V × H) against
+    `labels` (B × T), without the full logits: shifted as a causal LM's (`shift`), or as they are (T5's decoder
+    reads them shifted right instead)."""
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy: the head's weight requires a gradient; it takes a frozen head")
-    shifted = nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1)
+    if shift:
+        labels = nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+    flat_labels = labels.reshape(-1).to(hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     if num_items_in_batch is None:
-        count = (shifted != IGNORE).sum()
+        count = (flat_labels != IGNORE).sum()
     else:
         count = torch.as_tensor(num_items_in_batch, device=hidden.device)
     n = chunks or chunks_for(weight.shape[0], weight.shape[1])
-    return _LinearCrossEntropy.apply(flat, weight, shifted.to(hidden.device), count, n, dtype)
+    return _LinearCrossEntropy.apply(flat, weight, flat_labels, count, n, dtype)
 
 
-def fusable(model: nn.Module) -> str:
+def fusable(model: nn.Module, family: str) -> str:
     """Why `model`'s loss cannot be fused ('' where it can)."""
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
-    if kind not in FUSED_TYPES:
-        return f"model_type {kind!r} is not one of {', '.join(FUSED_TYPES)}"
+    types_ = FUSED_TYPES.get(family, ())
+    if kind not in types_:
+        if not types_:
+            return f"the family is {family}"
+        return f"model_type {kind!r} is not one of {', '.join(types_)}"
     scaled = [k for k in _SCALED if getattr(config, k, None) not in (None, 1, 1.0)]
     if scaled:
         return f"its config scales the logits ({', '.join(scaled)})"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.bias is not None:
-        return f"its LM head is {type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}, not a bias-free nn.Linear"
+        biased = " with a bias" if getattr(head, "bias", None) is not None else ""
+        return f"its LM head is {type(head).__name__}{biased}, not a bias-free nn.Linear"
     return ""
+
+
+def installed(model: nn.Module) -> bool:
+    return hasattr(model, "_lorafa_own_forward")
 
 
 def active(model: nn.Module) -> bool:
@@ -132,19 +147,35 @@ def active(model: nn.Module) -> bool:
     return installed(model) and not model.get_output_embeddings().weight.requires_grad
 
 
+def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The LM head: its logits, or — inside a fused training forward — its input taken, and no logits made."""
+    if self._lorafa_take is None:
+        return self._lorafa_linear(x)
+    self._lorafa_take.append(x)
+    return x.new_empty(0)
+
+
 def _fused_forward(self, *args, labels=None, **kwargs):
-    unfused = kwargs.get("shift_labels") is not None or kwargs.get("logits_to_keep") not in (None, 0)
+    seq2seq = bool(getattr(self.config, "is_encoder_decoder", False))
+    unfused = (kwargs.get("shift_labels") is not None or kwargs.get("logits_to_keep") not in (None, 0)
+               or (seq2seq and kwargs.get("num_items_in_batch") is not None))
     if labels is None or args or unfused or not torch.is_grad_enabled() or not active(self):
         return self._lorafa_own_forward(*args, labels=labels, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     num_items = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("logits_to_keep", None)
-    body = getattr(self, self.base_model_prefix)
-    out = body(**kwargs)
-    loss = linear_cross_entropy(out.last_hidden_state, self.get_output_embeddings().weight, labels,
-                                num_items_in_batch=num_items)
-    return CausalLMOutputWithPast(loss=loss, logits=None)
+    if seq2seq and kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
+        kwargs["decoder_input_ids"] = self._shift_right(labels)  # what the model does with labels itself
+    head = self.get_output_embeddings()
+    head._lorafa_take = taken = []
+    try:  # the model's own forward, without labels: everything up to the head, whose input is taken
+        out = self._lorafa_own_forward(**kwargs)
+    finally:
+        head._lorafa_take = None
+    if len(taken) != 1:
+        raise RuntimeError(f"fused loss: the LM head ran {len(taken)} times in one forward; expected once "
+                           "(model.fused_loss=false runs transformers' loss)")
+    loss = linear_cross_entropy(taken[0], head.weight, labels, shift=not seq2seq, num_items_in_batch=num_items)
+    return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
 
 
 def install(model: nn.Module, setting, family: str) -> bool:
@@ -155,16 +186,15 @@ def install(model: nn.Module, setting, family: str) -> bool:
         raise BadInput(f"model.fused_loss={setting}: expected auto, true or false")
     if value == "false":
         return False
-    why = "the family is " + family if family != "decoder" else fusable(model)
+    why = fusable(model, family)
     if why:
         if value == "auto":
             return False
         raise BadInput(f"model.fused_loss=true but the loss cannot be fused: {why}")
-    if not hasattr(model, "_lorafa_own_forward"):
+    if not installed(model):
+        head = model.get_output_embeddings()
+        head._lorafa_linear, head._lorafa_take = head.forward, None
+        head.forward = types.MethodType(_head_forward, head)
         model._lorafa_own_forward = model.forward
         model.forward = types.MethodType(_fused_forward, model)
     return True
-
-
-def installed(model: nn.Module) -> bool:
-    return hasattr(model, "_lorafa_own_forward")

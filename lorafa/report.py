@@ -323,9 +323,9 @@ def figure_label(frame: pd.DataFrame) -> str:
             parts.append(f"batch × length: {shown}")
     weights = sorted({weights_of(r) for _, r in frame.iterrows()})
     parts.append("weights: " + "; ".join(weights[:3]) + (" …" if len(weights) > 3 else ""))
-    if "fused_loss" in frame and "family" in frame:  # decoders' LM loss (`model.fused_loss`); none recorded: transformers'
+    if "fused_loss" in frame and "family" in frame:  # the LM loss (`model.fused_loss`); none recorded: transformers'
         losses = {"fused" if v is True else "transformers'"
-                  for v, fam in zip(frame["fused_loss"], frame["family"]) if fam == "decoder"}
+                  for v, fam in zip(frame["fused_loss"], frame["family"]) if fam in ("decoder", "encoder-decoder")}
         if losses:
             parts.append("LM loss: " + " and ".join(sorted(losses)))
     scored = frame[frame["score"].notna() & (frame["task"] != "synthetic")] \

@@ -6,9 +6,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from lorafa import bench, checks, loss, memory
+from lorafa import bench, checks, loss, memory, models
 from lorafa.checks import BadInput
 from lorafa.job import run
 from tests.conftest import HostReads, compose_cfg
@@ -52,7 +52,7 @@ def _head_trains(models, trains: bool):
         m.lm_head.weight.requires_grad_(trains)
 
 
-@pytest.mark.parametrize("kind", loss.FUSED_TYPES)
+@pytest.mark.parametrize("kind", loss.FUSED_TYPES["decoder"])
 def test_the_fused_loss_is_the_models_own_loss_with_its_gradients(kind):
     """For every model type it applies to, with the head frozen (LoRA, LoRA-FA): transformers' own loss (shifted
     labels, a prompt and padding ignored; also over `num_items_in_batch`) and gradients, in fp32 to rounding, under
@@ -88,6 +88,39 @@ def test_the_fused_loss_is_the_models_own_loss_with_its_gradients(kind):
     assert not reads.reads, reads.reads[0]
 
 
+@pytest.mark.parametrize("kind,tied", [("t5", True), ("t5", False), ("mt5", False)])
+def test_the_fused_loss_is_t5s_own_loss_with_its_gradients(kind, tied):
+    """T5 (tied embeddings, whose decoder output is scaled before the head, and untied, as T5 v1.1 and mT5), head
+    frozen: its own loss (labels as they are, the decoder's input shifted right from them, padding ignored) and
+    gradients, fp32 to rounding, bf16 autocast bit for bit; with encoder outputs given, as label scoring passes
+    them."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, vocab_size=V, d_model=H, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                  tie_word_embeddings=tied, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                  dropout_rate=0.0)
+    own = AutoModelForSeq2SeqLM.from_config(config)
+    fused = copy.deepcopy(own)
+    assert loss.install(fused, "auto", "encoder-decoder")
+    _head_trains((own, fused), False)
+    for m in (own, fused):
+        m.get_input_embeddings().weight.requires_grad_(False)  # tied: the head's weight too
+    assert loss.active(fused)
+    batch = _batch()
+    batch["labels"] = batch["labels"][:, 4:14].contiguous()
+    for amp in (False, True):
+        a, ga = _step(own, batch, amp=amp)
+        b, gb = _step(fused, batch, amp=amp)
+        assert b.item() == pytest.approx(a.item(), rel=1e-6) and ga.keys() == gb.keys() and len(ga) > 10
+        for n in ga:
+            if amp:
+                assert torch.equal(ga[n], gb[n]), n
+            else:  # (mT5's untied head starts at a loss of ~37: fp32 rounding ~1e-6 of the largest gradient)
+                torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-5 * ga[n].abs().max().item(), msg=n)
+    enc = own.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    given = {"encoder_outputs": enc, "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    assert fused(**given).loss.item() == pytest.approx(own(**given).loss.item(), rel=1e-6)
+
+
 def test_forwards_that_read_logits_get_the_models_own_forward():
     """Without gradients (evaluation, scoring) or without labels (generation) the model's own forward runs and
     returns logits, with the loss the fused one gives; a training forward returns the loss and no logits."""
@@ -106,19 +139,19 @@ def test_forwards_that_read_logits_get_the_models_own_forward():
 
 @pytest.mark.bad_input("model.fused_loss not auto, true or false, or true where the loss cannot be fused")
 def test_the_fused_loss_applies_only_where_the_models_loss_is_the_standard_one():
-    """`auto` fuses decoders of the listed types with a bias-free linear head and unscaled logits, and leaves the rest
-    (other types, scaled logits, encoders, encoder-decoders) with transformers' loss; `true` there is bad input,
-    as a value other than auto, true or false is, before anything is built."""
+    """`auto` fuses decoders and T5s of the listed types with a bias-free linear head and unscaled logits, and
+    leaves the rest (other types, scaled logits, a biased head, encoders) with transformers' loss; `true` there is
+    bad input, as a value other than auto, true or false is, before anything is built."""
     own, _ = _pair("llama")
-    assert loss.fusable(own) == ""
+    assert loss.fusable(own, "decoder") == ""
     scaled = copy.deepcopy(own)
     scaled.config.final_logit_softcapping = 30.0
-    assert "scales the logits" in loss.fusable(scaled) and not loss.install(scaled, "auto", "decoder")
+    assert "scales the logits" in loss.fusable(scaled, "decoder") and not loss.install(scaled, "auto", "decoder")
     with pytest.raises(BadInput, match="model.fused_loss=true but the loss cannot be fused: its config scales"):
         loss.install(scaled, "true", "decoder")
     biased = copy.deepcopy(own)
     biased.lm_head = torch.nn.Linear(H, V, bias=True)
-    assert "with a bias" in loss.fusable(biased)
+    assert "with a bias" in loss.fusable(biased, "decoder")
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=V, n_embd=H, n_layer=1, n_head=2))
     assert not loss.install(gpt2, "auto", "decoder") and not loss.installed(gpt2)
     with pytest.raises(BadInput, match="model_type 'gpt2' is not one of llama"):
@@ -126,28 +159,28 @@ def test_the_fused_loss_applies_only_where_the_models_loss_is_the_standard_one()
     assert not loss.install(own, False, "decoder")
     with pytest.raises(BadInput, match="the family is encoder"):
         loss.install(own, "true", "encoder")
-    for model in ("tiny-roberta", "tiny-t5"):
+    for model, fused in (("tiny-roberta", False), ("tiny-t5", True), ("tiny-llama", True)):
         cfg = bench.compose(model, "lorafa", 2, 16, ["device=cpu"])
         assert cfg.model.fused_loss == "auto"
-        from lorafa import models
-
-        assert not models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32).fused_loss
+        assert models.build(cfg.model, num_labels=2, device="cpu", dtype=torch.float32).fused_loss is fused
     with pytest.raises(BadInput, match="model.fused_loss=maybe: expected auto, true or false"):
         checks.check_config(compose_cfg(["model=tiny-llama", "model.fused_loss=maybe"]))
     with pytest.raises(BadInput, match="model.fused_loss=sometimes: expected auto, true or false"):
         loss.install(own, "sometimes", "decoder")
 
 
-def test_the_fused_loss_keeps_no_logits_for_backward():
-    """The predictor's books for tiny-llama (V = 4096, H = 128) at 4 × 64: what the step saves falls by the
-    fp32 log-probabilities cross-entropy keeps (N × V × 4 bytes, and its targets), less the hidden states' gradient
-    the fused loss keeps instead (N × H × 4); the step's peak falls by at least the logits and their
-    log-probabilities (2 × N × V × 4)."""
-    n, vocab, hidden = 4 * 64, 4096, 128
+@pytest.mark.parametrize("model,target_len", [("tiny-llama", None), ("tiny-t5", 32)])
+def test_the_fused_loss_keeps_no_logits_for_backward(model, target_len):
+    """The predictor's books at 4 × 64 (V = 4096, H = 128; N the tokens the head sees: 4 × 64, or T5's 4 × 32
+    labels): what the step saves falls by the fp32 log-probabilities cross-entropy keeps (N × V × 4 bytes, and
+    its targets), less the hidden states' gradient the fused loss keeps instead (N × H × 4); the step's peak falls
+    by at least the logits and their log-probabilities (2 × N × V × 4); the FLOPs are the same."""
+    n, vocab, hidden = 4 * (target_len or 64), 4096, 128
     preds = {}
     for setting in ("false", "true"):
-        cfg = bench.compose("tiny-llama", "lorafa", 4, 64, ["device=cpu", f"model.fused_loss={setting}"])
-        preds[setting] = memory.predict(cfg.model, cfg.method, batch_size=4, seq_len=64, device="cpu")
+        cfg = bench.compose(model, "lorafa", 4, 64, ["device=cpu", f"model.fused_loss={setting}"])
+        preds[setting] = memory.predict(cfg.model, cfg.method, batch_size=4, seq_len=64, target_len=target_len,
+                                        device="cpu")
     off, on = preds["false"], preds["true"]
     assert (off.weights, off.grads, off.optimizer) == (on.weights, on.grads, on.optimizer)
     assert off.activations - on.activations == pytest.approx(n * vocab * 4 - n * hidden * 4, abs=n * 8 + 64)
@@ -155,17 +188,21 @@ def test_the_fused_loss_keeps_no_logits_for_backward():
     assert off.flops == on.flops and on.flops_forward > off.flops_forward  # the head's backward, done in forward
 
 
-def test_a_decoder_job_trains_alike_with_and_without_the_fused_loss(cfg_factory):
-    """A tiny-llama job: the same losses with the fused loss (the default) as with transformers' (fp32, to
-    rounding); the row says which ran and predicts less memory for the fused one; an encoder's row says false."""
-    common = ["model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=32", "train.batch_size=4",
-              "train.max_steps=4", "train.lr=1e-2"]
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5"])
+def test_a_job_trains_alike_with_and_without_the_fused_loss(cfg_factory, model):
+    """A tiny-llama or tiny-t5 job (no dropout): the same losses with the fused loss (the default) as with
+    transformers' (fp32, to rounding); the row says which ran and predicts what it measures (CPU: the same books),
+    less than without; an encoder's row says false."""
+    common = [f"model={model}", "method=lorafa", "task=synthetic", "task.max_seq_len=32", "train.batch_size=4",
+              "train.max_steps=4", "train.lr=1e-2", "method.dropout=0",
+              *(["model.arch.dropout_rate=0"] if model == "tiny-t5" else [])]
     fused, plain = run(cfg_factory(*common)), run(cfg_factory(*common, "model.fused_loss=false"))
     assert fused["status"] == plain["status"] == "ok", (fused["error"], plain["error"])
     assert fused["fused_loss"] is True and plain["fused_loss"] is False
     np.testing.assert_allclose(fused["loss_curve"], plain["loss_curve"], rtol=1e-5)
     assert fused["pred_mem_activations_gib"] < plain["pred_mem_activations_gib"]
     assert fused["mem_activations_gib"] == pytest.approx(fused["pred_mem_activations_gib"], rel=1e-6)
-    encoder = run(cfg_factory("model=tiny-roberta", "method=lorafa", "task=synthetic", "task.max_seq_len=32",
-                              "train.batch_size=4", "train.max_steps=1"))
-    assert encoder["status"] == "ok" and encoder["fused_loss"] is False
+    if model == "tiny-llama":
+        encoder = run(cfg_factory("model=tiny-roberta", "method=lorafa", "task=synthetic", "task.max_seq_len=32",
+                                  "train.batch_size=4", "train.max_steps=1"))
+        assert encoder["status"] == "ok" and encoder["fused_loss"] is False

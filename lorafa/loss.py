@@ -142,9 +142,12 @@ def installed(model: nn.Module) -> bool:
 
 
 def active(model: nn.Module) -> bool:
-    """Whether `model`'s training forward fuses its loss now: installed, and the head frozen (a trained head — full
-    fine-tuning — keeps transformers' loss: its weight's gradient, made in forward, would be held until backward)."""
-    return installed(model) and not model.get_output_embeddings().weight.requires_grad
+    """Whether `model`'s training forward fuses its loss now: installed, its head the one installed on, and frozen
+    (a trained head — full fine-tuning — keeps transformers' loss: its weight's gradient, made in forward, would be
+    held until backward)."""
+    head = model.get_output_embeddings() if installed(model) else None
+    # (a head replaced since, e.g. by an adapter layer on it, is not the one installed: transformers' loss)
+    return head is not None and hasattr(head, "_lorafa_linear") and not head.weight.requires_grad
 
 
 def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,9 @@ def test_forwards_that_read_logits_get_the_models_own_forward():
         unlabelled = fused(input_ids=batch["input_ids"])
     assert torch.equal(mine.logits, theirs.logits) and torch.equal(mine.loss, theirs.loss)
     assert unlabelled.logits.shape == (3, 20, V)
+    replaced = copy.deepcopy(fused)
+    replaced.lm_head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)  # e.g. an adapter layer on the head
+    assert not loss.active(replaced) and replaced(**batch).logits.shape == (3, 20, V)
     trained = fused(**batch)
     assert trained.logits is None and trained.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-6)
     assert fused.generate(batch["input_ids"][:1, :4], max_new_tokens=2, do_sample=False).shape == (1, 6)

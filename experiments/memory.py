@@ -9,7 +9,9 @@ Random-init weights built from each model's real config (no download), synthetic
 batch_size × seq_len, bf16 autocast on CUDA (frozen weights held in bf16), r = 8 on every attention and FFN linear,
 the same settings for every method of a model, all in one process. Per model: full fine-tuning (an `oom` row where it
 does not fit), lora, lorafa, lorafa_v2, lora and lorafa with gradient checkpointing, lora / lorafa / frozen with
-element-wise recomputation, and the frozen model (no adapter, backward to the input embeddings) as the lower bound.
+element-wise recomputation, and the frozen model (no adapter, backward to the input embeddings) as the lower bound;
+for language models also lora and lorafa, with and without checkpointing, on transformers' LM loss instead of the
+fused one (`model.fused_loss`).
 Each row carries the measured memory split (mem_*_gib), the prediction of `lorafa.memory.predict` beside it
 (pred_mem_*_gib) and tokens/s after warm-up.
 """
@@ -49,9 +51,15 @@ VARIANTS = {
     "lorafa+recompute": ["method=lorafa", "method.recompute=elementwise"],
     "frozen": ["method=frozen"],
     "frozen+recompute": ["method=frozen", "method.recompute=elementwise"],
+    # transformers' LM loss instead of the fused one (the default, `model.fused_loss`): what fusing saves, side by
+    # side (language models only: an encoder's head classifies)
+    "lora+unfused_loss": ["method=lora", "model.fused_loss=false"],
+    "lorafa+unfused_loss": ["method=lorafa", "model.fused_loss=false"],
+    "lora+ckpt+unfused_loss": ["method=lora", "method.gradient_checkpointing=true", "model.fused_loss=false"],
+    "lorafa+ckpt+unfused_loss": ["method=lorafa", "method.gradient_checkpointing=true", "model.fused_loss=false"],
 }
 COLUMNS = ["model", "variant", "method", "gradient_checkpointing", "recompute", "batch_size", "seq_len", "dropout",
-           "status", "mem_weights_gib", "mem_grads_gib", "mem_optimizer_gib", "mem_activations_gib", "mem_peak_gib",
+           "fused_loss", "status", "mem_weights_gib", "mem_grads_gib", "mem_optimizer_gib", "mem_activations_gib", "mem_peak_gib",
            "pred_mem_weights_gib", "pred_mem_grads_gib", "pred_mem_optimizer_gib", "pred_mem_activations_gib",
            "pred_mem_peak_gib", "tokens_per_s", "step_time_s", "trainable_params", "device"]
 
@@ -91,6 +99,8 @@ def main(argv=None) -> pd.DataFrame:
                 overrides = overrides_for(model, variant, args.device, args.steps, shape)
                 cfg = compose("config", overrides=[*overrides, f"output_dir={tmp}/{model}/{variant}/{args.shape}",
                                                    "train.progress=false"])
+                if variant.endswith("+unfused_loss") and cfg.model.family == "encoder":
+                    continue
                 row = run(cfg)
                 row["variant"] = variant
                 rows.append(row)

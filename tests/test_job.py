@@ -227,24 +227,27 @@ def test_a_failed_jobs_model_is_freed_even_when_its_exception_lives_on(cfg_facto
 
 
 @pytest.mark.fault("out of memory")
+@pytest.mark.parametrize("loss", ["transformers", "fused"])
 @pytest.mark.parametrize("plan", ["plain", "offload"])
-def test_an_out_of_memory_in_the_loss_leaves_nothing_behind(cfg_factory, monkeypatch, plan):
-    """An out-of-memory in the loss (where a real one struck: the logits' fp32 copy) ends the measured step's
-    forward before its backward. The saved-tensor hooks that count (or offload) what the forward keeps must not
-    tie the activations to their own graph: a cycle through autograd's C++ graph that Python cannot collect, which
-    kept the model and its activations for the rest of the process (0.65 GiB on an H200 at the next job)."""
+def test_an_out_of_memory_in_the_loss_leaves_nothing_behind(cfg_factory, monkeypatch, plan, loss):
+    """An out-of-memory in the loss (where a real one struck: the logits' fp32 copy; transformers' loss, or the
+    fused one's first slice) ends the measured step's forward before its backward. The saved-tensor hooks that
+    count (or offload) what the forward keeps must not tie the activations to their own graph: a cycle through
+    autograd's C++ graph that Python cannot collect, which kept the model and its activations for the rest of the
+    process (0.65 GiB on an H200 at the next job)."""
     import gc
 
     import torch
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensor
 
-    real_ce = F.cross_entropy
-
-    def cross_entropy(logits, *a, **k):
-        if not isinstance(logits, FakeTensor) and logits.device.type != "meta" and torch.is_grad_enabled():
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.")
-        return real_ce(logits, *a, **k)
+    def struck(real, grad_mode: bool):
+        def op(logits, *a, **k):
+            if not isinstance(logits, FakeTensor) and logits.device.type != "meta" and grad_mode in (
+                    torch.is_grad_enabled(), None):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.")
+            return real(logits, *a, **k)
+        return op
 
     def alive():  # LLaMA models, and tensors of an autograd graph (earlier tests may have left some: not ours)
         gc.collect()
@@ -252,8 +255,12 @@ def test_an_out_of_memory_in_the_loss_leaves_nothing_behind(cfg_factory, monkeyp
         return ([o for o in objects if isinstance(o, torch.nn.Module) and type(o).__name__ == "LlamaForCausalLM"],
                 [o for o in objects if isinstance(o, torch.Tensor) and o.grad_fn is not None])
 
-    monkeypatch.setattr(F, "cross_entropy", cross_entropy)
+    if loss == "transformers":
+        monkeypatch.setattr(F, "cross_entropy", struck(F.cross_entropy, True))
+    else:  # (inside the fused loss's autograd function, where gradients are off)
+        monkeypatch.setattr(torch, "logsumexp", struck(torch.logsumexp, None))
     extra = ["method.offload=true", "method.offload_min_kib=0"] if plan == "offload" else []
+    extra += ["model.fused_loss=false"] if loss == "transformers" else []
     models_before, graphs_before = alive()  # held (so no id of theirs is reused) until the check
     row = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=64",
                           "train.batch_size=4", "train.max_steps=2", *extra))

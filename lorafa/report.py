@@ -324,7 +324,7 @@ def figure_label(frame: pd.DataFrame) -> str:
     weights = sorted({weights_of(r) for _, r in frame.iterrows()})
     parts.append("weights: " + "; ".join(weights[:3]) + (" …" if len(weights) > 3 else ""))
     if "fused_loss" in frame and "family" in frame:  # the LM loss (`model.fused_loss`); none recorded: transformers'
-        losses = {"fused" if v is True else "transformers'"
+        losses = {"fused" if pd.notna(v) and bool(v) else "transformers'"
                   for v, fam in zip(frame["fused_loss"], frame["family"]) if fam in ("decoder", "encoder-decoder")}
         if losses:
             parts.append("LM loss: " + " and ".join(sorted(losses)))

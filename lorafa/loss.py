@@ -49,7 +49,8 @@ IGNORE = -100
 # by family, the model types whose LM loss is cross-entropy of a bias-free head's logits, unscaled after the head:
 # transformers' causal-LM loss (labels shifted left) and T5's (labels as they are, the decoder's input shifted right)
 # (tests/test_loss.py checks each against the model's own loss and gradients)
-FUSED_TYPES = {"decoder": ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"),
+FUSED_TYPES = {"decoder": ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gpt_neox",
+                           "starcoder2", "granite", "glm"),
                "encoder-decoder": ("t5", "mt5")}
 _SCALED = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 

@@ -22,7 +22,7 @@ def _pair(kind: str, **arch):
     config = AutoConfig.for_model(kind, vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                   tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **arch)
-    own = AutoModelForCausalLM.from_config(config)
+    own = AutoModelForCausalLM.from_config(config).eval()  # (no dropout: both draw no masks; gradients still flow)
     fused = copy.deepcopy(own)
     assert loss.install(fused, "auto", "decoder") and loss.installed(fused) and not loss.installed(own)
     return own, fused
@@ -152,6 +152,10 @@ def test_the_fused_loss_applies_only_where_the_models_loss_is_the_standard_one()
     assert "scales the logits" in loss.fusable(scaled, "decoder") and not loss.install(scaled, "auto", "decoder")
     with pytest.raises(BadInput, match="model.fused_loss=true but the loss cannot be fused: its config scales"):
         loss.install(scaled, "true", "decoder")
+    granite = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "granite", vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        logits_scaling=8.0))  # as Granite's checkpoints divide their logits
+    assert "scales the logits (logits_scaling)" in loss.fusable(granite, "decoder")
     biased = copy.deepcopy(own)
     biased.lm_head = torch.nn.Linear(H, V, bias=True)
     assert "with a bias" in loss.fusable(biased, "decoder")

@@ -126,8 +126,9 @@ def check_config(cfg) -> None:
     if stacked not in ("auto", "false", "true", "merged"):
         raise BadInput(f"method.stacked={cfg.method.stacked}: expected auto, false, true or merged")
     check_quantize(cfg)
-    if str(cfg.model.get("fused_loss", "auto")).lower() not in ("auto", "true", "false"):
-        raise BadInput(f"model.fused_loss={cfg.model.fused_loss}: expected auto, true or false")
+    from . import loss  # (loss imports this module)
+
+    loss.setting(cfg.model.get("fused_loss", "auto"))
     if cfg.model.get("path"):
         check_model_dir(str(cfg.model.path))
     if cfg.model.get("adapter"):

@@ -27,6 +27,7 @@ from . import (
     adapters,
     checks,
     distributed,
+    loss,
     measure,
     memory,
     methods,
@@ -38,7 +39,6 @@ from . import (
     step,
     tasks,
 )
-from . import loss as lm_loss
 from .checks import BadInput
 from .distributed import SINGLE, Dist
 from .train import Diverged, EvalSet, autocast_dtype, evaluate, fit, frozen_weight_dtype, total_steps
@@ -552,7 +552,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     frozen_dtype = frozen_weight_dtype(cfg.train, device)
     applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype,
                             stacked=layer, adapter=adapter)
-    row.update(family=net.family, fused_loss=lm_loss.active(net.model), trainable_params=applied.trainable_params,
+    row.update(family=net.family, fused_loss=loss.active(net.model), trainable_params=applied.trainable_params,
                total_params=applied.total_params,
                adapted_layers=len(applied.targets), checkpointed_blocks=applied.checkpointed_blocks,
                layer=_layer_ran(net.model) if applied.targets and not (cfg.method.train_a or cfg.method.train_base)

@@ -166,7 +166,6 @@ def _fused_forward(self, *args, labels=None, **kwargs):
     if labels is None or args or unfused or not torch.is_grad_enabled() or not active(self):
         return self._lorafa_own_forward(*args, labels=labels, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
-    kwargs.pop("logits_to_keep", None)
     if seq2seq and kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
         kwargs["decoder_input_ids"] = self._shift_right(labels)  # what the model does with labels itself
     head = self.get_output_embeddings()
@@ -182,17 +181,23 @@ def _fused_forward(self, *args, labels=None, **kwargs):
     return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
 
 
-def install(model: nn.Module, setting, family: str) -> bool:
+def setting(value) -> str:
+    """`model.fused_loss` as auto, true or false (bad input otherwise)."""
+    word = str(value).lower() if value is not None else "auto"
+    if word not in ("auto", "true", "false"):
+        raise BadInput(f"model.fused_loss={value}: expected auto, true or false")
+    return word
+
+
+def install(model: nn.Module, value, family: str) -> bool:
     """`model.fused_loss` (auto | true | false): make `model`'s training forward fuse its head and loss where it
     can. Returns whether it does."""
-    value = str(setting).lower() if setting is not None else "auto"
-    if value not in ("auto", "true", "false"):
-        raise BadInput(f"model.fused_loss={setting}: expected auto, true or false")
-    if value == "false":
+    word = setting(value)
+    if word == "false":
         return False
     why = fusable(model, family)
     if why:
-        if value == "auto":
+        if word == "auto":
             return False
         raise BadInput(f"model.fused_loss=true but the loss cannot be fused: {why}")
     if not installed(model):

@@ -39,7 +39,11 @@ class Network:
     family: str
     alias: str  # the short name rows carry (`roberta-base`, `tiny-llama`, or the local directory's name)
     head_modules: list[str] = field(default_factory=list)  # newly initialised task head, trained by every method
-    fused_loss: bool = False  # the training forward fuses the LM head and its loss (`lorafa.loss`, model.fused_loss)
+
+    @property
+    def fused_loss(self) -> bool:
+        """The training forward fuses the LM head and its loss (`lorafa.loss`, `model.fused_loss`)."""
+        return loss.installed(self.model)
 
 
 def detect_family(config) -> str:
@@ -153,7 +157,7 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
         quantize_blocks(model, str(mcfg.quantize), device)
     fuse_relative_position_bias(model)
     no_kv_cache(model)
-    fused = loss.install(model, mcfg.get("fused_loss", "auto"), family)
+    loss.install(model, mcfg.get("fused_loss", "auto"), family)
     heads = []
     if family == "encoder":  # everything beside the pretrained body (e.g. `roberta`) is the fresh task head
         heads = [n for n, m in model.named_children()
@@ -161,7 +165,7 @@ def build(mcfg: DictConfig, *, num_labels: int, device: torch.device | str, dtyp
     # and any layer of the body the checkpoint did not hold (a BERT pooler that an export pruned): randomly
     # initialised, it trains with the head rather than stay frozen at random
     heads += [n for n in fresh if not any(n == h or n.startswith(f"{h}.") for h in heads)]
-    return Network(model=model, family=family, alias=alias_of(mcfg), head_modules=heads, fused_loss=fused)
+    return Network(model=model, family=family, alias=alias_of(mcfg), head_modules=heads)
 
 
 def quantize_blocks(model: nn.Module, kind: str, device) -> int:

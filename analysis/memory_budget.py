@@ -36,7 +36,19 @@ from lorafa.memory import Prediction
 
 P = report.params()
 EXPERIMENT = "memory_budget"
-frame = report.rows(report.load(P.results), EXPERIMENT, ok_only=False)
+
+
+def by_loss(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose step ran the fused LM loss (`fused_loss`; rows without the column ran transformers') as a method of
+    their own, `<method>+fused_loss`: a plan's peak and speed depend on the loss, so every table, check and figure
+    below compares plans of one loss."""
+    if "fused_loss" not in rows or rows.empty:
+        return rows
+    fused = rows["fused_loss"].map(lambda v: pd.notna(v) and bool(v)).astype(bool)
+    return rows.assign(method=rows["method"].where(~fused, rows["method"].astype(str) + "+fused_loss"))
+
+
+frame = by_loss(report.rows(report.load(P.results), EXPERIMENT, ok_only=False))
 frame = frame.copy().assign(**{col: float("nan") if col != "plan_name" else "" for col in
                          ("budget_gib", "plan_name", "host_offload_gib", "host_weights_gib", "pred_host_weights_gib")
                          if col not in frame})
@@ -189,7 +201,7 @@ report.write_table(pd.DataFrame(checks), f"{EXPERIMENT}_choices",
 # The budgets' choices against the same plans timed side by side (`python -m lorafa.bench --plans`: one process,
 # each plan built, warmed up and timed in turn, round after round in alternating order; tokens/s the median over
 # rounds), where jobs one after another measure each plan at another moment of the host's speed.
-side = report.rows(report.load(P.results), "bench_plans")
+side = by_loss(report.rows(report.load(P.results), "bench_plans"))
 side_lines, side_jobs = [], []
 keys = ["model", "method", "batch_size", "seq_len"]
 runs = side.groupby(keys)["run_id"].transform(lambda r: r.rank(method="dense", ascending=False)) \
@@ -405,10 +417,9 @@ if not models:
 else:
     for ax, model in zip(axes[0], models):
         g = hand[hand["model"] == model]
-        for method, marker in (("lora", "o"), ("lorafa", "s")):
+        for method in sorted(set(g["method"]), key=lambda m: (m.endswith("+fused_loss"), m)):
+            marker = "o" if method.split("+")[0] == "lora" else "s"  # LoRA's plans circles, LoRA-FA's squares
             m = g[g["method"] == method]
-            if m.empty:
-                continue
             # one point per plan: its peak and the median of its jobs' tokens/s (several passes: `seed=0,1,2`)
             m = m.groupby("plan_name", as_index=False).agg(mem_peak_gib=("mem_peak_gib", "max"),
                                                            tokens_per_s=("tokens_per_s", "median"))

@@ -162,6 +162,27 @@ def test_memory_budget_compares_each_plans_median_over_passes(tmp_path, monkeypa
     assert spread["max ÷ min, median"] == "1.167" and spread["max ÷ min, largest"] == "1.333 (elementwise)"
 
 
+def test_memory_budget_compares_plans_of_one_lm_loss(tmp_path, monkeypatch):
+    """Rows whose step ran the fused LM loss (`fused_loss`) are a method of their own: a fused budget's choice is
+    judged against fused plans only, not against a faster plan measured with transformers' loss, and the older
+    rows' verdicts are as before."""
+    committed = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")
+    fa = committed[(committed["model"] == "llama-7b") & (committed["method"] == "lorafa")]
+    old = fa[fa["budget_gib"].isin([20.0, 20.6])].copy().assign(fused_loss=None)  # 19.9 and 20.5 GiB
+    every = fa[(fa["plan_name"] == "all") & fa["budget_gib"].isna()].iloc[0].copy()
+    chosen = fa[fa["budget_gib"] == 20.6].iloc[0].copy()
+    every["fused_loss"], every["mem_peak_gib"], every["tokens_per_s"], every["config_hash"] = True, 16.3, 10e3, "a"
+    chosen["fused_loss"], chosen["tokens_per_s"], chosen["config_hash"] = True, 11e3, "b"  # below the old 11.9k
+    pd.concat([old, pd.DataFrame([every, chosen])], ignore_index=True).to_parquet(tmp_path / "loss.parquet")
+    choices = memory_budget_tables(tmp_path / "loss.parquet", tmp_path, monkeypatch)["memory_budget_choices"]
+    fused = choices[choices["method"] == "LoRA-FA + fused_loss"].set_index("budget GiB")
+    assert fused.loc["20.6", "fastest fitting (measured)"] == "all (10,000)", fused
+    assert fused.loc["20.6", "chosen ÷ fastest"] == "1.100" and fused.loc["20.6", "within 5 %"] == "yes"
+    plain = choices[choices["method"] == "LoRA-FA"].set_index("budget GiB")
+    assert set(plain.index) == {"20", "20.6"} and plain.loc["20.6", "fastest fitting (measured)"].startswith(
+        "offload_every2+keep")  # the 20 GiB budget's choice, its own loss's
+
+
 def test_memory_budget_judges_the_choices_on_plans_timed_side_by_side(tmp_path, monkeypatch):
     """`python -m lorafa.bench --plans` rows (experiment `bench_plans`): each budget's chosen plans against the
     fastest plan that fits, both timed side by side in the model's latest bench run; a plan fits by its measured

@@ -28,9 +28,11 @@ The head must be frozen, as LoRA and LoRA-FA keep it. Where it trains (full fine
 trains), the training forward runs transformers' loss: the weight's gradient, made in forward, would be held until
 backward (V × H in fp32), more than the log-probabilities at short sequences (`active`).
 
-It applies where the loss is cross-entropy of a bias-free linear head's logits, nothing done to them after the
-head: the model types in `FUSED_TYPES`, with no logit soft-capping or scaling in their config. Under `auto` (the
-default) other models (and encoders, whose heads classify) keep transformers' loss; `true` on them is bad input.
+It applies where the loss is cross-entropy of a bias-free linear head's logits: the model types in `FUSED_TYPES`,
+where nothing is done to the logits after the head or only what `LOGIT_OPS` does for that type, slice by slice, in
+the same dtype and order (Gemma 2 and 3's soft-capping, Cohere's scale, Granite's divisor), and backward through it
+as autograd goes. A config that scales the logits some other way is refused. Under `auto` (the default) other
+models (and encoders, whose heads classify) keep transformers' loss; `true` on them is bad input.
 Forwards without labels or without gradients (evaluation, scoring, generation) run the model's own forward and
 return logits; a fused training forward returns the loss and no logits.
 """
@@ -49,10 +51,14 @@ IGNORE = -100
 # by family, the model types whose LM loss is cross-entropy of a bias-free head's logits, unscaled after the head:
 # transformers' causal-LM loss (labels shifted left) and T5's (labels as they are, the decoder's input shifted right)
 # (tests/test_loss.py checks each against the model's own loss and gradients)
-FUSED_TYPES = {"decoder": ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gpt_neox",
-                           "starcoder2", "granite", "glm"),
+FUSED_TYPES = {"decoder": ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2",
+                           "gemma3_text", "gpt_neox", "starcoder2", "granite", "cohere", "cohere2", "glm"),
                "encoder-decoder": ("t5", "mt5")}
 _SCALED = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# what a model type does to the head's logits before the loss, in the head's compute dtype (the config attribute
+# holding its constant): Gemma 2 and 3 soft-cap them (cap · tanh(logits / cap)), Cohere multiplies, Granite divides
+LOGIT_OPS = {"gemma2": ("softcap", "final_logit_softcapping"), "gemma3_text": ("softcap", "final_logit_softcapping"),
+             "cohere": ("mul", "logit_scale"), "cohere2": ("mul", "logit_scale"), "granite": ("div", "logits_scaling")}
 
 
 def chunks_for(vocab: int, hidden: int) -> int:
@@ -65,7 +71,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     the hidden states' gradient is made in forward and kept (`ctx`) until backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, count, chunks: int, dtype):
+    def forward(ctx, hidden, weight, labels, count, chunks: int, dtype, transform=None):
+        op, c = transform or (None, None)
         want_h = ctx.needs_input_grad[0]
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
@@ -76,7 +83,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             step = math.ceil(h.shape[0] / chunks) if h.shape[0] else 1
             for start in range(0, h.shape[0], step):
                 rows = slice(start, start + step)
-                logits = (h[rows] @ w.t()).float()
+                z = h[rows] @ w.t()
+                if op == "softcap":
+                    t = torch.tanh(z / c)
+                    z = t * c
+                elif op is not None:
+                    z = z * c if op == "mul" else z / c
+                logits = z.float()
+                del z
                 y = labels[rows]
                 counted = y != IGNORE
                 target = torch.where(counted, y, 0).unsqueeze(1)
@@ -86,7 +100,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     g = logits.sub_(lse.unsqueeze(1)).exp_()
                     g.scatter_add_(1, target, -counted.unsqueeze(1).to(g.dtype))
                     g.mul_((counted.to(g.dtype) / denom).unsqueeze(1))
-                    torch.matmul(g.to(dtype), w, out=grad_h[rows])
+                    g = g.to(dtype)  # back through the ops on the logits, as autograd goes, in their dtype
+                    if op == "softcap":
+                        g = torch.ops.aten.tanh_backward(g * c, t) / c
+                    elif op is not None:
+                        g = g * c if op == "mul" else g / c
+                    torch.matmul(g, w, out=grad_h[rows])
                 del logits
         ctx.save_for_backward(grad_h)
         ctx.dtype = hidden.dtype
@@ -95,14 +114,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_out.to(grad_h.dtype)).to(ctx.dtype), None, None, None, None, None
+        return (grad_h * grad_out.to(grad_h.dtype)).to(ctx.dtype), None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, shift: bool = True,
-                         num_items_in_batch=None, chunks: int | None = None) -> torch.Tensor:
+                         num_items_in_batch=None, chunks: int | None = None,
+                         transform: tuple[str, float] | None = None) -> torch.Tensor:
     """transformers' LM loss of `hidden` (B × T × H) through a frozen bias-free head `weight` (V × H) against
     `labels` (B × T), without the full logits: shifted as a causal LM's (`shift`), or as they are (T5's decoder
-    reads them shifted right instead)."""
+    reads them shifted right instead); `transform`: an op of `LOGIT_OPS` and its constant, applied to the logits
+    first."""
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy: the head's weight requires a gradient; it takes a frozen head")
     if shift:
@@ -116,7 +137,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     else:
         count = torch.as_tensor(num_items_in_batch, device=hidden.device)
     n = chunks or chunks_for(weight.shape[0], weight.shape[1])
-    return _LinearCrossEntropy.apply(flat, weight, flat_labels, count, n, dtype)
+    return _LinearCrossEntropy.apply(flat, weight, flat_labels, count, n, dtype, transform)
+
+
+def logit_transform(config) -> tuple[str, float] | None:
+    """What `config`'s model type does to its logits before the loss (`LOGIT_OPS`), with its constant; None where
+    nothing."""
+    op, key = LOGIT_OPS.get(getattr(config, "model_type", None), (None, None))
+    value = getattr(config, key, None) if key else None
+    return None if value is None else (op, float(value))
 
 
 def fusable(model: nn.Module, family: str) -> str:
@@ -128,7 +157,8 @@ def fusable(model: nn.Module, family: str) -> str:
         if not types_:
             return f"the family is {family}"
         return f"model_type {kind!r} is not one of {', '.join(types_)}"
-    scaled = [k for k in _SCALED if getattr(config, k, None) not in (None, 1, 1.0)]
+    handled = LOGIT_OPS.get(kind, (None, None))[1]
+    scaled = [k for k in _SCALED if k != handled and getattr(config, k, None) not in (None, 1, 1.0)]
     if scaled:
         return f"its config scales the logits ({', '.join(scaled)})"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -177,7 +207,8 @@ def _fused_forward(self, *args, labels=None, **kwargs):
     if len(taken) != 1:
         raise RuntimeError(f"fused loss: the LM head ran {len(taken)} times in one forward; expected once "
                            "(model.fused_loss=false runs transformers' loss)")
-    loss = linear_cross_entropy(taken[0], head.weight, labels, shift=not seq2seq, num_items_in_batch=num_items)
+    loss = linear_cross_entropy(taken[0], head.weight, labels, shift=not seq2seq, num_items_in_batch=num_items,
+                                transform=logit_transform(self.config))
     return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
 
 

@@ -16,9 +16,16 @@ from tests.conftest import HostReads, compose_cfg
 V, H = 300, 64
 
 
+# what a type does to its logits, strong enough at this size to change every gradient (`loss.LOGIT_OPS`)
+LOGIT_ARCH = {"gemma2": {"final_logit_softcapping": 1.0, "head_dim": 16},
+              "gemma3_text": {"final_logit_softcapping": 1.0, "head_dim": 16},
+              "cohere": {"logit_scale": 4.0}, "cohere2": {"logit_scale": 4.0}, "granite": {"logits_scaling": 0.25}}
+
+
 def _pair(kind: str, **arch):
     """A two-block random model of `kind` and its copy with the fused loss."""
     torch.manual_seed(0)
+    arch = {**LOGIT_ARCH.get(kind, {}), **arch}
     config = AutoConfig.for_model(kind, vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                   tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **arch)
@@ -142,8 +149,9 @@ def test_forwards_that_read_logits_get_the_models_own_forward():
 
 @pytest.mark.bad_input("model.fused_loss not auto, true or false, or true where the loss cannot be fused")
 def test_the_fused_loss_applies_only_where_the_models_loss_is_the_standard_one():
-    """`auto` fuses decoders and T5s of the listed types with a bias-free linear head and unscaled logits, and
-    leaves the rest (other types, scaled logits, a biased head, encoders) with transformers' loss; `true` there is
+    """`auto` fuses decoders and T5s of the listed types with a bias-free linear head and logits unscaled or scaled
+    only as `loss.LOGIT_OPS` does for the type, and leaves the rest (other types, otherwise scaled logits, a biased
+    head, encoders) with transformers' loss; `true` there is
     bad input, as a value other than auto, true or false is, before anything is built."""
     own, _ = _pair("llama")
     assert loss.fusable(own, "decoder") == ""
@@ -152,10 +160,12 @@ def test_the_fused_loss_applies_only_where_the_models_loss_is_the_standard_one()
     assert "scales the logits" in loss.fusable(scaled, "decoder") and not loss.install(scaled, "auto", "decoder")
     with pytest.raises(BadInput, match="model.fused_loss=true but the loss cannot be fused: its config scales"):
         loss.install(scaled, "true", "decoder")
-    granite = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "granite", vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-        logits_scaling=8.0))  # as Granite's checkpoints divide their logits
-    assert "scales the logits (logits_scaling)" in loss.fusable(granite, "decoder")
+    granite, _ = _pair("granite", logits_scaling=8.0)  # as Granite's checkpoints divide their logits: fused
+    assert loss.fusable(granite, "decoder") == "" and loss.logit_transform(granite.config) == ("div", 8.0)
+    cohere, _ = _pair("cohere")
+    cohere.config.logits_scaling = 8.0  # a scale its type does not apply as the fused loss would
+    assert "scales the logits (logits_scaling)" in loss.fusable(cohere, "decoder")
+    assert loss.logit_transform(own.config) is None
     biased = copy.deepcopy(own)
     biased.lm_head = torch.nn.Linear(H, V, bias=True)
     assert "with a bias" in loss.fusable(biased, "decoder")

@@ -31,7 +31,8 @@ backward (V × H in fp32), more than the log-probabilities at short sequences (`
 It applies where the loss is cross-entropy of a bias-free linear head's logits: the model types in `FUSED_TYPES`,
 where nothing is done to the logits after the head or only what `LOGIT_OPS` does for that type, slice by slice, in
 the same dtype and order (Gemma 2 and 3's soft-capping, Cohere's scale, Granite's divisor), and backward through it
-as autograd goes. A config that scales the logits some other way is refused. Under `auto` (the default) other
+as autograd goes. A config that scales the logits some other way is refused. Mixtures of experts (Mixtral, Qwen2-
+and Qwen3-MoE, OLMoE) add their routers' balance loss to it, as they do to their own. Under `auto` (the default) other
 models (and encoders, whose heads classify) keep transformers' loss; `true` on them is bad input.
 Forwards without labels or without gradients (evaluation, scoring, generation) run the model's own forward and
 return logits; a fused training forward returns the loss and no logits.
@@ -52,7 +53,8 @@ IGNORE = -100
 # transformers' causal-LM loss (labels shifted left) and T5's (labels as they are, the decoder's input shifted right)
 # (tests/test_loss.py checks each against the model's own loss and gradients)
 FUSED_TYPES = {"decoder": ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2",
-                           "gemma3_text", "gpt_neox", "starcoder2", "granite", "cohere", "cohere2", "glm"),
+                           "gemma3_text", "gpt_neox", "starcoder2", "granite", "cohere", "cohere2", "glm",
+                           "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
                "encoder-decoder": ("t5", "mt5")}
 _SCALED = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 # what a model type does to the head's logits before the loss, in the head's compute dtype (the config attribute
@@ -209,6 +211,8 @@ def _fused_forward(self, *args, labels=None, **kwargs):
                            "(model.fused_loss=false runs transformers' loss)")
     loss = linear_cross_entropy(taken[0], head.weight, labels, shift=not seq2seq, num_items_in_batch=num_items,
                                 transform=logit_transform(self.config))
+    if out.get("aux_loss") is not None:  # a mixture of experts' router balance, added as the model adds it
+        loss = loss + self.router_aux_loss_coef * out["aux_loss"].to(loss.device)
     return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "logits"})
 
 

@@ -19,7 +19,13 @@ V, H = 300, 64
 # what a type does to its logits, strong enough at this size to change every gradient (`loss.LOGIT_OPS`)
 LOGIT_ARCH = {"gemma2": {"final_logit_softcapping": 1.0, "head_dim": 16},
               "gemma3_text": {"final_logit_softcapping": 1.0, "head_dim": 16},
-              "cohere": {"logit_scale": 4.0}, "cohere2": {"logit_scale": 4.0}, "granite": {"logits_scaling": 0.25}}
+              "cohere": {"logit_scale": 4.0}, "cohere2": {"logit_scale": 4.0}, "granite": {"logits_scaling": 0.25},
+              # mixtures of experts, their routers' balance loss counted and weighted enough to move every gradient
+              **{kind: {"output_router_logits": True, "router_aux_loss_coef": 0.5, experts: 4, "num_experts_per_tok": 2,
+                        **extra} for kind, experts, extra in (
+                  ("mixtral", "num_local_experts", {}), ("olmoe", "num_experts", {}),
+                  ("qwen2_moe", "num_experts", {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}),
+                  ("qwen3_moe", "num_experts", {"moe_intermediate_size": 32, "head_dim": 16}))}}
 
 
 def _pair(kind: str, **arch):

@@ -236,6 +236,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     options = [(plan, predict(plan)) for plan in candidates]
     # (CPU: host = device, nothing to offload to)
     predicted = time.perf_counter()
+    log.info("%s: %d plans predicted in %.0f s; profiling the device", label, len(options), predicted - started)
     plain: dict = {}  # the plain one-block step, profiled once: its rates, and mode "none" of the block modes
     rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
                                                                  layers.get("none", "false"), held=plain),
@@ -258,10 +259,15 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         filled += more
     if not filled:  # bad input: the smallest predicted peak, weights away included
         plans.ranked(options + tried, budget_bytes, rates, label, lines)
-    short = plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates, label, lines,
-                         plans.plain_backward(options))
+    # ranked again, and the first `trials` of them timed (with weights away up to twice as many were filled: at
+    # llama-7b eight whole-model trials, too many to hold side by side, one after another took minutes)
+    short = plans.shortlist(plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates,
+                                         label, lines, plans.plain_backward(options)), trials)
     filled_at = time.perf_counter()
     modes = {p.name: run_modes[p.name] for _, p, _ in short} if len(short) > 1 else {}
+    log.info("%s: profiled in %.0f s; %d plans fit once blocks are kept (%.0f s)%s", label, profiled - predicted,
+             len(short), filled_at - profiled,
+             f"; timing {', '.join(p.name for _, p, _ in short)} on the whole model" if modes else "")
 
     trial_s = float(cfg.train.plan_trial_s)
     trial_steps: dict = {}  # plan name → each of its trials' timed steps (seconds; None: the trial failed)

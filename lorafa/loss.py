@@ -11,7 +11,7 @@ cross-entropy and torchtune's chunked output loss do):
 
 | what                         | transformers                 | fused                                                |
 |------------------------------|------------------------------|------------------------------------------------------|
-| logits alive at once         | all N rows, bf16 and fp32    | one slice (N / ⌈V / H⌉ rows: about the hidden states' size) |
+| logits alive at once         | all N rows, bf16 and fp32    | one slice (N / ⌈V / H⌉ rows, about the hidden states' size; 128 MiB of fp32 logits at least) |
 | kept for backward            | fp32 log-probabilities, N × V | the gradient of the hidden states, N × H              |
 | FLOPs                        | head forward + backward      | the same, all in forward                             |
 
@@ -63,9 +63,18 @@ LOGIT_OPS = {"gemma2": ("softcap", "final_logit_softcapping"), "gemma3_text": ("
              "cohere": ("mul", "logit_scale"), "cohere2": ("mul", "logit_scale"), "granite": ("div", "logits_scaling")}
 
 
-def chunks_for(vocab: int, hidden: int) -> int:
-    """Row slices: ⌈V / H⌉, so one slice's logits are about the size of all rows' hidden states."""
-    return max(1, math.ceil(vocab / max(1, hidden)))
+MIN_SLICE_BYTES = 128 * 2**20  # a slice's fp32 logits at least this (where there are that many): see chunks_for
+
+
+def chunks_for(vocab: int, hidden: int, rows: int | None = None) -> int:
+    """Row slices: ⌈V / H⌉, so one slice's logits are about the size of all rows' hidden states — but fewer where
+    that would leave a slice's fp32 logits under `MIN_SLICE_BYTES`: each slice is some fifteen kernels the host
+    launches, and a small hidden size with a large vocabulary (Qwen2.5-0.5B: 170 slices) would make the loss
+    bound by launches. At LLaMA-7B 8 × 1024 both give 8 slices."""
+    n = max(1, math.ceil(vocab / max(1, hidden)))
+    if rows and MIN_SLICE_BYTES > 0:
+        n = min(n, max(1, math.ceil(rows * vocab * 4 / MIN_SLICE_BYTES)))
+    return n
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -138,7 +147,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         count = (flat_labels != IGNORE).sum()
     else:
         count = torch.as_tensor(num_items_in_batch, device=hidden.device)
-    n = chunks or chunks_for(weight.shape[0], weight.shape[1])
+    n = chunks or chunks_for(weight.shape[0], weight.shape[1], flat.shape[0])
     return _LinearCrossEntropy.apply(flat, weight, flat_labels, count, n, dtype, transform)
 
 

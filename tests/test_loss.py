@@ -192,13 +192,18 @@ def test_the_fused_loss_applies_only_where_the_models_loss_is_the_standard_one()
         loss.install(own, "sometimes", "decoder")
 
 
+@pytest.mark.parametrize("sliced", [True, False])
 @pytest.mark.parametrize("model,target_len", [("tiny-llama", None), ("tiny-t5", 32)])
-def test_the_fused_loss_keeps_no_logits_for_backward(model, target_len):
+def test_the_fused_loss_keeps_no_logits_for_backward(model, target_len, sliced, monkeypatch):
     """The predictor's books at 4 × 64 (V = 4096, H = 128; N the tokens the head sees: 4 × 64, or T5's 4 × 32
     labels): what the step saves falls by the fp32 log-probabilities cross-entropy keeps (N × V × 4 bytes, and
-    its targets), less the hidden states' gradient the fused loss keeps instead (N × H × 4); the step's peak falls
-    by at least the logits and their log-probabilities (2 × N × V × 4); the FLOPs are the same."""
+    its targets), less the hidden states' gradient the fused loss keeps instead (N × H × 4); the FLOPs are the
+    same. In ⌈V / H⌉ slices (`sliced`: no least slice size) the step's peak falls by at least the logits and their
+    log-probabilities (2 × N × V × 4); as it runs by default, these few logits (4 MiB at most) are one slice."""
     n, vocab, hidden = 4 * (target_len or 64), 4096, 128
+    if sliced:
+        monkeypatch.setattr(loss, "MIN_SLICE_BYTES", 0)
+    assert loss.chunks_for(vocab, hidden, n) == (32 if sliced else 1)
     preds = {}
     for setting in ("false", "true"):
         cfg = bench.compose(model, "lorafa", 4, 64, ["device=cpu", f"model.fused_loss={setting}"])
@@ -207,7 +212,7 @@ def test_the_fused_loss_keeps_no_logits_for_backward(model, target_len):
     off, on = preds["false"], preds["true"]
     assert (off.weights, off.grads, off.optimizer) == (on.weights, on.grads, on.optimizer)
     assert off.activations - on.activations == pytest.approx(n * vocab * 4 - n * hidden * 4, abs=n * 8 + 64)
-    assert off.tracked_peak - on.tracked_peak >= 2 * n * vocab * 4
+    assert off.tracked_peak - on.tracked_peak >= (2 * n * vocab * 4 if sliced else n * vocab * 4)
     assert off.flops == on.flops and on.flops_forward > off.flops_forward  # the head's backward, done in forward
 
 

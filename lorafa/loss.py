@@ -77,6 +77,16 @@ def chunks_for(vocab: int, hidden: int, rows: int | None = None) -> int:
     return n
 
 
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp over the last of 2 dims, op for op as ATen computes it (the same values, bit for bit), but
+    with its exp(x − max) temporary, the size of `x`, made by an op of its own: ATen makes it inside its kernel,
+    where the predictor, which sees the ops, does not (measured at 1024 rows × 32,000: 119 MiB missed)."""
+    m = x.amax(1, keepdim=True)
+    m.masked_fill_(m.abs() == math.inf, 0)
+    out = (x - m).exp_().sum(1)
+    return out.log_().add_(m.squeeze(1))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """mean over counted rows of cross_entropy(hidden @ weightᵀ, labels), slice by slice, for a frozen `weight`;
     the hidden states' gradient is made in forward and kept (`ctx`) until backward."""
@@ -105,7 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 y = labels[rows]
                 counted = y != IGNORE
                 target = torch.where(counted, y, 0).unsqueeze(1)
-                lse = torch.logsumexp(logits, dim=-1)
+                lse = _logsumexp(logits)
                 total += ((lse - logits.gather(1, target).squeeze(1)) * counted).sum()
                 if want_h:  # d loss / d logits = (softmax − one-hot) / count, on counted rows
                     g = logits.sub_(lse.unsqueeze(1)).exp_()

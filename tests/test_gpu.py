@@ -317,7 +317,7 @@ def test_weights_away_lower_the_peak_by_their_bytes(cfg_factory):
     less their bytes (within 5 %), the loss the same, and the predictor within 2 %; with every 2nd block's saved
     tensors offloaded too (the plan `offload_every2+weights12`), predicted within 2 %."""
     _, away, both = _peak_lower_by_what_went(cfg_factory, "method.offload_weights=first:12", "host_weights_gib",
-                                             "offload_every2+weights12", 0.3)
+                                             "offload_every2+weights12", 0.25)  # 12 × 25 MB of bf16: 0.28 GiB
     assert both["host_offload_gib"] > 0 and both["host_weights_gib"] == pytest.approx(away["host_weights_gib"])
 
 

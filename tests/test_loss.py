@@ -199,7 +199,8 @@ def test_the_fused_loss_keeps_no_logits_for_backward(model, target_len, sliced, 
     labels): what the step saves falls by the fp32 log-probabilities cross-entropy keeps (N × V × 4 bytes, and
     its targets), less the hidden states' gradient the fused loss keeps instead (N × H × 4); the FLOPs are the
     same. In ⌈V / H⌉ slices (`sliced`: no least slice size) the step's peak falls by at least the logits and their
-    log-probabilities (2 × N × V × 4); as it runs by default, these few logits (4 MiB at most) are one slice."""
+    log-probabilities (2 × N × V × 4); as it runs by default, these few logits (4 MiB at most) are one slice, which
+    still saves most of the log-probabilities (¾ × N × V × 4)."""
     n, vocab, hidden = 4 * (target_len or 64), 4096, 128
     if sliced:
         monkeypatch.setattr(loss, "MIN_SLICE_BYTES", 0)
@@ -212,7 +213,8 @@ def test_the_fused_loss_keeps_no_logits_for_backward(model, target_len, sliced, 
     off, on = preds["false"], preds["true"]
     assert (off.weights, off.grads, off.optimizer) == (on.weights, on.grads, on.optimizer)
     assert off.activations - on.activations == pytest.approx(n * vocab * 4 - n * hidden * 4, abs=n * 8 + 64)
-    assert off.tracked_peak - on.tracked_peak >= (2 * n * vocab * 4 if sliced else n * vocab * 4)
+    # (one slice: its logits and their exp(x − max) are all N rows', so it saves most of the log-probabilities only)
+    assert off.tracked_peak - on.tracked_peak >= (2 * n * vocab * 4 if sliced else 0.75 * n * vocab * 4)
     assert off.flops == on.flops and on.flops_forward > off.flops_forward  # the head's backward, done in forward
 
 
@@ -234,3 +236,33 @@ def test_a_job_trains_alike_with_and_without_the_fused_loss(cfg_factory, model):
         encoder = run(cfg_factory("model=tiny-roberta", "method=lorafa", "task=synthetic", "task.max_seq_len=32",
                                   "train.batch_size=4", "train.max_steps=1"))
         assert encoder["status"] == "ok" and encoder["fused_loss"] is False
+
+
+def test_the_loss_makes_every_slice_sized_tensor_by_an_op_the_predictor_sees():
+    """Each slice's logsumexp is the values torch.logsumexp gives, bit for bit, with its exp(x − max) temporary (a
+    slice's size) made by an op of its own: inside ATen's logsumexp kernel the predictor, which counts what ops
+    return, missed it (an H200 measured 119 MiB more than predicted at 1024 rows × 32,000)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 999, generator=g) * 30).bfloat16().float()
+    x[3] = -float("inf")
+    assert torch.equal(loss._logsumexp(x), torch.logsumexp(x, dim=-1))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.made.append((func.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+            return out
+
+    hidden = torch.randn(2, 16, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g)
+    labels = torch.randint(0, V, (2, 16), generator=g)
+    with Ops() as ops:
+        loss.linear_cross_entropy(hidden, weight, labels, chunks=4)
+    assert not any(name.startswith("logsumexp") for name, _ in ops.made), ops.made
+    assert sum(name.startswith("sub") and shape == (8, V) for name, shape in ops.made) >= 4, ops.made

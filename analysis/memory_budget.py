@@ -443,6 +443,24 @@ else:
             ax.scatter(chosen["mem_peak_gib"], chosen["tokens_per_s"], marker="*", s=160, facecolors="none",
                        edgecolors=pts.get_facecolor()[0], linewidths=1.2,
                        label=f"{report.method_label(method)}: chosen by a budget")
+        # the fused LM loss's measurements where the sweep has none of its own: the plans of the latest side-by-side
+        # run (diamonds) and its budget jobs (stars)
+        fused_side = side[(side["model"] == model) & side["method"].str.endswith("+fused_loss")] if len(side) else side
+        fused_jobs = budgets[(budgets["model"] == model) & budgets["method"].str.endswith("+fused_loss")
+                             & (budgets["status"] == "ok")]
+        for method in sorted((set(fused_side["method"]) | set(fused_jobs["method"])) - set(g["method"])):
+            m = fused_side[fused_side["method"] == method]
+            m = m.loc[m.groupby("plan_name")["tokens_per_s"].idxmax()] if len(m) else m
+            pts = ax.scatter(m["mem_peak_gib"], m["tokens_per_s"], marker="D", alpha=0.8,
+                             label=f"{report.method_label(method)}, side by side")
+            for r in m.itertuples(index=False):
+                ax.annotate(r.plan_name, (r.mem_peak_gib, r.tokens_per_s), fontsize=6, alpha=0.7,
+                            xytext=(3, -7), textcoords="offset points")
+            jobs = fused_jobs[fused_jobs["method"] == method]
+            if len(jobs):
+                ax.scatter(jobs["mem_peak_gib"], jobs["tokens_per_s"], marker="*", s=160, facecolors="none",
+                           edgecolors=pts.get_facecolor()[0], linewidths=1.2,
+                           label=f"{report.method_label(method)}: chosen by a budget")
         for b in sorted(budgets[budgets["model"] == model]["budget_gib"].unique()):
             ax.axvline(b, color="grey", ls="--", lw=0.8)
             ax.text(b, ax.get_ylim()[0], f" {b:g} GiB", fontsize=7, color="grey", rotation=90, va="bottom")

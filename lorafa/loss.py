@@ -49,7 +49,8 @@ from torch import nn
 from .checks import BadInput
 
 IGNORE = -100
-# by family, the model types whose LM loss is cross-entropy of a bias-free head's logits, unscaled after the head:
+# by family, the model types whose LM loss is cross-entropy of a bias-free head's logits (as they are, or after the
+# type's `LOGIT_OPS`; a mixture of experts' balance loss added):
 # transformers' causal-LM loss (labels shifted left) and T5's (labels as they are, the decoder's input shifted right)
 # (tests/test_loss.py checks each against the model's own loss and gradients)
 FUSED_TYPES = {"decoder": ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2",
@@ -80,7 +81,8 @@ def chunks_for(vocab: int, hidden: int, rows: int | None = None) -> int:
 def _logsumexp(x: torch.Tensor) -> torch.Tensor:
     """torch.logsumexp over the last of 2 dims, op for op as ATen computes it (the same values, bit for bit), but
     with its exp(x − max) temporary, the size of `x`, made by an op of its own: ATen makes it inside its kernel,
-    where the predictor, which sees the ops, does not (measured at 1024 rows × 32,000: 119 MiB missed)."""
+    where the predictor, which sees the ops, does not (an H200 measured a fused step's peak 0.115 GiB above its
+    prediction with slices of 1024 rows × 32,000, whose fp32 logits are 0.12 GiB)."""
     m = x.amax(1, keepdim=True)
     m.masked_fill_(m.abs() == math.inf, 0)
     out = (x - m).exp_().sum(1)

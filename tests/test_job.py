@@ -257,8 +257,10 @@ def test_an_out_of_memory_in_the_loss_leaves_nothing_behind(cfg_factory, monkeyp
 
     if loss == "transformers":
         monkeypatch.setattr(F, "cross_entropy", struck(F.cross_entropy, True))
-    else:  # (inside the fused loss's autograd function, where gradients are off)
-        monkeypatch.setattr(torch, "logsumexp", struck(torch.logsumexp, False))
+    else:  # (inside the fused loss's autograd function, where gradients are off: its first slice's logsumexp)
+        from lorafa import loss as fused_loss
+
+        monkeypatch.setattr(fused_loss, "_logsumexp", struck(fused_loss._logsumexp, False))
     extra = ["method.offload=true", "method.offload_min_kib=0"] if plan == "offload" else []
     extra += ["model.fused_loss=false"] if loss == "transformers" else []
     models_before, graphs_before = alive()  # held (so no id of theirs is reused) until the check

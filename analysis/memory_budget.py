@@ -42,9 +42,9 @@ def by_loss(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows whose step ran the fused LM loss (`fused_loss`; rows without the column ran transformers') as a method of
     their own, `<method>+fused_loss`: a plan's peak and speed depend on the loss, so every table, check and figure
     below compares plans of one loss."""
-    if "fused_loss" not in rows or rows.empty:
+    if rows.empty:
         return rows
-    fused = rows["fused_loss"].map(lambda v: pd.notna(v) and bool(v)).astype(bool)
+    fused = report.ran_fused_loss(rows)
     return rows.assign(method=rows["method"].where(~fused, rows["method"].astype(str) + "+fused_loss"))
 
 

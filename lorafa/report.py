@@ -130,6 +130,13 @@ METHOD_LABEL = {"full": "full FT", "lora": "LoRA", "lorafa": "LoRA-FA", "lorafa_
                 "frozen": "frozen (bound)"}
 
 
+def ran_fused_loss(frame: pd.DataFrame) -> pd.Series:
+    """Per row, whether its step ran the fused LM loss (`fused_loss`; a row without it ran transformers')."""
+    if "fused_loss" not in frame:
+        return pd.Series(False, index=frame.index)
+    return frame["fused_loss"].map(lambda v: pd.notna(v) and bool(v)).astype(bool)
+
+
 def method_label(name: str) -> str:
     """`lorafa+recompute` → `LoRA-FA + recompute`: the printed name of a method or variant."""
     base, *extra = str(name).split("+")
@@ -323,9 +330,9 @@ def figure_label(frame: pd.DataFrame) -> str:
             parts.append(f"batch × length: {shown}")
     weights = sorted({weights_of(r) for _, r in frame.iterrows()})
     parts.append("weights: " + "; ".join(weights[:3]) + (" …" if len(weights) > 3 else ""))
-    if "fused_loss" in frame and "family" in frame:  # the LM loss (`model.fused_loss`); none recorded: transformers'
-        losses = {"fused" if pd.notna(v) and bool(v) else "transformers'"
-                  for v, fam in zip(frame["fused_loss"], frame["family"]) if fam in ("decoder", "encoder-decoder")}
+    if "fused_loss" in frame and "family" in frame:  # the LM loss (`model.fused_loss`)
+        lm = frame["family"].isin(["decoder", "encoder-decoder"])
+        losses = {"fused" if v else "transformers'" for v in ran_fused_loss(frame)[lm]}
         if losses:
             parts.append("LM loss: " + " and ".join(sorted(losses)))
     scored = frame[frame["score"].notna() & (frame["task"] != "synthetic")] \

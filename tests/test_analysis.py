@@ -263,7 +263,7 @@ def test_the_one_step_prediction_on_the_gpu_predicts_the_two_step_peaks():
     """results/memory_plan_checks_h200.parquet, `one_step_prediction`: jobs whose prediction dry-ran one step
     (after making the optimizer's state directly) predict, to the byte, the peak the same plan's row of
     results/memory_budget.parquet was predicted with two steps, and within 0.02 % of the measured peak
-    (docs/memory.md, docs/memory_plans.md)."""
+    (docs/memory.md)."""
     checks = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h200.parquet")
     one = checks[(checks["check"] == "one_step_prediction") & (checks["status"] == "ok")]
     budget = pd.read_parquet(ROOT / "results" / "memory_budget.parquet")

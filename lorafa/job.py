@@ -211,6 +211,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     steps = total_steps(len(features), cfg.train, d)
     n_blocks = _n_blocks(config, family)
     lines, layers, run_modes = {}, {}, {}
+    made: dict = {}  # every plan predicted, in the order predicted (equal plans once, under the first name)
 
     def predict(plan: plans.Plan):
         """The plan's prediction (None where this model cannot take it); its timeline, layer and the
@@ -226,6 +227,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         lines[plan] = plans.timeline(trial.method, n_blocks)
         layers[plan.name] = layer
         run_modes[plan.name] = mode
+        made.setdefault(plan, (plan, pred))
         return pred
 
     started = time.perf_counter()  # where choosing takes its time: predicting, profiling, trials (columns)
@@ -264,6 +266,10 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     short = plans.shortlist(plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates,
                                          label, lines, plans.plain_backward(options)), trials)
     filled_at = time.perf_counter()
+    # every plan predicted, with its modelled step: the trade-off on this model and device, in the log and the row
+    table = plans.predicted(list(made.values()), rates, lines, plans.plain_backward(options))
+    log.info("%s: %d plans predicted (peak GiB, modelled step s; * fits):\n%s", label, len(table),
+             plans.format_predicted(table, budget_bytes))
     modes = {p.name: run_modes[p.name] for _, p, _ in short} if len(short) > 1 else {}
     log.info("%s: profiled in %.0f s; %d plans fit once blocks are kept (%.0f s)%s", label, profiled - predicted,
              len(short), filled_at - profiled,
@@ -317,6 +323,8 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                         plans_shown_slower=json.dumps(slower),
                         plans_trial_steps_ms=json.dumps({k: [None if t is None else [round(1e3 * x, 3) for x in t]
                                                              for t in v] for k, v in trial_steps.items()}),
+                        plans_predicted=json.dumps({name: [round(peak / measure.GIB, 6), round(s, 4)]
+                                                    for name, (peak, s) in table.items()}),
                         pred_step_s=seconds, plan_predict_s=predict_s,
                         plan_profile_s=profiled - predicted,
                         plan_trials_s=trials_s, copy_gib_per_s=rates.copy_bytes / measure.GIB,

@@ -1065,6 +1065,23 @@ TRIAL_MARGIN = 2.0  # a plan modelled within this factor of the fastest fitting 
 TRIAL_TOLERANCE = 0.03  # timed within this fraction of the fastest: as fast (`pick_timed`)
 
 
+def predicted(made: list, rates: Rates, lines: dict, plain: float | None) -> dict:
+    """Every plan a budget predicted (`made`: (plan, prediction) pairs, in the order predicted, equal plans once),
+    each with its modelled step (`step_seconds`, at the budget's rates and with `plain`, `plain_backward` of its
+    candidates): name → (predicted peak in bytes, modelled seconds), smallest peak first."""
+    out = {plan.name: (pred.peak, step_seconds(pred, rates, lines.get(plan), plain,
+                                               block_modes(plan, lines[plan]) if plan in lines else None))
+           for plan, pred in made if pred is not None}
+    return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+
+def format_predicted(table: dict, budget_bytes: float) -> str:
+    """`predicted`'s table as lines of text: name, predicted peak (GiB), modelled step (s), `*` where it fits."""
+    width = max((len(name) for name in table), default=0)
+    return "\n".join(f"  {name:<{width}}  {peak / measure.GIB:8.3f}  {s:7.3f}{'  *' if peak <= budget_bytes else ''}"
+                     for name, (peak, s) in table.items())
+
+
 def plain_backward(options: list) -> float | None:
     """The backward FLOPs of a step that recomputes nothing: the least of the predicted `options`'."""
     return min((p.flops - p.flops_forward for _, p in options if p is not None), default=None)

@@ -788,6 +788,21 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert tight["pred_mem_peak_gib"] <= budget and tight["mem_peak_gib"] <= budget * 1.05
     # recomputing costs FLOPs (modelled seconds come from rates each job measures: not comparable across jobs)
     assert 0 < tight["plans_fitting"] < n and tight["pred_step_tflop"] > roomy["pred_step_tflop"] > 0
+    import json
+
+    # every plan predicted, with its modelled step: the candidates, and the plans that keep blocks, smallest peak
+    # first; the chosen one's as its own columns say, as many candidates fitting as counted; logged as a table
+    table = json.loads(tight["plans_predicted"])
+    named = [p.name for p in plans.candidates(2, offload=False)]
+    assert set(named) <= set(table) and len(table) > n and tight["plan_name"] in table, table
+    assert [v[0] for v in table.values()] == sorted(v[0] for v in table.values())
+    assert table[tight["plan_name"]] == [round(tight["pred_mem_peak_gib"], 6), round(tight["pred_step_s"], 4)]
+    assert sum(table[name][0] <= budget for name in named) == tight["plans_fitting"], (table, budget)
+    assert all(v[1] > 0 for v in table.values())
+    line = re.search(rf"^  {re.escape(tight['plan_name'])} +([\d.]+) +([\d.]+)  \*$", caplog.text,
+                     re.MULTILINE)
+    assert line and float(line.group(1)) == pytest.approx(tight["pred_mem_peak_gib"], abs=1e-3), caplog.text
+    assert json.loads(roomy["plans_predicted"]).keys() == set(named)
     # each block mode's cost measured on the one-block model (CPU: no offloading), "none" the reference
     import json
 

@@ -117,6 +117,7 @@ def run(cfg: DictConfig) -> dict:
         row.update(status="oom", error=str(err).splitlines()[0])
         if device.type == "cuda":  # how far it got
             memory_split.allocator["peak"] = torch.cuda.max_memory_allocated(device)
+            memory_split.allocator["reserved"] = torch.cuda.max_memory_reserved(device)
             row["mem_at_failure_gib"] = torch.cuda.memory_allocated(device) / measure.GIB
         _release(err)
     except Exception as err:  # noqa: BLE001 - an expected failure is a row, the traceback a file beside it

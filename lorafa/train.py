@@ -625,6 +625,7 @@ def _group_step(stepper: step_mod.TrainStep, wrapped: nn.Module, model: nn.Modul
             memory.allocator["after_step"] = torch.cuda.memory_allocated(device)
     if device.type == "cuda" and measured:
         memory.allocator[f"peak_step{step}"] = torch.cuda.max_memory_allocated(device)
+        memory.allocator[f"reserved_step{step}"] = torch.cuda.max_memory_reserved(device)
     model.zero_grad(set_to_none=True)
     return int(tokens), int(samples), int(computed)
 
@@ -637,6 +638,7 @@ def _summarise_allocator(memory: measure.Memory) -> None:
     last = 1 if "peak_step1" in a else 0
     a["fwd_bwd_peak"] = a.pop(f"fwd_bwd_peak_step{last}")
     a["peak"] = max(a.pop("peak_step0"), a.pop("peak_step1", 0))
+    a["reserved"] = max(a.pop("reserved_step0"), a.pop("reserved_step1", 0))
     a.pop("fwd_bwd_peak_step0", None)
 
 

@@ -25,6 +25,8 @@ def test_cuda_rows_carry_the_allocator_phases(cfg_factory, model):
         assert row["alloc_build_gib"] <= row["mem_weights_gib"] + 0.005, (row["alloc_build_gib"], row["mem_weights_gib"])
         assert row["alloc_after_step_gib"] >= row["alloc_build_gib"]
         assert row["mem_peak_gib"] == row["alloc_peak_gib"] >= row["alloc_fwd_bwd_peak_gib"]
+        # what the allocator held from the device over the measured steps: at least what they allocated
+        assert row["mem_reserved_gib"] == row["alloc_reserved_gib"] >= row["mem_peak_gib"], row["mem_reserved_gib"]
         assert row["mem_peak_gib"] >= row["mem_weights_gib"] + row["mem_activations_gib"]
         assert not undocumented(row), f"columns docs/measurement.md does not list: {undocumented(row)}"
     assert rows["lorafa"]["mem_activations_gib"] < rows["lora"]["mem_activations_gib"]

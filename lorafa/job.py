@@ -151,7 +151,24 @@ def run(cfg: DictConfig) -> dict:
              row["model"], row["method"], row["task"], row["status"], row["metric"], row.get("score", float("nan")),
              row.get("mem_activations_gib", float("nan")), row.get("mem_peak_gib", float("nan")),
              row.get("tokens_per_s", float("nan")), out_dir / results.ROW_FILE)
+    over = reserved_over_budget(row)
+    if over:
+        log.warning(over)
     return row
+
+
+def reserved_over_budget(row: dict) -> str | None:
+    """A budget job whose caching allocator held more from the device than its budget (`mem_reserved_gib` above
+    `budget_gib`): the budget bounds the allocated peak, so on a card of the budget's size the job would not have
+    fit. A line to say so; None otherwise (within it, no budget, or not measured)."""
+    budget, reserved = row.get("budget_gib"), row.get("mem_reserved_gib")
+    if budget is None or reserved is None or math.isnan(float(budget)) or math.isnan(float(reserved)) \
+            or reserved <= budget:
+        return None
+    return (f"train.memory_budget_gib={budget:g}: the job allocated at most {row['mem_peak_gib']:.2f} GiB, within the "
+            f"budget, but the allocator held {reserved:.2f} GiB of the device (its rounding and cached blocks): on a "
+            f"card with {budget:g} GiB free it would have run out of memory; set a budget 10–15 % below the memory "
+            f"you have")
 
 
 def _split_metric(cfg: DictConfig) -> str:

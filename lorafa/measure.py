@@ -184,9 +184,9 @@ class Memory:
         cols["host_offload_gib"] = self.host_offload / GIB
         cols["host_weights_gib"] = self.host_weights / GIB
         cols["mem_source"] = "cuda_allocator" if "peak" in self.allocator else "tensor_accounting"
-        # what the caching allocator held from the device at most over the measured steps (its rounding, cached and
-        # fragmented blocks included): what a job takes from a GPU's memory, less the CUDA context. NaN elsewhere
-        cols["mem_reserved_gib"] = gib(self.allocator.get("reserved"))
+        if "reserved" in self.allocator:  # (CUDA: what the caching allocator held from the device at most over the
+            # measured steps, its rounding and cached blocks included: what a job takes from a GPU, less the context)
+            cols["mem_reserved_gib"] = self.allocator["reserved"] / GIB
         cols.update({f"alloc_{k}_gib": v / GIB for k, v in self.allocator.items()})
         return cols
 

@@ -804,8 +804,6 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     assert line and float(line.group(1)) == pytest.approx(tight["pred_mem_peak_gib"], abs=1e-3), caplog.text
     assert json.loads(roomy["plans_predicted"]).keys() == set(named)
     # each block mode's cost measured on the one-block model (CPU: no offloading), "none" the reference
-    import json
-
     costs = json.loads(tight["block_extra_ms"])
     assert set(costs) == {p.name for p in plans.candidates(1, offload=False)} and costs["none"] == [0.0, 0.0]
     # each cost is a mode's time less the plain block's, never below 0. That a recompute costs backward time is not

@@ -408,6 +408,14 @@ def test_fit_the_memory_you_have_plans(notebook):
     assert fused.group(5) == runs["job"]["plan_name"], runs["job"]["plan_name"]
     same(fused.group(6), runs["job"]["tokens_per_s"] / 1000, "the fused budget job's tokens/s (thousands)")
     same(fused.group(7), runs["job"]["tokens_per_s"] / runs["lora_all"]["tokens_per_s"], "the budget job ÷ LoRA")
+    # the headroom a budget asks for: what the allocator reserved beside the allocated peak in the side-by-side run
+    room = find(r"it bounds the allocated peak, so set it (\d+)–(\d+) % below your card's free memory", text,
+                "the headroom below a card's memory")
+    side = notebook("memory_budget")[0]["side"]
+    side = side[(side["model"] == model) & (side["run_id"] == runs["lora_all"]["run_id"])]
+    share = 100 * (1 - side["mem_peak_gib"] / side["mem_reserved_gib"]).max()  # the most a plan's reserve adds
+    assert len(side) >= 4 and int(room.group(1)) <= share <= int(room.group(2)), (share, side[["plan_name",
+                                                                                               "mem_reserved_gib"]])
 
 
 # ----------------------------------------------------------------------------------------- the accuracy numbers

@@ -245,7 +245,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         lines[plan] = plans.timeline(trial.method, n_blocks)
         layers[plan.name] = layer
         run_modes[plan.name] = mode
-        made.setdefault(plan, (plan, pred))
+        made.setdefault(plan, pred)
         return pred
 
     started = time.perf_counter()  # where choosing takes its time: predicting, profiling, trials (columns)
@@ -281,11 +281,12 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         plans.ranked(options + tried, budget_bytes, rates, label, lines)
     # ranked again, and the first `trials` of them timed (with weights away up to twice as many were filled: at
     # llama-7b eight whole-model trials, too many to hold side by side, one after another took minutes)
+    plain = plans.plain_backward(options)
     short = plans.shortlist(plans.ranked(plans.distinct(filled, [plan for plan, _ in options]), budget_bytes, rates,
-                                         label, lines, plans.plain_backward(options)), trials)
+                                         label, lines, plain), trials)
     filled_at = time.perf_counter()
     # every plan predicted, with its modelled step: the trade-off on this model and device, in the log and the row
-    table = plans.predicted(list(made.values()), rates, lines, plans.plain_backward(options))
+    table = plans.predicted(made.items(), rates, lines, plain)
     log.info("%s: %d plans predicted (peak GiB, modelled step s; * fits):\n%s", label, len(table),
              plans.format_predicted(table, budget_bytes))
     modes = {p.name: run_modes[p.name] for _, p, _ in short} if len(short) > 1 else {}

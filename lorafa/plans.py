@@ -1065,13 +1065,13 @@ TRIAL_MARGIN = 2.0  # a plan modelled within this factor of the fastest fitting 
 TRIAL_TOLERANCE = 0.03  # timed within this fraction of the fastest: as fast (`pick_timed`)
 
 
-def predicted(made: list, rates: Rates, lines: dict, plain: float | None) -> dict:
+def predicted(made, rates: Rates, lines: dict, plain: float | None) -> dict:
     """Every plan a budget predicted (`made`: (plan, prediction) pairs, in the order predicted, equal plans once),
     each with its modelled step (`step_seconds`, at the budget's rates and with `plain`, `plain_backward` of its
     candidates): name → (predicted peak in bytes, modelled seconds), smallest peak first."""
     out = {plan.name: (pred.peak, step_seconds(pred, rates, lines.get(plan), plain,
                                                block_modes(plan, lines[plan]) if plan in lines else None))
-           for plan, pred in made if pred is not None}
+           for plan, pred in made}
     return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
 

@@ -387,7 +387,8 @@ def test_fit_the_memory_you_have_plans(notebook):
     text = section("Fit the memory you have")
     m = find(r"At (\S+) (\d+)×(\d+), LoRA-FA", text, "the plans' setting")
     model, batch, seq = m.group(1), int(m.group(2)), int(m.group(3))
-    hand = notebook("memory_budget")[0]["hand"]  # the notebook's hand-set plans (no budget, status ok)
+    glb = notebook("memory_budget")[0]
+    hand = glb["hand"]  # the notebook's hand-set plans (no budget, status ok)
     hand = hand[(hand["model"] == model) & (hand["batch_size"] == batch) & (hand["seq_len"] == seq)]
     assert devices(hand) == {results_device()}
     rows = re.findall(rf"`([^`]+)`(?: \([^)]*\))? {NUM}(?: GiB)? at {NUM}k", text)
@@ -405,7 +406,7 @@ def test_fit_the_memory_you_have_plans(notebook):
     fused = find(rf"With the fused LM loss \(`model.fused_loss`, the default\) full checkpointing holds {NUM} GiB "
                  rf"\(LoRA {NUM} at {NUM}k\), and a {NUM} GiB budget ran `([^`]+)` at {NUM}k: {NUM}× LoRA's",
                  text, "the fused loss's plans")
-    runs = fused_runs(notebook("memory_budget")[0], model, num(fused.group(4)))
+    runs = fused_runs(glb, model, num(fused.group(4)))
     same(fused.group(1), runs["fa_all"]["mem_peak_gib"], "LoRA-FA all's peak, fused (GiB)")
     same(fused.group(2), runs["lora_all"]["mem_peak_gib"], "LoRA all's peak, fused (GiB)")
     same(fused.group(3), runs["lora_all"]["tokens_per_s"] / 1000, "LoRA all's tokens/s, fused (thousands)")
@@ -415,7 +416,7 @@ def test_fit_the_memory_you_have_plans(notebook):
     # the headroom a budget asks for: what the allocator reserved beside the allocated peak in the side-by-side run
     room = find(r"it bounds the allocated peak, so set it (\d+)–(\d+) % below your card's free memory", text,
                 "the headroom below a card's memory")
-    side = notebook("memory_budget")[0]["side"]
+    side = glb["side"]
     side = side[(side["model"] == model) & (side["run_id"] == runs["lora_all"]["run_id"])]
     share = 100 * (1 - side["mem_peak_gib"] / side["mem_reserved_gib"]).max()  # the most a plan's reserve adds
     assert len(side) >= 4 and int(room.group(1)) <= share <= int(room.group(2)), (share, side[["plan_name",

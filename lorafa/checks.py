@@ -102,6 +102,10 @@ def check_config(cfg) -> None:
         need("train.plan_trial_max_s", lambda v: v >= 0,
              "a number ≥ 0 (seconds of steps a plan races for at most; ≤ train.plan_trial_s: no race)")
         need("train.plan_retime", lambda v: v >= 0, "a number ≥ 0 (0: each plan timed once)")
+        workers = cfg.train.get("plan_workers", "auto")
+        if str(workers) != "auto" and not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+            raise BadInput(f"train.plan_workers={workers}: expected auto or an integer ≥ 1 (1: predicted here, one "
+                           "after another)")
         if not isinstance(cfg.train.get("plan_interleave", True), bool):
             raise BadInput(f"train.plan_interleave={cfg.train.plan_interleave}: expected true or false")
         if cfg.train.get("plan"):

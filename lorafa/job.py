@@ -185,14 +185,21 @@ def _predict(cfg: DictConfig, device: torch.device, family: str, num_labels: int
     """`lorafa.memory.predict` for this job, with the LoRA-FA layer it runs (`layer`: what a selective
     checkpoint keeps depends on it). T5 targets: the longest training target (the measured steps use shorter ones
     when the batch has no longest target)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the dry run draws seeds
+        cfg, device, kwargs = _predict_request(cfg, device, family, num_labels, features, layer)
+        return memory.predict_job(cfg, device, **kwargs)
+
+
+def _predict_request(cfg: DictConfig, device: torch.device, family: str, num_labels: int, features: list[dict],
+                     layer) -> tuple:
+    """`_predict`'s arguments to `lorafa.memory.predict_job`: (cfg, device, keyword arguments)."""
     target_len = None
     if family == "encoder-decoder":
         target_len = int(cfg.task.get("target_len") or 0) if cfg.task.get("kind") == "synthetic" else 0
         target_len = target_len or max(len(f["labels"]) for f in features)
-    amp = autocast_dtype(cfg.train.precision, device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the dry run draws seeds
-        return memory.predict_job(cfg, device, num_labels=num_labels, target_len=target_len, amp=amp,
-                                  frozen_dtype=frozen_weight_dtype(cfg.train, device), stacked=layer)
+    return cfg, device, {"num_labels": num_labels, "target_len": target_len,
+                         "amp": autocast_dtype(cfg.train.precision, device),
+                         "frozen_dtype": frozen_weight_dtype(cfg.train, device), "stacked": layer}
 
 
 def _n_blocks(config, family: str) -> int:
@@ -214,6 +221,18 @@ def _named_plan(cfg: DictConfig, device: torch.device, config, family: str, row:
     """`train.plan=NAME`: the job's config with that plan's method keys (`lorafa.plans.candidates`)."""
     plan = plans.named(str(cfg.train.plan), _n_blocks(config, family), offload=device.type == "cuda")
     return _with_plan(cfg, plan, row, d)
+
+
+PLAN_WORKERS_MIN_S = 2.0  # auto: a first prediction this slow makes the rest in worker processes at once
+
+
+def _plan_workers(setting, first_s: float) -> int:
+    """`train.plan_workers`: how many processes a budget predicts its plans in. auto: as many as
+    `lorafa.memory.workers` gives where the first prediction took `PLAN_WORKERS_MIN_S` or more (a worker's start,
+    importing torch and transformers, costs seconds: a tiny model's predictions are quicker made here), else 1."""
+    if str(setting) == "auto" or setting is None:
+        return memory.workers(None, 1 << 30) if first_s >= PLAN_WORKERS_MIN_S else 1
+    return int(setting)
 
 
 def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str, num_labels: int,
@@ -253,10 +272,30 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     trials = int(cfg.train.get("plan_trials", 0) or 0)
     log.info("%s: choosing among %d plans — predicting each on fake tensors, profiling the device%s", label,
              len(candidates), f", then timing up to {trials} on the whole model" if trials else "")
-    options = [(plan, predict(plan)) for plan in candidates]
+    options = [(candidates[0], predict(candidates[0]))]
+    # the rest in worker processes at once (`train.plan_workers`; auto: where one took long enough to pay for them)
+    n_workers = _plan_workers(cfg.train.get("plan_workers", "auto"), time.perf_counter() - started)
+
+    def prefetch(todo: list) -> None:
+        """`todo`'s predictions made in `n_workers` processes at once, for `predict` to find made."""
+        if n_workers < 2:
+            return
+        requests = []
+        for plan in todo:
+            trial = OmegaConf.merge(cfg, {"method": plan.keys()})
+            try:
+                layer = _layer(trial, features, config, step.resolve_mode(trial, device, steps)[0], device)
+                requests.append(_predict_request(trial, device, family, num_labels, features, layer))
+            except Exception:  # noqa: BLE001, S112 - `predict` meets it again, and says so
+                continue
+        memory.prefetch(requests, n_workers)
+
+    prefetch(candidates[1:])
+    options += [(plan, predict(plan)) for plan in candidates[1:]]
     # (CPU: host = device, nothing to offload to)
     predicted = time.perf_counter()
-    log.info("%s: %d plans predicted in %.0f s; profiling the device", label, len(options), predicted - started)
+    log.info("%s: %d plans predicted in %.0f s%s; profiling the device", label, len(options), predicted - started,
+             f" ({n_workers} processes)" if n_workers > 1 else "")
     plain: dict = {}  # the plain one-block step, profiled once: its rates, and mode "none" of the block modes
     rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
                                                                  layers.get("none", "false"), held=plain),
@@ -270,11 +309,13 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         fitting = []  # (none fits as it is; with weights on the host, some may)
     short = plans.shortlist(fitting, trials) if fitting else []
     # the room each shortlisted plan leaves under the budget, spent on keeping checkpointed blocks; ranked again
+    prefetch([plans.keeping(plan, lines[plan], len(lines[plan].checkpointed)) for _, plan, _ in short])
     filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in short]
     tried = []
     if device.type == "cuda":  # with the first blocks' frozen weights on the host: more room to keep blocks
         # (of the shortlisted plans, those the budget left checkpointing blocks: the others have nothing to keep)
         short_left = [plan for (_, plan, _), (kept, _) in zip(short, filled) if lines[kept].checkpointed]
+        prefetch([plans.weights_away(plan, plans.weight_count(n_blocks, bool(plan.offload))) for plan in short_left])
         more, tried = plans.fill_weights_away(options, short_left, n_blocks, budget_bytes, predict, lines)
         filled += more
     if not filled:  # bad input: the smallest predicted peak, weights away included

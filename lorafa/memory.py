@@ -27,6 +27,8 @@ the attention kernel choice queries the device, so predictions for CUDA are made
 
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from . import measure, methods, models, plans
 from .measure import GIB
 from .step import masking_as
 
+log = logging.getLogger(__name__)
 PARTS = ("weights", "grads", "optimizer", "activations", "peak")
 # The CUDA peak also holds cuBLAS / cuBLASLt workspaces, which no tensor op creates: 66 MiB measured on an H200
 # with torch 2.11 (the constant gap between measured and simulated peaks over all 29 rows of
@@ -229,10 +232,10 @@ _CACHE: dict = {}  # predictions made in this process (a sweep's jobs, a budget'
 _CACHE_SIZE = 256
 
 
-def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, target_len: int | None = None,
-                amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None, stacked=None) -> Prediction:
-    """`predict` for a composed job config: its model, method, batch size and `task.max_seq_len`. A prediction
-    this process already made for the same inputs is reused (a budget's job and the sweep's hand-set plans)."""
+def _job_inputs(cfg: DictConfig, device: torch.device, *, num_labels: int, target_len: int | None = None,
+                amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None, stacked=None) -> tuple:
+    """`predict_job`'s cache key and `predict`'s arguments (model and method as plain containers: they cross to
+    a worker process) for a composed job config."""
     from omegaconf import OmegaConf
 
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
@@ -242,8 +245,80 @@ def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, targe
               "max_grad_norm": cfg.train.get("max_grad_norm"), "stacked": stacked}
     key = (OmegaConf.to_yaml(cfg.model, resolve=True), OmegaConf.to_yaml(cfg.method, resolve=True),
            repr(sorted(kwargs.items())), CUDA_WORKSPACE_BYTES)
+    return key, (OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.method, resolve=True),
+                 kwargs)
+
+
+def _store(key, pred: Prediction) -> None:
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = pred
+
+
+def _predict_inputs(model, method, kwargs) -> Prediction | str:
+    """A worker's prediction (`prefetch`), or what it raised as text: not every exception crosses back whole."""
+    from omegaconf import OmegaConf
+
+    try:
+        return predict(OmegaConf.create(model), OmegaConf.create(method), **kwargs)
+    except Exception as err:  # noqa: BLE001 - the parent makes it again and raises it there
+        return f"{type(err).__name__}: {err}"
+
+
+def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, target_len: int | None = None,
+                amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None, stacked=None) -> Prediction:
+    """`predict` for a composed job config: its model, method, batch size and `task.max_seq_len`. A prediction
+    this process already made for the same inputs is reused (a budget's job and the sweep's hand-set plans), as is
+    one `prefetch` made."""
+    key, (_, _, kwargs) = _job_inputs(cfg, device, num_labels=num_labels, target_len=target_len, amp=amp,
+                                               frozen_dtype=frozen_dtype, stacked=stacked)
     if key not in _CACHE:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = predict(cfg.model, cfg.method, **kwargs)
+        _store(key, predict(cfg.model, cfg.method, **kwargs))
     return _CACHE[key]
+
+
+def workers(setting, jobs: int) -> int:
+    """How many processes `prefetch` predicts `jobs` predictions in: `setting` (`train.plan_workers`) as a number,
+    or auto (None, "auto"): the CPUs this process may run on, at most 8 (each worker imports torch and
+    transformers and holds a fake model: ~0.4 GB of host memory at llama-7b) — never more than the jobs."""
+    if setting in (None, "auto"):
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = min(cpus, 8)
+    else:
+        n = int(setting)
+    return max(1, min(n, jobs))
+
+
+def prefetch(requests: list, n_workers) -> int:
+    """Makes the predictions `predict_job` will be asked for, each `requests` entry its arguments `(cfg, device,
+    kwargs)`, those not yet made at once in `workers(n_workers, ...)` spawned processes (a prediction is a
+    single-threaded dry run of a whole training step: at llama-7b seconds each, and a budget asks for tens). Each
+    is kept as `predict_job` keeps its own; one that fails in a worker is not kept, so `predict_job` makes it
+    again in this process and raises as it would have. Returns how many it made; with one worker, none (each is
+    made when asked for)."""
+    todo: dict = {}
+    for cfg, device, kwargs in requests:
+        key, args = _job_inputs(cfg, device, **kwargs)
+        if key not in _CACHE:
+            todo.setdefault(key, args)
+    n = workers(n_workers, len(todo))
+    if n < 2:
+        return 0
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    made = 0
+    # spawn, not fork: the parent may hold a CUDA context and threads; a worker starts from a clean import
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {key: pool.submit(_predict_inputs, *args) for key, args in todo.items()}
+        for key, future in futures.items():
+            try:
+                pred = future.result()
+            except Exception as err:  # noqa: BLE001 - a worker that died: made again here when asked for
+                pred = f"{type(err).__name__}: {err}"
+            if not isinstance(pred, Prediction):
+                log.debug("a worker's prediction failed (%s); made again here when asked for", pred)
+                continue
+            _store(key, pred)
+            made += 1
+    return made

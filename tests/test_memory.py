@@ -160,3 +160,26 @@ def test_the_predicted_step_is_a_jobs_steady_state_step(model, plan):
     pred = memory.predict(cfg.model, cfg.method, batch_size=4, seq_len=32, target_len=16, device="cpu")
     peak, flops = _two_steps_tracked(cfg.model, cfg.method, 4, 32, 16)
     assert pred.tracked_peak == peak and pred.flops == flops[0] == flops[1], (pred, peak, flops)
+
+
+def test_predictions_made_in_worker_processes_are_those_made_here(cfg_factory):
+    """`prefetch` makes a budget's predictions in spawned processes at once: each the prediction this process
+    would make, kept for `predict_job` to find; one that fails there is not kept (asked for, it fails here)."""
+    from lorafa import memory
+
+    kwargs = {"num_labels": 2, "amp": None, "frozen_dtype": None, "stacked": "false"}
+    cfgs = [cfg_factory("model=tiny-llama", "task=synthetic", "task.max_seq_len=32", "train.batch_size=2", *extra)
+            for extra in ([], ["method.gradient_checkpointing=true"], ["method=lora"])]
+    broken = cfg_factory("model=tiny-llama", "task=synthetic", "task.max_seq_len=32", "model.arch.hidden_size=30")
+    cpu = torch.device("cpu")
+    made = memory.prefetch([(c, cpu, kwargs) for c in [*cfgs, broken]], 2)
+    assert made == 3 and len(memory._CACHE) == 3
+    there = [memory.predict_job(c, cpu, **kwargs) for c in cfgs]
+    assert len(memory._CACHE) == 3  # found, not made again
+    memory._CACHE.clear()
+    here = [memory.predict_job(c, cpu, **kwargs) for c in cfgs]
+    assert there == here and len({p.peak for p in here}) == 3, (there, here)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the model raises here, as it raised there
+        memory.predict_job(broken, cpu, **kwargs)
+    assert memory.prefetch([(c, cpu, kwargs) for c in cfgs], 2) == 0  # all made already
+    assert memory.workers(1, 5) == 1 and memory.workers(4, 2) == 2 and 1 <= memory.workers("auto", 20) <= 8

@@ -349,7 +349,9 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                most_s=race_s)
         trial_steps = {name: [t] for name, t in got.items()}
         timed = {name: None if not t else float(np.median(t)) for name, t in got.items()}
-        slower = plans.stopped(got)  # (medians over fewer, earlier rounds: not comparable with the others')
+        # those the race stopped (medians over fewer, earlier rounds: not comparable with the others') and those
+        # its test shows slower over every round
+        slower = plans.shown_slower(got, plans.TRIAL_TOLERANCE)
         retimed = []
     else:
         def trial(p: plans.Plan) -> None:
@@ -395,7 +397,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     timed_text = ("; timed together, median step: " if together else "; timed ") \
         + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items()) \
         + (f"; timed again, best kept: {', '.join(retimed)}" if retimed else "") \
-        + (f"; stopped as slower: {', '.join(slower)}" if slower else "") if timed else ""
+        + (f"; shown slower: {', '.join(slower)}" if slower else "") if timed else ""
     log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit%s); "
              "chosen in %.0f s (predicting %.0f s, profiling %.0f s, trials %.0f s)",
              label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), len(fitting), timed_text,

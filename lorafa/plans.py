@@ -878,6 +878,20 @@ def stopped(times: dict) -> list[str]:
     return [name for name, t in times.items() if t and len(t) < most]
 
 
+def shown_slower(times: dict, tolerance: float = 0.0, z: float = RACE_Z) -> list[str]:
+    """The plans timed side by side (`interleave`'s result) that are not chosen: those a race stopped (`stopped`),
+    and of those timed in every round, each the race's test (`race`) shows slower than the leader on all of them —
+    as a race's last round shows a plan slower and ends in the same round, and as plans timed without a race are
+    judged. A plan timed a few percent slower in every round is slower, not a tie for the step-time model to
+    break (llama-7b 8 × 1024, a 20.6 GiB budget: `offload_every2_keep`'s steps 2.3 % above the leader's in each of
+    6 rounds)."""
+    out = stopped(times)
+    most = max((len(t) for t in times.values() if t), default=0)
+    full = {name: t for name, t in times.items() if t and len(t) == most}
+    slower = race(full, tolerance, z)[0]
+    return out + [name for name in full if name in slower]
+
+
 def race(times: dict, tolerance: float, z: float = RACE_Z) -> tuple[set, bool]:
     """(the plans shown slower than the leader, whether the race is settled) from plans' step times taken in
     alternation (`times`: name → its steps, one a round, the same rounds). The leader: the least median step. Each

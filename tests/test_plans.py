@@ -757,6 +757,21 @@ def test_a_race_stops_a_plan_shown_slower_and_ends_once_the_leader_is_shown_clos
     assert plans.race(three, 0.03) == (set(), False)
     assert plans.race({"a": [1.0] * 4, "b": [math.exp(x) for x in (0.17, 0.20, 0.23, 0.20)]}, 0.03) == ({"b"}, True)
     assert plans.stopped({"a": [1.0] * 6, "b": [0.9] * 3, "c": None}) == ["b"]  # (c failed: not stopped)
+    # a race's last round can show plans slower and end the race in the same round: they are not chosen either
+    # (`shown_slower`). The trials of LoRA-FA's 20.6 GiB budget at llama-7b 8 × 1024 on an H200 (ms; six rounds
+    # side by side; one step of the leader doubled): the model's first, 2.1 % slower than the leader in every
+    # round, was shown slower yet chosen as within 3 % of it
+    steps = {"offload_every2_keep": [600.195, 608.949, 608.087, 607.024, 608.241, 599.609],
+             "every4_elementwise+weights29": [592.504, 596.929, 595.365, 595.719, 593.441, 594.702],
+             "every2_elementwise+keep8+weights29": [590.61, 594.019, 1059.612, 593.258, 594.169, 589.675],
+             "offload_every2+keep7": [616.716, 611.09, 621.19, 616.105, 611.879, 610.281]}
+    assert plans.stopped(steps) == [] and plans.race(steps, 0.03)[1] is True
+    slower = plans.shown_slower(steps, 0.03)
+    assert slower == ["offload_every2_keep", "offload_every2+keep7"], slower
+    short = [(0.6, plans.named(name, 32), None) for name in steps]  # (the model's order)
+    medians = {name: float(np.median(t)) for name, t in steps.items() if name not in slower}
+    assert plans.pick_timed(short, medians)[0].name == "every4_elementwise+weights29"  # a tie: 0.2 % apart
+    assert plans.shown_slower({"a": [1.0] * 4, "b": [1.02, 1.0, 0.98, 1.0], "c": [0.9] * 2}) == ["c"]
 
 
 def test_a_budget_times_its_shortlist_in_the_mode_the_job_runs(cfg_factory, monkeypatch):
@@ -921,8 +936,23 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     stop = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "task.num_eval=3"))
     monkeypatch.setattr(plans, "interleave", real_interleave)
     names = list(json.loads(stop["plans_timed_ms"]))
-    assert len(names) >= 2 and json.loads(stop["plans_shown_slower"]) == [names[0]], stop["plans_shown_slower"]
+    # (and those 9 % and more slower than the leader in each of its rounds)
+    assert len(names) >= 2 and json.loads(stop["plans_shown_slower"]) == [names[0], *names[2:]], \
+        stop["plans_shown_slower"]
     assert stop["plan_name"] == names[1], (stop["plan_name"], names)
+    # nor one the race's test shows slower over every round, however close: the model's first 2 % slower than
+    # the second in each of 6 rounds is slower, not a tie within 3 % for the model to break
+    jitter = [1.0, 1.01, 0.99, 1.0, 1.005, 0.995]
+
+    def close_behind(steps, seconds, **race):
+        return {n: [(0.102 if i == 0 else 0.1 + 0.01 * (i - 1)) * j for j in jitter] for i, n in enumerate(steps)}
+
+    monkeypatch.setattr(plans, "interleave", close_behind)
+    close = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "task.num_eval=5"))
+    monkeypatch.setattr(plans, "interleave", real_interleave)
+    names = list(json.loads(close["plans_timed_ms"]))
+    assert json.loads(close["plans_shown_slower"]) == [names[0], *names[2:]] and close["plan_name"] == names[1], \
+        (close["plans_shown_slower"], close["plan_name"], names)
     # one after another (`train.plan_interleave=false`): each trial a second of steps (as many as its first step
     # says fit in it, at least 3, at most 20; a tiny model's step takes milliseconds), each plan's time its fastest
     # step over its trials

@@ -271,7 +271,7 @@ def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, targe
     this process already made for the same inputs is reused (a budget's job and the sweep's hand-set plans), as is
     one `prefetch` made."""
     key, (_, _, kwargs) = _job_inputs(cfg, device, num_labels=num_labels, target_len=target_len, amp=amp,
-                                               frozen_dtype=frozen_dtype, stacked=stacked)
+                                      frozen_dtype=frozen_dtype, stacked=stacked)
     if key not in _CACHE:
         _store(key, predict(cfg.model, cfg.method, **kwargs))
     return _CACHE[key]

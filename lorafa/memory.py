@@ -307,7 +307,7 @@ def prefetch(requests: list, n_workers) -> int:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    made = 0
+    made, failed = 0, []
     # spawn, not fork: the parent may hold a CUDA context and threads; a worker starts from a clean import
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {key: pool.submit(_predict_inputs, *args) for key, args in todo.items()}
@@ -316,9 +316,12 @@ def prefetch(requests: list, n_workers) -> int:
                 pred = future.result()
             except Exception as err:  # noqa: BLE001 - a worker that died: made again here when asked for
                 pred = f"{type(err).__name__}: {err}"
-            if not isinstance(pred, Prediction):
-                log.debug("a worker's prediction failed (%s); made again here when asked for", pred)
-                continue
-            _store(key, pred)
-            made += 1
+            if isinstance(pred, Prediction):
+                _store(key, pred)
+                made += 1
+            else:
+                failed.append(pred)
+    if failed:  # (a plan the model cannot take fails here too, and says why where it is asked for)
+        log.info("%d of %d predictions failed in worker processes (the first: %s); made here when asked for",
+                 len(failed), len(todo), failed[0][:300])
     return made

@@ -276,8 +276,9 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     # the rest in worker processes at once (`train.plan_workers`; auto: where one took long enough to pay for them)
     n_workers = _plan_workers(cfg.train.get("plan_workers", "auto"), time.perf_counter() - started)
 
-    def prefetch(todo: list) -> None:
-        """`todo`'s predictions made in `n_workers` processes at once, for `predict` to find made."""
+    def prefetch(todo: list, pool=None) -> None:
+        """`todo`'s predictions made in `n_workers` processes at once (those of `pool`, where given), for `predict`
+        to find made."""
         if n_workers < 2:
             return
         requests = []
@@ -288,7 +289,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                 requests.append(_predict_request(trial, device, family, num_labels, features, layer))
             except Exception:  # noqa: BLE001, S112 - `predict` meets it again, and says so
                 continue
-        memory.prefetch(requests, n_workers)
+        memory.prefetch(requests, n_workers, pool)
 
     prefetch(candidates[1:])
     options += [(plan, predict(plan)) for plan in candidates[1:]]
@@ -309,15 +310,21 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         fitting = []  # (none fits as it is; with weights on the host, some may)
     short = plans.shortlist(fitting, trials) if fitting else []
     # the room each shortlisted plan leaves under the budget, spent on keeping checkpointed blocks; ranked again
-    prefetch([plans.keeping(plan, lines[plan], len(lines[plan].checkpointed)) for _, plan, _ in short])
-    filled = [plans.fill(plan, pred, lines[plan], budget_bytes, predict) for _, plan, pred in short]
-    tried = []
-    if device.type == "cuda":  # with the first blocks' frozen weights on the host: more room to keep blocks
-        # (of the shortlisted plans, those the budget left checkpointing blocks: the others have nothing to keep)
-        short_left = [plan for (_, plan, _), (kept, _) in zip(short, filled) if lines[kept].checkpointed]
-        prefetch([plans.weights_away(plan, plans.weight_count(n_blocks, bool(plan.offload))) for plan in short_left])
-        more, tried = plans.fill_weights_away(options, short_left, n_blocks, budget_bytes, predict, lines)
-        filled += more
+    # (the plans' searches in step, each round's predictions made in worker processes at once; the workers gone
+    # before the trials use the device)
+    with memory.worker_pool(n_workers) as pool:
+        def ahead(todo: list) -> None:
+            prefetch(todo, pool)
+
+        filled = plans.fill_many([(plan, pred, lines[plan]) for _, plan, pred in short], budget_bytes, predict,
+                                 ahead)
+        tried = []
+        if device.type == "cuda":  # with the first blocks' frozen weights on the host: more room to keep blocks
+            # (of the shortlisted plans, those the budget left checkpointing blocks: the others have nothing to keep)
+            short_left = [plan for (_, plan, _), (kept, _) in zip(short, filled) if lines[kept].checkpointed]
+            ahead([plans.weights_away(plan, plans.weight_count(n_blocks, bool(plan.offload))) for plan in short_left])
+            more, tried = plans.fill_weights_away(options, short_left, n_blocks, budget_bytes, predict, lines, ahead)
+            filled += more
     if not filled:  # bad input: the smallest predicted peak, weights away included
         plans.ranked(options + tried, budget_bytes, rates, label, lines)
     # ranked again, and the first `trials` of them timed (with weights away up to twice as many were filled: at

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -289,13 +289,28 @@ def workers(setting, jobs: int) -> int:
     return max(1, min(n, jobs))
 
 
-def prefetch(requests: list, n_workers) -> int:
+@contextmanager
+def worker_pool(n_workers: int):
+    """A pool of `n_workers` spawned processes that `prefetch` calls within it share (a worker's start costs
+    seconds); None with fewer than 2. Closed, its workers gone, on leaving."""
+    if n_workers < 2:
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent may hold a CUDA context and threads; a worker starts from a clean import
+    with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def prefetch(requests: list, n_workers, pool=None) -> int:
     """Makes the predictions `predict_job` will be asked for, each `requests` entry its arguments `(cfg, device,
     kwargs)`, those not yet made at once in `workers(n_workers, ...)` spawned processes (a prediction is a
     single-threaded dry run of a whole training step: at llama-7b seconds each, and a budget asks for tens). Each
     is kept as `predict_job` keeps its own; one that fails in a worker is not kept, so `predict_job` makes it
     again in this process and raises as it would have. Returns how many it made; with one worker, none (each is
-    made when asked for)."""
+    made when asked for). `pool`: a `worker_pool` to make them in (`n_workers` then only says whether to)."""
     todo: dict = {}
     for cfg, device, kwargs in requests:
         key, args = _job_inputs(cfg, device, **kwargs)
@@ -304,13 +319,9 @@ def prefetch(requests: list, n_workers) -> int:
     n = workers(n_workers, len(todo))
     if n < 2:
         return 0
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     made, failed = 0, []
-    # spawn, not fork: the parent may hold a CUDA context and threads; a worker starts from a clean import
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {key: pool.submit(_predict_inputs, *args) for key, args in todo.items()}
+    with nullcontext(pool) if pool is not None else worker_pool(n) as executor:
+        futures = {key: executor.submit(_predict_inputs, *args) for key, args in todo.items()}
         for key, future in futures.items():
             try:
                 pred = future.result()

@@ -1164,11 +1164,17 @@ def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tupl
     — with weights away it sits at the end of backward while few blocks are kept, and moves to the loss as more
     are — a count that fits with room for more is followed by the one the line through it and every block kept
     gives, while that one fits too. Returns (plan, prediction); the plan itself where no block can be kept."""
+    return fill_many([(plan, pred, line)], budget_bytes, predict)[0]
+
+
+def _fill_search(plan: Plan, pred, line: Timeline, budget_bytes: float):
+    """`fill`'s search as a generator: yields each plan it needs predicted, is sent its prediction (or None), and
+    returns (plan, prediction)."""
     m = len(line.checkpointed)
     if not m:
         return plan, pred
     every_kept = keeping(plan, line, m)
-    every = predict(every_kept)
+    every = yield every_kept
     if every is None:
         return plan, pred
     if every.peak <= budget_bytes:
@@ -1177,14 +1183,14 @@ def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tupl
     k = min(m - 1, int((budget_bytes - pred.peak) // per_block)) if per_block > 0 else 0
     while 0 < k < m:
         kept = keeping(plan, line, k)
-        got = predict(kept)
+        got = yield kept
         if got is not None and got.peak <= budget_bytes:
             while k < m - 1 and every.peak > got.peak:  # room for more, by the line from here to every block kept
                 more = min(m - 1, k + int((budget_bytes - got.peak) * (m - k) // (every.peak - got.peak)))
                 if more <= k:
                     break
                 bigger = keeping(plan, line, more)
-                tried = predict(bigger)
+                tried = yield bigger
                 if tried is None or tried.peak > budget_bytes:
                     break
                 k, kept, got = more, bigger, tried
@@ -1193,8 +1199,33 @@ def fill(plan: Plan, pred, line: Timeline, budget_bytes: float, predict) -> tupl
     return plan, pred
 
 
+def fill_many(items: list, budget_bytes: float, predict, prefetch=None) -> list:
+    """`fill` for each (plan, prediction, timeline) of `items`, their searches run in step: each round, the plan
+    every search still going needs next is handed to `prefetch` together (to be made at once, e.g. in worker
+    processes: `lorafa.memory.prefetch`), then each is asked of `predict` in turn. The same (plan, prediction)
+    pairs as `fill` one plan after another."""
+    searches = [_fill_search(plan, pred, line, budget_bytes) for plan, pred, line in items]
+    out: list = [None] * len(items)
+    asks: dict = {}
+    for i, search in enumerate(searches):
+        try:
+            asks[i] = next(search)
+        except StopIteration as done:
+            out[i] = done.value
+    while asks:
+        if prefetch is not None and len(asks) > 1:
+            prefetch(list(asks.values()))
+        for i in list(asks):
+            try:
+                asks[i] = searches[i].send(predict(asks[i]))
+            except StopIteration as done:
+                out[i] = done.value
+                del asks[i]
+    return out
+
+
 def fill_weights_away(options: list, short: list, n_blocks: int, budget_bytes: float, predict,
-                      lines: dict) -> tuple[list, list]:
+                      lines: dict, prefetch=None) -> tuple[list, list]:
     """The candidates with their first blocks' frozen weights away (`weights_away`, as many as `weight_count`
     says), each filled as `fill` fills (the room the weights leave, kept blocks) where it moves any
     weights and fits the budget: those of the `short` plans (of the shortlist of those that fit as they are, the
@@ -1202,8 +1233,9 @@ def fill_weights_away(options: list, short: list, n_blocks: int, budget_bytes: f
     that do not fit as they are but would without the weights' bytes (estimated from the first prediction's bytes
     a block; then predicted). `options`: (plan, prediction or None) pairs; `predict(plan)`: a
     prediction or None, noting its `Timeline` in `lines`. Returns (filled (plan, prediction) pairs, every
-    (plan, prediction) predicted with weights away); none more once one moves no weights (the method trains them)."""
-    filled, tried, per_block = [], [], None
+    (plan, prediction) predicted with weights away); none more once one moves no weights (the method trains them).
+    The fills run in step (`fill_many`, `prefetch` as there)."""
+    fits, tried, per_block = [], [], None
     for plan, pred in options:
         if pred is None or (plan not in short and pred.peak <= budget_bytes):
             continue  # (a plan that fits but was not shortlisted: not worth its predictions)
@@ -1216,11 +1248,11 @@ def fill_weights_away(options: list, short: list, n_blocks: int, budget_bytes: f
         if got is None:
             continue
         if not got.host_weights:  # the method trains its weights: none moves in any plan
-            return filled, tried
+            break
         per_block = per_block or got.host_weights / e
         if got.peak <= budget_bytes:
-            filled.append(fill(away, got, lines[away], budget_bytes, predict))
-    return filled, tried
+            fits.append((away, got, lines[away]))
+    return fill_many(fits, budget_bytes, predict, prefetch), tried
 
 
 def distinct(filled: list, named: list) -> list:

@@ -574,7 +574,7 @@ def test_a_budget_spends_its_room_on_keeping_checkpointed_blocks(cfg_factory):
 
 
 def test_a_budget_predicts_in_worker_processes_what_it_would_predict_here(cfg_factory, monkeypatch, caplog):
-    """`train.plan_workers`: the candidates, then the shortlisted plans with every block kept, predicted in that
+    """`train.plan_workers`: the candidates, then the shortlisted plans' fills a round at a time, predicted in that
     many processes at once (`memory.prefetch`), at the peaks one process predicts one after another; this process
     makes only what was not made for it. auto: one process where the first prediction took under
     `job.PLAN_WORKERS_MIN_S`."""
@@ -598,13 +598,18 @@ def test_a_budget_predicts_in_worker_processes_what_it_would_predict_here(cfg_fa
     memory._CACHE.clear()
     here_made.clear()
     with caplog.at_level(logging.INFO, logger="lorafa.job"):
-        tight = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_workers=2"))
+        # (three plans shortlisted, their fills searched in step; timed for a moment each)
+        monkeypatch.setattr(plans, "TRIAL_MARGIN", 100.0)
+        tight = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_workers=2",
+                                "train.plan_trials=3", "train.plan_trial_s=0", "train.plan_trial_max_s=0"))
     assert tight["status"] == "ok" and "+keep" in tight["plan_name"], (tight["error"], tight["plan_name"])
     there = {name: peak for name, (peak, _) in json.loads(tight["plans_predicted"]).items()}
     assert "(2 processes)" in caplog.text and len(there) > len(named), there
     assert {name: there[name] for name in named} == here  # the same peaks as predicted here
-    # here: the first candidate, and of the filling what follows the first prediction of each plan filled
-    assert len(here_made) <= 1 + len(there) - len(named) < len(named), (here_made, there)
+    # here: the first candidate only; the rest there, the two fitting plans' fills a round of two asks at a time
+    assert len(json.loads(tight["plans_timed_ms"])) == 2 and len(there) - len(named) == 2, (tight["plans_timed_ms"],
+                                                                                           there)
+    assert len(here_made) == 1, (here_made, there)
     # auto: workers where the first prediction took long enough to pay for their start
     assert job._plan_workers("auto", 0.5 * job.PLAN_WORKERS_MIN_S) == 1 == job._plan_workers(1, 100.0)
     assert job._plan_workers("auto", job.PLAN_WORKERS_MIN_S) == memory.workers("auto", 1000) >= 1
@@ -635,6 +640,43 @@ def test_filling_follows_a_peak_that_is_not_a_straight_line_in_the_blocks_kept()
                            lambda p: asked.append(1) or Prediction(0, 0, 0, 0, int((8 + (n - len(plans.timeline(
                                p.keys(), n).checkpointed))) * gib)))
     assert kept.name == "all+keep2" and len(asked) == 2
+
+
+def test_plans_filled_in_step_ask_what_each_asks_alone_a_round_at_a_time():
+    """`plans.fill_many`: the searches of several plans run in step, each round's asks handed to `prefetch` together
+    (a budget makes them in worker processes at once) before each is predicted; every plan gets what `fill` gives
+    it alone, from the same predictions."""
+    from lorafa.memory import Prediction
+
+    gib, n = measure.GIB, 8
+
+    def peak(plan):  # GiB by blocks kept: `all`'s line bends (as with weights away), the others' are straight
+        base = plan.name.split("+")[0]
+        c = len(plans.timeline(plan.keys(), n).checkpointed)
+        return {"all": lambda: max(8 + 0.5 * (8 - c), 4 + 1.5 * (8 - c)), "every2": lambda: 9 + 0.6 * (4 - c),
+                "every4": lambda: 9.5 + 1.0 * (2 - c), "none": lambda: 20.0}[base]()
+
+    def predict(plan):
+        asked.append(plan.name)
+        return Prediction(0, 0, 0, 0, int(peak(plan) * gib))
+
+    names, budget = ("all", "every2", "every4", "none"), 11 * gib
+    items = [(plans.named(name, n), None, plans.timeline(plans.named(name, n).keys(), n)) for name in names]
+    items = [(plan, Prediction(0, 0, 0, 0, int(peak(plan) * gib)), line) for plan, _, line in items]
+    alone = []
+    for item in items:
+        asked = []
+        alone.append((plans.fill(*item, budget, predict), asked))
+    asked, rounds = [], []
+    together = plans.fill_many(items, budget, predict, lambda todo: rounds.append([p.name for p in todo]))
+    assert together == [got for got, _ in alone], (together, alone)
+    assert [got[0].name for got in together] == ["all+keep4", "every2+keep3", "every4+keep1", "none"]
+    assert [a for _, a in alone] == [["all+keep8", "all+keep3", "all+keep4"], ["every2+keep4", "every2+keep3"],
+                                     ["every4+keep2", "every4+keep1"], []]
+    assert sorted(asked) == sorted(name for _, a in alone for name in a)  # nothing asked twice, nothing more
+    # round by round: every search's next ask at once (`none` keeps nothing: no search); the last, alone, is asked
+    assert rounds == [["all+keep8", "every2+keep4", "every4+keep2"], ["all+keep3", "every2+keep3", "every4+keep1"]]
+    assert plans.fill_many([], budget, predict) == []
 
 
 def test_a_filled_plan_that_is_another_candidate_is_named_and_timed_as_that_one():

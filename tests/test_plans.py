@@ -801,7 +801,7 @@ def test_a_race_stops_a_plan_shown_slower_and_ends_once_the_leader_is_shown_clos
     assert plans.stopped({"a": [1.0] * 6, "b": [0.9] * 3, "c": None}) == ["b"]  # (c failed: not stopped)
     # a race's last round can show plans slower and end the race in the same round: they are not chosen either
     # (`shown_slower`). The trials of LoRA-FA's 20.6 GiB budget at llama-7b 8 × 1024 on an H200 (ms; six rounds
-    # side by side; one step of the leader doubled): the model's first, 2.1 % slower than the leader in every
+    # side by side; one step of the leader doubled): the model's first, 2.3 % slower than the leader in every
     # round, was shown slower yet chosen as within 3 % of it
     steps = {"offload_every2_keep": [600.195, 608.949, 608.087, 607.024, 608.241, 599.609],
              "every4_elementwise+weights29": [592.504, 596.929, 595.365, 595.719, 593.441, 594.702],

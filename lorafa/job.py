@@ -250,16 +250,21 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     lines, layers, run_modes = {}, {}, {}
     made: dict = {}  # every plan predicted, in the order predicted (equal plans once, under the first name)
 
-    def predict(plan: plans.Plan):
-        """The plan's prediction (None where this model cannot take it); its timeline, layer and the
-        `train.compile` mode the job would run it in (`lorafa.step.resolve_mode`) noted."""
+    def setting(plan: plans.Plan) -> tuple:
+        """The job's config with the plan's method keys, the `train.compile` mode the job would run it in
+        (`lorafa.step.resolve_mode`) and its LoRA-FA layer."""
         trial = OmegaConf.merge(cfg, {"method": plan.keys()})
+        mode = step.resolve_mode(trial, device, steps)[0]
+        return trial, mode, _layer(trial, features, config, mode, device)
+
+    def predict(plan: plans.Plan):
+        """The plan's prediction (None where this model cannot take it); its timeline, layer and mode noted."""
         try:
-            mode = step.resolve_mode(trial, device, steps)[0]
-            layer = _layer(trial, features, config, mode, device)
+            trial, mode, layer = setting(plan)
             pred = _predict(trial, device, family, num_labels, features, layer)
         except Exception as err:  # noqa: BLE001 - a plan this model cannot take is not a candidate
-            log.info("plan %s: not predicted (%s: %s)", plans.describe(trial.method), type(err).__name__, err)
+            log.info("plan %s: not predicted (%s: %s)", plans.describe(OmegaConf.merge(cfg, {"method": plan.keys()}).method),
+                     type(err).__name__, err)
             return None
         lines[plan] = plans.timeline(trial.method, n_blocks)
         layers[plan.name] = layer
@@ -283,9 +288,8 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
             return
         requests = []
         for plan in todo:
-            trial = OmegaConf.merge(cfg, {"method": plan.keys()})
             try:
-                layer = _layer(trial, features, config, step.resolve_mode(trial, device, steps)[0], device)
+                trial, _, layer = setting(plan)
                 requests.append(_predict_request(trial, device, family, num_labels, features, layer))
             except Exception:  # noqa: BLE001, S112 - `predict` meets it again, and says so
                 continue

@@ -355,9 +355,15 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     # side by side, a race past `plan_trial_s` up to `plan_trial_max_s` of steps a plan (`plans.race`)
     race_s = float(cfg.train.get("plan_trial_max_s", 0.0) or 0.0)
     race_s = race_s if together and race_s > trial_s else None
+    short_side_by_side: list = []  # the plans that ran out of memory side by side
     if together:  # each plan's time: its median step (the steps alternate: the host's drift is shared)
         got = _trials_together(cfg, device, num_labels, features, layers, [p for _, p, _ in short], modes, trial_s,
-                               most_s=race_s)
+                               most_s=race_s, short_of_memory=short_side_by_side)
+        if short_side_by_side:  # the predicted peaks fit, the allocator's blocks of several models at once did not
+            log.warning("%s: side by side, %s ran out of memory (%d whole models on the device at once); timing the "
+                        "plans one after another", label, ", ".join(short_side_by_side), len(short))
+            together, race_s = False, None
+    if together:
         trial_steps = {name: [t] for name, t in got.items()}
         timed = {name: None if not t else float(np.median(t)) for name, t in got.items()}
         # those the race stopped (medians over fewer, earlier rounds: not comparable with the others') and those
@@ -392,6 +398,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                                    for k, v in timed.items()}),
                         plans_timed_modes=json.dumps(modes), plans_retimed=json.dumps(retimed),
                         plans_trials_together=together,
+                        plans_oom_side_by_side=json.dumps(short_side_by_side),
                         plans_race_tolerance=math.nan if race_s is None else plans.TRIAL_TOLERANCE,
                         plans_shown_slower=json.dumps(slower),
                         plans_trial_steps_ms=json.dumps({k: [None if t is None else [round(1e3 * x, 3) for x in t]
@@ -436,15 +443,19 @@ def _trial(cfg: DictConfig, device: torch.device, num_labels: int, features: lis
 
 
 def _trials_together(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layers: dict,
-                     short: list, modes: dict, seconds: float, most_s: float | None = None) -> dict:
+                     short: list, modes: dict, seconds: float, most_s: float | None = None,
+                     short_of_memory: list | None = None) -> dict:
     """{plan name: each timed step's seconds (forward and backward), or None where it failed (a warning)}: the job's
     whole model under each of the `short` plans (`_timing_model`, in the mode the job would run it, warmed up by one
     step), all of them on the device at once, their steps timed in alternation (`plans.interleave`: at least 3
     rounds and `seconds` of steps per plan, at most 20). `most_s`: then a race (`plans.race`) until the plans are
-    told apart, or each one still running has had `most_s` of steps (at most 200 rounds)."""
+    told apart, or each one still running has had `most_s` of steps (at most 200 rounds). `short_of_memory` gets
+    the plans that ran out of device memory: the caller times them again, one after another."""
     built, out = {}, {}
 
     def failed(name, err):
+        if isinstance(err, torch.cuda.OutOfMemoryError) and short_of_memory is not None:
+            short_of_memory.append(name)
         log.warning("plan %s: trial failed (%s); not chosen", name, _said(err))
         built.pop(name, None)
         _release(err)

@@ -722,7 +722,8 @@ def measure_rates(device: torch.device, profile=None, modes=None) -> Rates:
     import time
 
     def failed(what, err, instead):
-        logging.getLogger(__name__).warning("%s failed (%s: %s); %s", what, type(err).__name__, err, instead)
+        # (the failure as text: a handler that keeps records would keep the exception, and its frames the model)
+        logging.getLogger(__name__).warning("%s failed (%s); %s", what, f"{type(err).__name__}: {err}", instead)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

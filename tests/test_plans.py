@@ -855,13 +855,17 @@ def test_a_budget_times_its_shortlist_in_the_mode_the_job_runs(cfg_factory, monk
 
 
 @pytest.mark.parametrize("together", [True, False])
-def test_a_budgets_trials_hand_back_their_models_before_the_job_builds_its_own(cfg_factory, monkeypatch, together):
+def test_a_budgets_trials_hand_back_their_models_before_the_job_builds_its_own(cfg_factory, monkeypatch, caplog,
+                                                                                together):
     """Every model a budget builds to time (one-block profiles, whole-model trials, a trial that fails mid-step with
     its activations alive) is gone by the time the job builds its own, without Python's cyclic collector running
     on its own (disabled here): a model with its method applied is held by reference cycles, and trials that only
     dropped theirs kept them all (an 80 GB card ran out of memory five trials in at llama-7b, the job after
-    them too)."""
+    them too). Side by side, a plan that runs out of device memory (its peak predicted to fit, the allocator's
+    blocks of several models not) sends every plan to be timed one after another, where it is timed too; one after
+    another, a failed trial is left out."""
     import gc
+    import logging
     import weakref
 
     from lorafa import job
@@ -871,12 +875,13 @@ def test_a_budgets_trials_hand_back_their_models_before_the_job_builds_its_own(c
     budget = 0.9 * run(cfg_factory(*common))["pred_mem_peak_gib"]
     built, real_build, real_timer, real_choose = [], job._timing_model, plans.step_timer, job._plan_for_budget
     doomed: dict = {}
+    error = torch.cuda.OutOfMemoryError if together else RuntimeError
 
     def building(cfg, device, n, f, layer, plan, blocks, mode):
         net, batch, amp = real_build(cfg, device, n, f, layer, plan, blocks, mode)
         built.append(weakref.ref(net.model))
         if blocks is None and not doomed:  # the first whole-model trial fails in its second step
-            doomed["model"] = weakref.ref(net.model)
+            doomed.update(model=weakref.ref(net.model), name=plan.name)
         return net, batch, amp
 
     def timer(model, batch, device, amp):
@@ -884,9 +889,9 @@ def test_a_budgets_trials_hand_back_their_models_before_the_job_builds_its_own(c
 
         def step():
             calls.append(1)
-            if doomed.get("model") is not None and doomed["model"]() is model and len(calls) == 2:
+            if "model" in doomed and doomed["model"]() is model and len(calls) == 2:
                 loss = model(**batch).loss  # noqa: F841 - its activations alive in this frame
-                raise RuntimeError("CUDA out of memory (a stand-in)")
+                raise error("CUDA out of memory (a stand-in)")
             return timed()
         return step
 
@@ -904,15 +909,23 @@ def test_a_budgets_trials_hand_back_their_models_before_the_job_builds_its_own(c
     gc.collect()
     gc.disable()
     try:
-        row = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_trials=3",
-                              "train.plan_trial_max_s=0", "train.plan_trial_s=0",
-                              f"train.plan_interleave={str(together).lower()}"))
+        with caplog.at_level(logging.WARNING, logger="lorafa.job"):
+            row = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_trials=3",
+                                  "train.plan_trial_max_s=0", "train.plan_trial_s=0",
+                                  f"train.plan_interleave={str(together).lower()}"))
     finally:
         gc.enable()
     assert row["status"] == "ok", row["error"]
-    assert bool(row["plans_trials_together"]) is together
-    assert None in json.loads(row["plans_timed_ms"]).values(), row["plans_timed_ms"]  # the doomed trial failed
     assert len(built) > 3 and not left, f"{len(left)} of {len(built)} timing models still alive"
+    timed = json.loads(row["plans_timed_ms"])
+    assert f"plan {doomed['name']}: trial failed ({error.__name__}" in caplog.text
+    assert row["plans_trials_together"] is False
+    if together:  # timed again, one after another, every plan with it
+        assert json.loads(row["plans_oom_side_by_side"]) == [doomed["name"]], row["plans_oom_side_by_side"]
+        assert f"ran out of memory ({len(timed)} whole models on the device at once)" in caplog.text
+        assert len(timed) >= 2 and all(t is not None for t in timed.values()), timed
+    else:
+        assert json.loads(row["plans_oom_side_by_side"]) == [] and timed[doomed["name"]] is None, timed
 
 
 @pytest.mark.bad_input("a memory budget ≤ 0 or that no plan fits")

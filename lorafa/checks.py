@@ -95,6 +95,8 @@ def check_config(cfg) -> None:
     from . import plans  # (plans imports this module)
 
     plans.check(cfg.method)
+    if cfg.train.get("device_memory_gib") is not None:
+        need("train.device_memory_gib", positive, "a number > 0 (GiB) or null")
     if cfg.train.get("memory_budget_gib") is not None:
         need("train.memory_budget_gib", positive, "a number > 0 (GiB) or null")
         need("train.plan_trials", lambda v: v >= 0 and v == int(v), "an integer ≥ 0 (0: the step-time model chooses)")

@@ -9,6 +9,7 @@ leaves `run` as the exception, before any row is written.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -73,6 +74,9 @@ def identity(cfg: DictConfig, d: Dist = SINGLE) -> dict:
             "precision": cfg.train.precision, "strategy": d.strategy, "world_size": d.world_size,
             "adapter": str(cfg.model.get("adapter") or ""),  # a PEFT adapter loaded before training (model.adapter)
             "quantize": str(cfg.model.get("quantize") or "none"),  # the blocks' linear layers in nf4 / int8
+            # `train.device_memory_gib`: the GiB of the device the job's allocator could hold (NaN: no cap)
+            "device_memory_gib": float("nan") if cfg.train.get("device_memory_gib") is None
+            else float(cfg.train.device_memory_gib),
             **protocols.columns(cfg)}
 
 
@@ -106,8 +110,10 @@ def run(cfg: DictConfig) -> dict:
     if device.type == "cuda":  # what ran before in this process (an earlier job, a bench) leaves nothing allocated
         measure.settle(device)
     memory_split = measure.Memory()
+    cap = device_cap(device, cfg.train.get("device_memory_gib"))
     try:
-        row.update(_train_and_evaluate(cfg, device, memory_split, row, d))
+        with cap:
+            row.update(_train_and_evaluate(cfg, device, memory_split, row, d))
     except BadInput:
         raise  # not a result: no row
     except Diverged as err:
@@ -157,18 +163,54 @@ def run(cfg: DictConfig) -> dict:
     return row
 
 
+_CAPS: dict = {}  # CUDA device index → bytes its allocator may hold (`train.device_memory_gib`), while a job runs
+
+
+@contextlib.contextmanager
+def device_cap(device: torch.device, gib):
+    """`train.device_memory_gib`: while the job runs, the caching allocator of this process may hold at most `gib`
+    GiB of `device` (`torch.cuda.set_per_process_memory_fraction`), as on a card with that much free beside the
+    CUDA context; more is an out-of-memory error, a row with status oom. It checks, on a larger card, that a job
+    (a budget's plan) fits the card you have. None: no cap. Refused (bad input) off CUDA or above the device's
+    memory."""
+    if gib is None:
+        yield
+        return
+    if device.type != "cuda":
+        raise BadInput(f"train.device_memory_gib={gib}: caps a CUDA device's memory, and the job runs on "
+                       f"{device.type}; expected null")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if float(gib) * measure.GIB > total:
+        raise BadInput(f"train.device_memory_gib={gib}: above the device's {total / measure.GIB:.2f} GiB; expected "
+                       "at most that")
+    torch.cuda.set_per_process_memory_fraction(float(gib) * measure.GIB / total, device)
+    _CAPS[_index(device)] = float(gib) * measure.GIB
+    try:
+        yield
+    finally:
+        _CAPS.pop(_index(device), None)
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def _index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def reserved_over_budget(row: dict) -> str | None:
-    """A budget job whose caching allocator held more from the device than its budget (`mem_reserved_gib` above
-    `budget_gib`): the budget bounds the allocated peak, so on a card of the budget's size the job would not have
-    fit. A line to say so; None otherwise (within it, no budget, or not measured)."""
+    """A budget job, run without a cap (`train.device_memory_gib`), whose caching allocator held more of the device
+    than its budget (`mem_reserved_gib` above `budget_gib`): the budget bounds the allocated peak, and whether the
+    job fits a card of the budget's size the held bytes do not tell (the allocator gives back the segments no
+    tensor uses before it runs out of memory; a fragmented segment's free pieces it keeps). A line saying how to
+    find out; None otherwise (within it, under a cap, no budget, or not measured)."""
     budget, reserved = row.get("budget_gib"), row.get("mem_reserved_gib")
     if budget is None or reserved is None or math.isnan(float(budget)) or math.isnan(float(reserved)) \
-            or reserved <= budget:
+            or reserved <= budget or row.get("device_memory_gib") is not None \
+            and not math.isnan(float(row["device_memory_gib"])):
         return None
     return (f"train.memory_budget_gib={budget:g}: the job allocated at most {row['mem_peak_gib']:.2f} GiB, within the "
-            f"budget, but the allocator held {reserved:.2f} GiB of the device (its rounding and cached blocks): on a "
-            f"card with {budget:g} GiB free it would have run out of memory; set a budget 10–15 % below the memory "
-            f"you have")
+            f"budget, and the allocator held up to {reserved:.2f} GiB of the device (its rounding and cached blocks, "
+            f"which it partly gives back before running out of memory); whether the job fits a card with "
+            f"{budget:g} GiB free, a run with train.device_memory_gib={budget:g} tells")
 
 
 def _split_metric(cfg: DictConfig) -> str:
@@ -507,7 +549,10 @@ def _room(device: torch.device) -> float:
     unused (CUDA), or the host's available memory."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        allocated = torch.cuda.memory_allocated(device)
+        room = float(free + torch.cuda.memory_reserved(device) - allocated)
+        cap = _CAPS.get(_index(device))  # `train.device_memory_gib`: what the cap leaves
+        return room if cap is None else min(room, cap - allocated)
     return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 

@@ -95,6 +95,10 @@ CASES = {
                              "train.plan_retime=-0.1: expected a number ≥ 0"),
     "plan interleave not a bool": (["train.memory_budget_gib=4", "train.plan_interleave=sometimes"],
                                    "train.plan_interleave=sometimes: expected true or false"),
+    "device memory not positive": (["train.device_memory_gib=0"],
+                                   "train.device_memory_gib=0: expected a number > 0 (GiB) or null"),
+    "device memory cap off CUDA": (["device=cpu", "train.device_memory_gib=4"],
+                                   "train.device_memory_gib=4: caps a CUDA device's memory, and the job runs on cpu"),
     "checkpoint policy unknown": (["method.checkpoint_policy=some"],
                                   "method.checkpoint_policy=some: expected one of full, matmuls, matmuls_attention"),
 }
@@ -126,7 +130,9 @@ KIND = {"rank 0": "method.rank out of range", "rank negative": "method.rank out 
         "memory budget not positive": "a memory budget ≤ 0 or that no plan fits", "plan trials negative": STEP_OPTION,
         "plan trial seconds negative": STEP_OPTION, "plan race seconds negative": STEP_OPTION,
         "plan retime negative": STEP_OPTION,
-        "plan interleave not a bool": STEP_OPTION}
+        "plan interleave not a bool": STEP_OPTION,
+        "device memory not positive": "train.device_memory_gib ≤ 0, off CUDA or above the device's memory",
+        "device memory cap off CUDA": "train.device_memory_gib ≤ 0, off CUDA or above the device's memory"}
 assert set(KIND) == set(CASES), set(KIND) ^ set(CASES)
 
 

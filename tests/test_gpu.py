@@ -354,6 +354,28 @@ def test_an_offloaded_step_peaks_lower_by_the_bytes_it_offloaded(cfg_factory):
 
 
 @pytest.mark.fault("out of memory")
+def test_a_capped_device_refuses_what_does_not_fit_and_holds_a_budgets_plan(cfg_factory):
+    """`train.device_memory_gib`: the job's allocator may hold no more than the cap, as on a smaller card. At the
+    offload tests' 16-block llama, the plain job under a cap of 0.8 × its peak runs out of memory (an `oom` row);
+    a budget 15 % below that cap, under it, runs its plan within the cap (its allocator held no more); the cap is
+    lifted after each job."""
+    from lorafa import job
+
+    plain = run(cfg_factory(*WIDE_LLAMA, "train.compile=none"))
+    assert plain["status"] == "ok", plain["error"]
+    cap = 0.8 * plain["mem_peak_gib"]
+    capped = run(cfg_factory(*WIDE_LLAMA, "train.compile=none", f"train.device_memory_gib={cap}"))
+    assert capped["status"] == "oom" and capped["device_memory_gib"] == pytest.approx(cap), capped["error"]
+    assert job._CAPS == {}
+    fit = run(cfg_factory(*WIDE_LLAMA, f"train.memory_budget_gib={0.85 * cap}", f"train.device_memory_gib={cap}"))
+    assert fit["status"] == "ok" and fit["plan_name"] != "none", fit["error"]
+    assert fit["mem_peak_gib"] <= 0.85 * cap * 1.02 and fit["mem_reserved_gib"] <= cap, fit["mem_reserved_gib"]
+    assert job._CAPS == {}
+    if hasattr(torch.cuda, "get_per_process_memory_fraction"):
+        assert torch.cuda.get_per_process_memory_fraction() == 1.0
+
+
+@pytest.mark.fault("out of memory")
 def test_the_fused_loss_lowers_the_peak_by_the_logits_it_no_longer_holds(cfg_factory):
     """`model.fused_loss` (the default) against transformers' loss, at the offload tests' 16-block llama with
     LLaMA's vocabulary (32,000) at 8 × 1024: the same first loss; the measured peak lower by what the predictor

@@ -1352,12 +1352,15 @@ def test_a_job_with_weights_away_trains_as_the_plain_one_eager_and_compiled(cfg_
 
 def test_a_budget_job_says_when_the_allocator_held_more_than_the_budget():
     """A budget bounds the allocated peak; a job whose allocator reserved more than the budget (CUDA:
-    `mem_reserved_gib`) says that a card of the budget's size would not have held it."""
+    `mem_reserved_gib`) says how to find out whether a card of the budget's size holds it (a run under
+    `train.device_memory_gib`); one that ran under such a cap says nothing."""
     from lorafa.job import reserved_over_budget
 
-    row = {"budget_gib": 20.6, "mem_peak_gib": 20.4, "mem_reserved_gib": 22.9}
+    row = {"budget_gib": 20.6, "mem_peak_gib": 20.4, "mem_reserved_gib": 22.9, "device_memory_gib": float("nan")}
     line = reserved_over_budget(row)
     assert line and "20.40 GiB" in line and "22.90 GiB" in line and "train.memory_budget_gib=20.6" in line
+    assert "a run with train.device_memory_gib=20.6 tells" in line
+    assert reserved_over_budget({**row, "device_memory_gib": 20.6}) is None  # it ran under a cap: it fit
     assert reserved_over_budget({**row, "mem_reserved_gib": 20.5}) is None  # within it
     assert reserved_over_budget({**row, "mem_reserved_gib": float("nan")}) is None  # CPU: not measured
     assert reserved_over_budget({"mem_peak_gib": 20.4, "mem_reserved_gib": 22.9}) is None  # no budget

@@ -74,9 +74,9 @@ def identity(cfg: DictConfig, d: Dist = SINGLE) -> dict:
             "precision": cfg.train.precision, "strategy": d.strategy, "world_size": d.world_size,
             "adapter": str(cfg.model.get("adapter") or ""),  # a PEFT adapter loaded before training (model.adapter)
             "quantize": str(cfg.model.get("quantize") or "none"),  # the blocks' linear layers in nf4 / int8
-            # `train.device_memory_gib`: the GiB of the device the job's allocator could hold (NaN: no cap)
-            "device_memory_gib": float("nan") if cfg.train.get("device_memory_gib") is None
-            else float(cfg.train.device_memory_gib),
+            # `train.device_memory_gib`: the GiB of the device the job's allocator could hold (a capped job's column)
+            **({} if cfg.train.get("device_memory_gib") is None
+               else {"device_memory_gib": float(cfg.train.device_memory_gib)}),
             **protocols.columns(cfg)}
 
 
@@ -204,8 +204,8 @@ def reserved_over_budget(row: dict) -> str | None:
     find out; None otherwise (within it, under a cap, no budget, or not measured)."""
     budget, reserved = row.get("budget_gib"), row.get("mem_reserved_gib")
     if budget is None or reserved is None or math.isnan(float(budget)) or math.isnan(float(reserved)) \
-            or reserved <= budget or row.get("device_memory_gib") is not None \
-            and not math.isnan(float(row["device_memory_gib"])):
+            or reserved <= budget or (row.get("device_memory_gib") is not None
+                                      and not math.isnan(float(row["device_memory_gib"]))):
         return None
     return (f"train.memory_budget_gib={budget:g}: the job allocated at most {row['mem_peak_gib']:.2f} GiB, within the "
             f"budget, and the allocator held up to {reserved:.2f} GiB of the device (its rounding and cached blocks, "
@@ -397,13 +397,13 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     # side by side, a race past `plan_trial_s` up to `plan_trial_max_s` of steps a plan (`plans.race`)
     race_s = float(cfg.train.get("plan_trial_max_s", 0.0) or 0.0)
     race_s = race_s if together and race_s > trial_s else None
-    short_side_by_side: list = []  # the plans that ran out of memory side by side
+    oom_side_by_side: list = []  # the plans that ran out of memory side by side
     if together:  # each plan's time: its median step (the steps alternate: the host's drift is shared)
         got = _trials_together(cfg, device, num_labels, features, layers, [p for _, p, _ in short], modes, trial_s,
-                               most_s=race_s, short_of_memory=short_side_by_side)
-        if short_side_by_side:  # the predicted peaks fit, the allocator's blocks of several models at once did not
+                               most_s=race_s, short_of_memory=oom_side_by_side)
+        if oom_side_by_side:  # the predicted peaks fit, the allocator's blocks of several models at once did not
             log.warning("%s: side by side, %s ran out of memory (%d whole models on the device at once); timing the "
-                        "plans one after another", label, ", ".join(short_side_by_side), len(short))
+                        "plans one after another", label, ", ".join(oom_side_by_side), len(short))
             together, race_s = False, None
     if together:
         trial_steps = {name: [t] for name, t in got.items()}
@@ -440,7 +440,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                                                    for k, v in timed.items()}),
                         plans_timed_modes=json.dumps(modes), plans_retimed=json.dumps(retimed),
                         plans_trials_together=together,
-                        plans_oom_side_by_side=json.dumps(short_side_by_side),
+                        plans_oom_side_by_side=json.dumps(oom_side_by_side),
                         plans_race_tolerance=math.nan if race_s is None else plans.TRIAL_TOLERANCE,
                         plans_shown_slower=json.dumps(slower),
                         plans_trial_steps_ms=json.dumps({k: [None if t is None else [round(1e3 * x, 3) for x in t]

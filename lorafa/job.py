@@ -347,6 +347,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
                                                                  layers.get("none", "false"), held=plain),
                                 modes=lambda: _profile_modes(cfg, device, num_labels, features, layers, plain))
+    _collect(device)  # the profiles' models (`_let_go`)
     profiled = time.perf_counter()
     try:
         fitting = plans.ranked(options, budget_bytes, rates, label, lines)
@@ -430,6 +431,8 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
             trial(by_name[name])
         timed = {n: fastest(n) for n in trial_steps}
         slower = []
+    if modes:  # the trials' models (`_let_go`), compiled code with them
+        measure.settle(device)
     trials_s = time.perf_counter() - filled_at
     plan, pred, seconds = plans.pick_timed(short, {n: t for n, t in timed.items() if n not in slower})
     predict_s = (predicted - started) + (filled_at - profiled)
@@ -481,7 +484,10 @@ def _trial(cfg: DictConfig, device: torch.device, num_labels: int, features: lis
         _release(err)  # its frames hold the trial's model and activations
         return None
     finally:  # the trial's model gone before the next is built (compiled: dynamo's cache holds it too)
-        measure.settle(device)
+        if device.type == "cuda" and mode != "none":
+            measure.settle(device)
+        else:
+            _let_go(device)
 
 
 def _trials_together(cfg: DictConfig, device: torch.device, num_labels: int, features: list[dict], layers: dict,
@@ -501,7 +507,7 @@ def _trials_together(cfg: DictConfig, device: torch.device, num_labels: int, fea
         log.warning("plan %s: trial failed (%s); not chosen", name, _said(err))
         built.pop(name, None)
         _release(err)
-        _collect(device)  # (not `measure.settle`: the plans still racing keep their compiled code)
+        _let_go(device)  # (not `measure.settle`: the plans still racing keep their compiled code)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
@@ -535,13 +541,21 @@ def _said(err: BaseException) -> str:
 
 
 def _collect(device: torch.device) -> None:
-    """Hand back what a dropped timing model held. A model with its method applied is a web of reference cycles
+    """Hand back what dropped timing models held. A model with its method applied is a web of reference cycles
     (hooks, checkpointed blocks): `del` frees none of it, only a collection does. Trials that merely dropped their
     models kept them all: at llama-7b on an 80 GB card the fifth whole-model trial ran out of memory with four
     earlier models (54 GiB) still allocated, and the job after them too."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _let_go(device: torch.device) -> None:
+    """After one profile or trial: on CUDA `_collect` now, the device's memory being what the next model needs;
+    on the host once a phase (after the profiles, after the trials), a collection costing more there than a small
+    model's whole profile."""
+    if device.type == "cuda":
+        _collect(device)
 
 
 def _room(device: torch.device) -> float:
@@ -617,7 +631,7 @@ def _profile(cfg: DictConfig, device: torch.device, num_labels: int, features: l
             return times
         finally:
             del net, batch
-            _collect(device)
+            _let_go(device)
 
 
 def _prediction(cfg: DictConfig, device: torch.device, net, num_labels: int, features: list[dict],

@@ -1017,8 +1017,12 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
             assert min(sum(v[:-1]) for v in left.values()) < 1e3 * seconds
         return k
 
-    raced(steps, 1.5)
-    assert shown_slower == [n for n, v in steps.items() if len(v) < max(map(len, steps.values()))], steps
+    most = raced(steps, 1.5)
+    # not chosen: those the race stopped, then those its test shows slower over every round (as a last round that
+    # shows a plan slower ends the race in the same round)
+    stopped = [n for n, v in steps.items() if len(v) < most]
+    full = {n: v for n, v in steps.items() if len(v) == most}
+    assert shown_slower == stopped + [n for n in full if n in plans.race(full, plans.TRIAL_TOLERANCE)[0]], steps
     assert all(trials[n] == pytest.approx(float(np.median(v)), abs=1e-3) for n, v in steps.items()), (trials, steps)
     # with no seconds asked and no race (`train.plan_trial_max_s=0`), 3 rounds; a plan whose whole model fails to
     # build is left out (null), the others timed

@@ -431,7 +431,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
             trial(by_name[name])
         timed = {n: fastest(n) for n in trial_steps}
         slower = []
-    if modes:  # the trials' models (`_let_go`), compiled code with them
+    if modes and not together:  # the trials' models one after another (`_let_go`; side by side: settled there)
         measure.settle(device)
     trials_s = time.perf_counter() - filled_at
     plan, pred, seconds = plans.pick_timed(short, {n: t for n, t in timed.items() if n not in slower})

@@ -183,13 +183,14 @@ def device_cap(device: torch.device, gib):
     if float(gib) * measure.GIB > total:
         raise BadInput(f"train.device_memory_gib={gib}: above the device's {total / measure.GIB:.2f} GiB; expected "
                        "at most that")
-    torch.cuda.set_per_process_memory_fraction(float(gib) * measure.GIB / total, device)
-    _CAPS[_index(device)] = float(gib) * measure.GIB
+    index = _index(device)  # (the setter takes an index or a device that names one: not plain "cuda")
+    torch.cuda.set_per_process_memory_fraction(float(gib) * measure.GIB / total, index)
+    _CAPS[index] = float(gib) * measure.GIB
     try:
         yield
     finally:
-        _CAPS.pop(_index(device), None)
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        _CAPS.pop(index, None)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
 def _index(device: torch.device) -> int:

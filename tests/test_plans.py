@@ -1369,3 +1369,29 @@ def test_a_budget_job_says_when_the_allocator_held_more_than_the_budget():
     assert reserved_over_budget({**row, "mem_reserved_gib": float("nan")}) is None  # CPU: not measured
     assert reserved_over_budget({"mem_peak_gib": 20.4, "mem_reserved_gib": 22.9}) is None  # no budget
     assert reserved_over_budget({**row, "budget_gib": float("nan")}) is None
+
+
+def test_a_device_cap_hands_torch_the_device_index_and_lifts_the_cap_after(monkeypatch):
+    """`train.device_memory_gib` on a device named without an index (`device=cuda`, a job's default): torch's
+    setter (`torch.cuda.set_per_process_memory_fraction`, run here as it is, the CUDA call under it recorded)
+    refuses a device without an index, so the cap names the current device's index; the cap holds while the job
+    runs (`job._CAPS`) and is lifted after it, also when the job fails."""
+    from types import SimpleNamespace
+
+    from lorafa import job
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_lazy_init", lambda: None)
+    monkeypatch.setattr(torch._C, "_cuda_setMemoryFraction", lambda f, i: calls.append((f, i)), raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * measure.GIB))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    with job.device_cap(torch.device("cuda"), 20):
+        assert calls == [(0.25, 3)] and job._CAPS == {3: 20 * measure.GIB}
+    assert calls[-1] == (1.0, 3) and job._CAPS == {}
+    with pytest.raises(RuntimeError, match="step failed"), job.device_cap(torch.device("cuda", 1), 40):
+        assert calls[-1] == (0.5, 1)
+        raise RuntimeError("step failed")
+    assert calls[-1] == (1.0, 1) and job._CAPS == {}
+    with job.device_cap(torch.device("cuda"), None):  # no cap: nothing set
+        pass
+    assert len(calls) == 4

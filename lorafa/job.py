@@ -370,7 +370,8 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         if device.type == "cuda":  # with the first blocks' frozen weights on the host: more room to keep blocks
             # (of the shortlisted plans, those the budget left checkpointing blocks: the others have nothing to keep)
             short_left = [plan for (_, plan, _), (kept, _) in zip(short, filled) if lines[kept].checkpointed]
-            ahead([plans.weights_away(plan, plans.weight_count(n_blocks, bool(plan.offload))) for plan in short_left])
+            ahead([plans.weights_away(plan, e) for plan in short_left
+                   for e in plans.weight_counts(n_blocks, bool(plan.offload))])
             more, tried = plans.fill_weights_away(options, short_left, n_blocks, budget_bytes, predict, lines, ahead)
             filled += more
     if not filled:  # bad input: the smallest predicted peak, weights away included

@@ -1267,7 +1267,7 @@ def test_the_step_time_model_fetches_weights_when_backward_nears_their_block():
 @pytest.mark.bad_input("a weights-away plan name or setting out of range, or with FSDP or a quantized model")
 def test_weights_away_plans_are_named_filled_and_refused_where_they_cannot_run(cfg_factory):
     """`+weightsE` after a plan's name (and its `+keepK`): the frozen weights of its first E blocks away
-    (`plans.weights_away`); a budget tries the count `weight_count` gives on its shortlisted plans and on those
+    (`plans.weights_away`); a budget tries the counts `weight_counts` gives on its shortlisted plans and on those
     that would fit without the weights' bytes, each filled with kept blocks (`plans.fill_weights_away`); refused
     where weights cannot move (the CPU's plans, FSDP, a quantized model, a CUDA graph)."""
     from lorafa import step
@@ -1282,8 +1282,8 @@ def test_weights_away_plans_are_named_filled_and_refused_where_they_cannot_run(c
     assert plans.describe(plans.named("all+weights3", 8).keys()) == (
         "checkpoint all blocks (keep full); frozen weights of the first 3 blocks on the host between forward and "
         "backward")
-    assert plans.weight_count(32, offloads=True) == 16 and plans.weight_count(32, offloads=False) == 29
-    assert plans.weight_count(2, offloads=False) == plans.weight_count(2, offloads=True) == 1
+    assert plans.weight_counts(32, offloads=True) == (29, 16) and plans.weight_counts(32, offloads=False) == (29,)
+    assert plans.weight_counts(2, offloads=False) == plans.weight_counts(2, offloads=True) == (1,)
     for bad, says in (("all+weights0", "1 ≤ E ≤ 8"), ("all+weights9", "1 ≤ E ≤ 8"),
                       ("all+weights2+keep1", "then optionally +weightsE")):
         with pytest.raises(BadInput, match=re.escape(says)):
@@ -1313,11 +1313,12 @@ def test_weights_away_plans_are_named_filled_and_refused_where_they_cannot_run(c
     filled, tried = plans.fill_weights_away(options, [], n, 12.5 * gib, predict, lines)
     assert filled == [] and [x.name for x, _ in tried] == ["none+weights5"]
     # `none` at a budget its weights away meet: predicted and filled (nothing to keep: as it is); a plan that
-    # offloads saved tensors tries half the blocks
+    # offloads saved tensors tries half the blocks too
     off = plans.named("offload_all", n)
     filled, tried = plans.fill_weights_away([(nothing, options[1][1]), (off, predict(off))], [], n, 22.5 * gib,
                                             predict, lines)
-    assert [(x.name, q.peak / gib) for x, q in filled] == [("none+weights5", 21), ("offload_all+weights4", 22)]
+    assert [(x.name, q.peak / gib) for x, q in filled] == [("none+weights5", 21), ("offload_all+weights5", 21),
+                                                           ("offload_all+weights4", 22)]
     moves[0] = False
     filled, tried = plans.fill_weights_away(options, [full], n, 12.5 * gib, predict, lines)
     assert filled == [] and len(tried) == 1  # nothing moves: nothing filled, nothing more tried

@@ -24,6 +24,7 @@ with tokens counted from the attention masks (padding excluded) and, for encoder
 from __future__ import annotations
 
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -57,6 +58,22 @@ def storage_key(t: torch.Tensor):
     t = _local(t)
     s = t.untyped_storage()
     return (t.device.type, t.device.index, s.data_ptr())
+
+
+class Storages:
+    """The storages of `tensors` (by `key`: `storage_id` or `storage_key`), each still counted only while one of
+    those tensors holds it: a storage let go since — a frozen weight's, sent to the host (`method.offload_weights`)
+    — leaves its key (an address) free for the next tensor made, which is then no weight."""
+
+    def __init__(self, tensors, key=None):
+        self._key = key or storage_id
+        self._held = {self._key(t): weakref.ref(t) for t in tensors}
+
+    def holds(self, t: torch.Tensor) -> bool:
+        k = self._key(t)
+        ref = self._held.get(k)
+        holder = ref() if ref is not None else None
+        return holder is not None and self._key(holder) == k
 
 
 def tensor_bytes(tensors) -> int:
@@ -125,11 +142,10 @@ class SavedTensorMeter:
     def _pack(self, t: torch.Tensor):
         # a Parameter is a weight even when it is not among the model's parameters at entry: FSDP swaps in the
         # gathered (unsharded) block weights only while the block runs
-        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.device.type != "meta":
-            key = storage_key(t)
-            if key not in self._weights:
-                self.storages[key] = t.untyped_storage().nbytes()
-                self.count += 1
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.device.type != "meta" \
+                and not self._weights.holds(t):
+            self.storages[storage_key(t)] = t.untyped_storage().nbytes()
+            self.count += 1
         return kept(t)
 
     @staticmethod
@@ -137,7 +153,7 @@ class SavedTensorMeter:
         return t
 
     def __enter__(self):
-        self._weights = {storage_key(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
+        self._weights = Storages(list(self.model.parameters()) + list(self.model.buffers()), storage_key)
         self.storages.clear()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._counting = counting(self._pack)

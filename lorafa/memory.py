@@ -185,11 +185,11 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
         # the optimizer the job builds (AdamW, foreach where the device has the kernels, as torch's default)
         optimizer = torch.optim.AdamW(trainable, lr=lr, foreach=device.type == "cuda") if trainable else None
         batch = _batch(net.family, batch_size, seq_len, target_len, num_labels, device)
-        excluded = {measure.storage_id(t) for t in list(model.parameters()) + list(model.buffers())}
+        excluded = measure.Storages(list(model.parameters()) + list(model.buffers()))
         saved: dict[int, int] = {}
 
         def pack(t):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and measure.storage_id(t) not in excluded:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and not excluded.holds(t):
                 saved.setdefault(measure.storage_id(t), t.untyped_storage().nbytes())
             return measure.kept(t)
 

@@ -304,7 +304,7 @@ class Offload:
         self.layers = checkpoint_layers(model)
         self.blocks = sorted(blocks)
         self.weight_blocks = sorted(weight_blocks)
-        self.weights: set = set()
+        self.weights = measure.Storages(())  # the model's parameters and buffers as the forward started
         self.host_bytes = 0
         self.stream = None
         self._hooks = None
@@ -346,7 +346,7 @@ class Offload:
             self._arrive(i)
         if not (module.training and torch.is_grad_enabled()):
             return
-        self.weights = {measure.storage_id(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
+        self.weights = measure.Storages(list(self.model.parameters()) + list(self.model.buffers()))
         for i, fs in self._frozen.items():  # moved, cast or restacked since: found again (host copies made anew)
             if not all(f.in_place() for f in fs):
                 self._frozen[i] = self._frozen_storages(i)
@@ -396,7 +396,7 @@ class Offload:
             if frozen is not None:  # a weight that leaves the device after its block's forward
                 return _WeightRef(frozen, t)
         if (self._block is None or not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter)
-                or t.device.type == "meta" or measure.storage_id(t) in self.weights
+                or t.device.type == "meta" or self.weights.holds(t)
                 or t.untyped_storage().nbytes() < self.min_bytes
                 or (self.linear_outputs and not self._is_linear_output(t))):
             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):

@@ -1355,6 +1355,29 @@ def test_a_job_with_weights_away_trains_as_the_plain_one_eager_and_compiled(cfg_
     np.testing.assert_allclose(compiled["loss_curve"], plain["loss_curve"], rtol=1e-5)
 
 
+def test_weights_away_leave_what_is_offloaded_and_counted_as_saved_as_it_was(cfg_factory):
+    """With every block offloaded, a job whose blocks' frozen weights also leave the device offloads and counts as
+    saved exactly what the job without does, measured and predicted: a weight's storage, let go when its block's
+    forward ends, leaves its address to the next tensor made, which must not pass for a weight (kept on the
+    device, left out of the activations). Before the weights' storages were checked still to be theirs, the
+    prediction on fake tensors offloaded 13 % less at this size, and at llama-7b 0.9 GiB less, predicting the
+    peak 2–3 % high."""
+    common = ["model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=32", "train.batch_size=4",
+              "train.max_steps=3", "train.measure_warmup_steps=1", "method.offload_min_kib=0", "method.offload=true"]
+    plain = run(cfg_factory(*common))
+    assert plain["status"] == "ok" and plain["host_offload_gib"] > 0, plain["error"]
+    for weights in ("true", "[0]"):
+        away = run(cfg_factory(*common, f"method.offload_weights={weights}"))
+        assert away["status"] == "ok" and away["host_weights_gib"] > 0, away["error"]
+        for col in ("host_offload_gib", "pred_host_offload_gib", "mem_activations_gib", "pred_mem_activations_gib"):
+            assert away[col] == plain[col], (weights, col, away[col], plain[col])
+    w = torch.nn.Parameter(torch.ones(4, 4), requires_grad=False)
+    held = measure.Storages([w])
+    assert held.holds(w) and held.holds(w.t()) and not held.holds(torch.ones(4, 4))
+    w.data = torch.empty(0)  # (as `Offload` sends a weight away)
+    assert not held.holds(w)
+
+
 def test_a_budget_job_says_when_the_allocator_held_more_than_the_budget():
     """A budget bounds the allocated peak; a job whose allocator reserved more than the budget (CUDA:
     `mem_reserved_gib`) says how to find out whether a card of the budget's size holds it (a run under

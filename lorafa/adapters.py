@@ -236,15 +236,15 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, train_a: bool = True,
-                 init_a: str = "kaiming", precondition_b: bool = False):
+                 init_a: str = "kaiming", precondition_b: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"rank must be > 0, got {rank}")
         self.base = base
         self.rank, self.scaling, self.p = rank, alpha / rank, float(dropout)
         self.in_features, self.out_features = linear_dims(base)
-        # on a quantized base the adapters take the dtype the model was built in (the base's compute dtype)
-        dtype = base.compute_dtype if isinstance(base, QuantizedLinear) else base.weight.dtype
+        # `dtype`, else the dtype the model was built in (on a quantized base: its compute dtype)
+        dtype = dtype or (base.compute_dtype if isinstance(base, QuantizedLinear) else base.weight.dtype)
         kw = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **kw), requires_grad=train_a)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
@@ -365,8 +365,10 @@ class LoRALinear(nn.Module):
 
 
 def inject(model: nn.Module, names: list[str], *, rank: int, alpha: float, dropout: float, train_a: bool,
-           init_a: str = "kaiming", precondition_b: bool = False) -> dict[str, LoRALinear]:
-    """Replace each named linear layer of `model` by a LoRALinear wrapping it; returns the new modules by name.
+           init_a: str = "kaiming", precondition_b: bool = False,
+           dtype: torch.dtype | None = None) -> dict[str, LoRALinear]:
+    """Replace each named linear layer of `model` by a LoRALinear wrapping it (its A and B in `dtype`; None: the
+    layer's own); returns the new modules by name.
     A rank above a layer's smaller side (min(d_in, d_out): the most a product B·A can have) is refused, before any
     layer is touched."""
     from .checks import BadInput
@@ -383,7 +385,8 @@ def inject(model: nn.Module, names: list[str], *, rank: int, alpha: float, dropo
         base = getattr(parent, child)
         if not is_linear(base):
             raise TypeError(f"{name} is {type(base).__name__}, not nn.Linear")
-        layer = LoRALinear(base, rank, alpha, dropout, train_a, init_a=init_a, precondition_b=precondition_b)
+        layer = LoRALinear(base, rank, alpha, dropout, train_a, init_a=init_a, precondition_b=precondition_b,
+                           dtype=dtype)
         setattr(parent, child, layer)
         added[name] = layer
     return added

@@ -599,10 +599,12 @@ def _timing_model(cfg: DictConfig, device: torch.device, num_labels: int, featur
     time. Build it under `torch.random.fork_rng`: the job's own random stream is left as it was."""
     applied = OmegaConf.merge(cfg, {"method": (plan or plans.Plan()).keys()})
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
-    net = models.build(cfg.model, num_labels=num_labels, device=device, dtype=dtype, blocks=blocks,
+    frozen_dtype = frozen_weight_dtype(cfg.train, device)
+    built = methods.build_dtype(applied.method, frozen_dtype, dtype, cfg.model.get("quantize"))
+    net = models.build(cfg.model, num_labels=num_labels, device=device, dtype=built, blocks=blocks,
                        weights=False)  # the architecture, random init: speed needs no weights
-    methods.apply(net, applied.method, cfg.model.get("target_modules"),
-                  frozen_dtype=frozen_weight_dtype(cfg.train, device), stacked=layer)
+    methods.apply(net, applied.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype, stacked=layer,
+                  train_dtype=dtype if built != dtype else None)
     compile_blocks(net.model, cfg.train, mode)
     net.model.train()
     target_len = None
@@ -726,10 +728,11 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     mode, why = step.resolve_mode(cfg, device, total_steps(len(train_features), cfg.train, d))
     row.update(compile_mode=mode, compile_reason=why)
     layer = _layer(cfg, train_features, config, mode, device)
-    net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=dtype, tokenizer=tokenizer)
     frozen_dtype = frozen_weight_dtype(cfg.train, device)
+    built = methods.build_dtype(cfg.method, frozen_dtype, dtype, cfg.model.get("quantize"))
+    net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=built, tokenizer=tokenizer)
     applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype,
-                            stacked=layer, adapter=adapter)
+                            stacked=layer, adapter=adapter, train_dtype=dtype if built != dtype else None)
     row.update(family=net.family, fused_loss=loss.active(net.model), trainable_params=applied.trainable_params,
                total_params=applied.total_params,
                adapted_layers=len(applied.targets), checkpointed_blocks=applied.checkpointed_blocks,

@@ -42,13 +42,26 @@ class Applied:
     offload: object = None  # `lorafa.plans.Offload` when the blocks' saved tensors go to the host
 
 
+def build_dtype(method: DictConfig, frozen_dtype: torch.dtype | None, dtype: torch.dtype,
+                quantize=None) -> torch.dtype:
+    """The dtype to build a model in for `method`: where the base model stays frozen in `frozen_dtype` (LoRA,
+    LoRA-FA), that dtype — a model built in fp32 and cast after holds twice its frozen weights at once (llama-7b:
+    25 GiB, more than a 24 GB card) — and `apply(train_dtype=dtype)` makes what trains in `dtype`; else `dtype`
+    (full fine-tuning, a quantized base, no frozen dtype)."""
+    if frozen_dtype is None or bool(method.get("train_base", False)) or quantize:
+        return dtype
+    return frozen_dtype
+
+
 def apply(net: Network, method: DictConfig, target_presets=None, *, frozen_dtype: torch.dtype | None = None,
-          stacked=None, adapter: adapters.PeftAdapter | None = None) -> Applied:
+          stacked=None, adapter: adapters.PeftAdapter | None = None, train_dtype: torch.dtype | None = None) -> Applied:
     """Set what trains in `net.model` according to `method`, adding adapters where `method.rank > 0`. `stacked`:
     LoRA-FA's layer when not `method.stacked` (a job resolves `auto`: `lorafa.step.choose_layer`); `auto` left
     unresolved is the two-matmul layer (the same memory as the others: what `lorafa.memory` needs). `adapter`
     (`model.adapter`, `lorafa.adapters.read_peft`): its rank, alpha, dropout and layers replace the method's, and
-    its A, B (and task head) are loaded into the new layers; what trains is still the method's (LoRA-FA: B)."""
+    its A, B (and task head) are loaded into the new layers; what trains is still the method's (LoRA-FA: B).
+    `train_dtype`: the adapters made, and what trains held, in it (a model built in its frozen dtype,
+    `build_dtype`, still trains in fp32); None: the dtype the model was built in."""
     model = net.model
     if adapter is not None:
         if not method.rank > 0:
@@ -64,12 +77,16 @@ def apply(net: Network, method: DictConfig, target_presets=None, *, frozen_dtype
         adapters.inject(model, names, rank=int(method.rank), alpha=float(method.alpha),
                         dropout=float(method.dropout), train_a=bool(method.train_a),
                         init_a=str(method.get("init_a", "kaiming")),
-                        precondition_b=bool(method.get("precondition_b", False)))
-        if adapter is not None:  # before the frozen-dtype cast and the stacking below, which take these values
-            adapters.load_peft(model, adapter, net.head_modules)
+                        precondition_b=bool(method.get("precondition_b", False)), dtype=train_dtype)
     if method.get("train_head", True):  # a fresh classification head is trained by every method
         for head in net.head_modules:
             model.get_submodule(head).requires_grad_(True)
+    if train_dtype is not None:
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != train_dtype:
+                p.data = p.data.to(train_dtype)
+    if adapter is not None:  # before the frozen-dtype cast and the stacking below, which take these values
+        adapters.load_peft(model, adapter, net.head_modules)
     if frozen_dtype is not None:
         for p in model.parameters():
             if not p.requires_grad and p.is_floating_point():

@@ -302,6 +302,45 @@ def test_frozen_weights_in_the_compute_dtype(cfg_factory):
     assert bf16["mem_activations_gib"] < fp32["mem_activations_gib"]
 
 
+def test_a_frozen_base_is_built_in_its_frozen_dtype_and_what_trains_in_fp32(cfg_factory, monkeypatch):
+    """Where the base stays frozen in bf16 (LoRA, LoRA-FA under bf16 autocast), the model is built in bf16: built
+    in fp32 and cast after, llama-7b held 25 GiB at once, more than the budget of a 24 GB card (the job ran out of
+    memory before its first step under a 22 GiB cap). What trains — the adapters and the classification head —
+    is still fp32; full fine-tuning is built in fp32."""
+    from lorafa import methods, models
+
+    built, applied = [], []
+    build, apply = models.build, methods.apply
+
+    def recorded_build(*args, **kwargs):
+        if kwargs.get("weights", True):  # (the job's model, not the predictor's on fake tensors)
+            built.append(kwargs["dtype"])
+        return build(*args, **kwargs)
+
+    def recorded_apply(net, *args, **kwargs):
+        out = apply(net, *args, **kwargs)
+        applied.append({n: p.dtype for n, p in net.model.named_parameters()})
+        return out
+
+    monkeypatch.setattr(models, "build", recorded_build)
+    monkeypatch.setattr(methods, "apply", recorded_apply)
+    common = ("model=tiny-roberta", "task=synthetic", "train.max_steps=2", "train.precision=bf16")
+    for method in ("lorafa", "lora", "full"):
+        row = run(cfg_factory(*common, f"method={method}"))
+        assert row["status"] == "ok", row["error"]
+        dtypes = applied[-1]
+        if method == "full":
+            assert built[-1] == torch.float32 and set(dtypes.values()) == {torch.float32}
+            continue
+        assert built[-1] == torch.bfloat16, method
+        trains = {n for n, d in dtypes.items() if "lora_B" in n or "classifier" in n
+                  or (method == "lora" and "lora_A" in n)}
+        assert trains and all(dtypes[n] == torch.float32 for n in trains), method
+        assert all(d == torch.bfloat16 for n, d in dtypes.items() if n not in trains), method
+    row = run(cfg_factory(*common, "method=lorafa", "train.frozen_dtype=float32"))
+    assert row["status"] == "ok" and built[-1] == torch.float32
+
+
 def test_save_adapter_writes_peft_files(cfg_factory):
     row = run(cfg_factory(*SMALL, "train.save_adapter=true"))
     assert row["status"] == "ok", row["error"]

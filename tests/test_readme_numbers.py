@@ -364,6 +364,34 @@ def test_memory_budget_row(notebook):
     same(comp.group(3), fa / lora_all, "LoRA-FA's fastest compiled plan under the cap ÷ LoRA full checkpointing")
 
 
+def test_memory_budget_row_h100():
+    """'On an 80 GB H100, …, LoRA-FA's 20.6 GiB budget chose `offload_every4+keep24+weights29` (predicted 20.29 GiB),
+    which ran 1.34× LoRA's full checkpointing side by side at 20.30 GiB': the newest budget job of that budget in
+    `results/archive/memory_budget_h100.parquet` chose that plan with that prediction, and the newest bench run
+    (`run_id`) holding both LoRA's `all` and that plan gives the ratio and the peak."""
+    text = headline("Fitting a memory budget", "memory_budget.parquet")
+    m = find(rf"On an 80 GB H100, .*?LoRA-FA's {NUM} GiB budget chose `(\S+)` \(predicted {NUM} GiB\), which ran "
+             rf"{NUM}× LoRA's full checkpointing side by side at {NUM} GiB \(`results/archive/(\S+)`\)", text,
+             "the H100 budget")
+    rows = pd.read_parquet(ROOT / "results" / "archive" / m.group(6))
+    assert set(rows["device"]) == {"NVIDIA H100 80GB HBM3"}
+    jobs = rows[rows["sweep"].str.startswith("budget_job") & (rows["method"] == "lorafa")
+                & (rows["budget_gib"] == num(m.group(1)))]
+    assert len(jobs), "no LoRA-FA budget job at that budget"
+    job = jobs.iloc[-1]
+    assert job["plan_name"] == m.group(2), (job["plan_name"], m.group(2))
+    same(m.group(3), job["pred_mem_peak_gib"], "the H100 budget job's predicted peak (GiB)")
+    bench = rows[(rows["sweep"] == "bench_side_by_side") & (rows["status"] == "ok")]
+    runs = [r for r, g in bench.groupby("run_id", sort=False)
+            if {("lora", "all"), ("lorafa", m.group(2))} <= set(zip(g["method"], g["plan_name"]))]
+    assert runs, "no bench run with LoRA all and the chosen plan"
+    g = bench[bench["run_id"] == runs[-1]]
+    lora_all = g[(g["method"] == "lora") & (g["plan_name"] == "all")].iloc[0]
+    plan = g[(g["method"] == "lorafa") & (g["plan_name"] == m.group(2))].iloc[0]
+    same(m.group(4), plan["tokens_per_s"] / lora_all["tokens_per_s"], "the chosen plan ÷ LoRA all, side by side")
+    same(m.group(5), plan["mem_peak_gib"], "the chosen plan's peak in that run (GiB)")
+
+
 def fused_runs(glb: dict, model: str, cap: float) -> dict:
     """The fused LM loss's rows at `model`: the latest side-by-side run's LoRA full checkpointing (`lora_all`) and
     its fastest LoRA-FA plan under `cap` (`best`, tokens/s), both in one run; the fused budget job at `cap` (`job`)."""

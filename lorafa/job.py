@@ -600,11 +600,11 @@ def _timing_model(cfg: DictConfig, device: torch.device, num_labels: int, featur
     applied = OmegaConf.merge(cfg, {"method": (plan or plans.Plan()).keys()})
     dtype = getattr(torch, cfg.model.get("dtype") or "float32")
     frozen_dtype = frozen_weight_dtype(cfg.train, device)
-    built = methods.build_dtype(applied.method, frozen_dtype, dtype, cfg.model.get("quantize"))
+    built, train_dtype = methods.build_dtypes(applied.method, frozen_dtype, dtype, cfg.model.get("quantize"))
     net = models.build(cfg.model, num_labels=num_labels, device=device, dtype=built, blocks=blocks,
                        weights=False)  # the architecture, random init: speed needs no weights
     methods.apply(net, applied.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype, stacked=layer,
-                  train_dtype=dtype if built != dtype else None)
+                  train_dtype=train_dtype)
     compile_blocks(net.model, cfg.train, mode)
     net.model.train()
     target_len = None
@@ -729,10 +729,10 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     row.update(compile_mode=mode, compile_reason=why)
     layer = _layer(cfg, train_features, config, mode, device)
     frozen_dtype = frozen_weight_dtype(cfg.train, device)
-    built = methods.build_dtype(cfg.method, frozen_dtype, dtype, cfg.model.get("quantize"))
+    built, train_dtype = methods.build_dtypes(cfg.method, frozen_dtype, dtype, cfg.model.get("quantize"))
     net = models.build(cfg.model, num_labels=data.num_labels, device=device, dtype=built, tokenizer=tokenizer)
     applied = methods.apply(net, cfg.method, cfg.model.get("target_modules"), frozen_dtype=frozen_dtype,
-                            stacked=layer, adapter=adapter, train_dtype=dtype if built != dtype else None)
+                            stacked=layer, adapter=adapter, train_dtype=train_dtype)
     row.update(family=net.family, fused_loss=loss.active(net.model), trainable_params=applied.trainable_params,
                total_params=applied.total_params,
                adapted_layers=len(applied.targets), checkpointed_blocks=applied.checkpointed_blocks,

@@ -69,6 +69,11 @@ class Storages:
         self._key = key or storage_id
         self._held = {self._key(t): weakref.ref(t) for t in tensors}
 
+    @classmethod
+    def of(cls, model: nn.Module, key=None) -> Storages:
+        """The storages of `model`'s parameters and buffers: its weights, as of now."""
+        return cls(list(model.parameters()) + list(model.buffers()), key)
+
     def holds(self, t: torch.Tensor) -> bool:
         k = self._key(t)
         ref = self._held.get(k)
@@ -153,7 +158,7 @@ class SavedTensorMeter:
         return t
 
     def __enter__(self):
-        self._weights = Storages(list(self.model.parameters()) + list(self.model.buffers()), storage_key)
+        self._weights = Storages.of(self.model, storage_key)
         self.storages.clear()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._counting = counting(self._pack)

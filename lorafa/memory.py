@@ -185,7 +185,7 @@ def predict(model_cfg: DictConfig, method_cfg: DictConfig, *, batch_size: int, s
         # the optimizer the job builds (AdamW, foreach where the device has the kernels, as torch's default)
         optimizer = torch.optim.AdamW(trainable, lr=lr, foreach=device.type == "cuda") if trainable else None
         batch = _batch(net.family, batch_size, seq_len, target_len, num_labels, device)
-        excluded = measure.Storages(list(model.parameters()) + list(model.buffers()))
+        excluded = measure.Storages.of(model)
         saved: dict[int, int] = {}
 
         def pack(t):

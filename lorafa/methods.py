@@ -42,15 +42,15 @@ class Applied:
     offload: object = None  # `lorafa.plans.Offload` when the blocks' saved tensors go to the host
 
 
-def build_dtype(method: DictConfig, frozen_dtype: torch.dtype | None, dtype: torch.dtype,
-                quantize=None) -> torch.dtype:
-    """The dtype to build a model in for `method`: where the base model stays frozen in `frozen_dtype` (LoRA,
-    LoRA-FA), that dtype — a model built in fp32 and cast after holds twice its frozen weights at once (llama-7b:
-    25 GiB, more than a 24 GB card) — and `apply(train_dtype=dtype)` makes what trains in `dtype`; else `dtype`
-    (full fine-tuning, a quantized base, no frozen dtype)."""
-    if frozen_dtype is None or bool(method.get("train_base", False)) or quantize:
-        return dtype
-    return frozen_dtype
+def build_dtypes(method: DictConfig, frozen_dtype: torch.dtype | None, dtype: torch.dtype,
+                 quantize=None) -> tuple[torch.dtype, torch.dtype | None]:
+    """(the dtype to build a model in for `method`, `apply`'s `train_dtype`). Where the base model stays frozen in
+    `frozen_dtype` (LoRA, LoRA-FA): built in that dtype — a model built in fp32 and cast after holds twice its frozen
+    weights at once (llama-7b: 25 GiB, more than a 24 GB card) — and what trains made and held in `dtype`. Else
+    (full fine-tuning, a quantized base, no frozen dtype): built in `dtype`, and no `train_dtype`."""
+    if frozen_dtype is None or frozen_dtype == dtype or bool(method.get("train_base", False)) or quantize:
+        return dtype, None
+    return frozen_dtype, dtype
 
 
 def apply(net: Network, method: DictConfig, target_presets=None, *, frozen_dtype: torch.dtype | None = None,
@@ -61,7 +61,7 @@ def apply(net: Network, method: DictConfig, target_presets=None, *, frozen_dtype
     (`model.adapter`, `lorafa.adapters.read_peft`): its rank, alpha, dropout and layers replace the method's, and
     its A, B (and task head) are loaded into the new layers; what trains is still the method's (LoRA-FA: B).
     `train_dtype`: the adapters made, and what trains held, in it (a model built in its frozen dtype,
-    `build_dtype`, still trains in fp32); None: the dtype the model was built in."""
+    `build_dtypes`, still trains in fp32); None: the dtype the model was built in."""
     model = net.model
     if adapter is not None:
         if not method.rank > 0:

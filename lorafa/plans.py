@@ -346,7 +346,7 @@ class Offload:
             self._arrive(i)
         if not (module.training and torch.is_grad_enabled()):
             return
-        self.weights = measure.Storages(list(self.model.parameters()) + list(self.model.buffers()))
+        self.weights = measure.Storages.of(self.model)
         for i, fs in self._frozen.items():  # moved, cast or restacked since: found again (host copies made anew)
             if not all(f.in_place() for f in fs):
                 self._frozen[i] = self._frozen_storages(i)

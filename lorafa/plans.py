@@ -1239,24 +1239,34 @@ def fill_weights_away(options: list, short: list, n_blocks: int, budget_bytes: f
     a block; then predicted). `options`: (plan, prediction or None) pairs; `predict(plan)`: a
     prediction or None, noting its `Timeline` in `lines`. Returns (filled (plan, prediction) pairs, every
     (plan, prediction) predicted with weights away); none more once one moves no weights (the method trains them).
-    The fills run in step (`fill_many`, `prefetch` as there)."""
-    fits, tried, per_block = [], [], None
-    for plan, pred in options:
-        if pred is None or (plan not in short and pred.peak <= budget_bytes):
-            continue  # (a plan that fits but was not shortlisted: not worth its predictions)
-        for e in weight_counts(n_blocks, bool(plan.offload)):
-            if plan not in short and per_block is not None and pred.peak - e * per_block > budget_bytes:
-                continue
-            away = weights_away(plan, e)
-            got = predict(away)
-            tried.append((away, got))
-            if got is None:
-                continue
-            if not got.host_weights:  # the method trains its weights: none moves in any plan
-                return fill_many(fits, budget_bytes, predict, prefetch), tried
-            per_block = per_block or got.host_weights / e
-            if got.peak <= budget_bytes:
-                fits.append((away, got, lines[away]))
+    The fills run in step (`fill_many`, `prefetch` as there); so do the tries: once the first tells the bytes a
+    block, every try still to come that would fit by them is handed to `prefetch` together."""
+    fits, tried, per_block, ahead = [], [], None, False
+    todo = [(plan, pred, e) for plan, pred in options
+            if pred is not None and (plan in short or pred.peak > budget_bytes)  # (a plan that fits but was not
+            for e in weight_counts(n_blocks, bool(plan.offload))]            # shortlisted: not worth its predictions)
+
+    def worth(plan, pred, e) -> bool:
+        return plan in short or per_block is None or pred.peak - e * per_block <= budget_bytes
+
+    for i, (plan, pred, e) in enumerate(todo):
+        if not worth(plan, pred, e):
+            continue
+        away = weights_away(plan, e)
+        got = predict(away)
+        tried.append((away, got))
+        if got is None:
+            continue
+        if not got.host_weights:  # the method trains its weights: none moves in any plan
+            return fill_many(fits, budget_bytes, predict, prefetch), tried
+        per_block = per_block or got.host_weights / e
+        if prefetch is not None and not ahead:
+            ahead = True
+            rest = [weights_away(p, k) for p, q, k in todo[i + 1:] if worth(p, q, k)]
+            if len(rest) > 1:
+                prefetch(rest)
+        if got.peak <= budget_bytes:
+            fits.append((away, got, lines[away]))
     return fill_many(fits, budget_bytes, predict, prefetch), tried
 
 

@@ -1315,10 +1315,20 @@ def test_weights_away_plans_are_named_filled_and_refused_where_they_cannot_run(c
     # `none` at a budget its weights away meet: predicted and filled (nothing to keep: as it is); a plan that
     # offloads saved tensors tries half the blocks too
     off = plans.named("offload_all", n)
+    asked = []  # what is predicted, and what is handed to `prefetch` (as a list), in order
+
+    def recorded(plan):
+        asked.append(plan.name)
+        return predict(plan)
+
     filled, tried = plans.fill_weights_away([(nothing, options[1][1]), (off, predict(off))], [], n, 22.5 * gib,
-                                            predict, lines)
+                                            recorded, lines, lambda todo: asked.append([p.name for p in todo]))
     assert [(x.name, q.peak / gib) for x, q in filled] == [("none+weights5", 21), ("offload_all+weights5", 21),
                                                            ("offload_all+weights4", 22)]
+    # the first try tells the bytes a block; the tries left are made at once (in worker processes, in a job), before
+    # any is asked for
+    assert asked[:4] == ["none+weights5", ["offload_all+weights5", "offload_all+weights4"], "offload_all+weights5",
+                         "offload_all+weights4"], asked
     moves[0] = False
     filled, tried = plans.fill_weights_away(options, [full], n, 12.5 * gib, predict, lines)
     assert filled == [] and len(tried) == 1  # nothing moves: nothing filled, nothing more tried

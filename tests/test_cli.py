@@ -44,7 +44,7 @@ def test_multirun_over_families_and_methods_writes_one_table(tmp_path):
     skips the jobs whose row exists and runs the rest: every job exactly once. (Steps and dev examples capped
     to keep CI in minutes: evaluating the 1,000 dev sentences took a third of each job.)"""
     sweep = tmp_path / "sweep"
-    args = ["-m", "model=tiny-roberta,tiny-t5,tiny-llama", "method=full,lora,lorafa", "train.max_steps=20",
+    args = ["-m", "model=tiny-roberta,tiny-t5,tiny-llama", "method=full,lora,lorafa", "train.max_steps=10",
             "task.max_eval_samples=64", f"hydra.sweep.dir={sweep}"]
     killed = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)

@@ -415,6 +415,15 @@ if not models:
     axes[0][0].text(0.5, 0.5, "(no rows)", ha="center", va="center")
     report.save_figure(fig, EXPERIMENT, rows=pd.concat([hand, budgets]))
 else:
+    def pareto(m: pd.DataFrame) -> list:
+        """The Pareto front of plans sorted by peak: each faster than every smaller plan."""
+        front, best = [], -1.0
+        for r in m.itertuples(index=False):
+            if r.tokens_per_s > best:
+                front.append(r)
+                best = r.tokens_per_s
+        return front
+
     for ax, model in zip(axes[0], models):
         g = hand[hand["model"] == model]
         for method in sorted(set(g["method"]), key=lambda m: (m.endswith("+fused_loss"), m)):
@@ -424,16 +433,12 @@ else:
             m = m.groupby("plan_name", as_index=False).agg(mem_peak_gib=("mem_peak_gib", "max"),
                                                            tokens_per_s=("tokens_per_s", "median"))
             m = m.sort_values("mem_peak_gib")
-            front, best = [], -1.0
-            for r in m.itertuples(index=False):  # the Pareto front: faster than every smaller plan
-                if r.tokens_per_s > best:
-                    front.append(r)
-                    best = r.tokens_per_s
+            front = pareto(m)
             pts = ax.scatter(m["mem_peak_gib"], m["tokens_per_s"], marker=marker, alpha=0.6,
                              label=report.method_label(method))
             ax.step([r.mem_peak_gib for r in front], [r.tokens_per_s for r in front], where="post",
                     color=pts.get_facecolor()[0], alpha=0.8)
-            for r in m.itertuples(index=False):
+            for r in front:  # the front's plans named (every plan: the table above)
                 ax.annotate(r.plan_name, (r.mem_peak_gib, r.tokens_per_s), fontsize=6, alpha=0.7,
                             xytext=(3, 2), textcoords="offset points")
             chosen = budgets[(budgets["model"] == model) & (budgets["method"] == method) & (budgets["status"] == "ok")]
@@ -453,7 +458,7 @@ else:
             m = m.loc[m.groupby("plan_name")["tokens_per_s"].idxmax()] if len(m) else m
             pts = ax.scatter(m["mem_peak_gib"], m["tokens_per_s"], marker="D", alpha=0.8,
                              label=f"{report.method_label(method)}, side by side")
-            for r in m.itertuples(index=False):
+            for r in pareto(m.sort_values("mem_peak_gib")):
                 ax.annotate(r.plan_name, (r.mem_peak_gib, r.tokens_per_s), fontsize=6, alpha=0.7,
                             xytext=(3, -7), textcoords="offset points")
             jobs = fused_jobs[fused_jobs["method"] == method]
@@ -469,7 +474,7 @@ else:
         ax.set_xlabel("measured peak GiB")
         ax.set_ylabel("tokens/s")
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Memory plans: peak vs tokens/s (the step line: each method's Pareto front; stars: chosen by a "
-                 "budget, dashed: the budgets)", fontsize=10)
+    fig.suptitle("Memory plans: peak vs tokens/s (the step line: each method's Pareto front, its plans named; stars: "
+                 "chosen by a budget, dashed: the budgets)", fontsize=10)
     fig.tight_layout()
     report.save_figure(fig, EXPERIMENT, rows=pd.concat([hand, budgets]))

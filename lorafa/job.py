@@ -316,6 +316,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         return pred
 
     started = time.perf_counter()  # where choosing takes its time: predicting, profiling, trials (columns)
+    read_before = memory.READ_FROM_DISK[0]  # predictions an earlier process kept (`lorafa.memory.cache_dir`)
     candidates = plans.candidates(n_blocks, offload=device.type == "cuda")
     trials = int(cfg.train.get("plan_trials", 0) or 0)
     log.info("%s: choosing among %d plans — predicting each on fake tensors, profiling the device%s", label,
@@ -342,8 +343,10 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
     options += [(plan, predict(plan)) for plan in candidates[1:]]
     # (CPU: host = device, nothing to offload to)
     predicted = time.perf_counter()
-    log.info("%s: %d plans predicted in %.0f s%s; profiling the device", label, len(options), predicted - started,
-             f" ({n_workers} processes)" if n_workers > 1 else "")
+    read = memory.READ_FROM_DISK[0] - read_before
+    log.info("%s: %d plans predicted in %.0f s%s%s; profiling the device", label, len(options), predicted - started,
+             f" ({n_workers} processes)" if n_workers > 1 else "",
+             f" ({read} read from {memory.cache_dir()}, kept there by an earlier job)" if read else "")
     plain: dict = {}  # the plain one-block step, profiled once: its rates, and mode "none" of the block modes
     rates = plans.measure_rates(device, profile=lambda: _profile(cfg, device, num_labels, features,
                                                                  layers.get("none", "false"), held=plain),
@@ -453,6 +456,7 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
                         plans_predicted=json.dumps({name: [round(peak / measure.GIB, 6), round(s, 4)]
                                                     for name, (peak, s) in table.items()}),
                         pred_step_s=seconds, plan_predict_s=predict_s,
+                        plan_predictions_read=memory.READ_FROM_DISK[0] - read_before,
                         plan_profile_s=profiled - predicted,
                         plan_trials_s=trials_s, copy_gib_per_s=rates.copy_bytes / measure.GIB,
                         matmul_tflop_per_s=rates.matmul_flops / 1e12, fwd_tflop_per_s=(rates.forward_flops or math.nan) / 1e12,

@@ -27,11 +27,15 @@ the attention kernel choice queries the device, so predictions for CUDA are made
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import weakref
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -265,15 +269,88 @@ def _predict_inputs(model, method, kwargs) -> Prediction | str:
         return f"{type(err).__name__}: {err}"
 
 
+def cache_dir() -> Path | None:
+    """Where predictions are kept across processes: `LORAFA_CACHE`/predictions (default ~/.cache/lorafa, or under
+    `XDG_CACHE_HOME`); None where `LORAFA_CACHE=off`."""
+    root = os.environ.get("LORAFA_CACHE")
+    if root is not None and root.strip().lower() in ("off", "0", "false", "no", ""):
+        return None
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorafa"
+    return Path(root) / "predictions"
+
+
+@lru_cache(maxsize=1)
+def _code() -> str:
+    """What a prediction's result depends on beside its inputs: lorafa's source, torch's and transformers' versions."""
+    import transformers
+
+    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _disk_path(key, model: dict, device: torch.device) -> Path | None:
+    """A prediction's file in `cache_dir()`: named by the hash of its inputs (`key`), the code (`_code`), a local
+    model's config.json and, on CUDA, the device's name and compute capability (the attention kernel the step
+    picks: what it saves)."""
+    root = cache_dir()
+    if root is None:
+        return None
+    digest = hashlib.sha256(repr(key).encode() + _code().encode())
+    path = model.get("path")
+    if path and (Path(path) / "config.json").is_file():
+        digest.update((Path(path) / "config.json").read_bytes())
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        digest.update(f"{torch.cuda.get_device_name(index)} {torch.cuda.get_device_capability(index)}".encode())
+    return root / f"{digest.hexdigest()}.json"
+
+
+def _read(path: Path | None) -> Prediction | None:
+    """A kept prediction, or None (none kept, or not one that reads back)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return Prediction(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _keep(path: Path | None, pred: Prediction) -> None:
+    """Keeps a prediction on disk (atomically: readers see the whole file or none); a cache that cannot be written
+    is passed over."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(pred)))
+        os.replace(tmp, path)
+    except OSError as err:
+        log.debug("prediction not kept in %s: %s", path.parent, err)
+
+
+READ_FROM_DISK = [0]  # predictions this process read from `cache_dir()` instead of making them (a budget job's log)
+
+
 def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, target_len: int | None = None,
                 amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None, stacked=None) -> Prediction:
     """`predict` for a composed job config: its model, method, batch size and `task.max_seq_len`. A prediction
     this process already made for the same inputs is reused (a budget's job and the sweep's hand-set plans), as is
-    one `prefetch` made."""
-    key, (_, _, kwargs) = _job_inputs(cfg, device, num_labels=num_labels, target_len=target_len, amp=amp,
-                                      frozen_dtype=frozen_dtype, stacked=stacked)
+    one `prefetch` made, and one an earlier process kept on disk for the same inputs and code (`cache_dir`)."""
+    key, (model, _, kwargs) = _job_inputs(cfg, device, num_labels=num_labels, target_len=target_len, amp=amp,
+                                          frozen_dtype=frozen_dtype, stacked=stacked)
     if key not in _CACHE:
-        _store(key, predict(cfg.model, cfg.method, **kwargs))
+        path = _disk_path(key, model, kwargs["device"])
+        pred = _read(path)
+        if pred is None:
+            pred = predict(cfg.model, cfg.method, **kwargs)
+            _keep(path, pred)
+        else:
+            READ_FROM_DISK[0] += 1
+        _store(key, pred)
     return _CACHE[key]
 
 
@@ -314,8 +391,14 @@ def prefetch(requests: list, n_workers, pool=None) -> int:
     todo: dict = {}
     for cfg, device, kwargs in requests:
         key, args = _job_inputs(cfg, device, **kwargs)
-        if key not in _CACHE:
-            todo.setdefault(key, args)
+        if key in _CACHE or key in todo:
+            continue
+        kept = _read(_disk_path(key, args[0], args[2]["device"]))
+        if kept is not None:  # (made by an earlier process)
+            READ_FROM_DISK[0] += 1
+            _store(key, kept)
+        else:
+            todo[key] = args
     n = workers(n_workers, len(todo))
     if n < 2:
         return 0
@@ -329,6 +412,7 @@ def prefetch(requests: list, n_workers, pool=None) -> int:
                 pred = f"{type(err).__name__}: {err}"
             if isinstance(pred, Prediction):
                 _store(key, pred)
+                _keep(_disk_path(key, todo[key][0], todo[key][2]["device"]), pred)
                 made += 1
             else:
                 failed.append(pred)

@@ -26,11 +26,14 @@ def compose_cfg(overrides: list[str] | tuple = (), output_dir: Path | str = "/tm
 
 
 @pytest.fixture(autouse=True)
-def _fresh_predictions():
+def _fresh_predictions(monkeypatch):
     """Each test predicts anew: a prediction cached by an earlier test (`lorafa.memory.predict_job`) would hide a
-    change the test makes to the predictor."""
+    change the test makes to the predictor. Nor are predictions kept on disk (`LORAFA_CACHE`, read by every later
+    process of the same code): a test that changes the predictor would leave its predictions for the next run. A
+    test of that cache points it at a directory of its own."""
     from lorafa import memory
 
+    monkeypatch.setenv("LORAFA_CACHE", "off")
     memory._CACHE.clear()
     yield
     memory._CACHE.clear()

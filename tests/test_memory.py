@@ -162,10 +162,69 @@ def test_the_predicted_step_is_a_jobs_steady_state_step(model, plan):
     assert pred.tracked_peak == peak and pred.flops == flops[0] == flops[1], (pred, peak, flops)
 
 
-def test_predictions_made_in_worker_processes_are_those_made_here(cfg_factory):
-    """`prefetch` makes a budget's predictions in spawned processes at once: each the prediction this process
-    would make, kept for `predict_job` to find; one that fails there is not kept (asked for, it fails here)."""
+def test_a_prediction_kept_on_disk_is_read_back_only_for_the_same_inputs_and_code(cfg_factory, tmp_path,
+                                                                                   monkeypatch):
+    """`LORAFA_CACHE`: `predict_job` keeps each prediction it makes on disk, and a later process asking for the same
+    inputs (here: this one, its own cache cleared) reads it instead of predicting, as `prefetch` does instead of
+    making it in a worker. Other inputs, other code (lorafa's source, torch's or transformers' version) or a local
+    model's edited config.json make it anew; a file that does not read back is made again; `off` keeps nothing."""
     from lorafa import memory
+
+    monkeypatch.setenv("LORAFA_CACHE", str(tmp_path / "cache"))
+    kept = lambda: sorted((tmp_path / "cache" / "predictions").glob("*.json"))
+    kwargs = {"num_labels": 2, "amp": None, "frozen_dtype": None, "stacked": "false"}
+    cfg, other = (cfg_factory("model=tiny-llama", "task=synthetic", "task.max_seq_len=32", f"train.batch_size={b}")
+                  for b in (2, 3))
+    cpu = torch.device("cpu")
+    made = memory.predict_job(cfg, cpu, **kwargs)
+    assert len(kept()) == 1
+    calls, real = [], memory.predict
+    monkeypatch.setattr(memory, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def anew(c) -> memory.Prediction:
+        memory._CACHE.clear()
+        return memory.predict_job(c, cpu, **kwargs)
+
+    read = memory.READ_FROM_DISK[0]
+    assert anew(cfg) == made and calls == [] and memory.READ_FROM_DISK[0] == read + 1  # read, not predicted
+    assert anew(other).peak > made.peak and len(calls) == 1 and len(kept()) == 2  # other inputs
+    code = memory._code
+    monkeypatch.setattr(memory, "_code", lambda: "other code")
+    assert anew(cfg) == made and len(calls) == 2 and len(kept()) == 3
+    monkeypatch.setattr(memory, "_code", code)
+    for path in kept():  # torn or foreign files: made again, and kept whole
+        path.write_text("{")
+    assert anew(cfg) == made and len(calls) == 3 and memory._read(kept()[0]) in (made, None)
+    # `prefetch` reads what is kept instead of making it in worker processes (`other`'s file is still torn: made
+    # there, with cfg's read, one prediction is left to make — in this process, when asked for)
+    memory._CACHE.clear()
+    read = memory.READ_FROM_DISK[0]
+    assert memory.prefetch([(cfg, cpu, kwargs), (other, cpu, kwargs)], 2) == 0 and list(memory._CACHE.values()) == [made]
+    assert memory.READ_FROM_DISK[0] == read + 1 and len(calls) == 3
+    memory.predict_job(other, cpu, **kwargs)
+    memory._CACHE.clear()
+    assert memory.prefetch([(cfg, cpu, kwargs), (other, cpu, kwargs)], 2) == 0 and len(memory._CACHE) == 2
+    assert memory.READ_FROM_DISK[0] == read + 3 and len(calls) == 4
+    # a local model: its config.json is part of the name
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    first = memory._disk_path("key", {"path": str(model)}, cpu)
+    assert memory._disk_path("key", {"path": str(model)}, cpu) == first
+    (model / "config.json").write_text('{"hidden_size": 16}')
+    assert memory._disk_path("key", {"path": str(model)}, cpu) != first
+    monkeypatch.setenv("LORAFA_CACHE", "off")
+    n = len(kept())
+    assert memory.cache_dir() is None and anew(cfg) == made and len(calls) == 5 and len(kept()) == n
+
+
+def test_predictions_made_in_worker_processes_are_those_made_here(cfg_factory, tmp_path, monkeypatch):
+    """`prefetch` makes a budget's predictions in spawned processes at once: each the prediction this process
+    would make, kept for `predict_job` to find (and on disk, `LORAFA_CACHE`); one that fails there is not kept
+    (asked for, it fails here)."""
+    from lorafa import memory
+
+    monkeypatch.setenv("LORAFA_CACHE", str(tmp_path / "cache"))
 
     kwargs = {"num_labels": 2, "amp": None, "frozen_dtype": None, "stacked": "false"}
     cfgs = [cfg_factory("model=tiny-llama", "task=synthetic", "task.max_seq_len=32", "train.batch_size=2", *extra)
@@ -174,6 +233,8 @@ def test_predictions_made_in_worker_processes_are_those_made_here(cfg_factory):
     cpu = torch.device("cpu")
     made = memory.prefetch([(c, cpu, kwargs) for c in [*cfgs, broken]], 2)
     assert made == 3 and len(memory._CACHE) == 3
+    assert len(list((tmp_path / "cache" / "predictions").glob("*.json"))) == 3
+    monkeypatch.setenv("LORAFA_CACHE", "off")  # (below: made here, not read back)
     there = [memory.predict_job(c, cpu, **kwargs) for c in cfgs]
     assert len(memory._CACHE) == 3  # found, not made again
     memory._CACHE.clear()

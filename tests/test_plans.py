@@ -1077,8 +1077,12 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     # one after another (`train.plan_interleave=false`): each trial a second of steps (as many as its first step
     # says fit in it, at least 3, at most 20; a tiny model's step takes milliseconds), each plan's time its fastest
     # step over its trials
+    # (its predictions made anew and kept on disk, `LORAFA_CACHE`, for the last job below to read)
+    monkeypatch.setenv("LORAFA_CACHE", str(cfg_factory.root / "cache"))
+    memory._CACHE.clear()
     apart = run(cfg_factory(*common, f"train.memory_budget_gib={budget}", "train.plan_interleave=false",
                             "task.num_eval=4"))
+    assert apart["plan_predictions_read"] == 0 and tight["plan_predictions_read"] == 0
     steps, trials_apart = json.loads(apart["plans_trial_steps_ms"]), json.loads(apart["plans_timed_ms"])
     assert apart["plans_trials_together"] is False and set(steps) == set(trials_apart) and len(steps) >= 2, steps
     assert all(abs(len(t) - max(3, min(20, int(1e3 / t[0])))) <= 1 for v in steps.values() for t in v), steps
@@ -1093,9 +1097,12 @@ def test_a_job_with_a_memory_budget_runs_the_plan_it_chose(cfg_factory, monkeypa
     monkeypatch.setattr(job, "_trial", lambda cfg, device, n, f, layer, plan, mode, seconds:
                         [1.0 - 0.1 * len(calls.append(0) or calls)])
     monkeypatch.setattr(job, "_room", lambda device: 0.0)  # no room for the shortlist at once: one after another
+    memory._CACHE.clear()  # as a later process: every prediction read from disk, none made
+    monkeypatch.setattr(memory, "predict", None)
     last = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
     assert last["plans_trials_together"] is False
-    assert len(memory._CACHE) == made  # the same budget again: nothing predicted anew
+    assert len(memory._CACHE) == made == last["plan_predictions_read"]  # the same budget again: nothing predicted anew
+    assert not last.get("pred_error") and last["pred_mem_peak_gib"] > 0  # the job's own prediction: read too
     order = list(json.loads(last["plans_timed_ms"]))
     assert len(order) >= 2 and last["plan_name"] == order[-1] != last["plan_modelled"] == order[0], order
     assert last["plan"] == plans.describe(plans.named(order[-1], 2, offload=False).keys())

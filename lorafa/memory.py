@@ -276,7 +276,10 @@ def cache_dir() -> Path | None:
     if root is not None and root.strip().lower() in ("off", "0", "false", "no", ""):
         return None
     if root is None:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorafa"
+        try:
+            root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorafa"
+        except RuntimeError:  # no home directory to be found (a bare container): nothing kept
+            return None
     return Path(root) / "predictions"
 
 

@@ -213,6 +213,12 @@ def test_a_prediction_kept_on_disk_is_read_back_only_for_the_same_inputs_and_cod
     assert memory._disk_path("key", {"path": str(model)}, cpu) == first
     (model / "config.json").write_text('{"hidden_size": 16}')
     assert memory._disk_path("key", {"path": str(model)}, cpu) != first
+    monkeypatch.delenv("LORAFA_CACHE")  # the default: under XDG_CACHE_HOME, or ~/.cache; none without a home
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert memory.cache_dir() == tmp_path / "xdg" / "lorafa" / "predictions"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(memory.Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert memory.cache_dir() is None
     monkeypatch.setenv("LORAFA_CACHE", "off")
     n = len(kept())
     assert memory.cache_dir() is None and anew(cfg) == made and len(calls) == 5 and len(kept()) == n

@@ -326,12 +326,13 @@ def _keep(path: Path | None, pred: Prediction) -> None:
     is passed over."""
     if path is None:
         return
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(asdict(pred)))
         os.replace(tmp, path)
     except OSError as err:
+        tmp.unlink(missing_ok=True)
         log.debug("prediction not kept in %s: %s", path.parent, err)
 
 
@@ -391,17 +392,18 @@ def prefetch(requests: list, n_workers, pool=None) -> int:
     is kept as `predict_job` keeps its own; one that fails in a worker is not kept, so `predict_job` makes it
     again in this process and raises as it would have. Returns how many it made; with one worker, none (each is
     made when asked for). `pool`: a `worker_pool` to make them in (`n_workers` then only says whether to)."""
-    todo: dict = {}
+    todo, paths = {}, {}  # (each one's file in `cache_dir()`, named once)
     for cfg, device, kwargs in requests:
         key, args = _job_inputs(cfg, device, **kwargs)
         if key in _CACHE or key in todo:
             continue
-        kept = _read(_disk_path(key, args[0], args[2]["device"]))
+        path = _disk_path(key, args[0], args[2]["device"])
+        kept = _read(path)
         if kept is not None:  # (made by an earlier process)
             READ_FROM_DISK[0] += 1
             _store(key, kept)
         else:
-            todo[key] = args
+            todo[key], paths[key] = args, path
     n = workers(n_workers, len(todo))
     if n < 2:
         return 0
@@ -415,7 +417,7 @@ def prefetch(requests: list, n_workers, pool=None) -> int:
                 pred = f"{type(err).__name__}: {err}"
             if isinstance(pred, Prediction):
                 _store(key, pred)
-                _keep(_disk_path(key, todo[key][0], todo[key][2]["device"]), pred)
+                _keep(paths[key], pred)
                 made += 1
             else:
                 failed.append(pred)

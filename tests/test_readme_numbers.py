@@ -27,6 +27,7 @@ from lorafa import protocols, report
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"  # a module constant: point it at an edited copy to see these tests fail
+RESULTS_DOC = ROOT / "docs" / "results.md"  # the details a Results row points to
 
 WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
          "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "none": 0}
@@ -67,6 +68,14 @@ def headline(name: str, table: str) -> str:
     assert f"`{table}`" in cells[2] and "H200" in cells[1], (
         f"README.md's Results row '{name}' must name its device and link `{table}`: {cells[1:]}")
     return flat(cells[0])
+
+
+def results_doc(name: str) -> str:
+    """The bullet `- **<name>** …` of docs/results.md (what the README's Results row points to for its details),
+    flattened."""
+    m = re.search(rf"^- \*\*{re.escape(name)}\*\*(.*?)(?=^- |^#|\Z)", RESULTS_DOC.read_text(), re.MULTILINE | re.DOTALL)
+    assert m, f"docs/results.md has no bullet '**{name}**'"
+    return flat(m.group(1))
 
 
 def find(pattern: str, text: str, what: str) -> re.Match:
@@ -340,40 +349,62 @@ def test_memory_budget_row(notebook):
     # with the fused LM loss: the side-by-side run's LoRA-FA plans under the cap ÷ its LoRA full checkpointing, and
     # the fused budget job's own speed ÷ the same
     # (the fused loss lowers LoRA's full checkpointing too: the cap is a larger multiple of it)
-    fused = find(rf"with the fused LM loss \(the default\), which takes LoRA's full checkpointing to {NUM} GiB \(the "
-                 rf"cap {NUM}× it\), at {NUM}× in one run \({NUM}× as the budget job ran it\): short of the 1\.3× "
-                 rf"aimed for", text, "the fused loss's speed under the cap")
+    # (docs/results.md, the details the row points to)
+    doc = results_doc("Memory plans, H200")
+    again = find(rf"Under {NUM} GiB \({NUM}× LoRA fully checkpointed\) LoRA-FA's fastest is {NUM}× LoRA fully "
+                 rf"checkpointed", doc, "the speed under a budget (docs/results.md)")
+    for printed, readme_printed in zip(again.groups(), under.groups()[:3]):
+        assert printed == readme_printed, (again.groups(), under.groups())
+    fused = find(rf"With the fused LM loss \(the default; {NUM}–{NUM} GiB off full checkpointing, as predicted, so "
+                 rf"that {NUM} GiB is {NUM}× LoRA's\), side by side in one run: {NUM}× \(`[^`]+`\), and {NUM}× as "
+                 rf"the {NUM} GiB budget job ran it; 1\.3× is not reached", doc, "the fused loss's speed under the cap")
     runs = fused_runs(glb, model, cap)
-    same(fused.group(1), runs["lora_all"]["mem_peak_gib"], "LoRA all's peak, fused (GiB)")
-    same(fused.group(2), cap / runs["lora_all"]["mem_peak_gib"], "the cap ÷ LoRA all's fused peak")
-    same(fused.group(3), runs["best"] / runs["lora_all"]["tokens_per_s"], "LoRA-FA's fastest fused plan ÷ LoRA, all")
-    same(fused.group(4), runs["job"]["tokens_per_s"] / runs["lora_all"]["tokens_per_s"], "the fused budget job ÷ LoRA")
+    same(fused.group(3), cap, "the fused comparison's cap (GiB)")
+    same(fused.group(7), cap, "the fused budget job's budget (GiB)")
+    same(fused.group(4), cap / runs["lora_all"]["mem_peak_gib"], "the cap ÷ LoRA all's fused peak")
+    same(fused.group(5), runs["best"] / runs["lora_all"]["tokens_per_s"], "LoRA-FA's fastest fused plan ÷ LoRA, all")
+    same(fused.group(6), runs["job"]["tokens_per_s"] / runs["lora_all"]["tokens_per_s"], "the fused budget job ÷ LoRA")
+    side = glb["side"]
+    side = side[(side["model"] == model) & (side["run_id"] == runs["lora_all"]["run_id"])]
+    off = {}
+    for method in ("lora", "lorafa"):
+        fused_all = side[(side["method"] == f"{method}+fused_loss") & (side["plan_name"] == "all")]["mem_peak_gib"]
+        unfused_all = hand[(hand["method"] == method) & (hand["plan_name"] == "all")]["mem_peak_gib"]
+        off[method] = float(unfused_all.iloc[0] - fused_all.iloc[0])
+    same(fused.group(1), min(off.values()), "the least the fused loss takes off full checkpointing (GiB)")
+    same(fused.group(2), max(off.values()), "the most the fused loss takes off full checkpointing (GiB)")
 
     # compiled blocks and the offload plans re-measured: results/memory_plan_checks_h200.parquet
     checks = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h200.parquet")
     assert devices(checks) == {results_device()} and set(checks["experiment"]) == {"memory_plan_checks"}
-    comp = find(rf"Compiled blocks run LoRA's full checkpointing {NUM}× faster, and in that run LoRA-FA's fastest "
-                rf"plan under {NUM} GiB is {NUM}× it", text, "compiled blocks")
+    comp = find(rf"With compiled blocks, LoRA's full checkpointing runs {NUM}× faster \({NUM}k\), and in the same run "
+                rf"the plan LoRA-FA's {NUM} GiB budget chose with compiled blocks runs {NUM}× it", doc, "compiled blocks")
     ref = checks[checks["check"] == "compiled_pair"]  # both methods' full checkpointing, LoRA-FA's budget's choice
     ref = ref[(ref["status"] == "ok") & (ref["model"] == model) & (ref["compile_mode"] == "blocks")]
     assert len(ref) and ref["git_sha"].nunique() == 1, "the compiled references: one run"
     lora_all = ref[(ref["method"] == "lora") & (ref["plan_name"] == "all")]["tokens_per_s"].item()
     same(comp.group(1), lora_all / full["tokens_per_s"], "LoRA full checkpointing, compiled ÷ eager")
-    same(comp.group(2), cap, "the compiled comparison's cap (GiB)")
+    same(comp.group(2), lora_all / 1000, "LoRA full checkpointing's compiled tokens/s (thousands)")
+    same(comp.group(3), cap, "the compiled comparison's cap (GiB)")
     fa = ref[(ref["method"] == "lorafa") & (ref["mem_peak_gib"] <= cap)]["tokens_per_s"].max()
-    same(comp.group(3), fa / lora_all, "LoRA-FA's fastest compiled plan under the cap ÷ LoRA full checkpointing")
+    same(comp.group(4), fa / lora_all, "LoRA-FA's fastest compiled plan under the cap ÷ LoRA full checkpointing")
 
 
 def test_memory_budget_row_h100():
-    """'On an 80 GB H100, …, LoRA-FA's 20.6 GiB budget chose `offload_every4+keep24+weights29` (predicted 20.29 GiB),
-    which ran 1.34× LoRA's full checkpointing side by side at 20.30 GiB': the newest budget job of that budget in
-    `results/archive/memory_budget_h100.parquet` chose that plan with that prediction, and the newest bench run
-    (`run_id`) holding both LoRA's `all` and that plan gives the ratio and the peak."""
-    text = headline("Fitting a memory budget", "memory_budget.parquet")
-    m = find(rf"On an 80 GB H100, .*?LoRA-FA's {NUM} GiB budget chose `(\S+)` \(predicted {NUM} GiB\), which ran "
-             rf"{NUM}× LoRA's full checkpointing side by side at {NUM} GiB \(`results/archive/(\S+)`\)", text,
-             "the H100 budget")
-    rows = pd.read_parquet(ROOT / "results" / "archive" / m.group(6))
+    """docs/results.md, 'Memory budgets, H100 80 GB (`results/archive/memory_budget_h100.parquet`; …): LoRA-FA's 20.6
+    GiB budget job chose `offload_every4+keep24+weights29` (…), predicted at 20.29 GiB; side by side in one bench run
+    it peaked at 20.30 GiB and ran 12.2k tokens/s, 1.34× LoRA's full checkpointing (9.1k at 16.5 GiB)', and the
+    README's '1.34× on an H100': the newest budget job of that budget in that file chose that plan with that
+    prediction, and the newest bench run (`run_id`) holding both LoRA's `all` and that plan gives the rest."""
+    doc = results_doc("Memory budgets, H100 80 GB")
+    archive = find(r"^\(`results/archive/(\S+)`;", doc, "the H100 table").group(1)
+    m = find(rf"LoRA-FA's {NUM} GiB budget job chose `(\S+)` \([^)]*\), predicted at {NUM} GiB; side by side in one "
+             rf"bench run it peaked at {NUM} GiB and ran {NUM}k tokens/s, {NUM}× LoRA's full checkpointing \({NUM}k at "
+             rf"{NUM} GiB\)", doc, "the H100 budget")
+    readme_ratio = find(rf"; {NUM}× on an H100 with the fused loss and frozen weights on the host \(`docs/results\.md`\)",
+                        headline("Fitting a memory budget", "memory_budget.parquet"), "the H100 ratio").group(1)
+    assert readme_ratio == m.group(6), (readme_ratio, m.group(6))
+    rows = pd.read_parquet(ROOT / "results" / "archive" / archive)
     assert set(rows["device"]) == {"NVIDIA H100 80GB HBM3"}
     jobs = rows[rows["sweep"].str.startswith("budget_job") & (rows["method"] == "lorafa")
                 & (rows["budget_gib"] == num(m.group(1)))]
@@ -388,8 +419,11 @@ def test_memory_budget_row_h100():
     g = bench[bench["run_id"] == runs[-1]]
     lora_all = g[(g["method"] == "lora") & (g["plan_name"] == "all")].iloc[0]
     plan = g[(g["method"] == "lorafa") & (g["plan_name"] == m.group(2))].iloc[0]
-    same(m.group(4), plan["tokens_per_s"] / lora_all["tokens_per_s"], "the chosen plan ÷ LoRA all, side by side")
-    same(m.group(5), plan["mem_peak_gib"], "the chosen plan's peak in that run (GiB)")
+    same(m.group(4), plan["mem_peak_gib"], "the chosen plan's peak in that run (GiB)")
+    same(m.group(5), plan["tokens_per_s"] / 1000, "the chosen plan's tokens/s in that run (thousands)")
+    same(m.group(6), plan["tokens_per_s"] / lora_all["tokens_per_s"], "the chosen plan ÷ LoRA all, side by side")
+    same(m.group(7), lora_all["tokens_per_s"] / 1000, "LoRA all's tokens/s in that run (thousands)")
+    same(m.group(8), lora_all["mem_peak_gib"], "LoRA all's peak in that run (GiB)")
 
 
 def fused_runs(glb: dict, model: str, cap: float) -> dict:

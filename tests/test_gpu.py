@@ -367,7 +367,8 @@ def test_a_capped_device_refuses_what_does_not_fit_and_holds_a_budgets_plan(cfg_
     capped = run(cfg_factory(*WIDE_LLAMA, "train.compile=none", f"train.device_memory_gib={cap}"))
     assert capped["status"] == "oom" and capped["device_memory_gib"] == pytest.approx(cap), capped["error"]
     assert job._CAPS == {}
-    fit = run(cfg_factory(*WIDE_LLAMA, f"train.memory_budget_gib={0.85 * cap}", f"train.device_memory_gib={cap}"))
+    fit = run(cfg_factory(*WIDE_LLAMA, f"train.memory_budget_gib={0.85 * cap}", f"train.device_memory_gib={cap}",
+                          "train.plan_trial_s=0.3", "train.plan_trial_max_s=0.3"))  # the cap, not the choice: short trials
     assert fit["status"] == "ok" and fit["plan_name"] != "none", fit["error"]
     assert fit["mem_peak_gib"] <= 0.85 * cap * 1.02 and fit["mem_reserved_gib"] <= cap, fit["mem_reserved_gib"]
     assert job._CAPS == {}

@@ -311,14 +311,19 @@ def _disk_path(key, model: dict, device: torch.device) -> Path | None:
     return root / f"{digest.hexdigest()}.json"
 
 
+READ_FROM_DISK = [0]  # predictions this process read from `cache_dir()` instead of making them (a budget job's log)
+
+
 def _read(path: Path | None) -> Prediction | None:
-    """A kept prediction, or None (none kept, or not one that reads back)."""
+    """A kept prediction (counted in `READ_FROM_DISK`), or None (none kept, or not one that reads back)."""
     if path is None or not path.is_file():
         return None
     try:
-        return Prediction(**json.loads(path.read_text()))
+        pred = Prediction(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
+    READ_FROM_DISK[0] += 1
+    return pred
 
 
 def _keep(path: Path | None, pred: Prediction) -> None:
@@ -336,9 +341,6 @@ def _keep(path: Path | None, pred: Prediction) -> None:
         log.debug("prediction not kept in %s: %s", path.parent, err)
 
 
-READ_FROM_DISK = [0]  # predictions this process read from `cache_dir()` instead of making them (a budget job's log)
-
-
 def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, target_len: int | None = None,
                 amp: torch.dtype | None = None, frozen_dtype: torch.dtype | None = None, stacked=None) -> Prediction:
     """`predict` for a composed job config: its model, method, batch size and `task.max_seq_len`. A prediction
@@ -352,8 +354,6 @@ def predict_job(cfg: DictConfig, device: torch.device, *, num_labels: int, targe
         if pred is None:
             pred = predict(cfg.model, cfg.method, **kwargs)
             _keep(path, pred)
-        else:
-            READ_FROM_DISK[0] += 1
         _store(key, pred)
     return _CACHE[key]
 
@@ -400,7 +400,6 @@ def prefetch(requests: list, n_workers, pool=None) -> int:
         path = _disk_path(key, args[0], args[2]["device"])
         kept = _read(path)
         if kept is not None:  # (made by an earlier process)
-            READ_FROM_DISK[0] += 1
             _store(key, kept)
         else:
             todo[key], paths[key] = args, path

@@ -39,13 +39,15 @@ EXPERIMENT = "memory_budget"
 
 
 def by_loss(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows whose step ran the fused LM loss (`fused_loss`; rows without the column ran transformers') as a method of
-    their own, `<method>+fused_loss`: a plan's peak and speed depend on the loss, so every table, check and figure
-    below compares plans of one loss."""
+    """At a model whose rows ran both LM losses, those that ran the fused one (`fused_loss`; rows without the column
+    ran transformers') as a method of their own, `<method>+fused_loss`: a plan's peak and speed depend on the loss,
+    so every table, check and figure below compares plans of one loss. A model whose rows all ran one loss keeps
+    its method names."""
     if rows.empty:
         return rows
     fused = report.ran_fused_loss(rows)
-    return rows.assign(method=rows["method"].where(~fused, rows["method"].astype(str) + "+fused_loss"))
+    both = fused.groupby(rows["model"]).transform("nunique") > 1
+    return rows.assign(method=rows["method"].where(~(fused & both), rows["method"].astype(str) + "+fused_loss"))
 
 
 frame = by_loss(report.rows(report.load(P.results), EXPERIMENT, ok_only=False))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lorafa import protocols, report
+from lorafa import plans, protocols, report
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"  # a module constant: point it at an edited copy to see these tests fail
@@ -68,6 +68,27 @@ def headline(name: str, table: str) -> str:
     assert f"`{table}`" in cells[2] and "H200" in cells[1], (
         f"README.md's Results row '{name}' must name its device and link `{table}`: {cells[1:]}")
     return flat(cells[0])
+
+
+def setting_devices(name: str) -> dict[str, str]:
+    """The Results row `name`'s setting cell, where it names a card per model ('llama-7b: H100 80 GB, …; roberta-large:
+    H200; …'): model → card."""
+    m = re.search(rf"^\| \*\*{re.escape(name)}\*\* \|(.*)\|$", raw_section("Results"), re.MULTILINE)
+    assert m, f"README.md's Results table has no row '**{name}**'"
+    cell = [c.strip() for c in m.group(1).split(" | ")][1]
+    return dict(re.findall(r"([\w.-]+): (H\d+)\b", cell))
+
+
+def card(frame: pd.DataFrame, printed: str) -> None:
+    """The rows (status ok) were measured on the card the README prints ('H100', 'H200'), one device."""
+    got = devices(frame)
+    assert len(got) == 1 and re.search(rf"\b{printed}\b", next(iter(got))), f"README: {printed}; the rows: {got}"
+
+
+def plan_speeds(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per method × plan, as analysis/memory_budget.py's plan table counts them: tokens/s the median of the plan's
+    jobs, peak the largest."""
+    return rows.groupby(["method", "plan_name"]).agg(speed=("tokens_per_s", "median"), peak=("mem_peak_gib", "max"))
 
 
 def results_doc(name: str) -> str:
@@ -269,19 +290,21 @@ def test_memory_budget_row(notebook):
     model, batch, seq = m.group(1), int(m.group(2)), int(m.group(3))
     glb, tables = notebook("memory_budget")
     hand, budgets, frame = glb["hand"], glb["budgets"], glb["frame"]
-    # these claims are of the sweep's rows, transformers' loss (the fused loss's rows are methods of their own)
+    # a model whose rows ran both LM losses has the fused loss's rows as methods of their own: these are the others
     unfused = ("lora", "lorafa")
     frame = frame[frame["method"].isin(unfused) | (frame["model"] != model)]
     hand, budgets = (t[(t["model"] == model) & t["method"].isin(unfused)] for t in (hand, budgets))
     assert len(budgets), f"no budget rows at {model}"
-    assert devices(frame[frame["model"] == model]) == {results_device()}
+    cards = setting_devices("Fitting a memory budget")
+    card(frame[frame["model"] == model], cards[model])
     assert set(zip(budgets["batch_size"], budgets["seq_len"])) == {(batch, seq)}, f"README: {model} {batch}×{seq}"
 
     fa_hand = hand[hand["method"] == "lorafa"]
-    named = fa_hand[~fa_hand["plan_name"].str.contains("+keep", regex=False)]  # a <plan>+keepK is not a candidate
-    assert named["plan_name"].nunique() == count(n_plans), (
+    # a <plan>+keepK or <plan>+weightsN (blocks kept, frozen weights on the host) is a candidate's variant
+    named = fa_hand[~fa_hand["plan_name"].str.contains("+", regex=False)]
+    assert named["plan_name"].nunique() == count(n_plans) == len(plans.candidates(32)), (
         f"README: {n_plans} plans; LoRA-FA at {model} measured {named['plan_name'].nunique()}")
-    assert set(budgets["plans_considered"]) == {count(n_plans)}, (
+    assert (budgets["plans_considered"] >= count(n_plans)).all(), (  # (and the variants with weights on the host)
         f"README: {n_plans} plans; the budgets considered {sorted(set(budgets['plans_considered']))}")
 
     for method, label, lo, hi in (("lorafa", "LoRA-FA", 6, 7), ("lora", "LoRA", 8, 9)):
@@ -339,141 +362,86 @@ def test_memory_budget_row(notebook):
     same(host.group(8), worst_peak_error(h_rows), f"the worst predicted peak's error at {other} (%)")
 
     under = find(rf"Under {NUM} GiB \({NUM}× LoRA with full checkpointing\) LoRA-FA trains at {NUM}× that, and "
-                 rf"{NUM}× LoRA's own fastest plan there", text, "the speed under a budget")
-    cap = num(under.group(1))
-    full = hand[(hand["method"] == "lora") & (hand["plan_name"] == "all")].iloc[0]
-    same(under.group(2), cap / full["mem_peak_gib"], "the cap ÷ LoRA with full checkpointing's peak")
-    best = {method: g[g["mem_peak_gib"] <= cap]["tokens_per_s"].max() for method, g in ok.groupby("method")}
-    same(under.group(3), best["lorafa"] / full["tokens_per_s"], f"LoRA-FA's fastest under {cap:g} GiB ÷ LoRA, all")
-    same(under.group(4), best["lorafa"] / best["lora"], f"LoRA-FA ÷ LoRA, each its fastest plan under {cap:g} GiB")
-    # docs/results.md, the details the row points to: the same speed under the cap; with the fused LM loss, the
-    # side-by-side run's LoRA-FA plans under the cap ÷ its LoRA full checkpointing, and the fused budget job's own
-    # speed ÷ the same (the fused loss lowers LoRA's full checkpointing too: the cap is a larger multiple of it)
-    doc = results_doc("Memory plans, H200")
-    again = find(rf"Under {NUM} GiB \({NUM}× LoRA fully checkpointed\) LoRA-FA's fastest is {NUM}× LoRA fully "
-                 rf"checkpointed", doc, "the speed under a budget (docs/results.md)")
-    for printed, readme_printed in zip(again.groups(), under.groups()[:3]):
-        assert printed == readme_printed, (again.groups(), under.groups())
-    fused = find(rf"With the fused LM loss \(the default; {NUM}–{NUM} GiB off full checkpointing, as predicted, so "
-                 rf"that {NUM} GiB is {NUM}× LoRA's\), side by side in one run: {NUM}× \(`[^`]+`\), and {NUM}× as "
-                 rf"the {NUM} GiB budget job ran it; 1\.3× is not reached", doc, "the fused loss's speed under the cap")
-    runs = fused_runs(glb, model, cap)
-    same(fused.group(3), cap, "the fused comparison's cap (GiB)")
-    same(fused.group(7), cap, "the fused budget job's budget (GiB)")
-    same(fused.group(4), cap / runs["lora_all"]["mem_peak_gib"], "the cap ÷ LoRA all's fused peak")
-    same(fused.group(5), runs["best"] / runs["lora_all"]["tokens_per_s"], "LoRA-FA's fastest fused plan ÷ LoRA, all")
-    same(fused.group(6), runs["job"]["tokens_per_s"] / runs["lora_all"]["tokens_per_s"], "the fused budget job ÷ LoRA")
-    off = {method: hand[(hand["method"] == method) & (hand["plan_name"] == "all")]["mem_peak_gib"].iloc[0]
-           - runs[f"{key}_all"]["mem_peak_gib"] for method, key in (("lora", "lora"), ("lorafa", "fa"))}
-    same(fused.group(1), min(off.values()), "the least the fused loss takes off full checkpointing (GiB)")
-    same(fused.group(2), max(off.values()), "the most the fused loss takes off full checkpointing (GiB)")
+                 rf"{NUM}× LoRA's own fastest plan there; under {NUM} GiB at {NUM}×", text, "the speed under a budget")
+    speeds = plan_speeds(ok)
+    full = speeds.loc[("lora", "all")]
 
-    # compiled blocks and the offload plans re-measured: results/memory_plan_checks_h200.parquet
+    def best(method: str, cap: float) -> float:
+        plans = speeds.loc[method]
+        return float(plans[plans["peak"] <= cap]["speed"].max())
+
+    cap = num(under.group(1))
+    same(under.group(2), cap / full["peak"], "the cap ÷ LoRA with full checkpointing's peak")
+    same(under.group(3), best("lorafa", cap) / full["speed"], f"LoRA-FA's fastest under {cap:g} GiB ÷ LoRA, all")
+    same(under.group(4), best("lorafa", cap) / best("lora", cap), f"LoRA-FA ÷ LoRA, each its fastest under {cap:g} GiB")
+    same(under.group(6), best("lorafa", num(under.group(5))) / full["speed"],
+         f"LoRA-FA's fastest under {under.group(5)} GiB ÷ LoRA, all")
+    # docs/results.md, the details the row points to: each cap's LoRA-FA budget job, its plan, peak and speed
+    doc = results_doc("Memory plans")
+    again = find(rf"Under {NUM} GiB \({NUM}× LoRA fully checkpointed\) LoRA-FA's budget job ran `(\S+)` at {NUM} GiB, "
+                 rf"{NUM}× LoRA fully checkpointed; under {NUM} GiB `(\S+)` at {NUM} GiB, {NUM}×", doc,
+                 "the budget jobs under the caps (docs/results.md)")
+    assert again.group(1) == under.group(1) and again.group(2) == under.group(2), (again.groups(), under.groups())
+    for budget, plan, peak, ratio in (again.group(1, 3, 4, 5), again.group(6, 7, 8, 9)):
+        job = budgets[(budgets["method"] == "lorafa") & (budgets["budget_gib"] == num(budget))]
+        assert len(job) == 1, f"docs: one LoRA-FA budget job at {budget} GiB; the rows have {len(job)}"
+        job = job.iloc[0]
+        assert job["plan_name"] == plan, (budget, job["plan_name"], plan)
+        same(peak, job["mem_peak_gib"], f"the {budget} GiB budget job's peak (GiB)")
+        same(ratio, job["tokens_per_s"] / full["speed"], f"the {budget} GiB budget job ÷ LoRA, all")
+        assert job["tokens_per_s"] == best("lorafa", num(budget)), f"the {budget} GiB job is LoRA-FA's fastest there"
+
+    # compiled blocks: results/memory_plan_checks_h200.parquet, one run on the H200
     checks = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h200.parquet")
-    assert devices(checks) == {results_device()} and set(checks["experiment"]) == {"memory_plan_checks"}
-    comp = find(rf"With compiled blocks, LoRA's full checkpointing runs {NUM}× faster \({NUM}k\), and in the same run "
-                rf"the plan LoRA-FA's {NUM} GiB budget chose with compiled blocks runs {NUM}× it", doc, "compiled blocks")
+    card(checks, "H200")
+    assert set(checks["experiment"]) == {"memory_plan_checks"}
+    comp = find(rf"With compiled blocks \(H200\), LoRA's full checkpointing runs {NUM}k tokens/s, and in the same run the "
+                rf"plan LoRA-FA's {NUM} GiB budget chose with compiled blocks runs {NUM}× it", doc, "compiled blocks")
     ref = checks[checks["check"] == "compiled_pair"]  # both methods' full checkpointing, LoRA-FA's budget's choice
     ref = ref[(ref["status"] == "ok") & (ref["model"] == model) & (ref["compile_mode"] == "blocks")]
     assert len(ref) and ref["git_sha"].nunique() == 1, "the compiled references: one run"
     lora_all = ref[(ref["method"] == "lora") & (ref["plan_name"] == "all")]["tokens_per_s"].item()
-    same(comp.group(1), lora_all / full["tokens_per_s"], "LoRA full checkpointing, compiled ÷ eager")
-    same(comp.group(2), lora_all / 1000, "LoRA full checkpointing's compiled tokens/s (thousands)")
-    same(comp.group(3), cap, "the compiled comparison's cap (GiB)")
-    fa = ref[(ref["method"] == "lorafa") & (ref["mem_peak_gib"] <= cap)]["tokens_per_s"].max()
-    same(comp.group(4), fa / lora_all, "LoRA-FA's fastest compiled plan under the cap ÷ LoRA full checkpointing")
-
-
-def test_memory_budget_row_h100():
-    """docs/results.md, 'Memory budgets, H100 80 GB (`results/archive/memory_budget_h100.parquet`; …): LoRA-FA's 20.6
-    GiB budget job chose `offload_every4+keep24+weights29` (…), predicted at 20.29 GiB; side by side in one bench run
-    it peaked at 20.30 GiB and ran 12.2k tokens/s, 1.34× LoRA's full checkpointing (9.1k at 16.5 GiB)', and the
-    README's '1.34× on an H100': the newest budget job of that budget in that file chose that plan with that
-    prediction, and the newest bench run (`run_id`) holding both LoRA's `all` and that plan gives the rest."""
-    doc = results_doc("Memory budgets, H100 80 GB")
-    archive = find(r"^\(`results/archive/(\S+)`;", doc, "the H100 table").group(1)
-    m = find(rf"LoRA-FA's {NUM} GiB budget job chose `(\S+)` \([^)]*\), predicted at {NUM} GiB; side by side in one "
-             rf"bench run it peaked at {NUM} GiB and ran {NUM}k tokens/s, {NUM}× LoRA's full checkpointing \({NUM}k at "
-             rf"{NUM} GiB\)", doc, "the H100 budget")
-    readme_ratio = find(rf"; {NUM}× on an H100 with the fused loss and frozen weights on the host \(`docs/results\.md`\)",
-                        headline("Fitting a memory budget", "memory_budget.parquet"), "the H100 ratio").group(1)
-    assert readme_ratio == m.group(6), (readme_ratio, m.group(6))
-    rows = pd.read_parquet(ROOT / "results" / "archive" / archive)
-    assert set(rows["device"]) == {"NVIDIA H100 80GB HBM3"}
-    jobs = rows[rows["sweep"].str.startswith("budget_job") & (rows["method"] == "lorafa")
-                & (rows["budget_gib"] == num(m.group(1)))]
-    assert len(jobs), "no LoRA-FA budget job at that budget"
-    job = jobs.iloc[-1]
-    assert job["plan_name"] == m.group(2), (job["plan_name"], m.group(2))
-    same(m.group(3), job["pred_mem_peak_gib"], "the H100 budget job's predicted peak (GiB)")
-    bench = rows[(rows["sweep"] == "bench_side_by_side") & (rows["status"] == "ok")]
-    runs = [r for r, g in bench.groupby("run_id", sort=False)
-            if {("lora", "all"), ("lorafa", m.group(2))} <= set(zip(g["method"], g["plan_name"]))]
-    assert runs, "no bench run with LoRA all and the chosen plan"
-    g = bench[bench["run_id"] == runs[-1]]
-    lora_all = g[(g["method"] == "lora") & (g["plan_name"] == "all")].iloc[0]
-    plan = g[(g["method"] == "lorafa") & (g["plan_name"] == m.group(2))].iloc[0]
-    same(m.group(4), plan["mem_peak_gib"], "the chosen plan's peak in that run (GiB)")
-    same(m.group(5), plan["tokens_per_s"] / 1000, "the chosen plan's tokens/s in that run (thousands)")
-    same(m.group(6), plan["tokens_per_s"] / lora_all["tokens_per_s"], "the chosen plan ÷ LoRA all, side by side")
-    same(m.group(7), lora_all["tokens_per_s"] / 1000, "LoRA all's tokens/s in that run (thousands)")
-    same(m.group(8), lora_all["mem_peak_gib"], "LoRA all's peak in that run (GiB)")
-
-
-def fused_runs(glb: dict, model: str, cap: float) -> dict:
-    """The fused LM loss's rows at `model`: the latest side-by-side run's LoRA full checkpointing (`lora_all`) and
-    its fastest LoRA-FA plan under `cap` (`best`, tokens/s), both in one run; the fused budget job at `cap` (`job`)."""
-    side = glb["side"]
-    side = side[(side["model"] == model) & side["method"].isin(["lora+fused_loss", "lorafa+fused_loss"])]
-    assert side["run_id"].nunique() == 1 and set(side["fused_loss"]) == {True}, side[["method", "run_id"]]
-    lora_all = side[(side["method"] == "lora+fused_loss") & (side["plan_name"] == "all")]
-    fa = side[(side["method"] == "lorafa+fused_loss") & (side["mem_peak_gib"] <= cap)]
-    budgets = glb["budgets"]
-    job = budgets[(budgets["model"] == model) & (budgets["method"] == "lorafa+fused_loss")
-                  & (budgets["budget_gib"] == cap) & (budgets["status"] == "ok")]
-    assert len(lora_all) == 1 and len(fa) and len(job) == 1, (lora_all, fa, job)
-    return {"lora_all": lora_all.iloc[0], "best": fa["tokens_per_s"].max(), "job": job.iloc[0],
-            "fa_all": side[(side["method"] == "lorafa+fused_loss") & (side["plan_name"] == "all")].iloc[0]}
+    same(comp.group(1), lora_all / 1000, "LoRA full checkpointing's compiled tokens/s (thousands)")
+    fa = ref[(ref["method"] == "lorafa") & (ref["mem_peak_gib"] <= num(comp.group(2)))]["tokens_per_s"].max()
+    same(comp.group(3), fa / lora_all, "LoRA-FA's fastest compiled plan under the cap ÷ LoRA full checkpointing")
 
 
 def test_fit_the_memory_you_have_plans(notebook):
-    """The README's plan costs ('## Fit the memory you have': "`none` 47.9 GiB at 14.6k tokens/s; `elementwise` (…)
-    38.5 at 14.3k; …"): each plan's peak and tokens/s are its hand-set LoRA-FA job's in `results/memory_budget.parquet`
-    at the named model and shape, and LoRA with every block checkpointed the same."""
+    """The README's plan costs ('## Fit the memory you have': "(H100 80 GB, …) `none` 45.6 GiB at 13.7k tokens/s;
+    `elementwise` (…) 36.4 at 13.5k; …"): each plan's peak and tokens/s are its hand-set LoRA-FA jobs' in
+    `results/memory_budget.parquet` at the named model and shape (the median of its jobs' tokens/s, as the plan table
+    counts them), LoRA with every block checkpointed the same, and the budget job's speed ÷ that LoRA's."""
     text = section("Fit the memory you have")
-    m = find(r"At (\S+) (\d+)×(\d+), LoRA-FA", text, "the plans' setting")
+    m = find(r"At (\S+) (\d+)×(\d+), LoRA-FA \((H\d+)", text, "the plans' setting")
     model, batch, seq = m.group(1), int(m.group(2)), int(m.group(3))
     glb = notebook("memory_budget")[0]
-    hand = glb["hand"]  # the notebook's hand-set plans (no budget, status ok)
+    hand, budgets = glb["hand"], glb["budgets"]  # the notebook's hand-set plans (no budget, status ok); budget rows
     hand = hand[(hand["model"] == model) & (hand["batch_size"] == batch) & (hand["seq_len"] == seq)]
-    assert devices(hand) == {results_device()}
-    rows = re.findall(rf"`([^`]+)`(?: \([^)]*\))? {NUM}(?: GiB)? at {NUM}k", text)
+    card(hand, m.group(4))
+    speeds = plan_speeds(hand)
+    rows = re.findall(rf"`([^`]+)`(?: \([^)]*\))? {NUM}(?: GiB)?(?: tokens/s)? at {NUM}k", text)
     assert len(rows) >= 5, f"README: the plans read {rows}"
     for plan, peak, speed in rows:
-        got = hand[(hand["method"] == "lorafa") & (hand["plan_name"] == plan)]
-        assert len(got) == 1, f"README names plan {plan}: {len(got)} hand-set LoRA-FA rows at {model}"
-        same(peak, got["mem_peak_gib"].iloc[0], f"{plan}'s peak (GiB)")
-        same(speed, got["tokens_per_s"].iloc[0] / 1000, f"{plan}'s tokens/s (thousands)")
+        assert ("lorafa", plan) in speeds.index, f"README names plan {plan}: no hand-set LoRA-FA rows at {model}"
+        same(peak, speeds.loc[("lorafa", plan), "peak"], f"{plan}'s peak (GiB)")
+        same(speed, speeds.loc[("lorafa", plan), "speed"] / 1000, f"{plan}'s tokens/s (thousands)")
     lora = find(rf"LoRA the same {NUM} at {NUM}k", text, "LoRA with every block checkpointed")
-    full = hand[(hand["method"] == "lora") & (hand["plan_name"] == "all")]
-    same(lora.group(1), full["mem_peak_gib"].iloc[0], "LoRA all's peak (GiB)")
-    same(lora.group(2), full["tokens_per_s"].iloc[0] / 1000, "LoRA all's tokens/s (thousands)")
-    # the fused LM loss: full checkpointing's peaks and LoRA's speed (the side-by-side run), and a budget's choice
-    fused = find(rf"With the fused LM loss \(`model.fused_loss`, the default\) full checkpointing holds {NUM} GiB "
-                 rf"\(LoRA {NUM} at {NUM}k\), and a {NUM} GiB budget ran `([^`]+)` at {NUM}k: {NUM}× LoRA's",
-                 text, "the fused loss's plans")
-    runs = fused_runs(glb, model, num(fused.group(4)))
-    same(fused.group(1), runs["fa_all"]["mem_peak_gib"], "LoRA-FA all's peak, fused (GiB)")
-    same(fused.group(2), runs["lora_all"]["mem_peak_gib"], "LoRA all's peak, fused (GiB)")
-    same(fused.group(3), runs["lora_all"]["tokens_per_s"] / 1000, "LoRA all's tokens/s, fused (thousands)")
-    assert fused.group(5) == runs["job"]["plan_name"], runs["job"]["plan_name"]
-    same(fused.group(6), runs["job"]["tokens_per_s"] / 1000, "the fused budget job's tokens/s (thousands)")
-    same(fused.group(7), runs["job"]["tokens_per_s"] / runs["lora_all"]["tokens_per_s"], "the budget job ÷ LoRA")
-    # the headroom a budget asks for: what the allocator reserved beside the allocated peak in the side-by-side run
+    full = speeds.loc[("lora", "all")]
+    same(lora.group(1), full["peak"], "LoRA all's peak (GiB)")
+    same(lora.group(2), full["speed"] / 1000, "LoRA all's tokens/s (thousands)")
+    job = find(rf"A {NUM} GiB budget ran `([^`]+)` at {NUM}k: {NUM}× LoRA's", text, "a budget's choice")
+    ran = budgets[(budgets["model"] == model) & (budgets["method"] == "lorafa") & (budgets["status"] == "ok")
+                  & (budgets["budget_gib"] == num(job.group(1)))]
+    assert len(ran) == 1, f"README: one LoRA-FA budget job at {job.group(1)} GiB; the rows have {len(ran)}"
+    assert job.group(2) == ran["plan_name"].iloc[0], ran["plan_name"].iloc[0]
+    same(job.group(3), ran["tokens_per_s"].iloc[0] / 1000, "the budget job's tokens/s (thousands)")
+    same(job.group(4), ran["tokens_per_s"].iloc[0] / full["speed"], "the budget job ÷ LoRA all")
+    # the headroom a budget asks for: what the allocator reserved beside the allocated peak, each plan built and
+    # stepped on its own in one side-by-side run (a job's own reserve also counts what building the model held)
     room = find(r"it bounds the allocated peak, so set it (\d+)–(\d+) % below your card's free memory", text,
                 "the headroom below a card's memory")
-    side = glb["side"]
-    side = side[(side["model"] == model) & (side["run_id"] == runs["lora_all"]["run_id"])]
+    side = pd.read_parquet(ROOT / "results" / "archive" / "memory_plan_speed_llama_h200.parquet")
+    side = side[(side["model"] == model) & (side["status"] == "ok")]
     share = 100 * (1 - side["mem_peak_gib"] / side["mem_reserved_gib"]).max()  # the most a plan's reserve adds
     assert len(side) >= 4 and int(room.group(1)) <= share <= int(room.group(2)), (share, side[["plan_name",
                                                                                                "mem_reserved_gib"]])

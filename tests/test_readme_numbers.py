@@ -273,14 +273,16 @@ def worst_peak_error(rows: pd.DataFrame) -> float:
 
 
 def test_memory_budget_row(notebook):
-    """'the fastest plan predicted to fit: thirteen … plans, …. At llama-7b 8×1024, 10 of 10 budget jobs (20–40 GiB,
-    LoRA-FA; 20–40 GiB, LoRA) ran within 5 % of the fastest other measured plan that fits (0.997–1.121× it); every
-    plan's peak predicted within 0.02 %. Under 20.6 GiB (1.15× LoRA with full checkpointing) LoRA-FA trains at 1.23×
-    that, and 1.20× LoRA's own fastest plan there. … At roberta-large 32×128, whose steps are bound by the host,
-    raced budget jobs chose 20 of 20 plans within 5 % of the fastest fitting plan timed side by side, none below 0.95
-    by its paired interval (17 of 20 on the shorter of the last two such runs); peaks there within 0.07 %':
-    analysis/memory_budget.py's hand-set plans (`hand`), budget rows (`budgets`) and its tables
-    `memory_budget_choices` and `memory_budget_side_by_side_passes`."""
+    """'the fastest plan predicted to fit: thirteen … plans, …. At llama-7b 8×1024, 10 of 10 budget jobs (19.02–40
+    GiB, LoRA-FA; 20–40 GiB, LoRA) ran within 5 % of the fastest other measured plan that fits (1.003–1.143× it);
+    every plan's peak predicted within 0.01 %. Under 19.02 GiB (1.15× LoRA with full checkpointing) LoRA-FA trains at
+    1.33× that, and 1.33× LoRA's own fastest plan there; under 20.6 GiB at 1.40×. At roberta-large 32×128, whose steps
+    are bound by the host, raced budget jobs chose 20 of 20 plans within 5 % of the fastest fitting plan timed side by
+    side, none below 0.95 by its paired interval (17 of 20 on the shorter of the last two such runs); peaks there
+    within 0.07 %', on the card the row's setting names per model: analysis/memory_budget.py's hand-set plans
+    (`hand`), budget rows (`budgets`) and its tables `memory_budget_choices` and `memory_budget_side_by_side_passes`
+    (a plan's speed the median of its jobs); and docs/results.md's bullet on the same budget jobs and compiled
+    blocks."""
     text = headline("Fitting a memory budget", "memory_budget.parquet")
     n_plans = find(r"picks, before the job starts, the fastest plan predicted to fit: (\w+) recomputation and "
                    r"offloading plans", text, "the number of plans").group(1)
@@ -367,8 +369,8 @@ def test_memory_budget_row(notebook):
     full = speeds.loc[("lora", "all")]
 
     def best(method: str, cap: float) -> float:
-        plans = speeds.loc[method]
-        return float(plans[plans["peak"] <= cap]["speed"].max())
+        own = speeds.loc[method]
+        return float(own[own["peak"] <= cap]["speed"].max())
 
     cap = num(under.group(1))
     same(under.group(2), cap / full["peak"], "the cap ÷ LoRA with full checkpointing's peak")

@@ -467,10 +467,12 @@ def _plan_for_budget(cfg: DictConfig, device: torch.device, config, family: str,
         + ", ".join(f"{k} {'failed' if v is None else f'{v:.3g} s'}" for k, v in timed.items()) \
         + (f"; timed again, best kept: {', '.join(retimed)}" if retimed else "") \
         + (f"; shown slower: {', '.join(slower)}" if slower else "") if timed else ""
-    log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered, %d fit%s); "
+    away = f", {len(tried)} of them with frozen weights on the host" if tried else ""
+    log.info("%s: plan %s '%s' — predicted peak %.4g GiB, modelled step %.3g s (%d plans considered%s, %d fit%s); "
              "chosen in %.0f s (predicting %.0f s, profiling %.0f s, trials %.0f s)",
-             label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, len(options), len(fitting), timed_text,
-             time.perf_counter() - started, predict_s, profiled - predicted, trials_s)
+             label, plan.name, row["plan"], pred.peak / measure.GIB, seconds, row["plans_considered"], away,
+             row["plans_fitting"], timed_text, time.perf_counter() - started, predict_s, profiled - predicted,
+             trials_s)
     return chosen
 
 

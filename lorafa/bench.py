@@ -192,7 +192,7 @@ class Setting:
         stance = torch.compiler.set_stance("fail_on_recompile") if self.mode == "compile_graph" else nullcontext()
         pool, current = torch.cuda.graph_pool_handle(), torch.cuda.current_stream(self.device)
         # the step's memory is what the capture allocates (activations, gradients: its pool); replays allocate nothing
-        _reset_peak_memory(self.device)
+        measure.reset_peak(self.device)
         try:
             # thread_local: the backward runs in autograd's device thread, which is part of this capture
             with stance, torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"), \
@@ -323,14 +323,6 @@ def device_seconds(events) -> float:
     return sum(device_seconds_by_kind(events).values())
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    """Start a peak: give cached blocks back first, so that the reserved peak is what the steps after need."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, count_flops: bool,
                 profile_to: Path | None = None, scope: str = "blocks", keep: bool = False) -> dict:
     """Build, warm up, time `steps` optimizer steps, free. Returns step time, peak memory, (once) FLOPs, and
@@ -362,7 +354,7 @@ def run_setting(cfg, mode: str, device: torch.device, warmup: int, steps: int, c
     warmup_s = time.perf_counter() - t0  # compilation and CUDA-graph capture happen here
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     if s.graph is None:  # a graph's peak was started before its capture
-        _reset_peak_memory(device)
+        measure.reset_peak(device)
     elapsed = time_steps(s, steps)
     cuda, gib = device.type == "cuda", 1024**3
     out = {"step_time_s": elapsed, "tokens": s.tokens,

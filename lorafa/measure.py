@@ -233,6 +233,15 @@ def settle(device: torch.device) -> tuple[int, int]:
     return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
 
 
+def reset_peak(device: torch.device) -> None:
+    """Start a peak: give cached blocks back first (what building a model or an earlier step left), so that the
+    reserved peak is what the steps after need."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -588,11 +588,8 @@ def _group_step(stepper: step_mod.TrainStep, wrapped: nn.Module, model: nn.Modul
     """One optimizer step over `group`'s micro-batches, eager (a measured step, gradient accumulation, several
     processes): the saved-tensor meter on step 0's first micro-batch, the allocator read on the measured steps.
     Returns the step's (real tokens, samples, computed tokens), summed over processes."""
-    if device.type == "cuda" and measured:  # cached blocks (what building the model or an earlier step left) given
-        # back first, so that the reserved peak is what the step needs, as the bench measures it
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    if measured:
+        measure.reset_peak(device)  # (the reserved peak: what the step needs, as the bench measures it)
     loss_sum, tokens, samples, computed = None, 0, 0, 0
     eager = torch.compiler.set_stance("force_eager") if measured and stepper.mode != "none" else nullcontext()
     for j, global_idx in enumerate(group):

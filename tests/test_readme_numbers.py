@@ -58,13 +58,19 @@ def section(title: str) -> str:
     return flat(raw_section(title))
 
 
-def headline(name: str, table: str) -> str:
-    """The result cell of the Results table's row `| **<name>** | result | setting | table |`, flattened; the row's
-    table cell must name `table` (the committed file its numbers come from)."""
+def row_cells(name: str) -> list[str]:
+    """The cells of the Results table's row `| **<name>** | result | setting | table |`: result, setting, table."""
     m = re.search(rf"^\| \*\*{re.escape(name)}\*\* \|(.*)\|$", raw_section("Results"), re.MULTILINE)
     assert m, f"README.md's Results table has no row '**{name}**'"
     cells = [c.strip() for c in m.group(1).split(" | ")]
     assert len(cells) == 3, f"README.md's Results row '{name}': expected result, setting, table; got {cells}"
+    return cells
+
+
+def headline(name: str, table: str) -> str:
+    """The result cell of the Results table's row `name`, flattened; the row's table cell must name `table` (the
+    committed file its numbers come from)."""
+    cells = row_cells(name)
     assert f"`{table}`" in cells[2] and "H200" in cells[1], (
         f"README.md's Results row '{name}' must name its device and link `{table}`: {cells[1:]}")
     return flat(cells[0])
@@ -73,10 +79,7 @@ def headline(name: str, table: str) -> str:
 def setting_devices(name: str) -> dict[str, str]:
     """The Results row `name`'s setting cell, where it names a card per model ('llama-7b: H100 80 GB, …; roberta-large:
     H200; …'): model → card."""
-    m = re.search(rf"^\| \*\*{re.escape(name)}\*\* \|(.*)\|$", raw_section("Results"), re.MULTILINE)
-    assert m, f"README.md's Results table has no row '**{name}**'"
-    cell = [c.strip() for c in m.group(1).split(" | ")][1]
-    return dict(re.findall(r"([\w.-]+): (H\d+)\b", cell))
+    return dict(re.findall(r"([\w.-]+): (H\d+)\b", row_cells(name)[1]))
 
 
 def card(frame: pd.DataFrame, printed: str) -> None:

@@ -95,6 +95,9 @@ def check_config(cfg) -> None:
     from . import plans  # (plans imports this module)
 
     plans.check(cfg.method)
+    segments = cfg.train.get("expandable_segments", "auto")
+    if str(segments) != "auto" and not isinstance(segments, bool):
+        raise BadInput(f"train.expandable_segments={segments}: expected auto, true or false")
     if cfg.train.get("device_memory_gib") is not None:
         need("train.device_memory_gib", positive, "a number > 0 (GiB) or null")
     if cfg.train.get("memory_budget_gib") is not None:

@@ -111,8 +111,11 @@ def run(cfg: DictConfig) -> dict:
         measure.settle(device)
     memory_split = measure.Memory()
     cap = device_cap(device, cfg.train.get("device_memory_gib"))
+    segments = expandable_segments(device, cfg.train)
     try:
-        with cap:
+        with segments as expandable, cap:
+            if expandable is not None:
+                row["expandable_segments"] = expandable
             row.update(_train_and_evaluate(cfg, device, memory_split, row, d))
     except BadInput:
         raise  # not a result: no row
@@ -191,6 +194,59 @@ def device_cap(device: torch.device, gib):
     finally:
         _CAPS.pop(index, None)
         torch.cuda.set_per_process_memory_fraction(1.0, index)
+
+
+def _allocator_env() -> bool | None:
+    """What the environment (`PYTORCH_ALLOC_CONF`, or its older name `PYTORCH_CUDA_ALLOC_CONF`) sets the caching
+    allocator's `expandable_segments` to, or None where it does not name it."""
+    for var in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        for part in (os.environ.get(var) or "").split(","):
+            key, _, value = part.partition(":")
+            if key.strip() == "expandable_segments":
+                return value.strip().lower() == "true"
+    return None
+
+
+def wants_expandable(train: DictConfig, env: bool | None) -> bool:
+    """`train.expandable_segments`: whether a CUDA job's caching allocator maps its blocks into segments that grow
+    (PyTorch's `expandable_segments`) — true, false, or auto: on for a job that must fit a number
+    (`train.memory_budget_gib` or `train.device_memory_gib`) unless the environment says otherwise (`env`), else
+    as the environment says (off where it says nothing). Fixed-size segments leave free pieces no larger request
+    can use: at llama-7b a 20.6 GiB budget's plan (20.3 GiB allocated at its peak) ran out of memory under a 22 GiB
+    cap with 2.5–3.5 GiB of the allocator's blocks free, and ran within it with expandable segments."""
+    value = train.get("expandable_segments", "auto")
+    if str(value) != "auto":
+        return bool(value)
+    if env is not None:
+        return env
+    return train.get("memory_budget_gib") is not None or train.get("device_memory_gib") is not None
+
+
+@contextlib.contextmanager
+def expandable_segments(device: torch.device, train: DictConfig):
+    """While the job runs, its CUDA caching allocator's `expandable_segments` as `wants_expandable` says; back to the
+    environment's after (the next job of a sweep runs in this process). Yields the setting (the row's
+    `expandable_segments`), None off CUDA. Blocks already mapped keep their kind; the job starts after
+    `measure.settle` gave them back."""
+    if device.type != "cuda":
+        yield None
+        return
+    env = _allocator_env()
+    before = bool(env)
+    want = wants_expandable(train, env)
+    if want != before:
+        _set_expandable(want)
+    try:
+        yield want
+    finally:
+        if want != before:
+            measure.settle(device)  # this job's segments given back before the setting changes back
+            _set_expandable(before)
+
+
+def _set_expandable(on: bool) -> None:
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter(f"expandable_segments:{on}")
 
 
 def _index(device: torch.device) -> int:

@@ -99,6 +99,8 @@ CASES = {
                                    "train.device_memory_gib=0: expected a number > 0 (GiB) or null"),
     "device memory cap off CUDA": (["device=cpu", "train.device_memory_gib=4"],
                                    "train.device_memory_gib=4: caps a CUDA device's memory, and the job runs on cpu"),
+    "expandable segments unknown": (["train.expandable_segments=sometimes"],
+                                    "train.expandable_segments=sometimes: expected auto, true or false"),
     "checkpoint policy unknown": (["method.checkpoint_policy=some"],
                                   "method.checkpoint_policy=some: expected one of full, matmuls, matmuls_attention"),
 }
@@ -130,7 +132,7 @@ KIND = {"rank 0": "method.rank out of range", "rank negative": "method.rank out 
         "memory budget not positive": "a memory budget ≤ 0 or that no plan fits", "plan trials negative": STEP_OPTION,
         "plan trial seconds negative": STEP_OPTION, "plan race seconds negative": STEP_OPTION,
         "plan retime negative": STEP_OPTION,
-        "plan interleave not a bool": STEP_OPTION,
+        "plan interleave not a bool": STEP_OPTION, "expandable segments unknown": STEP_OPTION,
         "device memory not positive": "train.device_memory_gib ≤ 0, off CUDA or above the device's memory",
         "device memory cap off CUDA": "train.device_memory_gib ≤ 0, off CUDA or above the device's memory"}
 assert set(KIND) == set(CASES), set(KIND) ^ set(CASES)

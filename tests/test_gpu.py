@@ -358,11 +358,14 @@ def test_a_capped_device_refuses_what_does_not_fit_and_holds_a_budgets_plan(cfg_
     """`train.device_memory_gib`: the job's allocator may hold no more than the cap, as on a smaller card. At the
     offload tests' 16-block llama, the plain job under a cap of 0.8 × its peak runs out of memory (an `oom` row);
     a budget 15 % below that cap, under it, runs its plan within the cap (its allocator held no more); the cap is
-    lifted after each job."""
+    lifted after each job. The capped jobs ran with expandable segments (`train.expandable_segments=auto`), the
+    plain one as the environment says, and the allocator's setting is the environment's again after them."""
     from lorafa import job
 
+    env = job._allocator_env()
     plain = run(cfg_factory(*WIDE_LLAMA, "train.compile=none"))
     assert plain["status"] == "ok", plain["error"]
+    assert plain["expandable_segments"] is bool(env)
     cap = 0.8 * plain["mem_peak_gib"]
     capped = run(cfg_factory(*WIDE_LLAMA, "train.compile=none", f"train.device_memory_gib={cap}"))
     assert capped["status"] == "oom" and capped["device_memory_gib"] == pytest.approx(cap), capped["error"]
@@ -372,6 +375,12 @@ def test_a_capped_device_refuses_what_does_not_fit_and_holds_a_budgets_plan(cfg_
     assert fit["status"] == "ok" and fit["plan_name"] != "none", fit["error"]
     assert fit["mem_peak_gib"] <= 0.85 * cap * 1.02 and fit["mem_reserved_gib"] <= cap, fit["mem_reserved_gib"]
     assert job._CAPS == {}
+    assert capped["expandable_segments"] is fit["expandable_segments"] is (True if env is None else env)
+    torch.cuda.empty_cache()
+    held = torch.empty(1 << 20, device="cuda")  # a segment mapped after the jobs: of the environment's kind
+    kinds = {seg.get("is_expandable") for seg in torch.cuda.memory_snapshot()}
+    assert kinds == {bool(env)}, kinds
+    del held
     if hasattr(torch.cuda, "get_per_process_memory_fraction"):
         assert torch.cuda.get_per_process_memory_fraction() == 1.0
 

@@ -1436,3 +1436,52 @@ def test_a_device_cap_hands_torch_the_device_index_and_lifts_the_cap_after(monke
     with job.device_cap(torch.device("cuda"), None):  # no cap: nothing set
         pass
     assert len(calls) == 4
+
+
+def test_a_job_that_must_fit_a_number_grows_its_allocators_segments_and_sets_them_back_after(monkeypatch):
+    """`train.expandable_segments=auto` (the default): a CUDA job with a memory budget or a device cap runs with the
+    caching allocator's expandable segments (fixed-size segments' free pieces made a 20.6 GiB plan run out of
+    memory under a 22 GiB cap), other jobs as the environment says; the environment's word wins over auto, an
+    explicit true or false over both; the setting goes back after the job, also when it fails; off CUDA nothing
+    is set."""
+    from omegaconf import OmegaConf
+
+    from lorafa import job
+
+    def train(**kw):
+        return OmegaConf.create({"memory_budget_gib": None, "device_memory_gib": None, **kw})
+
+    assert job.wants_expandable(train(), None) is False
+    assert job.wants_expandable(train(memory_budget_gib=20.6), None) is True
+    assert job.wants_expandable(train(device_memory_gib=22), None) is True
+    assert job.wants_expandable(train(memory_budget_gib=20.6), False) is False  # the environment said so
+    assert job.wants_expandable(train(), True) is True
+    assert job.wants_expandable(train(expandable_segments=False, memory_budget_gib=20.6), True) is False
+    assert job.wants_expandable(train(expandable_segments=True), False) is True
+
+    for var in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    assert job._allocator_env() is None
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128, expandable_segments:True")
+    assert job._allocator_env() is True
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")  # the newer name first
+    assert job._allocator_env() is False
+    for var in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(var)
+
+    calls = []
+    monkeypatch.setattr(job, "_set_expandable", calls.append)
+    monkeypatch.setattr(measure, "settle", lambda device: calls.append("settle"))
+    with job.expandable_segments(torch.device("cuda"), train(memory_budget_gib=20.6)) as on:
+        assert on is True and calls == [True]
+    assert calls == [True, "settle", False]
+    with pytest.raises(RuntimeError, match="step failed"), \
+            job.expandable_segments(torch.device("cuda", 1), train(device_memory_gib=22)):
+        raise RuntimeError("step failed")
+    assert calls[-3:] == [True, "settle", False]
+    calls.clear()
+    with job.expandable_segments(torch.device("cuda"), train()) as on:  # as the process is: nothing set
+        assert on is False
+    with job.expandable_segments(torch.device("cpu"), train(memory_budget_gib=4)) as on:
+        assert on is None
+    assert calls == []

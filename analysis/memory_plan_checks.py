@@ -13,10 +13,11 @@
 
 # %% [markdown]
 # # Checks on the memory plans: repeats, the in-flight bound, compiled blocks
-# Rows of `results/memory_plan_checks_h200.parquet` (jobs of `experiments/memory_budget.yaml`, `experiment` set to
-# `memory_plan_checks`, the check in `check`; the commands are in `results/README.md`): one plan's speed over
-# repeated processes, the offload plans' peak and speed at three in-flight bounds, and checkpointing and
-# offloading with compiled blocks beside eager (`docs/memory_plans.md`).
+# Rows of `results/memory_plan_checks_h200.parquet` and `_h100.parquet` (jobs of `experiments/memory_budget.yaml`,
+# `experiment` set to `memory_plan_checks`, the check in `check`; the commands are in `results/README.md`): one
+# plan's speed over repeated processes, the offload plans' peak and speed at three in-flight bounds, and
+# checkpointing and offloading with compiled blocks beside eager, a budget's plan under a device cap with the
+# allocator's segments fixed and expandable (`docs/memory_plans.md`).
 
 # %%
 import json
@@ -130,3 +131,32 @@ report.write_table(one_step, f"{EXPERIMENT}_one_step",
                            "its candidates (`plan_predict_s`)."),
                           report.provenance(one)])
 one_step
+
+# %%
+# A budget's plan on a smaller card: with the caching allocator's segments of fixed size and expandable
+# (`train.expandable_segments`; auto turns them on for a job with a budget or a cap), uncapped and under a cap of
+# the device's memory (`train.device_memory_gib`) — what the allocator held beside what the plan allocated.
+seg = frame[frame["check"] == "expandable_segments"]
+seg = seg.assign(**{c: seg.get(c) for c in ("device_memory_gib", "expandable_segments", "mem_reserved_gib")})
+reference = seg[(seg["status"] == "ok") & seg["budget_gib"].isna() & (seg["plan_name"] == "all")]
+base = {(r.model, r.git_sha): r.tokens_per_s for r in reference.itertuples() if r.method == "lora"}
+segments = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r),
+                          "device cap GiB": "—" if pd.isna(r.device_memory_gib) else f"{r.device_memory_gib:g}",
+                          "expandable segments": "yes" if r.expandable_segments is True else "no",
+                          "status": r.status, "peak GiB": f"{r.mem_peak_gib:.2f}",
+                          "reserved GiB": f"{r.mem_reserved_gib:.2f}",
+                          "tokens/s": f"{r.tokens_per_s:,.0f}" if r.status == "ok" else "—",
+                          "÷ LoRA all": f"{r.tokens_per_s / base[(r.model, r.git_sha)]:.2f}"
+                          if r.status == "ok" and (r.model, r.git_sha) in base else "—"}
+                         for r in seg.itertuples()],
+                        columns=["model", "method", "plan", "device cap GiB", "expandable segments", "status",
+                                 "peak GiB", "reserved GiB", "tokens/s", "÷ LoRA all"])
+report.write_table(segments, f"{EXPERIMENT}_segments",
+                   title=("A budget's plan under a device cap, the allocator's segments fixed or expandable "
+                          f"(llama-7b 8×1024, eager, {', '.join(sorted(set(seg['device'].astype(str))))})"),
+                   notes=[("Rows in the order run, one device call. peak: the most allocated; reserved: the most the "
+                           "caching allocator held from the device (`mem_reserved_gib`); the budget bounds the first, a "
+                           "card the second. A capped job's allocator may hold at most the cap (a card with that "
+                           "much free); an oom row's peak is how far it got. ÷ LoRA all: tokens/s over LoRA with "
+                           "full checkpointing in the same call."), report.provenance(seg)])
+segments

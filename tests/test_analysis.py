@@ -390,6 +390,8 @@ def test_analysis_on_the_committed_results(tmp_path):
                  "memory_plan_checks_inflight", "memory_plan_checks_compiled", "memory_plan_checks_one_step"):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name
+    segments = (tmp_path / "memory_plan_checks_segments.md").read_text()  # (that check ran on an H100)
+    assert "(no rows)" not in segments and "H100" in segments
     check_index_page(tmp_path)
     page = (tmp_path / "index.html").read_text()
     # the headline memory figure names its device, mode, shapes and the LoRA ÷ LoRA-FA it is for

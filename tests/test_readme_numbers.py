@@ -15,6 +15,7 @@ README number comes from) is skipped: parquet reads only, a few seconds.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import runpy
@@ -441,15 +442,23 @@ def test_fit_the_memory_you_have_plans(notebook):
     assert job.group(2) == ran["plan_name"].iloc[0], ran["plan_name"].iloc[0]
     same(job.group(3), ran["tokens_per_s"].iloc[0] / 1000, "the budget job's tokens/s (thousands)")
     same(job.group(4), ran["tokens_per_s"].iloc[0] / full["speed"], "the budget job ÷ LoRA all")
-    # the headroom a budget asks for: what the allocator reserved beside the allocated peak, each plan built and
-    # stepped on its own in one side-by-side run (a job's own reserve also counts what building the model held)
-    room = find(r"it bounds the allocated peak, so set it (\d+)–(\d+) % below your card's free memory", text,
-                "the headroom below a card's memory")
-    side = pd.read_parquet(ROOT / "results" / "archive" / "memory_plan_speed_llama_h200.parquet")
-    side = side[(side["model"] == model) & (side["status"] == "ok")]
-    share = 100 * (1 - side["mem_peak_gib"] / side["mem_reserved_gib"]).max()  # the most a plan's reserve adds
-    assert len(side) >= 4 and int(room.group(1)) <= share <= int(room.group(2)), (share, side[["plan_name",
-                                                                                               "mem_reserved_gib"]])
+    # a budget on a smaller card: one run (results/memory_plan_checks_h100.parquet) of the same budget under a cap,
+    # with the expandable segments a budget turns on and with fixed ones
+    cap = find(rf"at {re.escape(model)} a {NUM} GiB budget ran within a {NUM} GiB cap \(`train.device_memory_gib`, "
+               rf"a 24 GB card\) at {NUM}k tokens/s, and ran out of memory there with fixed segments", text,
+               "a budget under a device cap")
+    checks = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h100.parquet")
+    checks = checks[(checks["check"] == "expandable_segments") & (checks["model"] == model)
+                    & (checks["budget_gib"] == num(cap.group(1))) & (checks["device_memory_gib"] == num(cap.group(2)))]
+    assert len(set(checks["git_sha"])) == 1, "one run"
+    grown = checks[checks["expandable_segments"].eq(True)]
+    fixed = checks[checks["expandable_segments"].eq(False)]
+    assert len(grown) == 1 and grown["status"].iloc[0] == "ok", grown[["status", "error"]]
+    assert grown["mem_reserved_gib"].iloc[0] <= num(cap.group(2)), "the allocator held no more than the cap"
+    same(cap.group(3), grown["tokens_per_s"].iloc[0] / 1000, "the capped budget job's tokens/s (thousands)")
+    assert len(fixed) == 1 and fixed["status"].iloc[0] == "oom", fixed[["status", "error"]]
+    json_config = json.loads(grown["config"].iloc[0])
+    assert json_config["train"]["expandable_segments"] == "auto", "the default turned them on"
 
 
 # ----------------------------------------------------------------------------------------- the accuracy numbers

@@ -213,7 +213,7 @@ def wants_expandable(train: DictConfig, env: bool | None) -> bool:
     (`train.memory_budget_gib` or `train.device_memory_gib`) unless the environment says otherwise (`env`), else
     as the environment says (off where it says nothing). Fixed-size segments leave free pieces no larger request
     can use: at llama-7b a 20.6 GiB budget's plan (20.3 GiB allocated at its peak) ran out of memory under a 22 GiB
-    cap with 2.5–3.5 GiB of the allocator's blocks free, and ran within it with expandable segments."""
+    cap with 2.3–3.5 GiB of the allocator's blocks free, and ran within it with expandable segments."""
     value = train.get("expandable_segments", "auto")
     if str(value) != "auto":
         return bool(value)

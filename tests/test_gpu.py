@@ -390,10 +390,12 @@ def test_the_fused_loss_lowers_the_peak_by_the_logits_it_no_longer_holds(cfg_fac
     """`model.fused_loss` (the default) against transformers' loss, at the offload tests' 16-block llama with
     LLaMA's vocabulary (32,000) at 8 × 1024: the same first loss; the measured peak lower by what the predictor
     says (within 5 % of the predicted difference, which is at least a GiB: the bf16 and fp32 logits); each peak
-    predicted within 2 %; the step not slower by more than 5 %."""
+    predicted within 2 %; the step not slower by more than 5 %, the best of two jobs each, run alternately (one
+    pair after other GPU tests once measured 0.93 ×, the same pair alone 1.0 ×)."""
     common = [*WIDE_LLAMA, "model.arch.vocab_size=32000", "train.max_steps=6"]
     fused = run(cfg_factory(*common))
     plain = run(cfg_factory(*common, "model.fused_loss=false"))
+    again = run(cfg_factory(*common, "model.fused_loss=false")), run(cfg_factory(*common))  # the other order
     assert fused["status"] == plain["status"] == "ok", (fused["error"], plain["error"])
     assert fused["fused_loss"] is True and plain["fused_loss"] is False
     assert fused["loss_curve"][0] == pytest.approx(plain["loss_curve"][0], rel=1e-3)
@@ -402,7 +404,10 @@ def test_the_fused_loss_lowers_the_peak_by_the_logits_it_no_longer_holds(cfg_fac
     assert predicted > 1.0 and measured == pytest.approx(predicted, rel=0.05), (measured, predicted)
     for row in (fused, plain):
         assert row["pred_mem_peak_gib"] == pytest.approx(row["mem_peak_gib"], rel=0.02)
-    assert fused["tokens_per_s"] > 0.95 * plain["tokens_per_s"], (fused["tokens_per_s"], plain["tokens_per_s"])
+    assert all(row["status"] == "ok" for row in again), [row["error"] for row in again]
+    speeds = {kind: max(row["tokens_per_s"] for row in rows) for kind, rows in
+              (("fused", (fused, again[1])), ("plain", (plain, again[0])))}
+    assert speeds["fused"] > 0.95 * speeds["plain"], speeds
 
 
 def test_a_real_out_of_memory_is_a_row_and_the_next_job_runs(cfg_factory):

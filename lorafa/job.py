@@ -42,7 +42,7 @@ from . import (
 )
 from .checks import BadInput
 from .distributed import SINGLE, Dist
-from .train import Diverged, EvalSet, autocast_dtype, evaluate, fit, frozen_weight_dtype, total_steps
+from .train import Diverged, EvalSet, autocast_dtype, eval_batch_size, evaluate, fit, frozen_weight_dtype, total_steps
 
 log = logging.getLogger(__name__)
 TRACEBACK_FILE = "traceback.txt"
@@ -841,7 +841,7 @@ def _train_and_evaluate(cfg: DictConfig, device: torch.device, mem: measure.Memo
     final = {k: v for k, v in history.evals[-1].items() if k not in ("epoch", "step")}
     if heldout is not None:  # every process (FSDP needs them all in each forward)
         scored = evaluate(net.model, poser, heldout, list(cfg.task.get("metrics") or []),
-                          batch_size=int(cfg.train.eval_batch_size), device=device, pad_id=pad_id,
+                          batch_size=eval_batch_size(cfg.train), device=device, pad_id=pad_id,
                           amp=autocast_dtype(cfg.train.precision, device))
         row.update(heldout_loss=scored["loss"], heldout_score=scored.get(_split_metric(cfg), float("nan")))
     if data.kind == "instruction":  # scored after training: MMLU k-shot through lm-eval on the model in memory

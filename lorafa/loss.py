@@ -34,13 +34,18 @@ the same dtype and order (Gemma 2 and 3's soft-capping, Cohere's scale, Granite'
 as autograd goes. A config that scales the logits some other way is refused. Mixtures of experts (Mixtral, Qwen2-
 and Qwen3-MoE, OLMoE) add their routers' balance loss to it, as they do to their own. Under `auto` (the default) other
 models (and encoders, whose heads classify) keep transformers' loss; `true` on them is bad input.
-Forwards without labels or without gradients (evaluation, scoring, generation) run the model's own forward and
-return logits; a fused training forward returns the loss and no logits.
+Forwards without labels or without gradients (scoring, generation) run the model's own forward and return logits;
+a fused training forward returns the loss and no logits. An evaluation that needs only the loss asks for it
+(`loss_only`): a labelled forward without gradients then takes it slice by slice too, and keeps nothing — so an
+eval batch holds no N × V logits either (at LLaMA-7B, 64 eval rows of 1,024 tokens would otherwise make 3.9 GiB
+of bf16 logits and two fp32 tensors of 7.8 GiB each). It fuses whatever trains (without gradients, a trained head costs nothing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import types
 
 import torch
@@ -147,7 +152,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     `labels` (B × T), without the full logits: shifted as a causal LM's (`shift`), or as they are (T5's decoder
     reads them shifted right instead); `transform`: an op of `LOGIT_OPS` and its constant, applied to the logits
     first."""
-    if weight.requires_grad:
+    if not torch.is_grad_enabled():  # the loss only (`loss_only`): no gradient made, nothing kept
+        hidden = hidden.detach()
+    elif weight.requires_grad:
         raise ValueError("linear_cross_entropy: the head's weight requires a gradient; it takes a frozen head")
     if shift:
         labels = nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
@@ -204,6 +211,30 @@ def active(model: nn.Module) -> bool:
     return head is not None and hasattr(head, "_lorafa_linear") and not head.weight.requires_grad
 
 
+_LOSS_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def loss_only():
+    """Inside: a labelled forward without gradients (an evaluation's loss) of a model the loss is installed on
+    runs the fused loss and returns no logits, whether or not its head trains."""
+    depth = getattr(_LOSS_ONLY, "depth", 0)
+    _LOSS_ONLY.depth = depth + 1
+    try:
+        yield
+    finally:
+        _LOSS_ONLY.depth = depth
+
+
+def _fuses_now(model: nn.Module) -> bool:
+    """Whether this labelled forward fuses: a training forward where `active`; without gradients, only inside
+    `loss_only`, on the head installed on."""
+    if torch.is_grad_enabled():
+        return active(model)
+    head = model.get_output_embeddings() if getattr(_LOSS_ONLY, "depth", 0) and installed(model) else None
+    return head is not None and hasattr(head, "_lorafa_linear")
+
+
 def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The LM head: its logits, or — inside a fused training forward — its input taken, and no logits made."""
     if self._lorafa_take is None:
@@ -216,7 +247,7 @@ def _fused_forward(self, *args, labels=None, **kwargs):
     seq2seq = bool(getattr(self.config, "is_encoder_decoder", False))
     unfused = (kwargs.get("shift_labels") is not None or kwargs.get("logits_to_keep") not in (None, 0)
                or (seq2seq and kwargs.get("num_items_in_batch") is not None))
-    if labels is None or args or unfused or not torch.is_grad_enabled() or not active(self):
+    if labels is None or args or unfused or not _fuses_now(self):
         return self._lorafa_own_forward(*args, labels=labels, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     if seq2seq and kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import loss as lm_loss
 from . import sources
 from .checks import BadInput
 
@@ -459,8 +460,10 @@ class Poser:
     def score(self, model, inputs: dict, batch: dict, predict: bool):
         """One evaluation batch in as few forwards as the family allows: (its mean loss, a device tensor; with
         `predict`, its raw predictions — a device tensor that `finish` turns into labels or values once read, or
-        generated text — else None). `inputs` are the model's inputs, `batch` the whole collated batch."""
-        loss = model(**inputs).loss
+        generated text — else None). `inputs` are the model's inputs, `batch` the whole collated batch. An LM's loss
+        is taken without its logits (`lorafa.loss.loss_only`); predictions come from forwards of their own."""
+        with lm_loss.loss_only():
+            loss = model(**inputs).loss
         return loss, (self.choose(model, batch) if predict else None)
 
     def choose(self, model, batch):
@@ -586,7 +589,8 @@ class Seq2SeqPoser(Poser):
             return super().score(model, inputs, batch, predict)
         # the encoder run once, for the loss on the reference words and for scoring every label's words
         enc = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = model(encoder_outputs=enc, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        with lm_loss.loss_only():
+            loss = model(encoder_outputs=enc, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         return loss, (self.choose(model, batch, enc) if predict else None)
 
     @torch.no_grad()

@@ -154,6 +154,17 @@ def total_steps(n_train: int, tcfg: DictConfig, d: Dist = SINGLE) -> int:
     return int(tcfg.epochs) * math.ceil(micro / int(tcfg.grad_accum))
 
 
+def eval_batch_size(tcfg: DictConfig) -> int:
+    """Eval examples per forward: `train.eval_batch_size`, but under a memory budget (`train.memory_budget_gib`)
+    no more than a training micro-batch (`train.batch_size`): the plan the budget chose is for the training step,
+    whose peak an eval forward of as many rows stays below (it keeps nothing for backward; an LM's loss is taken
+    without its logits), where 64 rows of a long sequence would not."""
+    rows = int(tcfg.eval_batch_size)
+    if tcfg.get("memory_budget_gib") is not None:
+        rows = min(rows, int(tcfg.batch_size))
+    return rows
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, poser: Poser, evalset: EvalSet, metrics: list[str], *, batch_size: int,
              device: torch.device, pad_id: int, amp: torch.dtype | None, stepper: step_mod.TrainStep | None = None,
@@ -450,17 +461,23 @@ def fit(model: nn.Module, poser: Poser, train_features, evalsets: list[EvalSet],
         else [len(f["input_ids"]) for f in train_features]
 
     eval_time = 0.0
+    eval_rows = eval_batch_size(tcfg)
 
     def run_evals(epoch: int):
         nonlocal eval_time
         started = time.perf_counter()
         record = {"epoch": epoch, "step": history.steps}
+        if device.type == "cuda":  # the evaluations' own peak (`alloc_eval_peak_gib`), apart from the steps'
+            measure.reset_peak(device)
         for ev in evalsets:
-            result = evaluate(model, poser, ev, metric_list, batch_size=int(tcfg.eval_batch_size), device=device,
+            result = evaluate(model, poser, ev, metric_list, batch_size=eval_rows, device=device,
                               pad_id=pad_id, amp=amp, stepper=stepper, multiple=multiple, max_len=max_len,
                               label_cap=label_cap)
             suffix = "" if len(evalsets) == 1 else f"_{ev.name}"
             record.update({f"{k}{suffix}": v for k, v in result.items()})
+        if device.type == "cuda":
+            memory.allocator["eval_peak"] = max(memory.allocator.get("eval_peak", 0),
+                                                torch.cuda.max_memory_allocated(device))
         history.evals.append(record)
         eval_time += time.perf_counter() - started
 
@@ -578,7 +595,8 @@ def fit(model: nn.Module, poser: Poser, train_features, evalsets: list[EvalSet],
         info.update(stepper.columns(), compile_mode=mode, bucket=multiple, measured_mode="eager",
                     pad_frac=1 - padding["real"] / padding["computed"] if padding["computed"] else float("nan"),
                     optimizer_impl="fused" if device_checks else "foreach", log_reads=acc.reads,
-                    group_by_length=by_length, time_eval_s=eval_time, one_time_steps=one_time_steps)
+                    group_by_length=by_length, time_eval_s=eval_time, one_time_steps=one_time_steps,
+                    eval_batch_size=eval_rows)
     return history
 
 

@@ -411,17 +411,40 @@ def test_the_fused_loss_lowers_the_peak_by_the_logits_it_no_longer_holds(cfg_fac
 
 
 def test_a_real_out_of_memory_is_a_row_and_the_next_job_runs(cfg_factory):
-    """Not a patched error: a tiny LLaMA with a 256k vocabulary at 64 × 1024 needs its logits (and their fp32 copies
-    for the loss) beyond the device's memory. The job ends as an `oom` row with what was allocated at the failure,
-    and the same process runs the next job of a sweep from an empty device."""
+    """Not a patched error: a tiny LLaMA with a 256k vocabulary at 64 × 1024, with transformers' loss
+    (`model.fused_loss=false`), needs its logits (and their fp32 copies for the loss) beyond the device's memory.
+    The job ends as an `oom` row with what was allocated at the failure, and the same process runs the next job of
+    a sweep from an empty device."""
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     huge = run(cfg_factory("model=tiny-llama", "model.arch.vocab_size=262144", "model.arch.max_position_embeddings=1024",
-                           "method=lorafa", "task=synthetic", "task.max_seq_len=1024", "train.batch_size=64",
-                           "train.max_steps=2", "train.compile=none"))
+                           "model.fused_loss=false", "method=lorafa", "task=synthetic", "task.max_seq_len=1024",
+                           "train.batch_size=64", "train.max_steps=2", "train.compile=none"))
     assert huge["status"] == "oom" and "out of memory" in huge["error"].lower(), huge["error"]
-    assert "\n" not in huge["error"] and huge["pred_mem_peak_gib"] > total  # the predictor saw it coming
+    assert "\n" not in huge["error"], huge["error"]
+    assert huge["pred_mem_peak_gib"] > total, huge["pred_mem_peak_gib"]  # the predictor saw it coming
     assert 0 < huge["mem_at_failure_gib"] < total
     after = run(cfg_factory("model=tiny-llama", "method=lorafa", "task=synthetic", "task.max_seq_len=64",
                             "train.batch_size=4", "train.max_steps=2"))
     assert after["status"] == "ok", after["error"]
     assert after["alloc_build_gib"] <= after["mem_weights_gib"] + 0.005  # nothing of the failed job stayed
+
+
+def test_a_budgets_evaluation_peaks_below_its_step(cfg_factory):
+    """A budget bounds the job, its evaluations too: at a 64k vocabulary and 8 × 512, a budget job evaluates 64 eval
+    examples (`train.eval_batch_size` 64) at most 8 rows a forward and takes the LM loss without its logits, so the
+    evaluations' peak (`alloc_eval_peak_gib`) stays at or below the training step's (`mem_peak_gib`), which the
+    budget bounds — transformers' loss at 8 × 512 would make 2.5 GiB of logits and log-probabilities there, and 64
+    rows 20 GiB. The same job without the budget evaluates 64 rows a forward, still without logits."""
+    common = ["model=tiny-llama", "model.arch.vocab_size=65536", "method=lorafa", "task=synthetic",
+              "task.max_seq_len=512", "task.num_eval=64", "train.batch_size=8", "train.max_steps=3",
+              "train.compile=none"]
+    free = run(cfg_factory(*common))
+    assert free["status"] == "ok" and free["eval_batch_size"] == 64, free["error"]
+    budget = 1.5 * free["pred_mem_peak_gib"]
+    held = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
+    assert held["status"] == "ok" and held["eval_batch_size"] == 8, held["error"]
+    assert held["mem_peak_gib"] <= budget and held["alloc_eval_peak_gib"] <= held["mem_peak_gib"], \
+        (held["alloc_eval_peak_gib"], held["mem_peak_gib"], budget)
+    logits = 64 * 512 * 65536 * 2 / 2**30  # 64 rows' bf16 logits
+    assert free["alloc_eval_peak_gib"] < free["mem_weights_gib"] + logits / 2, free["alloc_eval_peak_gib"]
+    assert held["eval_loss"] == pytest.approx(free["eval_loss"], rel=1e-2)  # the same examples, other batches

@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from lorafa import bench, checks, loss, memory, models
@@ -153,6 +154,73 @@ def test_forwards_that_read_logits_get_the_models_own_forward():
     assert fused.generate(batch["input_ids"][:1, :4], max_new_tokens=2, do_sample=False).shape == (1, 6)
 
 
+class _Largest(TorchDispatchMode):
+    """The most elements of any op's output that runs along the vocabulary (logits and what is made from them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.ops = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func.__name__)
+        for t in () if func.is_view else out if isinstance(out, (tuple, list)) else (out,):  # (a view holds nothing)
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == V:
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder-decoder"])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_an_evaluations_loss_makes_no_logits(family, head_trains, monkeypatch):
+    """`loss_only` (an evaluation's loss): a labelled forward without gradients runs the fused loss, slice by slice —
+    the model's loss to rounding, no logits returned, no op output as large as the N × V logits (transformers'
+    makes three; in ⌈V / H⌉ slices, no least slice size) and no gradient made; also where the head trains (full
+    fine-tuning), since nothing is kept. Outside it the same forward returns the logits; with gradients, inside it,
+    a training forward is unchanged."""
+    monkeypatch.setattr(loss, "MIN_SLICE_BYTES", 0)
+    if family == "decoder":
+        own, fused = _pair("llama")
+        batch = _batch()
+        inputs = batch
+    else:
+        torch.manual_seed(0)
+        config = AutoConfig.for_model("t5", vocab_size=V, d_model=H, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+                                      decoder_start_token_id=0, dropout_rate=0.0)
+        own = AutoModelForSeq2SeqLM.from_config(config).eval()
+        fused = copy.deepcopy(own)
+        assert loss.install(fused, "auto", family)
+        batch = _batch()
+        batch["labels"] = batch["labels"][:, 4:14].contiguous()
+        enc = fused.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        inputs = {"encoder_outputs": enc, "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    _head_trains((own, fused), head_trains)
+    logits_numel = batch["labels"].numel() * V
+    with torch.no_grad():
+        theirs = own(**inputs)
+        with _Largest() as largest, loss.loss_only():
+            mine = fused(**inputs)
+        outside = fused(**inputs)
+    assert mine.logits is None and mine.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-6)
+    assert not mine.loss.requires_grad and largest.numel < logits_numel / 2, (largest.numel, logits_numel)
+    assert torch.equal(outside.logits, theirs.logits)
+    with _Largest() as largest, torch.no_grad():  # transformers' loss: the logits, their fp32 copy, log-probabilities
+        own(**inputs)
+    assert largest.numel >= logits_numel
+    if not head_trains:
+        with loss.loss_only():
+            trained = fused(**inputs)
+        assert trained.logits is None and trained.loss.requires_grad
+        trained.loss.backward()
+        assert all(p.grad is None for p in fused.get_output_embeddings().parameters())
+    # called directly without gradients, on tensors that require them: the loss only, one matmul a slice
+    hidden, weight = torch.randn(2, 8, H, requires_grad=True), torch.randn(V, H, requires_grad=head_trains)
+    with _Largest() as made, torch.no_grad():
+        value = loss.linear_cross_entropy(hidden, weight, torch.randint(0, V, (2, 8)), chunks=4)
+    assert not value.requires_grad and sum(op.startswith("mm") for op in made.ops) == 4, made.ops
+
+
 @pytest.mark.bad_input("model.fused_loss not auto, true or false, or true where the loss cannot be fused")
 def test_the_fused_loss_applies_only_where_the_models_loss_is_the_standard_one():
     """`auto` fuses decoders and T5s of the listed types with a bias-free linear head and logits unscaled or scaled
@@ -220,8 +288,8 @@ def test_the_fused_loss_keeps_no_logits_for_backward(model, target_len, sliced, 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5"])
 def test_a_job_trains_alike_with_and_without_the_fused_loss(cfg_factory, model):
-    """A tiny-llama or tiny-t5 job (no dropout): the same losses with the fused loss (the default) as with
-    transformers' (fp32, to rounding); the row says which ran and predicts what it measures (CPU: the same books),
+    """A tiny-llama or tiny-t5 job (no dropout): the same training and eval losses with the fused loss (the default)
+    as with transformers' (fp32, to rounding); the row says which ran and predicts what it measures (CPU: the same books),
     less than without; an encoder's row says false."""
     common = [f"model={model}", "method=lorafa", "task=synthetic", "task.max_seq_len=32", "train.batch_size=4",
               "train.max_steps=4", "train.lr=1e-2", "method.dropout=0",
@@ -230,6 +298,7 @@ def test_a_job_trains_alike_with_and_without_the_fused_loss(cfg_factory, model):
     assert fused["status"] == plain["status"] == "ok", (fused["error"], plain["error"])
     assert fused["fused_loss"] is True and plain["fused_loss"] is False
     np.testing.assert_allclose(fused["loss_curve"], plain["loss_curve"], rtol=1e-5)
+    assert fused["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)  # evaluated without logits, and with
     assert fused["pred_mem_activations_gib"] < plain["pred_mem_activations_gib"]
     assert fused["mem_activations_gib"] == pytest.approx(fused["pred_mem_activations_gib"], rel=1e-6)
     if model == "tiny-llama":

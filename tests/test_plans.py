@@ -545,7 +545,9 @@ def test_a_budget_spends_its_room_on_keeping_checkpointed_blocks(cfg_factory):
     """Between two plans' peaks a budget's room is spent on keeping some of the chosen plan's checkpointed blocks
     (`plans.fill`, `plans.keeping`: spread evenly, named `<plan>+keepK`): as many as are predicted to fit — each
     kept block adds its saved activations to the peak — so the job runs faster than the plan alone at no more than
-    its budget. The name runs again as `train.plan` (bad input past the plan's checkpointed blocks)."""
+    its budget. The name runs again as `train.plan` (bad input past the plan's checkpointed blocks). Under the
+    budget an evaluation takes at most a training micro-batch (`eval_batch_size`), whose peak stays below the
+    step's; without one, `train.eval_batch_size`."""
     n = 8
     common = ["model=tiny-llama", f"model.arch.num_hidden_layers={n}", "task=synthetic", "task.max_seq_len=64",
               "train.batch_size=8", "train.max_steps=2", "task.num_train=32", "task.num_eval=8", "train.plan_trials=0"]
@@ -554,6 +556,7 @@ def test_a_budget_spends_its_room_on_keeping_checkpointed_blocks(cfg_factory):
     budget = full["pred_mem_peak_gib"] + 0.5 * (none["pred_mem_peak_gib"] - full["pred_mem_peak_gib"])
     chosen = run(cfg_factory(*common, f"train.memory_budget_gib={budget}"))
     assert chosen["status"] == "ok", chosen["error"]
+    assert chosen["eval_batch_size"] == 8 and full["eval_batch_size"] == 64 == json.loads(full["config"])["train"]["eval_batch_size"]
     base, _, keep = chosen["plan_name"].partition("+keep")
     assert keep and 0 < int(keep) < n, chosen["plan_name"]
     assert chosen["pred_mem_peak_gib"] <= budget and chosen["mem_peak_gib"] <= 1.05 * budget

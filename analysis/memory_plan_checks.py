@@ -160,3 +160,26 @@ report.write_table(segments, f"{EXPERIMENT}_segments",
                            "much free); an oom row's peak is how far it got. ÷ LoRA all: tokens/s over LoRA with "
                            "full checkpointing in the same call."), report.provenance(seg)])
 segments
+
+# %%
+# A budget bounds the evaluations too: the same plan's job evaluating 4 and 64 rows a forward under the 19.02 GiB
+# budget (which evaluates at most a training micro-batch: `eval_batch_size`) and, hand-set without a budget, 64 —
+# the evaluations' own peak (`alloc_eval_peak_gib`) beside the training step's (`mem_peak_gib`).
+ev = ok[ok["check"] == "eval_batch"]
+ev = ev.assign(**{c: ev.get(c) for c in ("eval_batch_size", "alloc_eval_peak_gib")})
+evals = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r),
+                       "train.eval_batch_size": f"{json.loads(r.config)['train']['eval_batch_size']}",
+                       "rows a forward": f"{r.eval_batch_size:.0f}", "step peak GiB": f"{r.mem_peak_gib:.2f}",
+                       "eval peak GiB": f"{r.alloc_eval_peak_gib:.2f}",
+                       "within the budget": "—" if pd.isna(r.budget_gib) else
+                       ("yes" if max(r.mem_peak_gib, r.alloc_eval_peak_gib) <= r.budget_gib else "no")}
+                      for r in ev.itertuples()],
+                     columns=["model", "method", "plan", "train.eval_batch_size", "rows a forward", "step peak GiB",
+                              "eval peak GiB", "within the budget"])
+report.write_table(evals, f"{EXPERIMENT}_eval",
+                   title=("A budget job's evaluations beside its steps (llama-7b 8×1024, 64 eval examples of 1,024 "
+                          f"tokens, LoRA-FA, fused LM loss, eager, {', '.join(sorted(set(ev['device'].astype(str))))})"),
+                   notes=[("Rows in the order run, three device calls on one machine. eval peak: the most allocated while evaluating, "
+                           "the LM loss taken without its logits; the hand-set row runs the plan the budget chose, "
+                           "without a budget."), report.provenance(ev)])
+evals

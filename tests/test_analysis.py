@@ -390,8 +390,23 @@ def test_analysis_on_the_committed_results(tmp_path):
                  "memory_plan_checks_inflight", "memory_plan_checks_compiled", "memory_plan_checks_one_step"):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name
-    segments = (tmp_path / "memory_plan_checks_segments.md").read_text()  # (that check ran on an H100)
-    assert "(no rows)" not in segments and "H100" in segments
+    for name in ("memory_plan_checks_segments", "memory_plan_checks_eval"):  # (these checks ran on an H100)
+        text = (tmp_path / f"{name}.md").read_text()
+        assert "(no rows)" not in text and "H100" in text, name
+    # a budget's evaluations, as docs/memory_plans.md tells them: within the budget at most a micro-batch a forward;
+    # the same plan hand-set, 64 rows a forward, over it
+    evals = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h100.parquet").query("check == 'eval_batch'")
+    held, free = evals[evals["budget_gib"].notna()], evals[evals["budget_gib"].isna()]
+    assert len(held) == 2 and len(free) == 1 and len(set(evals["git_sha"])) == 1
+    assert (held["eval_batch_size"] <= 8).all() and (held["alloc_eval_peak_gib"] < held["mem_peak_gib"]).all()
+    assert (held["mem_peak_gib"] <= held["budget_gib"]).all() and free["eval_batch_size"].iloc[0] == 64
+    assert free["alloc_eval_peak_gib"].iloc[0] > held["budget_gib"].iloc[0] > free["mem_peak_gib"].iloc[0]
+    page = " ".join((ROOT / "docs" / "memory_plans.md").read_text().split())
+    wide = held[evals.loc[held.index, "config"].map(lambda c: json.loads(c)["train"]["eval_batch_size"]) == 64]
+    told = (f"evaluated 8 rows a forward at {wide['alloc_eval_peak_gib'].iloc[0]:.2f} GiB (its step "
+            f"{wide['mem_peak_gib'].iloc[0]:.2f}); the same plan hand-set, 64 rows a forward, peaked at "
+            f"{free['alloc_eval_peak_gib'].iloc[0]:.2f} GiB in evaluation")
+    assert told in page, told
     check_index_page(tmp_path)
     page = (tmp_path / "index.html").read_text()
     # the headline memory figure names its device, mode, shapes and the LoRA ÷ LoRA-FA it is for

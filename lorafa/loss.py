@@ -38,7 +38,8 @@ Forwards without labels or without gradients (scoring, generation) run the model
 a fused training forward returns the loss and no logits. An evaluation that needs only the loss asks for it
 (`loss_only`): a labelled forward without gradients then takes it slice by slice too, and keeps nothing — so an
 eval batch holds no N × V logits either (at LLaMA-7B, 64 eval rows of 1,024 tokens would otherwise make 3.9 GiB
-of bf16 logits and two fp32 tensors of 7.8 GiB each). It fuses whatever trains (without gradients, a trained head costs nothing).
+of bf16 logits and two fp32 tensors of 7.8 GiB each). Without gradients a trained head (full fine-tuning) costs
+nothing, so that loss is sliced whatever trains.
 """
 
 from __future__ import annotations

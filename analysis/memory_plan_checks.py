@@ -183,3 +183,24 @@ report.write_table(evals, f"{EXPERIMENT}_eval",
                            "the LM loss taken without its logits; the hand-set row runs the plan the budget chose, "
                            "without a budget."), report.provenance(ev)])
 evals
+
+# %%
+# The fused LM loss at T5 (`model.fused_loss`): the same job with it and with transformers' loss, full
+# checkpointing, where the loss holds most of what a step keeps.
+t5 = ok[ok["check"] == "fused_loss_t5"]
+t5 = t5.assign(**{c: t5.get(c) for c in ("fused_loss", "alloc_eval_peak_gib")})
+t5_loss = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r),
+                         "LM loss": "fused" if r.fused_loss is True else "transformers'",
+                         "peak GiB": f"{r.mem_peak_gib:.3f}", "predicted GiB": f"{r.pred_mem_peak_gib:.3f}",
+                         "error %": error(r), "activations GiB": f"{r.mem_activations_gib:.2f}",
+                         "eval peak GiB": f"{r.alloc_eval_peak_gib:.2f}", "tokens/s": f"{r.tokens_per_s:,.0f}",
+                         "eval loss": f"{r.eval_loss:.5f}"} for r in t5.itertuples()],
+                       columns=["model", "method", "plan", "LM loss", "peak GiB", "predicted GiB", "error %",
+                                "activations GiB", "eval peak GiB", "tokens/s", "eval loss"])
+report.write_table(t5_loss, f"{EXPERIMENT}_t5_loss",
+                   title=("The fused LM loss at T5 (t5-large 16×512, targets 512 tokens, r = 8, bf16, random init, eager, "
+                          f"{', '.join(sorted(set(t5['device'].astype(str))))})"),
+                   notes=[("One device call, one process: the fused job, then transformers' loss. error %: "
+                           "predicted ÷ measured peak − 1; eval peak: the most allocated while evaluating."),
+                          report.provenance(t5)])
+t5_loss

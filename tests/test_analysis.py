@@ -390,7 +390,8 @@ def test_analysis_on_the_committed_results(tmp_path):
                  "memory_plan_checks_inflight", "memory_plan_checks_compiled", "memory_plan_checks_one_step"):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name
-    for name in ("memory_plan_checks_segments", "memory_plan_checks_eval"):  # (these checks ran on an H100)
+    for name in ("memory_plan_checks_segments", "memory_plan_checks_eval",
+                 "memory_plan_checks_t5_loss"):  # (these checks ran on an H100)
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H100" in text, name
     # a budget's evaluations, as docs/memory_plans.md tells them: within the budget at most a micro-batch a forward;
@@ -406,6 +407,13 @@ def test_analysis_on_the_committed_results(tmp_path):
     told = (f"evaluated 8 rows a forward at {wide['alloc_eval_peak_gib'].iloc[0]:.2f} GiB (its step "
             f"{wide['mem_peak_gib'].iloc[0]:.2f}); the same plan hand-set, 64 rows a forward, peaked at "
             f"{free['alloc_eval_peak_gib'].iloc[0]:.2f} GiB in evaluation")
+    assert told in page, told
+    t5 = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h100.parquet").query("check == 'fused_loss_t5'")
+    fused, plain = (t5[t5["fused_loss"] == v].iloc[0] for v in (True, False))
+    assert len(t5) == 2 and fused["mem_peak_gib"] < plain["mem_peak_gib"]
+    worst = max(abs(r["pred_mem_peak_gib"] / r["mem_peak_gib"] - 1) for r in (fused, plain))  # the bound, rounded up
+    told = (f"the fused loss peaks at {fused['mem_peak_gib']:.2f} GiB against {plain['mem_peak_gib']:.2f} with "
+            f"transformers' loss, both predicted within {math.ceil(worst * 1e4) / 100:.2f} %")
     assert told in page, told
     check_index_page(tmp_path)
     page = (tmp_path / "index.html").read_text()

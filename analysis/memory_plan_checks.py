@@ -44,6 +44,13 @@ def bound(config: str) -> float:
     return float(json.loads(config)["method"].get("offload_inflight_mib", 512))
 
 
+def checked(name: str, *columns: str, rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The rows of one check (of `ok`, or `rows`), with `columns` present where the loaded tables lack them."""
+    rows = ok if rows is None else rows
+    picked = rows[rows["check"] == name]
+    return picked.assign(**{c: picked.get(c) for c in columns})
+
+
 def error(r) -> str:
     return f"{100 * (r.pred_mem_peak_gib / r.mem_peak_gib - 1):+.3f}"
 
@@ -136,8 +143,7 @@ one_step
 # A budget's plan on a smaller card: with the caching allocator's segments of fixed size and expandable
 # (`train.expandable_segments`; auto turns them on for a job with a budget or a cap), uncapped and under a cap of
 # the device's memory (`train.device_memory_gib`) — what the allocator held beside what the plan allocated.
-seg = frame[frame["check"] == "expandable_segments"]
-seg = seg.assign(**{c: seg.get(c) for c in ("device_memory_gib", "expandable_segments", "mem_reserved_gib")})
+seg = checked("expandable_segments", "device_memory_gib", "expandable_segments", "mem_reserved_gib", rows=frame)
 reference = seg[(seg["status"] == "ok") & seg["budget_gib"].isna() & (seg["plan_name"] == "all")]
 base = {(r.model, r.git_sha): r.tokens_per_s for r in reference.itertuples() if r.method == "lora"}
 segments = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r),
@@ -165,8 +171,7 @@ segments
 # A budget bounds the evaluations too: the same plan's job evaluating 4 and 64 rows a forward under the 19.02 GiB
 # budget (which evaluates at most a training micro-batch: `eval_batch_size`) and, hand-set without a budget, 64 —
 # the evaluations' own peak (`alloc_eval_peak_gib`) beside the training step's (`mem_peak_gib`).
-ev = ok[ok["check"] == "eval_batch"]
-ev = ev.assign(**{c: ev.get(c) for c in ("eval_batch_size", "alloc_eval_peak_gib")})
+ev = checked("eval_batch", "eval_batch_size", "alloc_eval_peak_gib")
 evals = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r),
                        "train.eval_batch_size": f"{json.loads(r.config)['train']['eval_batch_size']}",
                        "rows a forward": f"{r.eval_batch_size:.0f}", "step peak GiB": f"{r.mem_peak_gib:.2f}",
@@ -179,16 +184,15 @@ evals = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r),
 report.write_table(evals, f"{EXPERIMENT}_eval",
                    title=("A budget job's evaluations beside its steps (llama-7b 8×1024, 64 eval examples of 1,024 "
                           f"tokens, LoRA-FA, fused LM loss, eager, {', '.join(sorted(set(ev['device'].astype(str))))})"),
-                   notes=[("Rows in the order run, three device calls on one machine. eval peak: the most allocated while evaluating, "
-                           "the LM loss taken without its logits; the hand-set row runs the plan the budget chose, "
-                           "without a budget."), report.provenance(ev)])
+                   notes=[("Rows in the order run, three device calls on one machine. eval peak: the most "
+                           "allocated while evaluating, the LM loss taken without its logits; the hand-set row runs "
+                           "the plan the budget chose, without a budget."), report.provenance(ev)])
 evals
 
 # %%
 # The fused LM loss at T5 (`model.fused_loss`): the same job with it and with transformers' loss, full
 # checkpointing, where the loss holds most of what a step keeps.
-t5 = ok[ok["check"] == "fused_loss_t5"]
-t5 = t5.assign(**{c: t5.get(c) for c in ("fused_loss", "alloc_eval_peak_gib")})
+t5 = checked("fused_loss_t5", "fused_loss", "alloc_eval_peak_gib")
 t5_loss = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r),
                          "LM loss": "fused" if r.fused_loss is True else "transformers'",
                          "peak GiB": f"{r.mem_peak_gib:.3f}", "predicted GiB": f"{r.pred_mem_peak_gib:.3f}",

@@ -207,9 +207,15 @@ def active(model: nn.Module) -> bool:
     """Whether `model`'s training forward fuses its loss now: installed, its head the one installed on, and frozen
     (a trained head — full fine-tuning — keeps transformers' loss: its weight's gradient, made in forward, would be
     held until backward)."""
+    head = _installed_head(model)
+    return head is not None and not head.weight.requires_grad
+
+
+def _installed_head(model: nn.Module) -> nn.Module | None:
+    """`model`'s LM head where the loss is installed on it; None otherwise (a head replaced since, e.g. by an
+    adapter layer on it, is not the one installed: transformers' loss)."""
     head = model.get_output_embeddings() if installed(model) else None
-    # (a head replaced since, e.g. by an adapter layer on it, is not the one installed: transformers' loss)
-    return head is not None and hasattr(head, "_lorafa_linear") and not head.weight.requires_grad
+    return head if head is not None and hasattr(head, "_lorafa_linear") else None
 
 
 _LOSS_ONLY = threading.local()
@@ -232,8 +238,7 @@ def _fuses_now(model: nn.Module) -> bool:
     `loss_only`, on the head installed on."""
     if torch.is_grad_enabled():
         return active(model)
-    head = model.get_output_embeddings() if getattr(_LOSS_ONLY, "depth", 0) and installed(model) else None
-    return head is not None and hasattr(head, "_lorafa_linear")
+    return bool(getattr(_LOSS_ONLY, "depth", 0)) and _installed_head(model) is not None
 
 
 def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -221,6 +221,34 @@ def test_an_evaluations_loss_makes_no_logits(family, head_trains, monkeypatch):
     assert not value.requires_grad and sum(op.startswith("mm") for op in made.ops) == 4, made.ops
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "cohere"])
+@pytest.mark.parametrize("head", ["own", "fused", "none"])
+def test_label_scoring_runs_the_head_at_the_rows_it_reads(kind, head, monkeypatch):
+    """`tasks.logits_at` (decoders' label-word scoring): the model's logits at a few positions per row — as the
+    whole forward's logits read there, after what the type does to them (Gemma 2's soft-capping, Cohere's scale),
+    with the fused loss installed or not — and no op output along the vocabulary larger than those rows' logits
+    (the whole forward makes rows × length × vocab). A model whose head the hook cannot find (`none`) gets the
+    whole logits read at the positions: the same values."""
+    from lorafa.tasks import logits_at
+
+    own, fused = _pair(kind)
+    model = fused if head == "fused" else own
+    if head == "none":
+        monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    batch = _batch()
+    index = torch.tensor([[4, 5], [9, 10], [3, 11]])  # each row's own positions
+    with torch.no_grad():
+        whole = own(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with _Largest() as largest:
+            mine = logits_at(model, index, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    expected = whole.gather(1, index[:, :, None].expand(-1, -1, V))
+    torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5)
+    if head == "none":
+        assert largest.numel == whole.numel()
+    else:
+        assert largest.numel == index.numel() * V, (largest.numel, index.numel() * V)
+
+
 @pytest.mark.bad_input("model.fused_loss not auto, true or false, or true where the loss cannot be fused")
 def test_the_fused_loss_applies_only_where_the_models_loss_is_the_standard_one():
     """`auto` fuses decoders and T5s of the listed types with a bias-free linear head and logits unscaled or scaled

@@ -32,6 +32,7 @@ loaded = report.load(P.results)
 frame = report.rows(loaded, EXPERIMENT, ok_only=False)
 frame = frame.assign(**{c: frame.get(c)  # (a table without these rows lacks their columns)
                         for c in ("check", "plan_name", "budget_gib", "host_offload_gib", "compile_mode", "config")})
+frame = frame.copy()  # (one block, not many: the columns added above)
 ok = frame[frame["status"] == "ok"]
 
 
@@ -208,3 +209,62 @@ report.write_table(t5_loss, f"{EXPERIMENT}_t5_loss",
                            "predicted ÷ measured peak − 1; eval peak: the most allocated while evaluating."),
                           report.provenance(t5)])
 t5_loss
+
+# %%
+# A budget below LoRA's full checkpointing (16 GiB at llama-7b 8×1024, LoRA-FA): the plan it chose, its peak
+# against the prediction, and where choosing spent its seconds.
+small = checked("budget_16", "plan_predict_s", "plan_profile_s", "plan_trials_s", "plans_considered")
+budget16 = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r), "peak GiB": f"{r.mem_peak_gib:.3f}",
+                          "predicted GiB": f"{r.pred_mem_peak_gib:.3f}", "error %": error(r),
+                          "host GiB": f"{r.host_offload_gib:.2f}", "tokens/s": f"{r.tokens_per_s:,.0f}",
+                          "chose in s": f"{r.plan_predict_s + r.plan_profile_s + r.plan_trials_s:.0f}",
+                          "predicting / profiling / trials s":
+                              f"{r.plan_predict_s:.0f} / {r.plan_profile_s:.0f} / {r.plan_trials_s:.0f}"}
+                         for r in small.itertuples()],
+                        columns=["model", "method", "plan", "peak GiB", "predicted GiB", "error %", "host GiB",
+                                 "tokens/s", "chose in s", "predicting / profiling / trials s"])
+report.write_table(budget16, f"{EXPERIMENT}_budget16",
+                   title=("A 16 GiB budget at llama-7b 8×1024 (LoRA-FA, fused LM loss, eager, "
+                          f"{', '.join(sorted(set(small['device'].astype(str))))})"),
+                   notes=[("host GiB: saved tensors offloaded to the host a step (`host_offload_gib`); frozen weights "
+                           "on the host are apart. Predicting ran in 8 worker processes, nothing read from disk."),
+                          report.provenance(small)])
+budget16
+
+# %%
+# Which saved tensors an offloaded block sends (`method.offload_ops`): all, or only its linear layers' outputs —
+# the same two plans with each, back to back in one process.
+ops = checked("offload_ops", "config").assign(
+    offload_ops=lambda f: [json.loads(c)["method"].get("offload_ops", "all") for c in f["config"]])
+offload_ops = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r), "offload_ops": r.offload_ops,
+                             "peak GiB": f"{r.mem_peak_gib:.3f}", "predicted GiB": f"{r.pred_mem_peak_gib:.3f}",
+                             "error %": error(r), "host GiB": f"{r.host_offload_gib:.2f}",
+                             "tokens/s": f"{r.tokens_per_s:,.0f}"} for r in ops.itertuples()],
+                           columns=["model", "method", "plan", "offload_ops", "peak GiB", "predicted GiB", "error %",
+                                    "host GiB", "tokens/s"])
+report.write_table(offload_ops, f"{EXPERIMENT}_offload_ops",
+                   title=("Offloading all saved tensors or only linear outputs (llama-7b 8×1024, LoRA-FA, fused LM "
+                          f"loss, eager, {', '.join(sorted(set(ops['device'].astype(str))))})"),
+                   notes=[("One device call, one process, in the order shown. host GiB: saved tensors offloaded a "
+                           "step."), report.provenance(ops)])
+offload_ops
+
+# %%
+# Decoders' label-word scoring (classification by the likeliest label words) before and after it ran the LM head
+# at the positions it reads only: the same job, a 256k vocabulary, 64 eval rows a forward.
+ls = checked("label_scoring", "eval_batch_size", "alloc_eval_peak_gib", "eval_accuracy")
+label_scoring = pd.DataFrame([{"model": r.model, "vocabulary": f"{json.loads(r.config)['model']['arch']['vocab_size']:,}",
+                               "commit": str(r.git_sha)[:7], "rows a forward": f"{r.eval_batch_size:.0f}",
+                               "weights GiB": f"{r.mem_weights_gib:.2f}", "step peak GiB": f"{r.mem_peak_gib:.2f}",
+                               "eval peak GiB": f"{r.alloc_eval_peak_gib:.2f}", "eval accuracy": f"{r.eval_accuracy:.4f}",
+                               "eval loss": f"{r.eval_loss:.5f}"} for r in ls.itertuples()],
+                             columns=["model", "vocabulary", "commit", "rows a forward", "weights GiB",
+                                      "step peak GiB", "eval peak GiB", "eval accuracy", "eval loss"])
+report.write_table(label_scoring, f"{EXPERIMENT}_label_scoring",
+                   title=("Label-word scoring's evaluation peak (tiny-llama, movie_polarity, 256 eval sentences, "
+                          f"LoRA-FA, eager, {', '.join(sorted(set(ls['device'].astype(str))))})"),
+                   notes=[("One device call, a process a job: the head at the read positions only, then the "
+                           "earlier code (`lorafa/` as at its commit), whose forwards made each label's whole logits "
+                           "(rows × length × vocabulary). eval peak: the most allocated while evaluating."),
+                          report.provenance(ls)])
+label_scoring

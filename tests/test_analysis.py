@@ -390,8 +390,9 @@ def test_analysis_on_the_committed_results(tmp_path):
                  "memory_plan_checks_inflight", "memory_plan_checks_compiled", "memory_plan_checks_one_step"):
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H200" in text, name
-    for name in ("memory_plan_checks_segments", "memory_plan_checks_eval",
-                 "memory_plan_checks_t5_loss"):  # (these checks ran on an H100)
+    for name in ("memory_plan_checks_segments", "memory_plan_checks_eval", "memory_plan_checks_t5_loss",
+                 "memory_plan_checks_budget16", "memory_plan_checks_offload_ops",
+                 "memory_plan_checks_label_scoring"):  # (these checks ran on an H100)
         text = (tmp_path / f"{name}.md").read_text()
         assert "(no rows)" not in text and "H100" in text, name
     # a budget's evaluations, as docs/memory_plans.md tells them: within the budget at most a micro-batch a forward;
@@ -414,6 +415,30 @@ def test_analysis_on_the_committed_results(tmp_path):
     worst = max(abs(r["pred_mem_peak_gib"] / r["mem_peak_gib"] - 1) for r in (fused, plain))  # the bound, rounded up
     told = (f"the fused loss peaks at {fused['mem_peak_gib']:.2f} GiB against {plain['mem_peak_gib']:.2f} with "
             f"transformers' loss, both predicted within {math.ceil(worst * 1e4) / 100:.2f} %")
+    assert told in page, told
+    # the 16 GiB budget, offload_ops and label scoring, as docs/memory_plans.md tells them
+    checks = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h100.parquet")
+    small = checks.query("check == 'budget_16'")
+    assert len(small) == 1 and small["mem_peak_gib"].iloc[0] <= small["budget_gib"].iloc[0] == 16
+    small = small.iloc[0]
+    within = math.ceil(abs(small["pred_mem_peak_gib"] / small["mem_peak_gib"] - 1) * 1e4) / 100  # %, rounded up
+    told = f"chose `{small['plan_name']}` and ran at {small['mem_peak_gib']:.2f} GiB (predicted within {within:.2f} %)"
+    assert told in page, told
+    ops = checks.query("check == 'offload_ops' and plan_name == 'offload_every2'")
+    ops = {json.loads(r.config)["method"]["offload_ops"]: r for r in ops.itertuples()}
+    assert sorted(ops) == ["all", "linear_outputs"]
+    told = (f"`offload_every2` copies {ops['linear_outputs'].host_offload_gib:.1f} GiB instead of "
+            f"{ops['all'].host_offload_gib:.1f} and peaks at {ops['linear_outputs'].mem_peak_gib:.1f} GiB instead of "
+            f"{ops['all'].mem_peak_gib:.1f}")
+    worst = max(abs(r.pred_mem_peak_gib / r.mem_peak_gib - 1) for r in checks.query("check == 'offload_ops'").itertuples())
+    told = f"every peak predicted within {math.ceil(worst * 1e4) / 100:.2f} %"
+    assert told in page, told
+    scored = checks.query("check == 'label_scoring'")
+    new, old = (scored[scored["git_sha"] == sha].iloc[0] for sha in ("cc8637ee01b1da677a927332e06172da6c11187f",
+                                                                       "9c3f69ebebfd64c531cd6f77fb3e7598d6e654d2"))
+    assert new["eval_accuracy"] == old["eval_accuracy"] and new["eval_loss"] == old["eval_loss"]
+    told = (f"an evaluation peaked at {new['alloc_eval_peak_gib']:.2f} GiB against {old['alloc_eval_peak_gib']:.2f} "
+            "GiB with each label's whole logits, at the same accuracy and loss")
     assert told in page, told
     check_index_page(tmp_path)
     page = (tmp_path / "index.html").read_text()

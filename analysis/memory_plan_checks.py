@@ -56,6 +56,25 @@ def error(r) -> str:
     return f"{100 * (r.pred_mem_peak_gib / r.mem_peak_gib - 1):+.3f}"
 
 
+PREDICTED = ["model", "method", "plan", "peak GiB", "predicted GiB", "error %"]
+
+
+def predicted(r) -> dict:
+    """A row's plan, its measured and predicted peak and the error: the first columns of a prediction table."""
+    return {"model": r.model, "method": r.method, "plan": label(r), "peak GiB": f"{r.mem_peak_gib:.3f}",
+            "predicted GiB": f"{r.pred_mem_peak_gib:.3f}", "error %": error(r)}
+
+
+def devices(rows: pd.DataFrame) -> str:
+    return ", ".join(sorted(set(rows["device"].astype(str))))
+
+
+def write(table: pd.DataFrame, name: str, title: str, note: str, rows: pd.DataFrame) -> pd.DataFrame:
+    """`table` written as `memory_plan_checks_<name>`, its note and the provenance of `rows` under it."""
+    report.write_table(table, f"{EXPERIMENT}_{name}", title=title, notes=[note, report.provenance(rows)])
+    return table
+
+
 # %%
 rep = ok[ok["check"] == "repeat"]
 lines = []
@@ -158,15 +177,14 @@ segments = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r)
                          for r in seg.itertuples()],
                         columns=["model", "method", "plan", "device cap GiB", "expandable segments", "status",
                                  "peak GiB", "reserved GiB", "tokens/s", "÷ LoRA all"])
-report.write_table(segments, f"{EXPERIMENT}_segments",
-                   title=("A budget's plan under a device cap, the allocator's segments fixed or expandable "
-                          f"(llama-7b 8×1024, eager, {', '.join(sorted(set(seg['device'].astype(str))))})"),
-                   notes=[("Rows in the order run, one device call. peak: the most allocated; reserved: the most the "
-                           "caching allocator held from the device (`mem_reserved_gib`); the budget bounds the first, a "
-                           "card the second. A capped job's allocator may hold at most the cap (a card with that "
-                           "much free); an oom row's peak is how far it got. ÷ LoRA all: tokens/s over LoRA with "
-                           "full checkpointing in the same call."), report.provenance(seg)])
-segments
+write(segments, "segments",
+      title=("A budget's plan under a device cap, the allocator's segments fixed or expandable "
+             f"(llama-7b 8×1024, eager, {devices(seg)})"),
+      note=("Rows in the order run, one device call. peak: the most allocated; reserved: the most the "
+            "caching allocator held from the device (`mem_reserved_gib`); the budget bounds the first, a "
+            "card the second. A capped job's allocator may hold at most the cap (a card with that "
+            "much free); an oom row's peak is how far it got. ÷ LoRA all: tokens/s over LoRA with "
+            "full checkpointing in the same call."), rows=seg)
 
 # %%
 # A budget bounds the evaluations too: the same plan's job evaluating 4 and 64 rows a forward under the 19.02 GiB
@@ -182,13 +200,12 @@ evals = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r),
                       for r in ev.itertuples()],
                      columns=["model", "method", "plan", "train.eval_batch_size", "rows a forward", "step peak GiB",
                               "eval peak GiB", "within the budget"])
-report.write_table(evals, f"{EXPERIMENT}_eval",
-                   title=("A budget job's evaluations beside its steps (llama-7b 8×1024, 64 eval examples of 1,024 "
-                          f"tokens, LoRA-FA, fused LM loss, eager, {', '.join(sorted(set(ev['device'].astype(str))))})"),
-                   notes=[("Rows in the order run, three device calls on one machine. eval peak: the most "
-                           "allocated while evaluating, the LM loss taken without its logits; the hand-set row runs "
-                           "the plan the budget chose, without a budget."), report.provenance(ev)])
-evals
+write(evals, "eval",
+      title=("A budget job's evaluations beside its steps (llama-7b 8×1024, 64 eval examples of 1,024 "
+             f"tokens, LoRA-FA, fused LM loss, eager, {devices(ev)})"),
+      note=("Rows in the order run, three device calls on one machine. eval peak: the most "
+            "allocated while evaluating, the LM loss taken without its logits; the hand-set row runs "
+            "the plan the budget chose, without a budget."), rows=ev)
 
 # %%
 # The fused LM loss at T5 (`model.fused_loss`): the same job with it and with transformers' loss, full
@@ -202,52 +219,41 @@ t5_loss = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r),
                          "eval loss": f"{r.eval_loss:.5f}"} for r in t5.itertuples()],
                        columns=["model", "method", "plan", "LM loss", "peak GiB", "predicted GiB", "error %",
                                 "activations GiB", "eval peak GiB", "tokens/s", "eval loss"])
-report.write_table(t5_loss, f"{EXPERIMENT}_t5_loss",
-                   title=("The fused LM loss at T5 (t5-large 16×512, targets 512 tokens, r = 8, bf16, random init, eager, "
-                          f"{', '.join(sorted(set(t5['device'].astype(str))))})"),
-                   notes=[("One device call, one process: the fused job, then transformers' loss. error %: "
-                           "predicted ÷ measured peak − 1; eval peak: the most allocated while evaluating."),
-                          report.provenance(t5)])
-t5_loss
+write(t5_loss, "t5_loss",
+      title=("The fused LM loss at T5 (t5-large 16×512, targets 512 tokens, r = 8, bf16, random init, eager, "
+             f"{devices(t5)})"),
+      note=("One device call, one process: the fused job, then transformers' loss. error %: "
+            "predicted ÷ measured peak − 1; eval peak: the most allocated while evaluating."), rows=t5)
 
 # %%
 # A budget below LoRA's full checkpointing (16 GiB at llama-7b 8×1024, LoRA-FA): the plan it chose, its peak
 # against the prediction, and where choosing spent its seconds.
 small = checked("budget_16", "plan_predict_s", "plan_profile_s", "plan_trials_s", "plans_considered")
-budget16 = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r), "peak GiB": f"{r.mem_peak_gib:.3f}",
-                          "predicted GiB": f"{r.pred_mem_peak_gib:.3f}", "error %": error(r),
-                          "host GiB": f"{r.host_offload_gib:.2f}", "tokens/s": f"{r.tokens_per_s:,.0f}",
+budget16 = pd.DataFrame([{**predicted(r), "host GiB": f"{r.host_offload_gib:.2f}", "tokens/s": f"{r.tokens_per_s:,.0f}",
                           "chose in s": f"{r.plan_predict_s + r.plan_profile_s + r.plan_trials_s:.0f}",
                           "predicting / profiling / trials s":
                               f"{r.plan_predict_s:.0f} / {r.plan_profile_s:.0f} / {r.plan_trials_s:.0f}"}
                          for r in small.itertuples()],
-                        columns=["model", "method", "plan", "peak GiB", "predicted GiB", "error %", "host GiB",
-                                 "tokens/s", "chose in s", "predicting / profiling / trials s"])
-report.write_table(budget16, f"{EXPERIMENT}_budget16",
-                   title=("A 16 GiB budget at llama-7b 8×1024 (LoRA-FA, fused LM loss, eager, "
-                          f"{', '.join(sorted(set(small['device'].astype(str))))})"),
-                   notes=[("host GiB: saved tensors offloaded to the host a step (`host_offload_gib`); frozen weights "
-                           "on the host are apart. Predicting ran in 8 worker processes, nothing read from disk."),
-                          report.provenance(small)])
-budget16
+                        columns=[*PREDICTED, "host GiB", "tokens/s", "chose in s",
+                                 "predicting / profiling / trials s"])
+write(budget16, "budget16",
+      title=f"A 16 GiB budget at llama-7b 8×1024 (LoRA-FA, fused LM loss, eager, {devices(small)})",
+      note=("host GiB: saved tensors offloaded to the host a step (`host_offload_gib`); frozen weights "
+            "on the host are apart. Predicting ran in 8 worker processes, nothing read from disk."), rows=small)
 
 # %%
 # Which saved tensors an offloaded block sends (`method.offload_ops`): all, or only its linear layers' outputs —
 # the same two plans with each, back to back in one process.
 ops = checked("offload_ops", "config").assign(
     offload_ops=lambda f: [json.loads(c)["method"].get("offload_ops", "all") for c in f["config"]])
-offload_ops = pd.DataFrame([{"model": r.model, "method": r.method, "plan": label(r), "offload_ops": r.offload_ops,
-                             "peak GiB": f"{r.mem_peak_gib:.3f}", "predicted GiB": f"{r.pred_mem_peak_gib:.3f}",
-                             "error %": error(r), "host GiB": f"{r.host_offload_gib:.2f}",
+offload_ops = pd.DataFrame([{"offload_ops": r.offload_ops, **predicted(r), "host GiB": f"{r.host_offload_gib:.2f}",
                              "tokens/s": f"{r.tokens_per_s:,.0f}"} for r in ops.itertuples()],
-                           columns=["model", "method", "plan", "offload_ops", "peak GiB", "predicted GiB", "error %",
-                                    "host GiB", "tokens/s"])
-report.write_table(offload_ops, f"{EXPERIMENT}_offload_ops",
-                   title=("Offloading all saved tensors or only linear outputs (llama-7b 8×1024, LoRA-FA, fused LM "
-                          f"loss, eager, {', '.join(sorted(set(ops['device'].astype(str))))})"),
-                   notes=[("One device call, one process, in the order shown. host GiB: saved tensors offloaded a "
-                           "step."), report.provenance(ops)])
-offload_ops
+                           columns=["offload_ops", *PREDICTED, "host GiB", "tokens/s"])
+write(offload_ops, "offload_ops",
+      title=("Offloading all saved tensors or only linear outputs (llama-7b 8×1024, LoRA-FA, fused LM "
+             f"loss, eager, {devices(ops)})"),
+      note=("One device call, one process, in the order shown. host GiB: saved tensors offloaded a "
+            "step."), rows=ops)
 
 # %%
 # Decoders' label-word scoring (classification by the likeliest label words) before and after it ran the LM head
@@ -260,11 +266,9 @@ label_scoring = pd.DataFrame([{"model": r.model, "vocabulary": f"{json.loads(r.c
                                "eval loss": f"{r.eval_loss:.5f}"} for r in ls.itertuples()],
                              columns=["model", "vocabulary", "commit", "rows a forward", "weights GiB",
                                       "step peak GiB", "eval peak GiB", "eval accuracy", "eval loss"])
-report.write_table(label_scoring, f"{EXPERIMENT}_label_scoring",
-                   title=("Label-word scoring's evaluation peak (tiny-llama, movie_polarity, 256 eval sentences, "
-                          f"LoRA-FA, eager, {', '.join(sorted(set(ls['device'].astype(str))))})"),
-                   notes=[("One device call, a process a job: the head at the read positions only, then the "
-                           "earlier code (`lorafa/` as at its commit), whose forwards made each label's whole logits "
-                           "(rows × length × vocabulary). eval peak: the most allocated while evaluating."),
-                          report.provenance(ls)])
-label_scoring
+write(label_scoring, "label_scoring",
+      title=("Label-word scoring's evaluation peak (tiny-llama, movie_polarity, 256 eval sentences, "
+             f"LoRA-FA, eager, {devices(ls)})"),
+      note=("One device call, a process a job: the head at the read positions only, then the "
+            "earlier code (`lorafa/` as at its commit), whose forwards made each label's whole logits "
+            "(rows × length × vocabulary). eval peak: the most allocated while evaluating."), rows=ls)

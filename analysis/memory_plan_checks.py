@@ -31,8 +31,8 @@ EXPERIMENT = "memory_plan_checks"
 loaded = report.load(P.results)
 frame = report.rows(loaded, EXPERIMENT, ok_only=False)
 frame = frame.assign(**{c: frame.get(c)  # (a table without these rows lacks their columns)
-                        for c in ("check", "plan_name", "budget_gib", "host_offload_gib", "compile_mode", "config")})
-frame = frame.copy()  # (one block, not many: the columns added above)
+                        for c in ("check", "plan_name", "budget_gib", "host_offload_gib", "compile_mode", "config")
+                        }).copy()  # (copied: one block, not one a column added)
 ok = frame[frame["status"] == "ok"]
 
 

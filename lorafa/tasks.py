@@ -696,12 +696,12 @@ def logits_at(model, index: torch.Tensor, **inputs) -> torch.Tensor:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     calls = []
 
+    def at(x: torch.Tensor) -> torch.Tensor:  # (rows × length × d) → rows × k × d
+        return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
     def rows_only(module, args, kwargs):
         calls.append(None)
-        if len(calls) > 1 or not args:
-            return None
-        hidden = args[0]
-        return (hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1])), *args[1:]), kwargs
+        return None if len(calls) > 1 or not args else ((at(args[0]), *args[1:]), kwargs)
 
     if head is not None:
         handle = head.register_forward_pre_hook(rows_only, with_kwargs=True)
@@ -711,8 +711,7 @@ def logits_at(model, index: torch.Tensor, **inputs) -> torch.Tensor:
             handle.remove()
         if len(calls) == 1 and logits.shape[:2] == index.shape:
             return logits
-    logits = model(**inputs).logits
-    return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
+    return at(model(**inputs).logits)
 
 
 class InstructionPoser(Poser):

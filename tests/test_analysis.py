@@ -424,6 +424,17 @@ def test_analysis_on_the_committed_results(tmp_path):
     within = math.ceil(abs(small["pred_mem_peak_gib"] / small["mem_peak_gib"] - 1) * 1e4) / 100  # %, rounded up
     told = f"chose `{small['plan_name']}` and ran at {small['mem_peak_gib']:.2f} GiB (predicted within {within:.2f} %)"
     assert told in page, told
+    both = checks.query("check == 'budget_16_side_by_side'")  # LoRA `all` and both methods' choices, one call
+    base = both.query("method == 'lora' and budget_gib.isna()")
+    assert len(both) == 3 and base["plan_name"].tolist() == ["all"]
+    lora, lorafa = (both.query(f"method == '{m}' and budget_gib == 16").iloc[0] for m in ("lora", "lorafa"))
+    assert max(lora["mem_peak_gib"], lorafa["mem_peak_gib"]) <= 16 and lorafa["tokens_per_s"] > lora["tokens_per_s"]
+    told = (f"{lorafa['tokens_per_s'] / 1e3:.1f}k tokens/s: "
+            f"{lorafa['tokens_per_s'] / base['tokens_per_s'].iloc[0]:.2f} × LoRA `all` "
+            f"({base['tokens_per_s'].iloc[0] / 1e3:.2f}k) and {lorafa['tokens_per_s'] / lora['tokens_per_s']:.2f} × "
+            f"LoRA's own 16 GiB choice, `{lora['plan_name']}` ({lora['mem_peak_gib']:.2f} GiB, "
+            f"{lora['tokens_per_s'] / 1e3:.2f}k, {lora['tokens_per_s'] / base['tokens_per_s'].iloc[0]:.2f} × LoRA `all`")
+    assert told in page, told
     ops = checks.query("check == 'offload_ops' and plan_name == 'offload_every2'")
     ops = {json.loads(r.config)["method"]["offload_ops"]: r for r in ops.itertuples()}
     assert sorted(ops) == ["all", "linear_outputs"]

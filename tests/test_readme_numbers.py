@@ -459,6 +459,18 @@ def test_fit_the_memory_you_have_plans(notebook):
     assert len(fixed) == 1 and fixed["status"].iloc[0] == "oom", fixed[["status", "error"]]
     json_config = json.loads(grown["config"].iloc[0])
     assert json_config["train"]["expandable_segments"] == "auto", "the default turned them on"
+    # below LoRA's full checkpointing: both methods' budget jobs and LoRA `all`, one run of the same file
+    small = find(rf"Under {NUM} GiB: {NUM}× LoRA `all`, {NUM}× LoRA's own {NUM} GiB plan", text, "a budget below LoRA all")
+    assert small.group(1) == small.group(4)
+    both = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h100.parquet")
+    both = both[(both["check"] == "budget_16_side_by_side") & (both["model"] == model) & (both["status"] == "ok")]
+    assert len(set(both["git_sha"])) == 1 and len(both) == 3, "one run: LoRA all and each method's budget job"
+    base = both[(both["method"] == "lora") & both["budget_gib"].isna() & (both["plan_name"] == "all")]
+    under = both[both["budget_gib"] == num(small.group(1))].set_index("method")
+    assert len(base) == 1 and sorted(under.index) == ["lora", "lorafa"]
+    assert (under["mem_peak_gib"] <= num(small.group(1))).all(), "each choice fits its budget"
+    same(small.group(2), under.loc["lorafa", "tokens_per_s"] / base["tokens_per_s"].iloc[0], "LoRA-FA's ÷ LoRA all")
+    same(small.group(3), under.loc["lorafa", "tokens_per_s"] / under.loc["lora", "tokens_per_s"], "LoRA-FA's ÷ LoRA's")
 
 
 # ----------------------------------------------------------------------------------------- the accuracy numbers

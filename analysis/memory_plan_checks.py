@@ -239,14 +239,16 @@ def over_lora_all(r) -> str:
     return f"{r.tokens_per_s / base['tokens_per_s'].iloc[0]:.3f}" if len(base) else ""
 
 
-def seconds(r, fmt: str) -> str:
-    return "" if pd.isna(r.plan_predict_s) else fmt.format(r.plan_predict_s, r.plan_profile_s, r.plan_trials_s)
+def choosing(r) -> dict:
+    """A budget job's seconds choosing, in all and by part (empty for a hand-set plan)."""
+    parts = (r.plan_predict_s, r.plan_profile_s, r.plan_trials_s)
+    if pd.isna(r.plan_predict_s):
+        return {"chose in s": "", "predicting / profiling / trials s": ""}
+    return {"chose in s": f"{sum(parts):.0f}", "predicting / profiling / trials s": " / ".join(f"{p:.0f}" for p in parts)}
 
 
 budget16 = pd.DataFrame([{"call": r.call, **predicted(r), "host GiB": f"{r.host_offload_gib:.2f}",
-                          "tokens/s": f"{r.tokens_per_s:,.0f}", "× LoRA all": over_lora_all(r),
-                          "chose in s": seconds(r, "{0:.0f}") and f"{r.plan_predict_s + r.plan_profile_s + r.plan_trials_s:.0f}",
-                          "predicting / profiling / trials s": seconds(r, "{0:.0f} / {1:.0f} / {2:.0f}")}
+                          "tokens/s": f"{r.tokens_per_s:,.0f}", "× LoRA all": over_lora_all(r), **choosing(r)}
                          for r in small.itertuples()],
                         columns=["call", *PREDICTED, "host GiB", "tokens/s", "× LoRA all", "chose in s",
                                  "predicting / profiling / trials s"])

@@ -228,7 +228,7 @@ write(t5_loss, "t5_loss",
 # %%
 # A budget below LoRA's full checkpointing (16 GiB at llama-7b 8×1024): the plan it chose, its peak against the
 # prediction, where choosing spent its seconds, and — in a later call — both methods' choices beside LoRA `all`.
-small = pd.concat([checked(name, "plan_predict_s", "plan_profile_s", "plan_trials_s", "plans_considered")
+small = pd.concat([checked(name, "plan_predict_s", "plan_profile_s", "plan_trials_s", "plan_predictions_read")
                    .assign(call=call) for call, name in ((1, "budget_16"), (2, "budget_16_side_by_side"))])
 
 
@@ -243,23 +243,24 @@ def choosing(r) -> dict:
     """A budget job's seconds choosing, in all and by part (empty for a hand-set plan)."""
     parts = (r.plan_predict_s, r.plan_profile_s, r.plan_trials_s)
     if pd.isna(r.plan_predict_s):
-        return {"chose in s": "", "predicting / profiling / trials s": ""}
-    return {"chose in s": f"{sum(parts):.0f}", "predicting / profiling / trials s": " / ".join(f"{p:.0f}" for p in parts)}
+        return {"chose in s": "", "predicting / profiling / trials s": "", "predictions read": ""}
+    return {"chose in s": f"{sum(parts):.0f}", "predicting / profiling / trials s": " / ".join(f"{p:.0f}" for p in parts),
+            "predictions read": f"{r.plan_predictions_read:.0f}"}
 
 
 budget16 = pd.DataFrame([{"call": r.call, **predicted(r), "host GiB": f"{r.host_offload_gib:.2f}",
                           "tokens/s": f"{r.tokens_per_s:,.0f}", "× LoRA all": over_lora_all(r), **choosing(r)}
                          for r in small.itertuples()],
                         columns=["call", *PREDICTED, "host GiB", "tokens/s", "× LoRA all", "chose in s",
-                                 "predicting / profiling / trials s"])
+                                 "predicting / profiling / trials s", "predictions read"])
 write(budget16, "budget16",
       title=f"A 16 GiB budget at llama-7b 8×1024 (fused LM loss, eager, {devices(small)})",
       note=("Two device calls on two machines of that kind. Call 1: LoRA-FA's budget job alone. Call 2, one commit, "
             "in this order: LoRA `all` (full checkpointing), LoRA's and LoRA-FA's 16 GiB budget jobs. "
             "× LoRA all: tokens/s over LoRA `all` of the same call. host GiB: saved tensors offloaded to the host "
             "a step (`host_offload_gib`); frozen weights on the host are apart. Predicting ran in 8 worker "
-            "processes; call 1 read nothing from disk, and in call 2 LoRA's budget job read 1 of its 13 predictions, "
-            "kept there by the LoRA `all` job before it."), rows=small)
+            "processes; predictions read: of the 13 plans', those read from disk, kept there by an earlier job."),
+      rows=small)
 
 # %%
 # Which saved tensors an offloaded block sends (`method.offload_ops`): all, or only its linear layers' outputs —

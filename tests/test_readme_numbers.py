@@ -447,9 +447,9 @@ def test_fit_the_memory_you_have_plans(notebook):
     cap = find(rf"at {re.escape(model)} a {NUM} GiB budget ran within a {NUM} GiB cap \(`train.device_memory_gib`, "
                rf"a 24 GB card\) at {NUM}k tokens/s, and ran out of memory there with fixed segments", text,
                "a budget under a device cap")
-    checks = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h100.parquet")
-    checks = checks[(checks["check"] == "expandable_segments") & (checks["model"] == model)
-                    & (checks["budget_gib"] == num(cap.group(1))) & (checks["device_memory_gib"] == num(cap.group(2)))]
+    every = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h100.parquet")
+    checks = every[(every["check"] == "expandable_segments") & (every["model"] == model)
+                  & (every["budget_gib"] == num(cap.group(1))) & (every["device_memory_gib"] == num(cap.group(2)))]
     assert len(set(checks["git_sha"])) == 1, "one run"
     grown = checks[checks["expandable_segments"].eq(True)]
     fixed = checks[checks["expandable_segments"].eq(False)]
@@ -462,8 +462,7 @@ def test_fit_the_memory_you_have_plans(notebook):
     # below LoRA's full checkpointing: both methods' budget jobs and LoRA `all`, one run of the same file
     small = find(rf"Under {NUM} GiB: {NUM}× LoRA `all`, {NUM}× LoRA's own {NUM} GiB plan", text, "a budget below LoRA all")
     assert small.group(1) == small.group(4)
-    both = pd.read_parquet(ROOT / "results" / "memory_plan_checks_h100.parquet")
-    both = both[(both["check"] == "budget_16_side_by_side") & (both["model"] == model) & (both["status"] == "ok")]
+    both = every[(every["check"] == "budget_16_side_by_side") & (every["model"] == model) & (every["status"] == "ok")]
     assert len(set(both["git_sha"])) == 1 and len(both) == 3, "one run: LoRA all and each method's budget job"
     base = both[(both["method"] == "lora") & both["budget_gib"].isna() & (both["plan_name"] == "all")]
     under = both[both["budget_gib"] == num(small.group(1))].set_index("method")
